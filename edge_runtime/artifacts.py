@@ -1,0 +1,101 @@
+"""Training artifacts for a trainable part, built once per structure and cached by content.
+
+The key covers what shapes the artifact (the graphs of the span, which parameters train,
+the optimizer) and not the weights: new global weights are loaded by name into a cached
+artifact, so a repeated selection of the same part costs nothing to build.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from . import ort_backend
+from .errors import ManifestError
+from .graphs import GraphLibrary, compose
+from .store import digest_of
+
+_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
+
+
+@dataclass(frozen=True)
+class TrainablePart:
+    """What one device trains: a span of layers (first..last) ending in a head, of which some layers train.
+
+    Layers before `span[0]` are the frozen prefix (read from the activation cache); layers
+    in the span that are not trainable are frozen but still run forward and pass gradients back.
+    """
+    span: tuple[int, ...]
+    trainable_layers: tuple[int, ...]
+    head: int
+    train_head: bool = True
+
+    @classmethod
+    def block(cls, manifest, block: int) -> "TrainablePart":
+        b = manifest.blocks[block]
+        return cls(span=tuple(b.layers), trainable_layers=tuple(b.layers), head=b.head)
+
+    @classmethod
+    def blocks(cls, manifest, first: int, last: int) -> "TrainablePart":
+        layers = tuple(i for b in range(first, last + 1) for i in manifest.blocks[b].layers)
+        return cls(span=layers, trainable_layers=layers, head=manifest.blocks[last].head)
+
+    def validate(self, manifest) -> None:
+        span = list(self.span)
+        if not span or span != list(range(span[0], span[-1] + 1)) or span[-1] >= len(manifest.layers) or span[0] < 0:
+            raise ManifestError(f"span {self.span} is not a contiguous run of this model's "
+                                f"{len(manifest.layers)} layers")
+        if not set(self.trainable_layers) <= set(span):
+            raise ManifestError(f"trainable layers {self.trainable_layers} lie outside span {self.span}")
+        if not self.trainable_layers and not self.train_head:
+            raise ManifestError("nothing to train: no trainable layers and a frozen head")
+        if not 0 <= self.head < len(manifest.heads) or manifest.heads[self.head].attach_after_layer != span[-1]:
+            raise ManifestError(f"head {self.head} does not attach after layer {span[-1]}")
+
+    def trainable_names(self, manifest) -> list[str]:
+        return manifest.param_names(sorted(self.trainable_layers), [self.head] if self.train_head else [])
+
+    def frozen_names(self, manifest) -> list[str]:
+        frozen = [i for i in self.span if i not in self.trainable_layers]
+        return manifest.param_names(frozen, [] if self.train_head else [self.head])
+
+    def all_names(self, manifest) -> list[str]:
+        return manifest.param_names(self.span, [self.head])
+
+
+class ArtifactCache:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.builds = 0
+
+    def key(self, lib: GraphLibrary, part: TrainablePart, optimizer: str, weight_decay: float) -> str:
+        m = lib.manifest
+        graphs = [m.layers[i].graph.sha256 for i in part.span] + [m.heads[part.head].graph.sha256]
+        return digest_of(*graphs, "train:" + ",".join(map(str, sorted(part.trainable_layers))),
+                         f"head:{part.train_head}", optimizer, repr(float(weight_decay)),
+                         ort_backend.__name__, "v1")
+
+    def get_or_build(self, lib: GraphLibrary, part: TrainablePart, weights: dict, optimizer: str,
+                     weight_decay: float = 0.0) -> Path:
+        """Directory holding the artifact; built into a scratch dir and renamed, so never half-written."""
+        part.validate(lib.manifest)
+        final = self.root / self.key(lib, part, optimizer, weight_decay)[:32]
+        if all((final / f).exists() for f in _FILES):
+            return final
+        scratch = ort_backend.scratch_dir(self.root)
+        try:
+            model = compose(lib, part.span, part.head, weights)
+            ort_backend.generate_training_artifacts(
+                model, requires_grad=part.trainable_names(lib.manifest), frozen_params=part.frozen_names(lib.manifest),
+                optimizer=optimizer, out_dir=scratch, weight_decay=weight_decay)
+            if final.exists():
+                shutil.rmtree(final)
+            scratch.rename(final)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        self.builds += 1
+        return final
+
+

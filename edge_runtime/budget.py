@@ -1,0 +1,114 @@
+"""Fit training into a memory budget by measuring, never guessing.
+
+Before a job trains, short calibration runs of the real job (same code path: artifact,
+prefix cache, a few optimizer steps, a checkpoint) run in child processes at decreasing
+micro-batch sizes; the largest that fits under the budget with a safety margin wins.
+Each calibration child runs under a hard limit equal to the budget, so calibrating on a
+board can never push the board itself out of memory. The job then runs under the same
+limit.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .errors import BudgetError, EdgeRuntimeError
+from .memory import MIB, ChildResult, device_child_env, python_child_args, run_child
+from .worker import JobSpec
+
+CALIBRATION_STEPS = 3
+DEFAULT_MARGIN = 0.10
+
+
+@dataclass
+class Trial:
+    micro_batch_size: int
+    peak_rss_bytes: int
+    completed: bool       # False: killed at the limit or failed
+
+
+@dataclass
+class BudgetPlan:
+    budget_bytes: int
+    margin: float
+    micro_batch_size: int
+    measured_peak_bytes: int
+    trials: list[Trial] = field(default_factory=list)
+
+
+def _candidates(batch_size: int) -> list[int]:
+    out, m = [], batch_size
+    while m >= 1:
+        out.append(m)
+        m //= 2
+    return out
+
+
+def run_worker(spec: JobSpec, job_dir: Path, memory_limit_bytes: int | None = None,
+               timeout: float | None = None) -> tuple[dict | None, ChildResult]:
+    """Run one job in a fresh child; return its JSON report (None if it died) and its measurements."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = job_dir / f"{spec.task_id}.json"
+    spec.save(spec_path)
+    child = run_child(python_child_args("edge_runtime.worker", str(spec_path)), env=device_child_env(),
+                      memory_limit_bytes=memory_limit_bytes, timeout=timeout)
+    report = None
+    lines = [l for l in child.stdout.strip().splitlines() if l.startswith("{")]
+    if lines:
+        try:
+            report = json.loads(lines[-1])
+        except json.JSONDecodeError:
+            report = None
+    return report, child
+
+
+def calibrate(spec: JobSpec, micro_batch_size: int, limit_bytes: int | None, job_dir: Path) -> Trial:
+    config = dict(spec.config, micro_batch_size=micro_batch_size, max_steps=CALIBRATION_STEPS,
+                  checkpoint_every_steps=2)
+    task = f"calibrate-{spec.task_id}-m{micro_batch_size}"
+    probe = replace(spec, task_id=task, config=config, update_out=None)
+    report, child = run_worker(probe, job_dir, memory_limit_bytes=limit_bytes)
+    shutil.rmtree(Path(spec.state_dir) / "runs" / task, ignore_errors=True)
+    if report and not report["ok"] and report.get("kind") not in (None, "InternalError"):
+        raise EdgeRuntimeError(report["error"])  # a bad input, not a memory problem: say so
+    return Trial(micro_batch_size, child.peak_rss_bytes, completed=bool(report and report["ok"]))
+
+
+def plan(spec: JobSpec, budget_bytes: int, job_dir: Path, margin: float = DEFAULT_MARGIN,
+         ceiling_bytes: int | None = None) -> BudgetPlan:
+    """The largest micro-batch whose measured peak, plus margin, fits the budget.
+
+    Raises BudgetError with the measured need when even a micro-batch of 1 does not fit.
+    """
+    usable = int(budget_bytes / (1 + margin))
+    trials = []
+    batch = int(spec.config.get("batch_size", 64))
+    for m in _candidates(batch):
+        trial = calibrate(spec, m, budget_bytes, job_dir)
+        trials.append(trial)
+        if trial.completed and trial.peak_rss_bytes <= usable:
+            return BudgetPlan(budget_bytes, margin, m, trial.peak_rss_bytes, trials)
+    # Nothing fits: measure micro-batch 1 without the budget's limit (under a ceiling) to say what it needs.
+    import psutil
+    ceiling = ceiling_bytes or int(psutil.virtual_memory().available * 0.8)
+    need = calibrate(spec, 1, ceiling, job_dir)
+    needed = f"{need.peak_rss_bytes * (1 + margin) / MIB:.0f} MB" if need.completed else \
+        f"more than {ceiling / MIB:.0f} MB"
+    raise BudgetError(f"job {spec.task_id} does not fit a budget of {budget_bytes / MIB:.0f} MB: even micro-batch 1 "
+                      f"needs {needed} (measured peak {need.peak_rss_bytes / MIB:.0f} MB + {margin:.0%} margin)")
+
+
+def train_within_budget(spec: JobSpec, budget_bytes: int, job_dir: Path, margin: float = DEFAULT_MARGIN,
+                        timeout: float | None = None) -> tuple[dict, ChildResult, BudgetPlan]:
+    """Calibrate, then run the job under a hard limit of budget_bytes at the chosen micro-batch."""
+    chosen = plan(spec, budget_bytes, job_dir, margin)
+    job = replace(spec, config=dict(spec.config, micro_batch_size=chosen.micro_batch_size))
+    report, child = run_worker(job, job_dir, memory_limit_bytes=budget_bytes, timeout=timeout)
+    if report is None or not report["ok"]:
+        why = report["error"] if report else f"exit code {child.returncode} " + \
+            ("(killed at the memory limit)" if child.killed_by_oom else child.stderr[-500:])
+        raise EdgeRuntimeError(f"job {spec.task_id} failed: {why}")
+    report["peak_rss_bytes"] = child.peak_rss_bytes
+    return report, child, chosen

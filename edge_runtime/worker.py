@@ -1,0 +1,77 @@
+"""One training job in its own process: `python -m edge_runtime.worker SPEC.json`.
+
+The device runs every training job (and every calibration) as a child process, so its
+peak memory is measured by the kernel (ru_maxrss) and can be held under a hard limit,
+apart from the agent process that talks to the network. The last line of stdout is a
+JSON object: {"ok": true, "result": {...}, "update": path} or {"ok": false, "error": ...}.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import EdgeRuntimeError
+
+
+@dataclass
+class JobSpec:
+    manifest: str                 # path to manifest.json
+    weights: str                  # safetensors with (at least) every weight the part and its prefix need
+    dataset: str                  # LocalDataset directory
+    state_dir: str
+    task_id: str
+    part: dict                    # TrainablePart fields
+    config: dict                  # TrainConfig fields
+    update_out: str | None = None  # where to copy the trained weights (safetensors)
+    extra: dict = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        from .store import atomic_write_text
+        atomic_write_text(Path(path), json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> "JobSpec":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def run_job(spec: JobSpec) -> dict:
+    from . import weights as wcodec
+    from .artifacts import TrainablePart
+    from .datasets import LocalDataset
+    from .manifest import Manifest
+    from .trainer import TrainConfig, train
+
+    manifest = Manifest.load(Path(spec.manifest))
+    part = TrainablePart(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.part.items()})
+    trained, result = train(manifest, wcodec.load(Path(spec.weights)), LocalDataset(Path(spec.dataset)), part,
+                            TrainConfig(**spec.config), Path(spec.state_dir), spec.task_id)
+    if spec.update_out:
+        wcodec.save(Path(spec.update_out), trained)
+    return {"ok": True, "result": asdict(result), "update": spec.update_out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 2
+    try:
+        out = run_job(JobSpec.load(Path(argv[0])))
+        code = 0
+    except EdgeRuntimeError as exc:
+        out, code = {"ok": False, "error": str(exc), "kind": type(exc).__name__}, 1
+    except Exception as exc:  # report, never hang the parent
+        traceback.print_exc()
+        out, code = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "kind": "InternalError"}, 1
+    sys.stdout.write(json.dumps(out) + "\n")
+    sys.stdout.flush()
+    from .memory import report_own_peak
+    report_own_peak()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
