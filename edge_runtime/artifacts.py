@@ -74,7 +74,7 @@ class ArtifactCache:
         graphs = [m.layers[i].graph.sha256 for i in part.span] + [m.heads[part.head].graph.sha256]
         return digest_of(*graphs, "train:" + ",".join(map(str, sorted(part.trainable_layers))),
                          f"head:{part.train_head}", optimizer, repr(float(weight_decay)),
-                         ort_backend.__name__, "v1")
+                         ort_backend.__name__, "v2-scaled-sum-ce")
 
     def get_or_build(self, lib: GraphLibrary, part: TrainablePart, weights: dict, optimizer: str,
                      weight_decay: float = 0.0) -> Path:

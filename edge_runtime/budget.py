@@ -27,6 +27,7 @@ class Trial:
     micro_batch_size: int
     peak_rss_bytes: int
     completed: bool       # False: killed at the limit or failed
+    prepared: bool = False  # this run also built the artifact or the prefix cache
 
 
 @dataclass
@@ -34,7 +35,7 @@ class BudgetPlan:
     budget_bytes: int
     margin: float
     micro_batch_size: int
-    measured_peak_bytes: int
+    measured_peak_bytes: int          # training with artifact and prefix cache in place
     trials: list[Trial] = field(default_factory=list)
 
 
@@ -73,7 +74,9 @@ def calibrate(spec: JobSpec, micro_batch_size: int, limit_bytes: int | None, job
     shutil.rmtree(Path(spec.state_dir) / "runs" / task, ignore_errors=True)
     if report and not report["ok"] and report.get("kind") not in (None, "InternalError"):
         raise EdgeRuntimeError(report["error"])  # a bad input, not a memory problem: say so
-    return Trial(micro_batch_size, child.peak_rss_bytes, completed=bool(report and report["ok"]))
+    ok = bool(report and report["ok"])
+    prepared = ok and (report["result"]["prefix_computed"] or report["result"]["artifact_built"])
+    return Trial(micro_batch_size, child.peak_rss_bytes, completed=ok, prepared=prepared)
 
 
 def plan(spec: JobSpec, budget_bytes: int, job_dir: Path, margin: float = DEFAULT_MARGIN,
@@ -88,6 +91,11 @@ def plan(spec: JobSpec, budget_bytes: int, job_dir: Path, margin: float = DEFAUL
     for m in _candidates(batch):
         trial = calibrate(spec, m, budget_bytes, job_dir)
         trials.append(trial)
+        if trial.prepared:
+            # Building the cache/artifact is a phase of its own; it fitted under the limit.
+            # Measure training again with them in place, as the real job will run.
+            trial = calibrate(spec, m, budget_bytes, job_dir)
+            trials.append(trial)
         if trial.completed and trial.peak_rss_bytes <= usable:
             return BudgetPlan(budget_bytes, margin, m, trial.peak_rss_bytes, trials)
     # Nothing fits: measure micro-batch 1 without the budget's limit (under a ceiling) to say what it needs.

@@ -84,6 +84,36 @@ def _stderr_to(path: Path):
             os.close(saved)
 
 
+def _scaled_sum_cross_entropy():
+    """Loss block: sum of per-sample cross-entropy times a fed scalar `loss_scale`.
+
+    Feeding loss_scale = 1/batch_size to each micro-batch makes the gradients that
+    onnxruntime accumulates across micro-batches exactly the gradient of the batch mean,
+    for any optimizer and for uneven last micro-batches. (Accumulating per-micro-batch
+    means instead gives k times the gradient; AdamW is not invariant to that because of eps.)
+    """
+    import onnx
+    from onnxruntime.training import onnxblock
+    from onnxruntime.training.onnxblock import _graph_utils
+
+    class ScaledSumCrossEntropy(onnxblock.Block):
+        def __init__(self):
+            super().__init__()
+            self._ce = onnxblock.loss.CrossEntropyLoss(reduction="sum")
+
+        def build(self, logits_name: str):
+            loss_sum = self._ce(logits_name)
+            self.base.graph.input.append(
+                onnx.helper.make_tensor_value_info(LOSS_SCALE, onnx.TensorProto.FLOAT, []))
+            out = _graph_utils.generate_graph_name("scaled_loss")
+            self.base.graph.node.append(onnx.helper.make_node("Mul", [loss_sum, LOSS_SCALE], [out],
+                                                              name=_graph_utils.generate_graph_name("Mul")))
+            return out
+
+    return ScaledSumCrossEntropy()
+
+
+LOSS_SCALE = "loss_scale"
 _NO_GRADIENT = re.compile(r"gradient builder has not been registered: (\S+) for node (\S+)")
 
 
@@ -92,7 +122,8 @@ def generate_training_artifacts(model, requires_grad: Iterable[str], frozen_para
                                 adamw_eps: float = 1e-6) -> None:
     """Write training, eval and optimizer graphs plus a checkpoint for `model` into out_dir.
 
-    Cross-entropy over the graph's single output; labels are int64. An op without a
+    Loss: scaled sum of cross-entropy over the graph's single output (see
+    _scaled_sum_cross_entropy); labels are int64. An op without a
     gradient builder raises UnsupportedOpError naming the op before anything trains.
     """
     _, _, artifacts = _import_onnxruntime()
@@ -112,7 +143,7 @@ def generate_training_artifacts(model, requires_grad: Iterable[str], frozen_para
         with _stderr_to(log_path):
             artifacts.generate_artifacts(
                 model, requires_grad=list(requires_grad), frozen_params=list(frozen_params),
-                loss=artifacts.LossType.CrossEntropyLoss, optimizer=optim,
+                loss=_scaled_sum_cross_entropy(), optimizer=optim,
                 artifact_directory=str(out_dir))
     except Exception as exc:  # onnxruntime raises RuntimeError with the C++ message
         text = str(exc)
@@ -138,10 +169,15 @@ class TrainingSession:
         self.optimizer = api.Optimizer(str(artifact_dir / "optimizer_model.onnx"), self.module)
         self.module.train()
 
-    def forward_backward(self, inputs: np.ndarray, labels: np.ndarray) -> float:
-        """Accumulate gradients of the mean loss over this micro-batch; return the loss."""
+    def forward_backward(self, inputs: np.ndarray, labels: np.ndarray, loss_scale: float) -> float:
+        """Accumulate gradients of loss_scale x (summed loss of this micro-batch); return that loss.
+
+        With loss_scale = 1/batch for every micro-batch of a batch, the accumulated gradient is
+        the gradient of the batch mean and the returned losses add up to the batch mean loss.
+        """
         loss = self.module(np.ascontiguousarray(inputs, dtype=np.float32),
-                           np.ascontiguousarray(labels, dtype=np.int64))
+                           np.ascontiguousarray(labels, dtype=np.int64),
+                           np.asarray(loss_scale, dtype=np.float32))
         return float(np.asarray(loss))
 
     def step(self, learning_rate: float) -> None:

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +41,20 @@ class TrainConfig:
     checkpoint_every_steps: int = 50
     cache_fp16: bool = False          # store prefix activations as float16 (halves disk)
     threads: int = 0                  # onnxruntime intra-op threads (0 = library default)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise EdgeRuntimeError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
+        cfg = cls(**raw)
+        if cfg.optimizer not in ("adamw", "sgd"):
+            raise EdgeRuntimeError(f"optimizer must be adamw or sgd, not {cfg.optimizer!r}")
+        if not (cfg.learning_rate > 0 and math.isfinite(cfg.learning_rate)) or cfg.epochs <= 0:
+            raise EdgeRuntimeError(f"learning_rate and epochs must be positive (got {cfg.learning_rate}, {cfg.epochs})")
+        cfg.micro()
+        return cfg
 
     def micro(self) -> int:
         m = self.micro_batch_size or self.batch_size
@@ -159,15 +173,11 @@ def train(manifest: Manifest, weights: dict[str, np.ndarray], dataset: LocalData
         chunks = [idx[i:i + micro] for i in range(0, len(idx), micro)]
         loss = 0.0
         for chunk in chunks:
-            loss += session.forward_backward(inputs.take(chunk), labels[chunk]) * len(chunk)
-        loss /= len(idx)
+            loss += session.forward_backward(inputs.take(chunk), labels[chunk], loss_scale=1.0 / len(idx))
         if not math.isfinite(loss):
             raise EdgeRuntimeError(f"training diverged at step {step}: loss is {loss}; "
                                    f"lower the learning rate (now {config.learning_rate})")
-        # Gradients of k micro-batches add up to k times the batch-mean gradient. SGD needs lr/k
-        # to take the same step; Adam normalises the gradient's scale away, so it keeps lr.
-        lr = config.learning_rate / len(chunks) if config.optimizer == "sgd" else config.learning_rate
-        session.step(lr)
+        session.step(config.learning_rate)
         state.losses.append(loss)
         done = step + 1
         if done % config.checkpoint_every_steps == 0 and done < total:

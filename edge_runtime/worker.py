@@ -47,7 +47,7 @@ def run_job(spec: JobSpec) -> dict:
     manifest = Manifest.load(Path(spec.manifest))
     part = TrainablePart(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.part.items()})
     trained, result = train(manifest, wcodec.load(Path(spec.weights)), LocalDataset(Path(spec.dataset)), part,
-                            TrainConfig(**spec.config), Path(spec.state_dir), spec.task_id)
+                            TrainConfig.from_dict(spec.config), Path(spec.state_dir), spec.task_id)
     if spec.update_out:
         wcodec.save(Path(spec.update_out), trained)
     return {"ok": True, "result": asdict(result), "update": spec.update_out}

@@ -1,0 +1,214 @@
+"""The device runtime as a board runs it: child processes, no torch, crashes, bad files, budgets."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_runtime import budget
+from edge_runtime import weights as wcodec
+from edge_runtime.artifacts import TrainablePart
+from edge_runtime.errors import BudgetError, IntegrityError, ManifestError, UnsupportedOpError
+from edge_runtime.memory import MIB, device_child_env
+from edge_runtime.worker import JobSpec
+
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*"))
+
+
+def _spec(m, dataset, state_dir, task_id, part, **config) -> JobSpec:
+    cfg = {"batch_size": 32, "threads": 1, **config}
+    return JobSpec(manifest=str(m.root / "manifest.json"), weights=str(m.graph_path(m.weights)),
+                   dataset=str(dataset.root), state_dir=str(state_dir), task_id=task_id,
+                   part={k: list(v) if isinstance(v, tuple) else v for k, v in part.__dict__.items()}, config=cfg)
+
+
+TORCH_BLOCKER = """
+import importlib.abc, sys
+class _NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is not installed on this board")
+sys.meta_path.insert(0, _NoTorch())
+"""
+
+
+def test_device_path_never_imports_torch(fmnist_model, small_dataset, tmp_path, fmnist):
+    """Train a block from the cache, evaluate, read/write weights, in a process where torch cannot import."""
+    m, _ = fmnist_model
+    spec = _spec(m, small_dataset, tmp_path / "state", "notorch", TrainablePart.block(m, 2), max_steps=3)
+    spec.update_out = str(tmp_path / "update.safetensors")
+    spec.save(tmp_path / "spec.json")
+    _, _, xt, yt = fmnist
+    np.save(tmp_path / "xt.npy", xt[:500])
+    np.save(tmp_path / "yt.npy", yt[:500])
+    script = TORCH_BLOCKER + f"""
+import json, numpy as np
+from pathlib import Path
+from edge_runtime.worker import run_job, JobSpec
+from edge_runtime.trainer import evaluate
+from edge_runtime.manifest import Manifest
+from edge_runtime import weights
+out = run_job(JobSpec.load(Path({str(tmp_path / 'spec.json')!r})))
+m = Manifest.load(Path({str(m.root / 'manifest.json')!r}))
+w = weights.load(m.graph_path(m.weights)); w.update(weights.load(Path(out["update"])))
+acc = evaluate(m, w, np.load({str(tmp_path / 'xt.npy')!r}), np.load({str(tmp_path / 'yt.npy')!r}))
+print(json.dumps({{"ok": out["ok"], "torch_loaded": "torch" in sys.modules, "acc": acc["accuracy"]}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=device_child_env(),
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {"ok": True, "torch_loaded": False, "acc": report["acc"]}
+    assert 0.0 <= report["acc"] <= 1.0
+
+
+def test_kill_9_mid_training_resumes_from_checkpoint(fmnist_model, small_dataset, tmp_path):
+    m, _ = fmnist_model
+    part = TrainablePart.block(m, 1)
+    state = tmp_path / "state"
+    steps, every = 60, 5
+    spec = _spec(m, small_dataset, state, "crashy", part, max_steps=steps, checkpoint_every_steps=every)
+    spec.update_out = str(tmp_path / "crashy.safetensors")
+    spec.save(tmp_path / "crashy.json")
+    proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.worker", str(tmp_path / "crashy.json")],
+                            env=device_child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = state / "runs" / "crashy" / "progress.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if progress.exists() and json.loads(progress.read_text())["step"] >= 2 * every:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(progress.read_text())["step"]
+    assert every * 2 <= killed_at < steps, "the run must be killed mid-way, after a checkpoint"
+    assert not (state / "runs" / "crashy" / "result.json").exists()
+
+    report, child = budget.run_worker(spec, tmp_path / "jobs")
+    assert report["ok"], child.stderr[-2000:]
+    assert report["result"]["resumed_from_step"] >= killed_at
+    assert report["result"]["steps"] == steps and len(report["result"]["losses"]) == steps
+
+    # the resumed run ends where an uninterrupted run ends
+    clean = _spec(m, small_dataset, tmp_path / "state2", "clean", part, max_steps=steps, checkpoint_every_steps=every)
+    clean.update_out = str(tmp_path / "clean.safetensors")
+    report2, _ = budget.run_worker(clean, tmp_path / "jobs")
+    assert report2["result"]["resumed_from_step"] == 0
+    resumed, uninterrupted = wcodec.load(Path(spec.update_out)), wcodec.load(Path(clean.update_out))
+    for name in uninterrupted:
+        np.testing.assert_allclose(resumed[name], uninterrupted[name], atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(report["result"]["losses"], report2["result"]["losses"], atol=1e-5)
+
+
+def test_unsupported_op_is_named_at_export(tmp_path):
+    import torch
+    from torch import nn
+
+    from coordinator import export
+    from coordinator.block_model import BlockModel
+    model = BlockModel("with_groupnorm", (1, 8, 8), 3,
+                       blocks=[[nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU())]],
+                       heads=[nn.Sequential(nn.Flatten(), nn.Linear(4 * 8 * 8, 3))])
+    with pytest.raises(UnsupportedOpError, match="InstanceNormalization"):
+        export.export(model, tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_corrupted_graph_is_rejected_and_nothing_half_written(fmnist_model, small_dataset, tmp_path):
+    import shutil
+
+    from edge_runtime.manifest import Manifest
+    from edge_runtime.trainer import TrainConfig, train
+    m, weights = fmnist_model
+    copy = tmp_path / "model"
+    shutil.copytree(m.root, copy)
+    broken = Manifest.load(copy / "manifest.json")
+    graph = broken.graph_path(broken.layers[2].graph)
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    state = tmp_path / "state"
+    with pytest.raises(IntegrityError, match="sha256"):
+        train(broken, weights, small_dataset, TrainablePart.block(broken, 1), TrainConfig(max_steps=1), state, "x")
+    assert [f for f in files_under(state) if not f.startswith("runs")] in ([], ["artifacts"])
+    assert not list(state.rglob("*.onnx")) and not list(state.rglob("*.npy")) and not list(state.rglob("result.json"))
+
+
+def test_manifest_that_does_not_match_its_graphs_is_rejected(fmnist_model, small_dataset, tmp_path):
+    import shutil
+
+    from edge_runtime.manifest import Manifest
+    from edge_runtime.trainer import TrainConfig, train
+    m, weights = fmnist_model
+    copy = tmp_path / "model"
+    shutil.copytree(m.root, copy)
+    raw = json.loads((copy / "manifest.json").read_text())
+    param = raw["layers"][1]["params"][0]
+    param["shape"] = [param["shape"][0] + 1] + param["shape"][1:]   # the graph still has the old shape
+    raw["layers"][2]["params"][0]["name"] = "blocks.1.1.0.renamed"  # and this name is not in the graph
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    broken = Manifest.load(copy / "manifest.json")
+    w = dict(weights)
+    w[param["name"]] = np.zeros(param["shape"], np.float32)
+    w["blocks.1.1.0.renamed"] = np.zeros(raw["layers"][2]["params"][0]["shape"], np.float32)
+    with pytest.raises(ManifestError, match="shape|not in the graph"):
+        train(broken, w, small_dataset, TrainablePart.block(broken, 1), TrainConfig(max_steps=1), tmp_path / "s", "x")
+    assert not list((tmp_path / "s").rglob("*.onnx"))
+
+
+def test_budget_picks_a_fitting_micro_batch_and_holds_to_it(fmnist_model, small_dataset, tmp_path):
+    m, _ = fmnist_model
+    spec = _spec(m, small_dataset, tmp_path / "state", "budgeted", TrainablePart.block(m, 1), batch_size=64,
+                 epochs=1)
+    spec.update_out = str(tmp_path / "u.safetensors")
+    # a generous budget: the full batch fits
+    report, child, plan = budget.train_within_budget(spec, 400 * MIB, tmp_path / "jobs")
+    assert plan.micro_batch_size == 64
+    assert report["result"]["steps"] == int(np.ceil(len(small_dataset) / 64))
+    assert child.peak_rss_bytes <= 400 * MIB and child.limit_hits == 0
+    # a budget between micro-batch 1 and the full batch's need: a smaller micro-batch, same batch size
+    full_peak = plan.measured_peak_bytes
+    tight = int(full_peak * 1.1 * 0.97)  # just below what the full batch needs with the margin
+    spec2 = _spec(m, small_dataset, tmp_path / "state", "tight", TrainablePart.block(m, 1), batch_size=64, epochs=1)
+    report2, child2, plan2 = budget.train_within_budget(spec2, tight, tmp_path / "jobs")
+    assert plan2.micro_batch_size < 64
+    assert child2.peak_rss_bytes <= tight
+    assert report2["result"]["micro_batch_size"] == plan2.micro_batch_size
+
+
+def test_budget_too_small_is_refused_with_what_it_needs(fmnist_model, small_dataset, tmp_path):
+    m, _ = fmnist_model
+    spec = _spec(m, small_dataset, tmp_path / "state", "toosmall", TrainablePart.block(m, 1))
+    with pytest.raises(BudgetError, match=r"does not fit a budget of 30 MB: even micro-batch 1 needs \d+ MB"):
+        budget.train_within_budget(spec, 30 * MIB, tmp_path / "jobs")
+    assert not list((tmp_path / "state" / "runs").glob("toosmall*/result.json"))
+
+
+def test_reading_a_large_cache_does_not_grow_resident_memory(tmp_path):
+    big = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.float32, shape=(20000, 64, 7, 7))
+    big[:] = 1.0
+    big.flush()
+    del big
+    script = f"""
+import numpy as np
+from pathlib import Path
+from edge_runtime.activation_cache import ArrayReader
+from edge_runtime.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+r = ArrayReader(Path({str(tmp_path / 'big.npy')!r}))
+reset_peak_rss(); before = current_rss_bytes()
+for start in range(0, 20000, 64):
+    r.take(np.random.default_rng(start).permutation(20000)[:64])
+print(peak_rss_bytes() - before)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=device_child_env())
+    grown = int(out.stdout.strip())
+    assert (tmp_path / "big.npy").stat().st_size > 230 * MIB
+    assert grown < 20 * MIB, f"resident memory grew by {grown / MIB:.0f} MB reading a 250 MB cache"

@@ -1,0 +1,61 @@
+"""The block manifest: what export writes, and the clear rejections of what is wrong with one."""
+import json
+
+import pytest
+
+from edge_runtime.errors import ManifestError
+from edge_runtime.manifest import Manifest
+
+
+def _raw(m):
+    return json.loads(m.to_json())
+
+
+def test_export_describes_blocks_layers_and_costs(fmnist_model):
+    m, weights = fmnist_model
+    assert len(m.blocks) >= 4
+    assert [i for b in m.blocks for i in b.layers] == list(range(len(m.layers)))
+    for b in m.blocks:  # shapes chain across every block boundary, heads sit at block ends
+        assert m.heads[b.head].attach_after_layer == b.layers[-1]
+    for a, b in zip(m.layers, m.layers[1:]):
+        assert a.output_shape == b.input_shape
+    # parameter bytes and shapes in the manifest are those of the exported weights
+    for name, spec in m.param_specs().items():
+        assert weights[name].shape == spec.shape
+        assert weights[name].nbytes == spec.nbytes
+    assert all(l.activation_bytes_per_sample > 0 for l in m.layers)
+    # conv output (32x28x28 floats) is at least part of layer 0's activation bytes
+    assert m.layers[0].activation_bytes_per_sample >= 32 * 28 * 28 * 4
+
+
+def test_round_trip(fmnist_model, tmp_path):
+    m, _ = fmnist_model
+    path = tmp_path / "manifest.json"
+    m.save(path)
+    again = Manifest.load(path)
+    assert again.layers == m.layers and again.blocks == m.blocks and again.heads == m.heads
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda r: r.update(format="other/9"), "format"),
+    (lambda r: r["layers"][1].update(input_shape=[3, 3]), "expects"),
+    (lambda r: r["blocks"][1].update(layers=[1, 3]), "contiguous"),
+    (lambda r: r["blocks"][0].update(head=99), "head 99"),
+    (lambda r: r["layers"][0]["params"][0].update(name=r["layers"][1]["params"][0]["name"]), "not unique"),
+    (lambda r: r["layers"][0]["graph"].update(file="../../etc/passwd"), "bad graph reference"),
+    (lambda r: r["layers"][0].pop("params"), "malformed"),
+])
+def test_malformed_manifest_is_rejected_with_reason(fmnist_model, tmp_path, breakage, message):
+    m, _ = fmnist_model
+    raw = _raw(m)
+    breakage(raw)
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=message):
+        Manifest.load(path)
+
+
+def test_not_json_is_rejected(tmp_path):
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        Manifest.load(tmp_path / "manifest.json")
