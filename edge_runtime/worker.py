@@ -26,6 +26,7 @@ class JobSpec:
     part: dict                    # TrainablePart fields
     config: dict                  # TrainConfig fields
     update_out: str | None = None  # where to copy the trained weights (safetensors)
+    progress_file: str | None = None  # where to publish {"phase", "done", "total"} for a watcher
     extra: dict = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
@@ -35,6 +36,20 @@ class JobSpec:
     @classmethod
     def load(cls, path: Path) -> "JobSpec":
         return cls(**json.loads(Path(path).read_text()))
+
+
+def _progress_writer(path: str, every_s: float = 0.5):
+    """A progress callback that rewrites a small JSON file at most every `every_s` seconds."""
+    import time
+    from .store import atomic_write_text
+    last = [0.0]
+
+    def write(phase: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s or done == total:
+            last[0] = now
+            atomic_write_text(Path(path), json.dumps({"phase": phase, "done": done, "total": total}))
+    return write
 
 
 def run_job(spec: JobSpec) -> dict:
@@ -47,7 +62,8 @@ def run_job(spec: JobSpec) -> dict:
     manifest = Manifest.load(Path(spec.manifest))
     part = TrainablePart(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.part.items()})
     trained, result = train(manifest, wcodec.load(Path(spec.weights)), LocalDataset(Path(spec.dataset)), part,
-                            TrainConfig.from_dict(spec.config), Path(spec.state_dir), spec.task_id)
+                            TrainConfig.from_dict(spec.config), Path(spec.state_dir), spec.task_id,
+                            progress=_progress_writer(spec.progress_file) if spec.progress_file else None)
     if spec.update_out:
         wcodec.save(Path(spec.update_out), trained)
     return {"ok": True, "result": asdict(result), "update": spec.update_out}

@@ -8,8 +8,8 @@ the zoo's VGG-style CNN (`coordinator.zoo.vgg_cifar`, 9.2 M parameters, 5 blocks
 
   torch whole     whole-model training in plain torch eager (AdamW, cross-entropy,
                   forward + backward + step): the baseline a user would otherwise run;
-  runtime whole   whole-model training with the device runtime (onnxruntime-training via
-                  edge_runtime.trainer.train, the code path of edge_runtime.worker);
+  runtime whole   whole-model training with the device runtime (onnxruntime-training,
+                  through edge_runtime.worker.run_job: the code a device runs for a job);
   block b         block b and its head trained alone from the cached activations of the
                   frozen prefix (blocks 0..b-1), same runtime and code path;
   import          a process that only imports the device runtime (its fixed cost).
@@ -21,8 +21,11 @@ measured, a preparatory job (edge_runtime.budget.run_worker, one step) builds it
 artifact and its prefix activation cache, so the measured process neither builds an
 artifact nor runs the prefix (both are checked in its report). Step time is the median wall
 time between consecutive optimizer steps inside the measured process (batch fetch included,
-session build and the first step excluded); each measured device run also saves one
-checkpoint halfway, as a real job does every `checkpoint_every_steps`.
+session build and the first step excluded). Like a real job, each measured device run saves
+one checkpoint (halfway) and its trained weights (at the end); the table also shows the peak
+reached before the first of those saves, to tell training memory from saving memory.
+The script re-runs itself with a hidden `--child torch|device` argument to be each measured
+process.
 
 Data is synthetic (random float32 inputs, random int64 labels): memory and speed do not
 depend on the values. Both torch and the runtime use the same number of intra-op threads.
@@ -101,20 +104,24 @@ def _child_torch(data: Path, batch: int, steps: int) -> dict:
 def _child_device(spec_path: Path) -> dict:
     """One device job through edge_runtime.worker.run_job (the code a device runs), timed per step.
 
-    run_job has no progress hook, so trainer.train is wrapped to pass one: it records the wall
-    time and VmHWM after every optimizer step. Nothing else about the job changes.
+    trainer.train is wrapped to add a progress callback (chained to the job's own, if any) that
+    records the wall time and VmHWM after every optimizer step. Nothing else about the job changes.
     """
     from edge_runtime import trainer, worker
 
     stamps, peaks = [], []
-
-    def progress(phase: str, done: int, total: int) -> None:
-        if phase == "train":  # called after each optimizer step (and its checkpoint, if any)
-            stamps.append(time.perf_counter())
-            peaks.append(peak_rss_bytes())
-
     train = trainer.train
-    trainer.train = lambda *args, **kwargs: train(*args, progress=progress, **kwargs)
+
+    def timed_train(*args, progress=None, **kwargs):
+        def on_progress(phase: str, done: int, total: int) -> None:
+            if phase == "train":  # after each optimizer step (and its checkpoint, if any)
+                stamps.append(time.perf_counter())
+                peaks.append(peak_rss_bytes())
+            if progress:
+                progress(phase, done, total)
+        return train(*args, progress=on_progress, **kwargs)
+
+    trainer.train = timed_train
     result = worker.run_job(worker.JobSpec.load(spec_path))["result"]
     return {"stamps": stamps, "peaks": peaks, "steps": result["steps"],
             "prefix_computed": result["prefix_computed"], "artifact_built": result["artifact_built"]}
@@ -130,7 +137,7 @@ def child_main(kind: str, args: list[str]) -> int:
 
 def _run(argv: list[str], what: str) -> tuple[dict, int]:
     """Run a child; return its JSON line and its peak RSS in bytes (raise with its stderr on failure)."""
-    env = device_child_env({"OMP_NUM_THREADS": str(THREADS)})
+    env = device_child_env({"OMP_NUM_THREADS": str(THREADS)})  # the repo on the path; same threads for all
     child = run_child(argv, env=env, cwd=REPO)
     lines = [l for l in child.stdout.splitlines() if l.startswith("{")]
     if child.returncode != 0 or not lines:
@@ -183,7 +190,7 @@ class Bench:
 
     @staticmethod
     def checkpoint_step(steps: int) -> int:
-        """A measured run saves one checkpoint halfway (steps >= 4, so that two steps run before it)."""
+        """A measured run saves one checkpoint halfway (steps >= 4: at least one step runs before it)."""
         return max(1, steps // 2)
 
     def spec(self, task: str, part: dict, batch: int, steps: int):
@@ -210,7 +217,8 @@ class Bench:
             spec = self.spec("prep-" + name.replace(" ", "-"), part, min(self.batches), 1)
             report, child = run_worker(spec, self.jobs)
             if not report or not report.get("ok"):
-                raise RuntimeError(f"preparing {name} failed: {report and report.get('error')}\n{child.stderr[-2000:]}")
+                raise RuntimeError(f"preparing {name} failed: {report and report.get('error')}\n"
+                                   f"{child.stderr[-2000:]}")
             shutil.rmtree(self.state / "runs" / spec.task_id, ignore_errors=True)
 
     def measure_torch(self, batch: int) -> None:
@@ -263,8 +271,8 @@ class Bench:
         return next(r for r in self.rows if r["config"] == config and r["batch"] == batch)
 
     def table(self) -> str:
-        head = ["config", "batch", "peak MB", "peak before saves MB", "step ms", "peak / runtime whole", "step / runtime whole",
-                "lower bound MB", "peak / bound"]
+        head = ["config", "batch", "peak MB", "peak before saves MB", "step ms", "peak / runtime whole",
+                "step / runtime whole", "lower bound MB", "peak / bound"]
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(head))) + "|"]
         for r in self.rows:
             whole = self.row("runtime whole", r["batch"])
@@ -295,9 +303,7 @@ class Bench:
 
     def checks(self) -> list[tuple[bool, str]]:
         last = f"block {len(self.manifest.blocks) - 1}"
-        res = []
-        parts = []
-        ok = True
+        res, parts, ok = [], [], True
         for b in self.batches:
             ratio = self.row(last, b)["peak"] / self.row("runtime whole", b)["peak"]
             ok &= ratio <= TARGET_LAST_BLOCK
@@ -342,13 +348,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="32,64,128", help="comma-separated batch sizes (default: 32,64,128)")
-    p.add_argument("--steps", type=int, default=6,
+    p.add_argument("--steps", type=int, default=10,
                    help="optimizer steps per measured process; the first is warm-up, step time is the median "
-                        "of the rest (default: 6)")
+                        "of the rest (default: 10)")
     p.add_argument("--workdir", type=Path, help="where the export, data and caches go "
                                                 "(default: a temporary directory, removed afterwards)")
     p.add_argument("--write-docs", action="store_true",
-                   help=f"write the results into {DOCS.relative_to(REPO)} (section between the bench_block_memory markers)")
+                   help=f"write the results into {DOCS.relative_to(REPO)} "
+                        f"(the section between the bench_block_memory markers)")
     a = p.parse_args(argv)
     batches = [int(b) for b in a.batches.split(",") if b.strip()]
     if a.steps < 4 or not batches or min(batches) < 1:
@@ -356,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     if max(batches) > SAMPLES:
         p.error(f"batch sizes above the synthetic dataset's {SAMPLES} samples are not supported")
 
-    t0 = time.monotonic()
+    t0, load_before = time.monotonic(), os.getloadavg()[0]
     workdir = a.workdir or Path(tempfile.mkdtemp(prefix="bench-block-memory-"))
     workdir.mkdir(parents=True, exist_ok=True)
     bench = Bench(workdir.resolve(), batches, a.steps)
@@ -365,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if a.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    minutes = (time.monotonic() - t0) / 60
+    minutes, load_after = (time.monotonic() - t0) / 60, os.getloadavg()[0]
 
     checks = bench.checks()
     lines = [
@@ -375,7 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         f"not depend on the values.",
         f"Each row is its own fresh process; peak = its VmHWM. Step time = median wall time between consecutive "
         f"optimizer steps over steps 2..{a.steps} (batch fetch included; session build and step 1 excluded); "
-        f"device runs save one checkpoint halfway, as a real job does.",
+        f"device runs save one checkpoint after step {Bench.checkpoint_step(a.steps)} and the trained weights at the "
+        f"end, as a real job does; 'peak before saves' is the VmHWM after step {Bench.checkpoint_step(a.steps) - 1}.",
+        f"Step times are wall clock and suffer from other load on the machine (1-min load average "
+        f"{load_before:.1f} at start, {load_after:.1f} at end, on {len(os.sched_getaffinity(0))} CPUs); peaks do not.",
         f"Lower bound = runtime import-only peak + 4 x parameter bytes (block + head) + activation bytes "
         f"(block + head, manifest) x batch.",
     ]

@@ -1,0 +1,35 @@
+"""The baseline the device runtime is compared with: the same model trained end to end in torch."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .block_model import BlockModel
+
+
+def train_end_to_end(model: BlockModel, x: np.ndarray, y: np.ndarray, xt: np.ndarray, yt: np.ndarray,
+                     epochs: float, batch_size: int, learning_rate: float, seed: int = 0) -> float:
+    """Train every layer with AdamW and the final head; return test accuracy."""
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if not n.startswith("heads.")
+                             or n.startswith(f"heads.{len(model.heads) - 1}.")],
+                            lr=learning_rate, eps=1e-6, weight_decay=0.0)
+    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
+    n = len(ys)
+    steps = int(np.ceil(n / batch_size) * epochs)
+    rng = np.random.default_rng(seed)
+    perm, k = rng.permutation(n), 0
+    model.train()
+    for _ in range(steps):
+        if k * batch_size >= n:
+            perm, k = rng.permutation(n), 0
+        idx = torch.from_numpy(perm[k * batch_size:(k + 1) * batch_size])
+        k += 1
+        loss = torch.nn.functional.cross_entropy(model(xs[idx]), ys[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(torch.from_numpy(xt[i:i + 1000])).argmax(1) for i in range(0, len(yt), 1000)])
+    return float((pred.numpy() == yt).mean())
