@@ -186,9 +186,9 @@ class TrainingSession:
         self.optimizer.step()
         self.module.lazy_reset_grad()
 
-    def get_weights(self, names: Iterable[str]) -> dict[str, np.ndarray]:
-        # .data is a live view into the session; copy so the next step cannot change it
-        return {n: np.array(self.state.parameters[n].data, copy=True) for n in names}
+    def weight_view(self, name: str) -> np.ndarray:
+        """A live view of one parameter: valid until the next step, no copy."""
+        return self.state.parameters[name].data
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
         for name, value in weights.items():

@@ -122,11 +122,14 @@ def _batches(n: int, batch_size: int, total_steps: int, seed: int, start: int = 
 
 def train(manifest: Manifest, weights: dict[str, np.ndarray], dataset: LocalDataset, part: TrainablePart,
           config: TrainConfig, state_dir: Path, task_id: str,
-          progress: Callable[[str, int, int], None] | None = None) -> tuple[dict[str, np.ndarray], TrainResult]:
+          progress: Callable[[str, int, int], None] | None = None,
+          return_weights: bool = True) -> tuple[dict[str, np.ndarray], TrainResult]:
     """Train `part` from `weights` on `dataset`; return the trained parameters and what it cost.
 
-    Only the trainable parameters are returned. state_dir holds the device's caches
-    (artifacts, activations) and run directories; it survives restarts.
+    Only the trainable parameters are returned; they are also in
+    state_dir/runs/<task_id>/update.safetensors (a device job passes return_weights=False
+    and ships that file instead of holding a copy in memory). state_dir holds the device's
+    caches (artifacts, activations) and run directories; it survives restarts.
     """
     t0 = time.monotonic()
     state_dir = Path(state_dir)
@@ -143,7 +146,7 @@ def train(manifest: Manifest, weights: dict[str, np.ndarray], dataset: LocalData
         saved = json.loads(done_file.read_text())
         if saved.get("fingerprint") == fingerprint:
             result = TrainResult(**saved["result"])
-            return wcodec.load(run_dir / "update.safetensors"), result
+            return (wcodec.load(run_dir / "update.safetensors") if return_weights else {}), result
 
     artifacts = ArtifactCache(state_dir / "artifacts")
     artifact_dir = artifacts.get_or_build(lib, part, weights, config.optimizer, config.weight_decay)
@@ -165,6 +168,7 @@ def train(manifest: Manifest, weights: dict[str, np.ndarray], dataset: LocalData
     else:
         session = TrainingSession(artifact_dir, threads=config.threads)
         session.set_weights({k: weights[k] for k in part.all_names(manifest)})
+    weights = None  # the session holds its own copy; drop ours before training (a whole block's worth)
     resumed_from = state.step
 
     steps_per_epoch = math.ceil(n / config.batch_size)
@@ -192,14 +196,17 @@ def train(manifest: Manifest, weights: dict[str, np.ndarray], dataset: LocalData
     inputs.close()
 
     samples = sum(min(config.batch_size, n - (s % steps_per_epoch) * config.batch_size) for s in range(total))
-    trained = session.get_weights(part.trainable_names(manifest))
+    # Written straight from the session's live views, one tensor at a time: no second copy.
+    trainable = part.trainable_names(manifest)
+    wcodec.save_streaming(run_dir / "update.safetensors", trainable, session.weight_view)
+    del session
+    trained = wcodec.load(run_dir / "update.safetensors") if return_weights else {}
     last_epoch = state.losses[-min(len(state.losses), steps_per_epoch):] or [float("nan")]
     result = TrainResult(task_id=task_id, steps=total, samples=samples, num_examples=n,
                          loss=float(np.mean(last_epoch)), seconds=time.monotonic() - t0,
                          peak_rss_bytes=peak_rss_bytes(), prefix_computed=prefix_computed,
                          artifact_built=artifacts.builds > 0, resumed_from_step=resumed_from,
                          micro_batch_size=micro, losses=[float(x) for x in state.losses])
-    wcodec.save(run_dir / "update.safetensors", trained)
     atomic_write_text(done_file, json.dumps({"fingerprint": fingerprint, "result": asdict(result)}))
     for ckpt in run_dir.glob("ckpt-*"):
         ckpt.unlink(missing_ok=True)

@@ -33,8 +33,53 @@ def save(path: Path, weights: Mapping[str, np.ndarray], fp16: bool = False) -> N
     atomic_write_bytes(Path(path), encode(weights, fp16))
 
 
-def load(path: Path) -> Weights:
-    return decode(Path(path).read_bytes(), what=str(path))
+def load(path: Path, names=None) -> Weights:
+    """Load all tensors, or only `names` (read lazily: the rest never enters memory)."""
+    if names is None:
+        return decode(Path(path).read_bytes(), what=str(path))
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            present = set(f.keys())
+            missing = [n for n in names if n not in present]
+            if missing:
+                raise IntegrityError(f"{path} lacks {len(missing)} parameter(s), e.g. {missing[:3]}")
+            return {n: f.get_tensor(n).astype(np.float32, copy=False) for n in names}
+    except IntegrityError:
+        raise
+    except Exception as exc:
+        raise IntegrityError(f"{path}: not a valid safetensors file ({exc})") from None
+
+
+def save_streaming(path: Path, names, get_tensor) -> None:
+    """Write float32 tensors to a safetensors file one at a time, atomically.
+
+    get_tensor(name) may return a live view (e.g. into a training session): each tensor is
+    written straight from it, so the file costs no second copy of the weights in memory.
+    """
+    import json
+    import os
+    names = sorted(names)
+    header, offset, shapes = {}, 0, {}
+    for name in names:
+        shape = tuple(int(d) for d in np.shape(get_tensor(name)))
+        size = int(np.prod(shape, dtype=np.int64)) * 4
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        shapes[name], offset = shape, offset + size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for name in names:
+            arr = np.ascontiguousarray(get_tensor(name), dtype=np.float32)
+            if arr.shape != shapes[name]:
+                raise IntegrityError(f"{name} changed shape while being written")
+            f.write(memoryview(arr).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def weights_hash(weights: Mapping[str, np.ndarray]) -> str:

@@ -61,11 +61,19 @@ def run_job(spec: JobSpec) -> dict:
 
     manifest = Manifest.load(Path(spec.manifest))
     part = TrainablePart(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.part.items()})
-    trained, result = train(manifest, wcodec.load(Path(spec.weights)), LocalDataset(Path(spec.dataset)), part,
-                            TrainConfig.from_dict(spec.config), Path(spec.state_dir), spec.task_id,
-                            progress=_progress_writer(spec.progress_file) if spec.progress_file else None)
+    part.validate(manifest)
+    # only the prefix, the span and the head: a later block never loads the rest of the model
+    needed = manifest.param_names(range(part.span[-1] + 1), [part.head])
+    _, result = train(manifest, wcodec.load(Path(spec.weights), needed), LocalDataset(Path(spec.dataset)), part,
+                      TrainConfig.from_dict(spec.config), Path(spec.state_dir), spec.task_id,
+                      progress=_progress_writer(spec.progress_file) if spec.progress_file else None,
+                      return_weights=False)
     if spec.update_out:
-        wcodec.save(Path(spec.update_out), trained)
+        import shutil
+        update = Path(spec.state_dir) / "runs" / spec.task_id / "update.safetensors"
+        tmp = Path(spec.update_out).with_name(Path(spec.update_out).name + ".tmp")
+        shutil.copyfile(update, tmp)
+        tmp.replace(spec.update_out)
     return {"ok": True, "result": asdict(result), "update": spec.update_out}
 
 
