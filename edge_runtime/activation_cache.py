@@ -122,8 +122,7 @@ class ActivationCache:
 
     def key(self, lib: GraphLibrary, boundary: int, weights: dict, dataset: LocalDataset, fp16: bool) -> str:
         m = lib.manifest
-        names = m.param_names(range(boundary))
-        prefix_weights = wcodec.weights_hash({n: weights[n] for n in names})
+        prefix_weights = wcodec.weights_hash(weights, m.param_names(range(boundary)))
         graphs = [m.layers[i].graph.sha256 for i in range(boundary)]
         return digest_of(*graphs, prefix_weights, dataset.fingerprint(), "fp16" if fp16 else "fp32")
 

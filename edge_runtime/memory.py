@@ -34,6 +34,19 @@ def current_rss_bytes(pid: int | str = "self") -> int:
     return _status_kib("VmRSS", pid) * 1024
 
 
+def release_free_heap() -> None:
+    """Give freed heap memory back to the kernel (glibc malloc_trim); a no-op elsewhere.
+
+    glibc keeps freed memory in the heap for reuse. After the weights are loaded, that
+    memory (a block's worth) would stay resident for the whole training run.
+    """
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def reset_peak_rss() -> bool:
     """Reset this process's VmHWM to its current RSS (Linux clear_refs '5'); False if not allowed."""
     try:

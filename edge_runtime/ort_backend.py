@@ -190,9 +190,17 @@ class TrainingSession:
         """A live view of one parameter: valid until the next step, no copy."""
         return self.state.parameters[name].data
 
-    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
-        for name, value in weights.items():
-            self.state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
+    def set_weights(self, weights, names: Iterable[str] | None = None) -> None:
+        """Copy values into the session's parameters, one tensor at a time (weights may be lazy).
+
+        A source with read_into (weights.WeightFile) reads each tensor straight into the
+        session's own buffer, so loading a block allocates nothing.
+        """
+        read_into = getattr(weights, "read_into", None)
+        for name in (weights if names is None else names):
+            if read_into is not None and read_into(name, self.state.parameters[name].data):
+                continue
+            self.state.parameters[name] = np.ascontiguousarray(weights[name], dtype=np.float32)
 
     def save_checkpoint(self, path: Path) -> None:
         """Parameters and optimizer state, written atomically."""

@@ -52,7 +52,8 @@ def _progress_writer(path: str, every_s: float = 0.5):
     return write
 
 
-def run_job(spec: JobSpec) -> dict:
+def run_job(spec: JobSpec, progress=None) -> dict:
+    """Run one job in this process. progress(phase, done, total) overrides spec.progress_file."""
     from . import weights as wcodec
     from .artifacts import TrainablePart
     from .datasets import LocalDataset
@@ -64,9 +65,9 @@ def run_job(spec: JobSpec) -> dict:
     part.validate(manifest)
     # only the prefix, the span and the head: a later block never loads the rest of the model
     needed = manifest.param_names(range(part.span[-1] + 1), [part.head])
-    _, result = train(manifest, wcodec.load(Path(spec.weights), needed), LocalDataset(Path(spec.dataset)), part,
+    _, result = train(manifest, wcodec.WeightFile(Path(spec.weights), needed), LocalDataset(Path(spec.dataset)), part,
                       TrainConfig.from_dict(spec.config), Path(spec.state_dir), spec.task_id,
-                      progress=_progress_writer(spec.progress_file) if spec.progress_file else None,
+                      progress=progress or (_progress_writer(spec.progress_file) if spec.progress_file else None),
                       return_weights=False)
     if spec.update_out:
         import shutil

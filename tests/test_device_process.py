@@ -70,12 +70,14 @@ print(json.dumps({{"ok": out["ok"], "torch_loaded": "torch" in sys.modules, "acc
     assert 0.0 <= report["acc"] <= 1.0
 
 
-def test_kill_9_mid_training_resumes_from_checkpoint(fmnist_model, small_dataset, tmp_path):
+@pytest.mark.parametrize("checkpoint", ["weights", "full"])
+def test_kill_9_mid_training_resumes_from_checkpoint(fmnist_model, small_dataset, tmp_path, checkpoint):
     m, _ = fmnist_model
     part = TrainablePart.block(m, 1)
     state = tmp_path / "state"
     steps, every = 60, 5
-    spec = _spec(m, small_dataset, state, "crashy", part, max_steps=steps, checkpoint_every_steps=every)
+    spec = _spec(m, small_dataset, state, "crashy", part, max_steps=steps, checkpoint_every_steps=every,
+                 checkpoint=checkpoint)
     spec.update_out = str(tmp_path / "crashy.safetensors")
     spec.save(tmp_path / "crashy.json")
     proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.worker", str(tmp_path / "crashy.json")],
@@ -94,18 +96,25 @@ def test_kill_9_mid_training_resumes_from_checkpoint(fmnist_model, small_dataset
 
     report, child = budget.run_worker(spec, tmp_path / "jobs")
     assert report["ok"], child.stderr[-2000:]
-    assert report["result"]["resumed_from_step"] >= killed_at
+    resumed_at = report["result"]["resumed_from_step"]
+    assert resumed_at >= killed_at
     assert report["result"]["steps"] == steps and len(report["result"]["losses"]) == steps
 
-    # the resumed run ends where an uninterrupted run ends
-    clean = _spec(m, small_dataset, tmp_path / "state2", "clean", part, max_steps=steps, checkpoint_every_steps=every)
+    clean = _spec(m, small_dataset, tmp_path / "state2", "clean", part, max_steps=steps, checkpoint_every_steps=every,
+                  checkpoint=checkpoint)
     clean.update_out = str(tmp_path / "clean.safetensors")
     report2, _ = budget.run_worker(clean, tmp_path / "jobs")
     assert report2["result"]["resumed_from_step"] == 0
+    losses, clean_losses = report["result"]["losses"], report2["result"]["losses"]
+    # the first step after the restart sees exactly the weights of the uninterrupted run at that step
+    assert losses[resumed_at] == pytest.approx(clean_losses[resumed_at], abs=1e-5)
     resumed, uninterrupted = wcodec.load(Path(spec.update_out)), wcodec.load(Path(clean.update_out))
-    for name in uninterrupted:
-        np.testing.assert_allclose(resumed[name], uninterrupted[name], atol=1e-5, err_msg=name)
-    np.testing.assert_allclose(report["result"]["losses"], report2["result"]["losses"], atol=1e-5)
+    if checkpoint == "full":  # optimizer state too: the resumed run ends exactly where the clean run ends
+        for name in uninterrupted:
+            np.testing.assert_allclose(resumed[name], uninterrupted[name], atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(losses, clean_losses, atol=1e-5)
+    else:  # AdamW moments restart, so later steps differ a little, but training carries on from the checkpoint
+        assert np.mean(losses[-10:]) == pytest.approx(np.mean(clean_losses[-10:]), rel=0.1)
 
 
 def test_unsupported_op_is_named_at_export(tmp_path):

@@ -16,16 +16,18 @@ the zoo's VGG-style CNN (`coordinator.zoo.vgg_cifar`, 9.2 M parameters, 5 blocks
 
 Every configuration runs in its own fresh process, so no measurement inherits the memory
 of another. Peaks are the kernel's high-water mark of the measured process (VmHWM, printed
-by the child itself; see edge_runtime/memory.py for why not ru_maxrss). Before a block is
+by the child itself; see edge_runtime/memory.py for why not ru_maxrss). Before a device run is
 measured, a preparatory job (edge_runtime.budget.run_worker, one step) builds its training
 artifact and its prefix activation cache, so the measured process neither builds an
-artifact nor runs the prefix (both are checked in its report). Step time is the median wall
+artifact nor runs the prefix (both are checked in its report). Step time is the shortest wall
 time between consecutive optimizer steps inside the measured process (batch fetch included,
-session build and the first step excluded). Like a real job, each measured device run saves
-one checkpoint (halfway) and its trained weights (at the end); the table also shows the peak
-reached before the first of those saves, to tell training memory from saving memory.
-The script re-runs itself with a hidden `--child torch|device` argument to be each measured
-process.
+session build and the first step excluded): on a shared machine the fastest step is the one
+least disturbed by other load, while the median moves with whatever else runs.
+
+Like a real job, each measured device run saves one checkpoint (halfway) and its trained
+weights (at the end); the table also shows the peak reached before the first of those
+saves, to tell training memory from saving memory. The script re-runs itself with a hidden
+`--child torch|device` argument to be each measured process.
 
 Data is synthetic (random float32 inputs, random int64 labels): memory and speed do not
 depend on the values. Both torch and the runtime use the same number of intra-op threads.
@@ -45,7 +47,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -104,25 +105,21 @@ def _child_torch(data: Path, batch: int, steps: int) -> dict:
 def _child_device(spec_path: Path) -> dict:
     """One device job through edge_runtime.worker.run_job (the code a device runs), timed per step.
 
-    trainer.train is wrapped to add a progress callback (chained to the job's own, if any) that
-    records the wall time and VmHWM after every optimizer step. Nothing else about the job changes.
+    run_job's progress callback records the wall time and VmHWM after every optimizer step;
+    nothing else about the job changes. (Wrapping trainer.train instead would not do: a
+    wrapper's *args keeps the job's weights alive, which train() drops once the session
+    holds them.)
     """
-    from edge_runtime import trainer, worker
+    from edge_runtime import worker
 
     stamps, peaks = [], []
-    train = trainer.train
 
-    def timed_train(*args, progress=None, **kwargs):
-        def on_progress(phase: str, done: int, total: int) -> None:
-            if phase == "train":  # after each optimizer step (and its checkpoint, if any)
-                stamps.append(time.perf_counter())
-                peaks.append(peak_rss_bytes())
-            if progress:
-                progress(phase, done, total)
-        return train(*args, progress=on_progress, **kwargs)
+    def on_progress(phase: str, done: int, total: int) -> None:
+        if phase == "train":  # after each optimizer step (and its checkpoint, if any)
+            stamps.append(time.perf_counter())
+            peaks.append(peak_rss_bytes())
 
-    trainer.train = timed_train
-    result = worker.run_job(worker.JobSpec.load(spec_path))["result"]
+    result = worker.run_job(worker.JobSpec.load(spec_path), progress=on_progress)["result"]
     return {"stamps": stamps, "peaks": peaks, "steps": result["steps"],
             "prefix_computed": result["prefix_computed"], "artifact_built": result["artifact_built"]}
 
@@ -146,8 +143,9 @@ def _run(argv: list[str], what: str) -> tuple[dict, int]:
 
 
 def _step_ms(stamps: list[float]) -> float:
+    """Fastest gap between consecutive steps (the first step, before the first stamp, is warm-up)."""
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return 1000 * statistics.median(gaps) if gaps else float("nan")
+    return 1000 * min(gaps) if gaps else float("nan")
 
 
 # ---------------------------------------------------------------------------------------
@@ -349,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="32,64,128", help="comma-separated batch sizes (default: 32,64,128)")
     p.add_argument("--steps", type=int, default=10,
-                   help="optimizer steps per measured process; the first is warm-up, step time is the median "
+                   help="optimizer steps per measured process; the first is warm-up, step time is the fastest "
                         "of the rest (default: 10)")
     p.add_argument("--workdir", type=Path, help="where the export, data and caches go "
                                                 "(default: a temporary directory, removed afterwards)")
@@ -380,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         f"AdamW, cross-entropy, {THREADS} intra-op threads for torch and onnxruntime alike.",
         f"Data: synthetic (random float32 inputs, random int64 labels; {SAMPLES} samples): memory and speed do "
         f"not depend on the values.",
-        f"Each row is its own fresh process; peak = its VmHWM. Step time = median wall time between consecutive "
+        f"Each row is its own fresh process; peak = its VmHWM. Step time = shortest wall time between consecutive "
         f"optimizer steps over steps 2..{a.steps} (batch fetch included; session build and step 1 excluded); "
         f"device runs save one checkpoint after step {Bench.checkpoint_step(a.steps)} and the trained weights at the "
         f"end, as a real job does; 'peak before saves' is the VmHWM after step {Bench.checkpoint_step(a.steps) - 1}.",
