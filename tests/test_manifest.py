@@ -59,3 +59,34 @@ def test_not_json_is_rejected(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError, match="not valid JSON"):
         Manifest.load(tmp_path / "manifest.json")
+
+
+@pytest.mark.parametrize("name, blocks, params_m", [("vgg_cifar", 5, (9.0, 10.0)), ("resnet_small", 4, (0.2, 0.4))])
+def test_zoo_models_export_with_their_structure(tmp_path, name, blocks, params_m):
+    from coordinator import export, zoo
+    m = export.export(zoo.build(name), tmp_path)
+    assert len(m.blocks) == blocks
+    n = sum(spec.nbytes for spec in m.param_specs().values()) / 4 / 1e6
+    assert params_m[0] <= n <= params_m[1]
+    if name == "resnet_small":  # residual layers keep their shape and may be skipped (depth dropout)
+        skippable = [l for l in m.layers if l.skippable]
+        assert len(skippable) >= 4 and all(l.input_shape == l.output_shape for l in skippable)
+        assert not m.layers[0].skippable
+
+
+def test_skipping_a_residual_layer_is_identity_and_non_residual_is_refused(tmp_path):
+    import numpy as np
+
+    from coordinator import export, zoo
+    from edge_runtime.graphs import GraphLibrary, compose
+    from edge_runtime.ort_backend import InferenceSession
+    m = export.export(zoo.resnet_small(), tmp_path)
+    w, lib = export.load_weights(m), GraphLibrary(m)
+    x = np.random.default_rng(0).standard_normal((4,) + tuple(m.layers[1].input_shape)).astype(np.float32)
+    skipped = InferenceSession(compose(lib, [1, 2], None, w, skip=[1])).run(x)
+    only_second = InferenceSession(compose(lib, [2], None, w)).run(x)
+    both = InferenceSession(compose(lib, [1, 2], None, w)).run(x)
+    np.testing.assert_allclose(skipped, only_second, atol=1e-6)
+    assert not np.allclose(skipped, both)
+    with pytest.raises(ManifestError, match="cannot be skipped"):
+        compose(lib, [0, 1], None, w, skip=[0])

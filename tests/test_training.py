@@ -70,9 +70,10 @@ def test_prefix_runs_once_per_prefix_version(fmnist_model, small_dataset, tmp_pa
     _, first = train(m, weights, small_dataset, part, cfg, state, "r1")
     trained, second = train(m, weights, small_dataset, part, cfg, state, "r2")
     assert first.prefix_computed and not second.prefix_computed
+    assert first.artifact_built and not second.artifact_built  # new weights load by name into the cached artifact
     # the block's own weights changing does not touch the prefix: still a hit
     _, third = train(m, {**weights, **trained}, small_dataset, part, cfg, state, "r3")
-    assert not third.prefix_computed
+    assert not third.prefix_computed and not third.artifact_built
     # changing a prefix weight invalidates the cache, and the old version is dropped
     changed = dict(weights)
     first_prefix_param = m.layers[0].params[0].name
