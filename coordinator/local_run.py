@@ -91,6 +91,7 @@ def run(settings: dict) -> dict:
     from edge_runtime.artifacts import TrainablePart
     from edge_runtime.datasets import LocalDataset, load_fashion_mnist
     from edge_runtime.memory import MIB
+    from edge_runtime.store import atomic_write_text
     from edge_runtime.trainer import evaluate
     from edge_runtime.worker import JobSpec
 
@@ -163,7 +164,6 @@ def run(settings: dict) -> dict:
                                  seconds=child.seconds,
                                  calibration=[asdict(tr) for tr in plan.trials]))
         done.append(row)
-        from edge_runtime.store import atomic_write_text
         atomic_write_text(results_path, json.dumps({"settings": settings, "blocks": done}, indent=1))
         print(_format(row), flush=True)
     final = evaluate(m, weights, xt, yt)
@@ -182,7 +182,6 @@ def run(settings: dict) -> dict:
         summary["torch_end_to_end_accuracy"] = acc
         print(f"the same model trained end to end in torch ({epochs_total:g} epochs, same data): "
               f"test accuracy {acc:.2%}")
-    from edge_runtime.store import atomic_write_text
     atomic_write_text(results_path, json.dumps(summary, indent=1))
     return summary
 

@@ -9,14 +9,13 @@ limit.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import BudgetError, EdgeRuntimeError
-from .memory import MIB, ChildResult, device_child_env, python_child_args, run_child
-from .worker import JobSpec
+from .memory import MIB, ChildResult
+from .worker import JobSpec, run_worker
 
 CALIBRATION_STEPS = 3
 DEFAULT_MARGIN = 0.10
@@ -45,24 +44,6 @@ def _candidates(batch_size: int) -> list[int]:
         out.append(m)
         m //= 2
     return out
-
-
-def run_worker(spec: JobSpec, job_dir: Path, memory_limit_bytes: int | None = None,
-               timeout: float | None = None) -> tuple[dict | None, ChildResult]:
-    """Run one job in a fresh child; return its JSON report (None if it died) and its measurements."""
-    job_dir.mkdir(parents=True, exist_ok=True)
-    spec_path = job_dir / f"{spec.task_id}.json"
-    spec.save(spec_path)
-    child = run_child(python_child_args("edge_runtime.worker", str(spec_path)), env=device_child_env(),
-                      memory_limit_bytes=memory_limit_bytes, timeout=timeout)
-    report = None
-    lines = [l for l in child.stdout.strip().splitlines() if l.startswith("{")]
-    if lines:
-        try:
-            report = json.loads(lines[-1])
-        except json.JSONDecodeError:
-            report = None
-    return report, child
 
 
 def calibrate(spec: JobSpec, micro_batch_size: int, limit_bytes: int | None, job_dir: Path) -> Trial:

@@ -42,8 +42,16 @@ class GraphRef:
     sha256: str
 
 
+class _HasParams:
+    params: tuple[ParamSpec, ...]
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(p.nbytes for p in self.params)
+
+
 @dataclass(frozen=True)
-class LayerSpec:
+class LayerSpec(_HasParams):
     index: int
     name: str
     block: int
@@ -55,13 +63,9 @@ class LayerSpec:
     ops: tuple[str, ...] = ()
     skippable: bool = False           # output shape == input shape and the layer is residual
 
-    @property
-    def param_bytes(self) -> int:
-        return sum(p.nbytes for p in self.params)
-
 
 @dataclass(frozen=True)
-class HeadSpec:
+class HeadSpec(_HasParams):
     index: int
     name: str
     attach_after_layer: int
@@ -69,10 +73,6 @@ class HeadSpec:
     params: tuple[ParamSpec, ...]
     activation_bytes_per_sample: int
     ops: tuple[str, ...] = ()
-
-    @property
-    def param_bytes(self) -> int:
-        return sum(p.nbytes for p in self.params)
 
 
 @dataclass(frozen=True)

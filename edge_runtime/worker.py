@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import EdgeRuntimeError
+from .memory import ChildResult
 
 
 @dataclass
@@ -76,6 +77,25 @@ def run_job(spec: JobSpec, progress=None) -> dict:
         shutil.copyfile(update, tmp)
         tmp.replace(spec.update_out)
     return {"ok": True, "result": asdict(result), "update": spec.update_out}
+
+
+def run_worker(spec: JobSpec, job_dir: Path, memory_limit_bytes: int | None = None,
+               timeout: float | None = None) -> tuple[dict | None, ChildResult]:
+    """Run one job in a fresh child; return its JSON report (None if it died) and its measurements."""
+    from .memory import device_child_env, python_child_args, run_child
+    job_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = job_dir / f"{spec.task_id}.json"
+    spec.save(spec_path)
+    child = run_child(python_child_args("edge_runtime.worker", str(spec_path)), env=device_child_env(),
+                      memory_limit_bytes=memory_limit_bytes, timeout=timeout)
+    report = None
+    lines = [l for l in child.stdout.strip().splitlines() if l.startswith("{")]
+    if lines:
+        try:
+            report = json.loads(lines[-1])
+        except json.JSONDecodeError:
+            report = None
+    return report, child
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from edge_runtime import weights as wcodec
 from edge_runtime.artifacts import TrainablePart
 from edge_runtime.errors import BudgetError, IntegrityError, ManifestError, UnsupportedOpError
 from edge_runtime.memory import MIB, device_child_env
-from edge_runtime.worker import JobSpec
+from edge_runtime.worker import JobSpec, run_worker
 
 
 
@@ -94,7 +94,7 @@ def test_kill_9_mid_training_resumes_from_checkpoint(fmnist_model, small_dataset
     assert every * 2 <= killed_at < steps, "the run must be killed mid-way, after a checkpoint"
     assert not (state / "runs" / "crashy" / "result.json").exists()
 
-    report, child = budget.run_worker(spec, tmp_path / "jobs")
+    report, child = run_worker(spec, tmp_path / "jobs")
     assert report["ok"], child.stderr[-2000:]
     resumed_at = report["result"]["resumed_from_step"]
     assert resumed_at >= killed_at
@@ -103,7 +103,7 @@ def test_kill_9_mid_training_resumes_from_checkpoint(fmnist_model, small_dataset
     clean = _spec(m, small_dataset, tmp_path / "state2", "clean", part, max_steps=steps, checkpoint_every_steps=every,
                   checkpoint=checkpoint)
     clean.update_out = str(tmp_path / "clean.safetensors")
-    report2, _ = budget.run_worker(clean, tmp_path / "jobs")
+    report2, _ = run_worker(clean, tmp_path / "jobs")
     assert report2["result"]["resumed_from_step"] == 0
     losses, clean_losses = report["result"]["losses"], report2["result"]["losses"]
     # the first step after the restart sees exactly the weights of the uninterrupted run at that step

@@ -17,7 +17,7 @@ the zoo's VGG-style CNN (`coordinator.zoo.vgg_cifar`, 9.2 M parameters, 5 blocks
 Every configuration runs in its own fresh process, so no measurement inherits the memory
 of another. Peaks are the kernel's high-water mark of the measured process (VmHWM, printed
 by the child itself; see edge_runtime/memory.py for why not ru_maxrss). Before a device run is
-measured, a preparatory job (edge_runtime.budget.run_worker, one step) builds its training
+measured, a preparatory job (edge_runtime.worker.run_worker, one step) builds its training
 artifact and its prefix activation cache, so the measured process neither builds an
 artifact nor runs the prefix (both are checked in its report). Step time is the shortest wall
 time between consecutive optimizer steps inside the measured process (batch fetch included,
@@ -209,7 +209,7 @@ class Bench:
 
     def prepare_parts(self) -> None:
         """Build every training artifact and prefix activation cache before anything is measured."""
-        from edge_runtime.budget import run_worker
+        from edge_runtime.worker import run_worker
         for name, part in self.parts():
             log(f"preparing {name}: training artifact and prefix activation cache (not measured)")
             spec = self.spec("prep-" + name.replace(" ", "-"), part, min(self.batches), 1)
