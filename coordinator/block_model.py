@@ -8,7 +8,7 @@ real classifier). Parameter names are the BlockModel's state_dict names
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -26,8 +26,16 @@ class Residual(nn.Module):
 
 
 class BlockModel(nn.Module):
+    """Blocks of layers with a head per block.
+
+    boundary_head, if given, maps a layer's output shape to an output head; the model then
+    also carries a head after every layer that does not end a block (`boundary_heads.{i}`),
+    so the profiler may cut the model at any layer boundary, not only at the given blocks.
+    """
+
     def __init__(self, name: str, input_shape: Sequence[int], num_classes: int,
-                 blocks: Sequence[Sequence[nn.Module]], heads: Sequence[nn.Module]):
+                 blocks: Sequence[Sequence[nn.Module]], heads: Sequence[nn.Module],
+                 boundary_head: Callable[[tuple[int, ...]], nn.Module] | None = None):
         super().__init__()
         if len(blocks) != len(heads):
             raise ValueError(f"{name}: {len(blocks)} blocks but {len(heads)} heads; give one head per block")
@@ -38,6 +46,21 @@ class BlockModel(nn.Module):
         self.num_classes = int(num_classes)
         self.blocks = nn.ModuleList(nn.ModuleList(b) for b in blocks)
         self.heads = nn.ModuleList(heads)
+        self.boundary_heads = nn.ModuleDict()
+        if boundary_head is not None:
+            block_ends = {sum(len(b) for b in blocks[: k + 1]) - 1 for k in range(len(blocks))}
+            for i, shape in enumerate(self.layer_output_shapes()):
+                if i not in block_ends:
+                    self.boundary_heads[str(i)] = boundary_head(shape)
+
+    def layer_output_shapes(self) -> list[tuple[int, ...]]:
+        """Per-sample output shape of every layer (a dummy forward pass, no gradients)."""
+        shapes, x = [], torch.zeros(1, *self.input_shape)
+        with torch.no_grad():
+            for _, layer, _ in self.layers():
+                x = layer(x)
+                shapes.append(tuple(x.shape[1:]))
+        return shapes
 
     def layers(self) -> list[tuple[str, nn.Module, int]]:
         """(state-dict prefix, module, block index) of every layer, in forward order."""

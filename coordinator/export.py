@@ -125,19 +125,24 @@ def export(model: BlockModel, out_dir: Path, check_trainable: bool = True) -> Ma
                                 ops=ops, skippable=isinstance(module, Residual) and tuple(out_shape) == tuple(shape)))
         shape = out_shape
 
+    def export_head(module: nn.Module, index: int, name: str, after_layer: int) -> HeadSpec:
+        proto, params, out_shape = _export_module(module, layers[after_layer].output_shape,
+                                                  act_name(after_layer + 1), LOGITS, name, f"H{index}")
+        if out_shape != (model.num_classes,):
+            raise ExportError(f"head {name} outputs {out_shape}, expected ({model.num_classes},)")
+        return HeadSpec(index=index, name=name, attach_after_layer=after_layer,
+                        graph=_write_graph(proto, [p.name for p in params], graphs_dir), params=tuple(params),
+                        activation_bytes_per_sample=_activation_bytes_per_sample(proto),
+                        ops=tuple(sorted({n.op_type for n in proto.graph.node})))
+
     heads, blocks, first = [], [], 0
     for b, block in enumerate(model.blocks):
         last = first + len(block) - 1
-        proto, params, out_shape = _export_module(model.heads[b], layers[last].output_shape, act_name(last + 1),
-                                                  LOGITS, f"heads.{b}", f"H{b}")
-        if out_shape != (model.num_classes,):
-            raise ExportError(f"head {b} outputs {out_shape}, expected ({model.num_classes},)")
-        heads.append(HeadSpec(index=b, name=f"heads.{b}", attach_after_layer=last,
-                              graph=_write_graph(proto, [p.name for p in params], graphs_dir), params=tuple(params),
-                              activation_bytes_per_sample=_activation_bytes_per_sample(proto),
-                              ops=tuple(sorted({n.op_type for n in proto.graph.node}))))
+        heads.append(export_head(model.heads[b], b, f"heads.{b}", last))
         blocks.append(BlockSpec(index=b, layers=tuple(range(first, last + 1)), head=b))
         first = last + 1
+    for key, module in model.boundary_heads.items():
+        heads.append(export_head(module, len(heads), f"boundary_heads.{key}", int(key)))
 
     weights_data = wcodec.encode(state)
     wsha = sha256_bytes(weights_data)

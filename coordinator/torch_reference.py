@@ -11,8 +11,9 @@ def train_end_to_end(model: BlockModel, x: np.ndarray, y: np.ndarray, xt: np.nda
                      epochs: float, batch_size: int, learning_rate: float, seed: int = 0) -> float:
     """Train every layer with AdamW and the final head; return test accuracy."""
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if not n.startswith("heads.")
-                             or n.startswith(f"heads.{len(model.heads) - 1}.")],
+    trained = [p for n, p in model.named_parameters()
+               if n.startswith("blocks.") or n.startswith(f"heads.{len(model.heads) - 1}.")]
+    opt = torch.optim.AdamW(trained,
                             lr=learning_rate, eps=1e-6, weight_decay=0.0)
     xs, ys = torch.from_numpy(x), torch.from_numpy(y)
     n = len(ys)

@@ -21,6 +21,13 @@ def _gap_head(channels: int, num_classes: int) -> nn.Module:
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
 
 
+def _any_boundary_head(num_classes: int):
+    """A head for any layer output: GAP + linear after a feature map, linear after a vector."""
+    def make(shape: tuple[int, ...]) -> nn.Module:
+        return _gap_head(shape[0], num_classes) if len(shape) == 3 else nn.Linear(shape[0], num_classes)
+    return make
+
+
 def fmnist_cnn(num_classes: int = 10, seed: int = 0) -> BlockModel:
     """About 0.43 M parameters, 5 layers in 4 blocks, for 1x28x28 input."""
     torch.manual_seed(seed)
@@ -32,7 +39,7 @@ def fmnist_cnn(num_classes: int = 10, seed: int = 0) -> BlockModel:
     ]
     heads = [_gap_head(32, num_classes), _gap_head(64, num_classes), _gap_head(128, num_classes),
              nn.Linear(256, num_classes)]
-    return BlockModel("fmnist_cnn", (1, 28, 28), num_classes, blocks, heads)
+    return BlockModel("fmnist_cnn", (1, 28, 28), num_classes, blocks, heads, _any_boundary_head(num_classes))
 
 
 def vgg_cifar(num_classes: int = 10, seed: int = 0) -> BlockModel:
@@ -47,7 +54,7 @@ def vgg_cifar(num_classes: int = 10, seed: int = 0) -> BlockModel:
     ]
     heads = [_gap_head(64, num_classes), _gap_head(128, num_classes), _gap_head(256, num_classes),
              _gap_head(512, num_classes), nn.Linear(1024, num_classes)]
-    return BlockModel("vgg_cifar", (3, 32, 32), num_classes, blocks, heads)
+    return BlockModel("vgg_cifar", (3, 32, 32), num_classes, blocks, heads, _any_boundary_head(num_classes))
 
 
 def _res(channels: int) -> nn.Module:
@@ -66,7 +73,7 @@ def resnet_small(num_classes: int = 10, seed: int = 0) -> BlockModel:
     ]
     heads = [_gap_head(32, num_classes), _gap_head(32, num_classes), _gap_head(64, num_classes),
              _gap_head(64, num_classes)]
-    return BlockModel("resnet_small", (1, 28, 28), num_classes, blocks, heads)
+    return BlockModel("resnet_small", (1, 28, 28), num_classes, blocks, heads, _any_boundary_head(num_classes))
 
 
 ZOO: dict[str, Callable[..., BlockModel]] = {

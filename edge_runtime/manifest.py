@@ -122,10 +122,19 @@ class Manifest:
         return specs
 
     def head_for_boundary(self, after_layer: int) -> int:
+        """The head after a layer: a block's own head where a block ends there, else a boundary head."""
+        for b in self.blocks:
+            if b.layers[-1] == after_layer:
+                return b.head
         for h in self.heads:
             if h.attach_after_layer == after_layer:
                 return h.index
-        raise ManifestError(f"no head is attached after layer {after_layer}")
+        raise ManifestError(f"no head is attached after layer {after_layer}: a part may only end where a head is "
+                            f"(export the model with a boundary_head factory to cut at any layer)")
+
+    def cut_points(self) -> list[int]:
+        """Layers after which a part may end (a head exists there)."""
+        return sorted({h.attach_after_layer for h in self.heads})
 
     def graph_path(self, ref: GraphRef) -> Path:
         if self.root is None:
@@ -144,13 +153,9 @@ class Manifest:
 
     @classmethod
     def load(cls, path: Path) -> "Manifest":
+        from .store import read_json
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ManifestError(f"manifest {path} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"manifest {path} is not valid JSON: {exc}") from None
+        raw = read_json(path, ManifestError, "manifest")
         return cls.from_dict(raw, root=path.parent, source=str(path))
 
     @classmethod

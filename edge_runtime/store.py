@@ -61,3 +61,14 @@ def digest_of(*parts: str) -> str:
         h.update(p.encode("utf-8"))
         h.update(b"\0")
     return h.hexdigest()
+
+
+def read_json(path: Path, error: type[Exception], what: str):
+    """Parse a JSON file, raising `error` that names the file when it is missing or not JSON."""
+    import json
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{what} {path} is not valid JSON: {exc}") from None

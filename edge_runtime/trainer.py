@@ -83,6 +83,7 @@ class TrainResult:
     artifact_built: bool
     resumed_from_step: int = 0
     micro_batch_size: int = 0
+    step_seconds: float = 0.0         # median wall time of an optimizer step (first step excluded)
     losses: list[float] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -184,7 +185,9 @@ def train(manifest: Manifest, weights: dict[str, np.ndarray], dataset: LocalData
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = _total_steps(n, config)
     trainable = part.trainable_names(manifest)
+    step_times = []
     for step, idx in _batches(n, config.batch_size, total, config.seed, start=state.step):
+        t_step = time.monotonic()
         chunks = [idx[i:i + micro] for i in range(0, len(idx), micro)]
         loss = 0.0
         for chunk in chunks:
@@ -193,6 +196,7 @@ def train(manifest: Manifest, weights: dict[str, np.ndarray], dataset: LocalData
             raise EdgeRuntimeError(f"training diverged at step {step}: loss is {loss}; "
                                    f"lower the learning rate (now {config.learning_rate})")
         session.step(config.learning_rate)
+        step_times.append(time.monotonic() - t_step)  # batch read + forward/backward + step; no checkpoint
         state.losses.append(loss)
         done = step + 1
         if done % config.checkpoint_every_steps == 0 and done < total:
@@ -220,7 +224,8 @@ def train(manifest: Manifest, weights: dict[str, np.ndarray], dataset: LocalData
                          loss=float(np.mean(last_epoch)), seconds=time.monotonic() - t0,
                          peak_rss_bytes=peak_rss_bytes(), prefix_computed=prefix_computed,
                          artifact_built=artifacts.builds > 0, resumed_from_step=resumed_from,
-                         micro_batch_size=micro, losses=[float(x) for x in state.losses])
+                         micro_batch_size=micro,
+                         step_seconds=float(np.median(step_times[1:] or step_times or [0.0])), losses=[float(x) for x in state.losses])
     atomic_write_text(done_file, json.dumps({"fingerprint": fingerprint, "result": asdict(result)}))
     for ckpt in run_dir.glob("ckpt-*"):
         ckpt.unlink(missing_ok=True)

@@ -1,0 +1,84 @@
+"""Choosing where to cut a model into progressive stages for a memory budget.
+
+Dynamic programming over the layer boundaries where a head exists: the fewest stages
+(largest blocks, fewest progressive stages) whose every stage is predicted to fit the
+usable budget; among equal stage counts, the largest batch size (on the CPUs measured,
+time per sample falls or stays flat as the batch grows, so the largest fitting batch
+trains at least as fast), then the lowest worst-stage peak (most headroom).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+
+@dataclass(frozen=True)
+class Stage:
+    first: int
+    last: int
+    predicted_peak_bytes: int
+
+
+@dataclass(frozen=True)
+class Partition:
+    batch_size: int
+    stages: tuple[Stage, ...]
+
+    @property
+    def worst_peak_bytes(self) -> int:
+        return max(s.predicted_peak_bytes for s in self.stages)
+
+
+class NoPartition(Exception):
+    """No cut of the model fits; the message names the layer that does not fit and what it needs."""
+
+
+def best_partition(n_layers: int, cut_points: Sequence[int], batch_size: int,
+                   predict: Callable[[int, int, int], float], usable_bytes: float) -> Partition | None:
+    """Fewest stages covering layers 0..n-1 at one batch size, every stage predicted <= usable_bytes."""
+    cuts = sorted(set(cut_points))
+    if not cuts or cuts[-1] != n_layers - 1:
+        raise ValueError("the last layer must be a cut point (the model's own classifier head)")
+    starts = [0] + [c + 1 for c in cuts[:-1]]
+    # best[c] = (stages, worst peak, previous cut) for the prefix ending after layer c
+    best: dict[int, tuple[int, float, int | None]] = {}
+    for c in cuts:
+        for first in starts:
+            if first > c:
+                break
+            prev = first - 1
+            if prev >= 0 and prev not in best:
+                continue
+            peak = predict(first, c, batch_size)
+            if peak > usable_bytes:
+                continue
+            stages, worst = (0, 0.0) if prev < 0 else best[prev][:2]
+            cand = (stages + 1, max(worst, peak), prev if prev >= 0 else None)
+            if c not in best or cand[:2] < best[c][:2]:
+                best[c] = cand
+    last = n_layers - 1
+    if last not in best:
+        return None
+    stages, c = [], last
+    while c is not None:
+        prev = best[c][2]
+        first = 0 if prev is None else prev + 1
+        stages.append(Stage(first, c, int(predict(first, c, batch_size))))
+        c = prev
+    return Partition(batch_size, tuple(reversed(stages)))
+
+
+def choose_partition(n_layers: int, cut_points: Sequence[int], batch_sizes: Sequence[int],
+                     predict: Callable[[int, int, int], float], usable_bytes: float) -> Partition:
+    """The best partition over every batch size; NoPartition says why none fits."""
+    found = [p for b in sorted(set(batch_sizes), reverse=True)
+             if (p := best_partition(n_layers, cut_points, b, predict, usable_bytes)) is not None]
+    if not found:
+        b = min(batch_sizes)
+        cuts = sorted(set(cut_points))
+        starts = [0] + [c + 1 for c in cuts[:-1]]
+        needs = [(predict(s, c, b), s, c) for s, c in zip(starts, cuts)]
+        worst = max(needs)
+        raise NoPartition(f"layers {worst[1]}-{worst[2]} alone need {worst[0] / 2**20:.0f} MB at batch {b}, "
+                          f"more than the usable {usable_bytes / 2**20:.0f} MB")
+    return min(found, key=lambda p: (len(p.stages), -p.batch_size, p.worst_peak_bytes))

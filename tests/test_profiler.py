@@ -1,0 +1,153 @@
+"""The profiler on the real runtime: measurements, the memory model, partitions per tier, the file."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_runtime.artifacts import TrainablePart
+from edge_runtime.memory import MIB, device_child_env
+from edge_runtime.memory_model import Predictor, fit_candidate, fit_span_model
+from edge_runtime.profile_file import Profile, ProfileError
+from edge_runtime.profiler import Profiler, run_profile
+from edge_runtime.tiers import Tier
+from edge_runtime.worker import JobSpec, run_worker
+
+BATCHES = [16, 64]
+
+
+def _tier(name, budget_mb):
+    return Tier(name=name, description="test tier", ram_mb=4096, budget_mb=budget_mb, storage_gb=8, cores=2,
+                cpu="test", source="test", path=Path(f"{name}.toml"))
+
+
+TIERS = [_tier("below-baseline", 40), _tier("tight", 96), _tier("medium", 120), _tier("roomy", 400)]
+
+
+@pytest.fixture(scope="module")
+def profiled(fmnist_model, tmp_path_factory):
+    m, _ = fmnist_model
+    work = tmp_path_factory.mktemp("profile")
+    profile = run_profile(m.root / "manifest.json", TIERS, BATCHES, work, margin=0.10, verify=True, log=lambda s: None)
+    return m, profile, work
+
+
+def test_predictions_within_10_percent_on_untried_batch_sizes(profiled):
+    m, profile, work = profiled
+    baseline = profile.baseline_bytes
+    prof = Profiler(m.root / "manifest.json", work / "holdout", max_batch=128)
+    for first, last in [(1, 2), (0, 2), (3, 4)]:
+        fit = fit_candidate([prof.measure(first, last, b) for b in BATCHES], baseline)
+        for b in (32, 128):  # never used for fitting
+            measured = prof.measure(first, last, b).peak_bytes
+            assert fit.predict(baseline, b) == pytest.approx(measured, rel=0.10), (first, last, b)
+    # the span model predicts a span that was never measured: the whole model
+    from edge_runtime.memory_model import Measurement
+    points = [Measurement(**p) for p in profile.measurements]
+    predictor = Predictor(m, baseline, [], fit_span_model(points, baseline))
+    assert (0, 4) not in {(p.first, p.last) for p in points}
+    for b in (16, 64):
+        measured = prof.measure(0, 4, b).peak_bytes
+        assert predictor.predict(0, 4, b) == pytest.approx(measured, rel=0.10)
+
+
+def test_every_chosen_stage_measures_within_its_budget(profiled):
+    _, profile, _ = profiled
+    feasible = [t for t in profile.tiers if t.feasible]
+    assert {t.tier for t in feasible} == {"tight", "medium", "roomy"}
+    for t in feasible:
+        assert t.stages[0].first == 0 and t.stages[-1].last == 4
+        for s in t.stages:
+            assert s.measured_peak_bytes is not None
+            assert s.measured_peak_bytes <= t.budget_bytes, (t.tier, s)
+    stages = [len(profile.tier(name).stages) for name in ("tight", "medium", "roomy")]
+    assert stages == sorted(stages, reverse=True)  # more memory never needs more stages
+    assert stages[-1] == 1 and stages[0] > 1       # the roomy tier trains the whole model; the tight one cannot
+
+
+def test_budget_below_the_runtime_baseline_is_refused(profiled):
+    _, profile, _ = profiled
+    t = profile.tier("below-baseline")
+    assert not t.feasible and not t.stages
+    assert "below the runtime's own baseline" in t.reason and f"{profile.baseline_bytes / MIB:.0f} MB" in t.reason
+
+
+def test_chosen_configuration_trains_to_the_end_under_a_hard_limit(profiled, small_dataset, tmp_path):
+    m, profile, _ = profiled
+    tight = profile.tier("tight")
+    for i, s in enumerate(tight.stages):
+        part = TrainablePart(span=tuple(range(s.first, s.last + 1)), trainable_layers=tuple(range(s.first, s.last + 1)),
+                             head=s.head)
+        spec = JobSpec(manifest=str(m.root / "manifest.json"), weights=str(m.graph_path(m.weights)),
+                       dataset=str(small_dataset.root), state_dir=str(tmp_path / "state"), task_id=f"stage{i}",
+                       part={"span": list(part.span), "trainable_layers": list(part.trainable_layers),
+                             "head": part.head},
+                       config={"batch_size": tight.batch_size, "epochs": 1.0})
+        report, child = run_worker(spec, tmp_path / "jobs", memory_limit_bytes=tight.budget_bytes)
+        assert child.returncode == 0 and not child.killed_by_oom, child.stderr[-1000:]
+        assert report["ok"] and report["result"]["steps"] == -(-len(small_dataset) // tight.batch_size)
+        assert child.peak_rss_bytes <= tight.budget_bytes
+
+
+def test_probe_sees_the_cgroup_limit_it_runs_under(tmp_path):
+    script = ("import json; from edge_runtime.device_probe import probe; "
+              f"print(json.dumps(probe({str(tmp_path)!r}, 0.1).to_dict()))")
+    from edge_runtime.memory import run_child
+    child = run_child([sys.executable, "-c", script], env=device_child_env(), memory_limit_bytes=300 * MIB)
+    d = json.loads(child.stdout.strip().splitlines()[-1])
+    from edge_runtime.limits import detect_mechanism
+    if detect_mechanism() == "watchdog":
+        pytest.skip("no writable cgroup on this machine")
+    assert d["cgroup_limit_bytes"] == 300 * MIB
+    assert d["usable_budget_bytes"] <= 0.9 * 300 * MIB
+    assert d["cores"] >= 1 and d["disk_free_bytes"] > 0
+
+
+def test_profile_file_round_trips(profiled, tmp_path):
+    _, profile, _ = profiled
+    profile.save(tmp_path / "p.json")
+    again = Profile.load(tmp_path / "p.json")
+    assert again.tiers == profile.tiers and again.baseline_bytes == profile.baseline_bytes
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda r: r.update(format="edgeblock-profile/0"), "format"),
+    (lambda r: r.pop("baseline_bytes"), "missing field 'baseline_bytes'"),
+    (lambda r: r["tiers"][1].update(batch_size="64"), r"tiers\[1\]: field 'batch_size' must be int"),
+    (lambda r: r["tiers"][1].update(usable_bytes=r["tiers"][1]["budget_bytes"] + 1), "exceeds budget_bytes"),
+    (lambda r: r["tiers"][1]["stages"][0].update(first=1), r"tiers\[1\].stages\[0\]: covers layers"),
+    (lambda r: r["tiers"][1]["stages"][0].update(measured_peak_bytes=-5), "measured_peak_bytes"),
+    (lambda r: r["tiers"][0].pop("reason"), r"tiers\[0\]: missing field 'reason'"),
+    (lambda r: r["tiers"][2].update(feasible="yes"), "'feasible' must be bool"),
+])
+def test_malformed_profile_is_rejected_with_the_reason(profiled, tmp_path, breakage, message):
+    _, profile, _ = profiled
+    profile.save(tmp_path / "p.json")
+    raw = json.loads((tmp_path / "p.json").read_text())
+    breakage(raw)
+    (tmp_path / "p.json").write_text(json.dumps(raw))
+    with pytest.raises(ProfileError, match=message):
+        Profile.load(tmp_path / "p.json")
+
+
+def test_cli_measures_shows_and_plots(fmnist_model, tmp_path):
+    m, _ = fmnist_model
+    repo_profiles = Path(__file__).resolve().parent.parent / "profiles"
+    out, png = tmp_path / "profile.json", tmp_path / "profile.png"
+    run = subprocess.run([sys.executable, "-m", "edge_runtime.profiler", "measure", "--manifest",
+                          str(m.root / "manifest.json"), "--tiers", str(repo_profiles), "--tier", "generic-256mb",
+                          "--tier", "pi-zero-2w", "--batches", "16,32", "--workdir", str(tmp_path / "w"),
+                          "--out", str(out), "--plot", str(png)], capture_output=True, text=True,
+                         env=device_child_env(), timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "pi-zero-2w: budget" in run.stdout and "[1/" in run.stderr  # a table, and progress while measuring
+    profile = Profile.load(out)
+    assert [t.tier for t in profile.tiers] == ["generic-256mb", "pi-zero-2w"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    shown = subprocess.run([sys.executable, "-m", "edge_runtime.profiler", "show", str(out)], capture_output=True,
+                           text=True, env=device_child_env())
+    assert shown.returncode == 0 and "generic-256mb" in shown.stdout
+    bad = subprocess.run([sys.executable, "-m", "edge_runtime.profiler", "show", str(tmp_path / "missing.json")],
+                         capture_output=True, text=True, env=device_child_env())
+    assert bad.returncode == 1 and "does not exist" in bad.stderr
