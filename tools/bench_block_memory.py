@@ -45,18 +45,16 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchdocs import DOCS, machine, write_section
 from edge_runtime.memory import MIB, device_child_env, peak_rss_bytes, report_own_peak, run_child
 
 REPO = Path(__file__).resolve().parent.parent
-DOCS = REPO / "docs" / "benchmarks.md"
-START, END = "<!-- bench_block_memory:start -->", "<!-- bench_block_memory:end -->"
 COMMAND = "python tools/bench_block_memory.py --write-docs"
 SAMPLES = 256           # local dataset size; batches cycle over it
 THREADS = 2             # intra-op threads for torch and onnxruntime alike
@@ -320,25 +318,6 @@ class Bench:
         return res
 
 
-def machine() -> str:
-    mem = next((int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal:")), 0)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-               platform.processor() or "unknown CPU")
-    return f"{len(os.sched_getaffinity(0))} CPUs (nproc), {mem / (1 << 20):.1f} GiB RAM, {cpu}, " \
-           f"{platform.system()} {platform.release()}, Python {platform.python_version()}"
-
-
-def write_docs(section: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section.rstrip()}\n{END}"
-    if START in text and END in text:
-        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
@@ -401,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.table(), "",
             *(f"- {r}" for r in ratios), "",
             *(f"- **{v.split(':', 1)[0]}**:{v.split(':', 1)[1]}" for v in verdicts), ""])
-        write_docs(section)
+        write_section("bench_block_memory", section)
         log(f"wrote {DOCS}")
     return 0 if all(ok for ok, _ in checks) else 1
 
