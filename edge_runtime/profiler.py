@@ -31,6 +31,7 @@ from .memory_model import Measurement, Predictor, fit_candidate, fit_span_model,
 from .partition import NoPartition, choose_partition
 from .profile_file import Profile, StagePlan, TierPlan
 from .store import sha256_file
+from .tiers import DEFAULT_PROFILES_DIR, find_tier, load_tiers
 from .worker import JobSpec, run_worker
 
 DEFAULT_BATCHES = (16, 32, 64)
@@ -200,7 +201,7 @@ def _parser() -> argparse.ArgumentParser:
     src = me.add_mutually_exclusive_group(required=True)
     src.add_argument("--manifest", type=Path, help="an exported model's manifest.json (what a board has)")
     src.add_argument("--model", help="export this zoo model first (needs the server install: torch)")
-    me.add_argument("--tiers", type=Path, default=Path(__file__).resolve().parent.parent / "profiles",
+    me.add_argument("--tiers", type=Path, default=DEFAULT_PROFILES_DIR,
                     help="directory of tier TOML files (default: the repo's profiles/)")
     me.add_argument("--tier", action="append", help="only this tier (repeatable); default: every tier")
     me.add_argument("--batches", default=",".join(map(str, DEFAULT_BATCHES)),
@@ -220,7 +221,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _tiers(args) -> list:
-    from .tiers import find_tier, load_tiers
     if args.tier:
         return sorted((find_tier(name, args.tiers) for name in args.tier), key=lambda t: t.budget_bytes)
     return load_tiers(args.tiers)
@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeRuntimeError as exc:
         print(f"edge-profile: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader (head, less) went away: not an error
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
