@@ -1,0 +1,80 @@
+"""The wire protocol's codec: every message round-trips; every malformed one is refused with its reason."""
+import json
+
+import pytest
+
+from edge_runtime.protocol import (MAX_CONTROL_BYTES, Ack, Fetch, Hello, ProtocolError, Status, Task, Topics,
+                                   Update)
+
+SHA = "ab" * 32
+MESSAGES = [
+    Hello("pi-01", "pi-zero-2w", 300 << 20, "0.1.0", 4, 10 ** 10),
+    Status("online", 1795240000.5),
+    Task("r3-pi-01", 3, {"sha256": SHA, "size": 4000}, [{"sha256": SHA, "size": 10, "name": "graphs/x.onnx"}],
+         {"span": [1, 2], "trainable_layers": [1, 2], "head": 1}, {"batch_size": 32}, 120.0),
+    Fetch(SHA, [0, 3, 7]),
+    Fetch(SHA),
+    Update("r3-pi-01", 3, "pi-01", SHA, 123456, 600, 0.42, 19, 150 << 20, 12.5),
+    Ack("r3-pi-01", False, "norm 1e9 exceeds the bound 1e3"),
+]
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: m.TYPE)
+def test_messages_round_trip(msg):
+    assert type(msg).decode(msg.encode()) == msg
+
+
+def _hello(**change):
+    raw = json.loads(MESSAGES[0].encode())
+    raw.update(change)
+    return json.dumps(raw).encode()
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (b"\xff\xfe", "not a UTF-8 JSON object"),
+    (b"[1, 2]", "must be a JSON object"),
+    (_hello(type="update"), "'type' field must be 'hello'"),
+    (_hello(extra=1), r"unknown field\(s\) \['extra'\]"),
+    (_hello(budget_bytes="300"), "'budget_bytes' must be int"),
+    (_hello(budget_bytes=True), "'budget_bytes' must be int, not bool"),
+    (_hello(budget_bytes=-1), "must be positive"),
+    (_hello(device_id="../etc"), "not a valid id"),
+    (_hello(device_id="x" * 65), "not a valid id"),
+    (b'{"type":"hello","tier":"a"}', "missing field 'device_id'"),
+])
+def test_malformed_hello_is_refused_with_its_reason(payload, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        Hello.decode(payload)
+
+
+def test_non_finite_numbers_and_oversize_payloads_are_refused():
+    raw = json.loads(MESSAGES[5].encode())
+    raw["loss"] = float("nan")
+    with pytest.raises(ProtocolError, match="must be finite"):
+        Update.decode(json.dumps(raw).encode())
+    with pytest.raises(ProtocolError, match="exceeds"):
+        Update.decode(b" " * (MAX_CONTROL_BYTES + 1))
+    raw = json.loads(MESSAGES[5].encode())
+    raw["blob_sha256"] = "not-a-hash"
+    with pytest.raises(ProtocolError, match="sha256"):
+        Update.decode(json.dumps(raw).encode())
+
+
+def test_task_blob_list_is_checked_entry_by_entry():
+    raw = json.loads(MESSAGES[2].encode())
+    raw["blobs"].append({"sha256": SHA, "size": -1, "name": "w"})
+    with pytest.raises(ProtocolError, match=r"blobs\[1\].size"):
+        Task.decode(json.dumps(raw).encode())
+
+
+def test_topics_are_built_and_parsed_for_one_fleet_only():
+    t = Topics("lab")
+    assert t.device("pi-01", "update") == "edgeblock/v1/lab/device/pi-01/update"
+    assert t.parse_device_topic(t.device("pi-01", "update")) == ("pi-01", "update")
+    assert t.all_devices("hello") == "edgeblock/v1/lab/device/+/hello"
+    for bad in ("edgeblock/v1/other/device/pi-01/update", "edgeblock/v1/lab/device/pi-01/bogus",
+                "edgeblock/v1/lab/device/a/b/update"):
+        with pytest.raises(ProtocolError):
+            t.parse_device_topic(bad)
+    with pytest.raises(ProtocolError):
+        Topics("bad/fleet")

@@ -1,0 +1,98 @@
+"""Chunked, content-addressed blobs: assembly in any order, resumption, and refusal of bad chunks."""
+import hashlib
+import os
+
+import pytest
+
+from edge_runtime.errors import IntegrityError
+from edge_runtime.protocol import ProtocolError
+from edge_runtime.transfer import BlobStore, ChunkHeader, chunk_bytes_for, chunks_of
+
+
+@pytest.fixture
+def blob(tmp_path):
+    data = os.urandom(1_000_003)  # not a multiple of the chunk size
+    src = BlobStore(tmp_path / "src")
+    return data, src.path(src.put_bytes(data))
+
+
+def test_out_of_order_and_duplicate_chunks_assemble_the_blob(blob, tmp_path):
+    data, path = blob
+    chunks = list(chunks_of(path, 64 * 1024))
+    assert len(chunks) == 16 and chunks[-1][0].offset + len(chunks[-1][1]) == len(data)
+    dst = BlobStore(tmp_path / "dst")
+    order = list(reversed(chunks)) + chunks[:3]   # reversed, then three duplicates
+    done = [dst.receive(h, d) for h, d in order]
+    assert done[15] and all(done[15:]) and not any(done[:15])
+    assert dst.path(hashlib.sha256(data).hexdigest()).read_bytes() == data
+    assert not list((tmp_path / "dst" / "partial").iterdir())
+
+
+def test_transfer_resumes_after_a_restart_with_only_the_missing_chunks(blob, tmp_path):
+    data, path = blob
+    chunks = list(chunks_of(path, 64 * 1024))
+    sha = chunks[0][0].blob
+    first = BlobStore(tmp_path / "dst")
+    assert first.missing_chunks(sha) is None
+    for h, d in chunks[::2]:
+        first.receive(h, d)
+    again = BlobStore(tmp_path / "dst")  # a new process on the same disk
+    missing = again.missing_chunks(sha)
+    assert missing == list(range(1, 16, 2))
+    for h, d in chunks_of(path, 64 * 1024, missing):
+        again.receive(h, d)
+    assert again.has(sha) and again.missing_chunks(sha) == []
+    assert again.path(sha).read_bytes() == data
+
+
+def test_a_corrupted_chunk_is_refused_and_not_recorded(blob, tmp_path):
+    _, path = blob
+    h, d = next(chunks_of(path, 64 * 1024))
+    dst = BlobStore(tmp_path / "dst")
+    with pytest.raises(ProtocolError, match="do not match chunk_sha256"):
+        dst.receive(h, bytes([d[0] ^ 1]) + d[1:])
+    assert dst.missing_chunks(h.blob) is None or 0 in dst.missing_chunks(h.blob)
+
+
+def test_chunks_that_lie_about_the_blob_are_refused(blob, tmp_path):
+    _, path = blob
+    chunks = list(chunks_of(path, 64 * 1024))
+    dst = BlobStore(tmp_path / "dst", max_blob_bytes=10_000_000)
+    dst.receive(*chunks[0])
+    h, d = chunks[1]
+    liar = ChunkHeader(h.blob, h.index, h.count + 1, h.offset, h.size, h.chunk_sha256)
+    with pytest.raises(ProtocolError, match="earlier chunks said"):
+        dst.receive(liar, d)
+    huge = ChunkHeader(h.blob, 0, 1, 0, 10_000_001, h.chunk_sha256)
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        BlobStore(tmp_path / "other", max_blob_bytes=10_000_000).receive(huge, d)
+
+
+def test_a_blob_whose_chunks_are_valid_but_whose_name_is_wrong_is_discarded(tmp_path):
+    data = os.urandom(5000)
+    src = BlobStore(tmp_path / "src")
+    path = src.path(src.put_bytes(data))
+    h, d = next(chunks_of(path, 8192))
+    wrong_name = ChunkHeader("0" * 64, 0, 1, 0, len(d), h.chunk_sha256)
+    dst = BlobStore(tmp_path / "dst")
+    with pytest.raises(IntegrityError, match="discarded"):
+        dst.receive(wrong_name, d)
+    assert not dst.has("0" * 64) and not list((tmp_path / "dst" / "partial").iterdir())
+
+
+def test_header_round_trips_through_user_properties_and_rejects_garbage():
+    h = ChunkHeader("a" * 64, 2, 5, 2048, 5000, "b" * 64)
+    assert ChunkHeader.from_properties(h.to_properties()) == h
+    with pytest.raises(ProtocolError, match="missing user properties"):
+        ChunkHeader.from_properties([("blob", "a" * 64)])
+    with pytest.raises(ProtocolError, match="inconsistent"):
+        ChunkHeader.from_properties(ChunkHeader("a" * 64, 5, 5, 0, 10, "b" * 64).to_properties())
+    with pytest.raises(ProtocolError, match="integers"):
+        ChunkHeader.from_properties([(k, "x" if k == "index" else v) for k, v in h.to_properties()])
+
+
+def test_chunk_size_respects_the_brokers_maximum_packet():
+    assert chunk_bytes_for(None) == 120 * 1024
+    assert chunk_bytes_for(64 * 1024) == 64 * 1024 - 4096
+    with pytest.raises(ProtocolError, match="no room"):
+        chunk_bytes_for(2000)
