@@ -1,0 +1,176 @@
+"""The coordinator's durable state: devices, rounds, tasks and updates in SQLite.
+
+Every change is one transaction in a WAL-mode database with synchronous=FULL, committed
+before the coordinator acts on it (an update is acknowledged to its device only after
+record_update returned), so a coordinator killed at any moment restarts with every
+accepted update and continues the same round. Weights live in files named by their hash;
+the database holds the hashes. A task's update can be recorded once: a duplicate
+delivery changes nothing and is reported as such, so no update is ever counted twice.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY, tier TEXT NOT NULL, budget_bytes INTEGER NOT NULL,
+    runtime_version TEXT NOT NULL, cores INTEGER NOT NULL, disk_free_bytes INTEGER NOT NULL,
+    first_seen REAL NOT NULL, last_seen REAL NOT NULL, online INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY, state TEXT NOT NULL CHECK (state IN ('open', 'closed')),
+    opened_at REAL NOT NULL, deadline_at REAL NOT NULL, weights_before TEXT NOT NULL,
+    weights_after TEXT, plan TEXT NOT NULL, strategy_state TEXT NOT NULL, closed_at REAL);
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id TEXT PRIMARY KEY, round INTEGER NOT NULL REFERENCES rounds(round), device_id TEXT NOT NULL,
+    spec TEXT NOT NULL, sent_at REAL NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('sent', 'accepted', 'rejected', 'failed')));
+CREATE TABLE IF NOT EXISTS updates (
+    task_id TEXT PRIMARY KEY REFERENCES tasks(task_id), round INTEGER NOT NULL, device_id TEXT NOT NULL,
+    blob_sha256 TEXT NOT NULL, num_examples INTEGER NOT NULL, loss REAL NOT NULL,
+    peak_rss_bytes INTEGER NOT NULL, seconds REAL NOT NULL, received_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rejections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, device_id TEXT, task_id TEXT, reason TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    round: int
+    state: str
+    opened_at: float
+    deadline_at: float
+    weights_before: str
+    weights_after: str | None
+    plan: dict
+    strategy_state: dict
+
+
+@dataclass(frozen=True)
+class UpdateRow:
+    task_id: str
+    round: int
+    device_id: str
+    blob_sha256: str
+    num_examples: int
+    loss: float
+    peak_rss_bytes: int
+    seconds: float
+
+
+class StateStore:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _tx(self, sql: str, args=()) -> sqlite3.Cursor:
+        with self._db:  # one committed transaction
+            self._db.execute("BEGIN IMMEDIATE")
+            return self._db.execute(sql, args)
+
+    # -- meta -----------------------------------------------------------------------------
+    def set_meta(self, key: str, value) -> None:
+        self._tx("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                 (key, json.dumps(value)))
+
+    def meta(self, key: str, default=None):
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    # -- devices ----------------------------------------------------------------------------
+    def upsert_device(self, hello, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self._tx("""INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)
+                    ON CONFLICT(device_id) DO UPDATE SET tier = excluded.tier, budget_bytes = excluded.budget_bytes,
+                    runtime_version = excluded.runtime_version, cores = excluded.cores,
+                    disk_free_bytes = excluded.disk_free_bytes, last_seen = excluded.last_seen, online = 1""",
+                 (hello.device_id, hello.tier, hello.budget_bytes, hello.runtime_version, hello.cores,
+                  hello.disk_free_bytes, now, now))
+
+    def set_online(self, device_id: str, online: bool, now: float | None = None) -> None:
+        self._tx("UPDATE devices SET online = ?, last_seen = ? WHERE device_id = ?",
+                 (int(online), time.time() if now is None else now, device_id))
+
+    def devices(self, online_only: bool = False) -> list[dict]:
+        cur = self._db.execute("SELECT * FROM devices" + (" WHERE online = 1" if online_only else "")
+                               + " ORDER BY device_id")
+        cols = [c[0] for c in cur.description]
+        return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+    # -- rounds and tasks ---------------------------------------------------------------------
+    def open_round(self, round_no: int, deadline_at: float, weights_before: str, plan: dict,
+                   strategy_state: dict, tasks: list[tuple[str, str, dict]], now: float | None = None) -> None:
+        """Open a round and record its tasks (task_id, device_id, spec) in one transaction."""
+        now = time.time() if now is None else now
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("INSERT INTO rounds VALUES (?, 'open', ?, ?, ?, NULL, ?, ?, NULL)",
+                             (round_no, now, deadline_at, weights_before, json.dumps(plan), json.dumps(strategy_state)))
+            self._db.executemany("INSERT INTO tasks VALUES (?, ?, ?, ?, ?, 'sent')",
+                                 [(t, round_no, d, json.dumps(spec), now) for t, d, spec in tasks])
+
+    def current_round(self) -> RoundRow | None:
+        row = self._db.execute("SELECT round, state, opened_at, deadline_at, weights_before, weights_after, plan, "
+                               "strategy_state FROM rounds ORDER BY round DESC LIMIT 1").fetchone()
+        if row is None:
+            return None
+        return RoundRow(*row[:6], json.loads(row[6]), json.loads(row[7]))
+
+    def task(self, task_id: str) -> dict | None:
+        row = self._db.execute("SELECT task_id, round, device_id, spec, status FROM tasks WHERE task_id = ?",
+                               (task_id,)).fetchone()
+        if row is None:
+            return None
+        return {"task_id": row[0], "round": row[1], "device_id": row[2], "spec": json.loads(row[3]), "status": row[4]}
+
+    def tasks(self, round_no: int) -> list[dict]:
+        rows = self._db.execute("SELECT task_id FROM tasks WHERE round = ? ORDER BY task_id", (round_no,)).fetchall()
+        return [self.task(r[0]) for r in rows]
+
+    def record_update(self, update) -> bool:
+        """Durably record an accepted update; False (and nothing changes) if this task's update is already in."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (update.task_id, update.round, update.device_id, update.blob_sha256, update.num_examples,
+                 update.loss, update.peak_rss_bytes, update.seconds, time.time()))
+            if cur.rowcount == 0:
+                return False
+            self._db.execute("UPDATE tasks SET status = 'accepted' WHERE task_id = ?", (update.task_id,))
+            return True
+
+    def mark_task(self, task_id: str, status: str) -> None:
+        self._tx("UPDATE tasks SET status = ? WHERE task_id = ? AND status = 'sent'", (status, task_id))
+
+    def updates(self, round_no: int) -> list[UpdateRow]:
+        rows = self._db.execute("SELECT task_id, round, device_id, blob_sha256, num_examples, loss, peak_rss_bytes, "
+                                "seconds FROM updates WHERE round = ? ORDER BY task_id", (round_no,)).fetchall()
+        return [UpdateRow(*r) for r in rows]
+
+    def close_round(self, round_no: int, weights_after: str, strategy_state: dict, now: float | None = None) -> None:
+        cur = self._tx("UPDATE rounds SET state = 'closed', weights_after = ?, strategy_state = ?, closed_at = ? "
+                       "WHERE round = ? AND state = 'open'",
+                       (weights_after, json.dumps(strategy_state), time.time() if now is None else now, round_no))
+        if cur.rowcount != 1:
+            raise ValueError(f"round {round_no} is not open")
+
+    def record_rejection(self, device_id: str | None, task_id: str | None, reason: str) -> None:
+        self._tx("INSERT INTO rejections (at, device_id, task_id, reason) VALUES (?, ?, ?, ?)",
+                 (time.time(), device_id, task_id, reason))
+
+    def rejections(self) -> list[dict]:
+        cur = self._db.execute("SELECT at, device_id, task_id, reason FROM rejections ORDER BY id")
+        return [dict(zip(("at", "device_id", "task_id", "reason"), r)) for r in cur.fetchall()]
