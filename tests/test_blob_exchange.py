@@ -1,0 +1,121 @@
+"""Blobs over a real Mosquitto: a 10 MB fetch, resuming with only the missing chunks, the packet limit."""
+import os
+import threading
+
+import pytest
+
+from coordinator.broker import EmbeddedBroker
+from edge_runtime.blob_exchange import fetch_blob, serve_fetch
+from edge_runtime.mqtt_link import MqttLink
+from edge_runtime.protocol import Topics
+from edge_runtime.transfer import BlobStore, ChunkHeader, chunk_bytes_for
+
+TOPICS = Topics("test")
+
+
+class Server:
+    """The coordinator's side: answers Fetch messages from its store and counts chunks sent."""
+
+    def __init__(self, broker, store):
+        self.store, self.sent, self.requests = store, 0, []
+        self.link = MqttLink("coordinator", broker.host, broker.port, [(TOPICS.all_devices("fetch"), 1)]).start()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            msg = self.link.get(timeout_s=0.1)
+            if msg:
+                from edge_runtime.protocol import Fetch
+                self.requests.append(Fetch.decode(msg.payload))
+                self.sent += serve_fetch(self.link, TOPICS, self.store, msg)
+
+    def settled_sent(self, at_least: int, timeout_s: float = 30.0) -> int:
+        """Chunks sent, once the server has finished answering (it counts after the last PUBACK)."""
+        import time
+        deadline = time.monotonic() + timeout_s
+        while self.sent < at_least and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # nothing more may follow
+        return self.sent
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+        self.link.stop()
+
+
+@pytest.fixture
+def broker(tmp_path):
+    with EmbeddedBroker(tmp_path / "broker") as b:
+        yield b
+
+
+def _device_link(broker, client_id="pi-01"):
+    return MqttLink(client_id, broker.host, broker.port, [(TOPICS.device("pi-01", "blob"), 1)]).start()
+
+
+def test_a_10mb_blob_arrives_whole_in_chunks(broker, tmp_path):
+    data = os.urandom(10 * 1024 * 1024)
+    src = BlobStore(tmp_path / "coord")
+    sha = src.put_bytes(data)
+    server = Server(broker, src)
+    device = _device_link(broker)
+    try:
+        path = fetch_blob(device, TOPICS, "pi-01", BlobStore(tmp_path / "dev"), sha, timeout_s=60)
+        assert path.read_bytes() == data
+        total = -(-len(data) // chunk_bytes_for(None))
+        assert server.settled_sent(total) == total  # every chunk exactly once
+    finally:
+        device.stop()
+        server.close()
+
+
+def test_an_interrupted_fetch_resumes_with_only_the_missing_chunks(broker, tmp_path):
+    data = os.urandom(3 * 1024 * 1024)
+    src = BlobStore(tmp_path / "coord")
+    sha = src.put_bytes(data)
+    server = Server(broker, src)
+    dev_store = BlobStore(tmp_path / "dev")
+    # the first device process gets about half the chunks, then dies
+    first = _device_link(broker, "pi-01-run1")
+    from edge_runtime.protocol import Fetch
+    first.publish(TOPICS.device("pi-01", "fetch"), Fetch(sha).encode())
+    total = -(-len(data) // chunk_bytes_for(None))
+    for _ in range(total // 2):
+        msg = first.get(timeout_s=10)
+        dev_store.receive(ChunkHeader.from_properties(msg.user_properties), msg.payload)
+    first.stop()
+    assert server.settled_sent(total) == total  # the first request's send has finished
+    missing = dev_store.missing_chunks(sha)
+    assert 0 < len(missing) <= total - total // 2
+    sent_before = server.sent
+    # a new process (new session) asks for the rest only
+    second = _device_link(broker, "pi-01-run2")
+    try:
+        path = fetch_blob(second, TOPICS, "pi-01", dev_store, sha, timeout_s=60)
+        assert path.read_bytes() == data
+        assert server.requests[-1].chunks == missing
+        assert server.settled_sent(sent_before + len(missing)) - sent_before == len(missing)
+    finally:
+        second.stop()
+        server.close()
+
+
+def test_chunks_shrink_to_the_brokers_announced_packet_limit(tmp_path):
+    with EmbeddedBroker(tmp_path / "broker", max_packet_bytes=64 * 1024) as broker:
+        data = os.urandom(1024 * 1024)
+        src = BlobStore(tmp_path / "coord")
+        sha = src.put_bytes(data)
+        server = Server(broker, src)
+        device = _device_link(broker)
+        try:
+            assert device.max_packet_bytes == 64 * 1024
+            assert fetch_blob(device, TOPICS, "pi-01", BlobStore(tmp_path / "dev"), sha, timeout_s=60).read_bytes() \
+                == data
+            total = -(-len(data) // chunk_bytes_for(64 * 1024))
+            assert server.settled_sent(total) == total
+        finally:
+            device.stop()
+            server.close()
