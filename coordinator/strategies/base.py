@@ -1,0 +1,123 @@
+"""The contract every schedule follows: plan a round, aggregate it, advance.
+
+A round's life:
+
+1. plan_round(round, devices) decides who trains which span of layers, with which head
+   and batch size, from each device's *measured* budget and the profiler's memory model.
+   A device that fits nothing is left idle with a reason that says what it would need.
+2. aggregate(plan, results, failures, global_weights) returns the new global weights from
+   the accepted results. Each parameter averages only the devices that trained it,
+   weighted by samples; a parameter nobody trained keeps its value; with no results the
+   global weights come back unchanged. Failures (timeouts, rejections, devices that went
+   offline) are passed so a strategy can take them into account; they never stall it.
+3. advance(plan, before, after) moves the schedule on (freezing, next stage) from what
+   the round changed, and `finished` says when training is over.
+
+The service owns timing, MQTT and persistence; a strategy owns only decisions and
+arithmetic. Its schedule state is a JSON-able dict (state/load_state), persisted with
+every round so a restarted coordinator continues the same schedule.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from ..aggregation import weighted_average
+
+# peak bytes of training layers first..last (head after last) at a batch size
+PeakPredictor = Callable[[int, int, int], float]
+
+
+@dataclass(frozen=True)
+class Device:
+    device_id: str
+    tier: str
+    budget_bytes: int          # measured on the device and announced in its hello
+
+
+@dataclass(frozen=True)
+class Assignment:
+    device_id: str
+    first: int                 # first layer of the span (layers before it are the cached frozen prefix)
+    last: int                  # last layer; the head attaches after it
+    trainable: tuple[int, ...]
+    head: int
+    batch_size: int
+    predicted_peak_bytes: int
+
+    def part(self) -> dict:
+        """The TrainablePart a device job receives."""
+        return {"span": list(range(self.first, self.last + 1)), "trainable_layers": list(self.trainable),
+                "head": self.head}
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    round: int
+    assignments: tuple[Assignment, ...]
+    idle: Mapping[str, str] = field(default_factory=dict)   # device id -> why it trains nothing
+    stage: Mapping = field(default_factory=dict)            # what the schedule is doing, for logs
+
+    def trained_parameters(self, manifest) -> set[str]:
+        return {n for a in self.assignments for n in manifest.param_names(a.trainable, [a.head])}
+
+
+@dataclass(frozen=True)
+class Result:
+    assignment: Assignment
+    update: Mapping[str, np.ndarray]   # trained values of the assignment's trainable parameters
+    num_examples: int
+    loss: float
+
+
+class Strategy(ABC):
+    name: str = ""
+
+    def __init__(self, manifest, predict: PeakPredictor, batch_sizes: Sequence[int], margin: float = 0.10):
+        self.manifest = manifest
+        self.predict = predict
+        self.batch_sizes = sorted(set(batch_sizes), reverse=True)
+        self.margin = margin
+
+    # -- the contract ---------------------------------------------------------------------
+    @abstractmethod
+    def plan_round(self, round_no: int, devices: Sequence[Device]) -> RoundPlan:
+        """Who trains what this round."""
+
+    def aggregate(self, plan: RoundPlan, results: Sequence[Result], failures: Mapping[str, str],
+                  global_weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """FedAvg per parameter over the devices that trained it; untouched parameters keep their values."""
+        new = dict(global_weights)
+        new.update(weighted_average([(r.update, r.num_examples) for r in results]) if results else {})
+        return new
+
+    def advance(self, plan: RoundPlan, before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray]) -> None:
+        """Move the schedule on after a round; the default schedule has no stages."""
+
+    @property
+    @abstractmethod
+    def finished(self) -> bool:
+        """True once the schedule has nothing left to train."""
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, state: Mapping) -> None:
+        """Restore what state() returned (a restarted coordinator)."""
+
+    # -- shared decisions -------------------------------------------------------------------
+    def fit(self, device: Device, first: int, last: int) -> tuple[int, int] | None:
+        """(largest batch, predicted peak) at which layers first..last fit the device's budget, or None."""
+        for batch in self.batch_sizes:
+            peak = self.predict(first, last, batch)
+            if peak * (1 + self.margin) <= device.budget_bytes:
+                return batch, int(peak)
+        return None
+
+    def need_text(self, first: int, last: int) -> str:
+        smallest = self.batch_sizes[-1]
+        need = self.predict(first, last, smallest) * (1 + self.margin)
+        return f"layers {first}-{last} need {need / 2**20:.0f} MB at batch {smallest} (with margin)"

@@ -1,0 +1,40 @@
+"""Full-model FedAvg: the baseline. Every device trains the whole model, so devices whose
+budget cannot hold whole-model training are excluded, as a real deployment must."""
+from __future__ import annotations
+
+from .base import Assignment, RoundPlan, Strategy
+
+
+class FedAvg(Strategy):
+    name = "fedavg"
+
+    def __init__(self, *args, rounds: int = 10, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rounds = rounds
+        self.rounds_done = 0
+
+    def plan_round(self, round_no, devices):
+        last = len(self.manifest.layers) - 1
+        head = self.manifest.final_head.index
+        assignments, idle = [], {}
+        for d in devices:
+            fit = self.fit(d, 0, last)
+            if fit is None:
+                idle[d.device_id] = f"excluded: whole-model training does not fit {d.budget_bytes / 2**20:.0f} MB; " \
+                                    + self.need_text(0, last)
+                continue
+            assignments.append(Assignment(d.device_id, 0, last, tuple(range(last + 1)), head, *fit))
+        return RoundPlan(round_no, tuple(assignments), idle, {"phase": "fedavg", "round": self.rounds_done})
+
+    def advance(self, plan, before, after):
+        self.rounds_done += 1
+
+    @property
+    def finished(self):
+        return self.rounds_done >= self.rounds
+
+    def state(self):
+        return {"rounds_done": self.rounds_done}
+
+    def load_state(self, state):
+        self.rounds_done = int(state.get("rounds_done", 0))

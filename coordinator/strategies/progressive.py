@@ -1,0 +1,116 @@
+"""ProFL: progressive training against the memory wall (Wu, Li, Xu; KDD 2025).
+
+Only one block (and its small output head) trains at a time, from the cached activations
+of the frozen blocks before it, so a device needs the memory of that block, not of the model.
+
+- Shrinking stage, back to front: blocks T-1 .. 1 each train with their output head for
+  `shrink_rounds` rounds on top of the still-initial prefix, which gives every block and
+  head starting parameters shaped by the position they will hold. (Block 0 is skipped: it
+  is the growing stage's first step anyway.) shrink_rounds=0 turns the stage off.
+- Growing stage, front to back: block t trains with its head on top of the trained,
+  frozen prefix until the effective-movement rule (coordinator/freezing.py) says it has
+  converged (after `min_rounds_per_block`) or `max_rounds_per_block` is reached; then it
+  freezes and block t+1 starts. The last block's head is the real classifier.
+- A device takes part in a stage only if the stage's sub-model is predicted to fit its
+  measured budget; a device with room trains blocks t .. t+k together (k up to
+  `max_extra_blocks`) with block t+k's head, which pre-trains the blocks that follow.
+"""
+from __future__ import annotations
+
+from ..freezing import BlockMovement, FreezeRule
+from .base import Assignment, RoundPlan, Strategy
+
+
+class Progressive(Strategy):
+    name = "progressive"
+
+    def __init__(self, *args, shrink_rounds: int = 1, min_rounds_per_block: int = 3, max_rounds_per_block: int = 10,
+                 max_extra_blocks: int = 1, freeze_rule: FreezeRule = FreezeRule(), **kwargs):
+        super().__init__(*args, **kwargs)
+        if not 1 <= min_rounds_per_block <= max_rounds_per_block:
+            raise ValueError("need 1 <= min_rounds_per_block <= max_rounds_per_block")
+        self.shrink_rounds = shrink_rounds
+        self.min_rounds = min_rounds_per_block
+        self.max_rounds = max_rounds_per_block
+        self.max_extra_blocks = max_extra_blocks
+        self.rule = freeze_rule
+        n = len(self.manifest.blocks)
+        self.phase = "shrinking" if shrink_rounds > 0 and n > 1 else "growing"
+        self.block = n - 1 if self.phase == "shrinking" else 0
+        self.rounds_in_stage = 0
+        self.movement = BlockMovement(self.rule)
+        self.em_log: list[dict] = []
+
+    # -- stages -------------------------------------------------------------------------------
+    def _span(self, first_block: int, last_block: int) -> tuple[int, int]:
+        return self.manifest.blocks[first_block].layers[0], self.manifest.blocks[last_block].layers[-1]
+
+    def plan_round(self, round_no, devices):
+        if self.finished:
+            return RoundPlan(round_no, (), {d.device_id: "training is finished" for d in devices},
+                             {"phase": "done"})
+        n = len(self.manifest.blocks)
+        extra_allowed = self.max_extra_blocks if self.phase == "growing" else 0
+        assignments, idle = [], {}
+        for d in devices:
+            chosen = None
+            for k in range(min(extra_allowed, n - 1 - self.block), -1, -1):  # the most blocks that fit
+                first, last = self._span(self.block, self.block + k)
+                fit = self.fit(d, first, last)
+                if fit is not None:
+                    chosen = (first, last, self.block + k, fit)
+                    break
+            if chosen is None:
+                first, last = self._span(self.block, self.block)
+                idle[d.device_id] = f"block {self.block} does not fit {d.budget_bytes / 2**20:.0f} MB; " \
+                                    + self.need_text(first, last)
+                continue
+            first, last, last_block, (batch, peak) = chosen
+            assignments.append(Assignment(d.device_id, first, last, tuple(range(first, last + 1)),
+                                          self.manifest.blocks[last_block].head, batch, peak))
+        return RoundPlan(round_no, tuple(assignments), idle,
+                         {"phase": self.phase, "block": self.block, "round_in_stage": self.rounds_in_stage})
+
+    def advance(self, plan, before, after):
+        if self.finished or not plan.assignments:
+            return  # nobody trained: the stage stays where it is
+        self.rounds_in_stage += 1
+        if self.phase == "shrinking":
+            if self.rounds_in_stage >= self.shrink_rounds:
+                self._next_stage()
+            return
+        names = self.manifest.param_names(self.manifest.blocks[self.block].layers)
+        em = self.movement.observe({k: before[k] for k in names}, {k: after[k] for k in names})
+        self.em_log.append({"round": plan.round, "block": self.block, "effective_movement": em})
+        converged = self.rounds_in_stage >= self.min_rounds and self.movement.converged
+        if converged or self.rounds_in_stage >= self.max_rounds:
+            self._next_stage()
+
+    def _next_stage(self):
+        n = len(self.manifest.blocks)
+        self.rounds_in_stage = 0
+        self.movement = BlockMovement(self.rule)
+        if self.phase == "shrinking":
+            self.block -= 1
+            if self.block < 1:
+                self.phase, self.block = "growing", 0
+        else:
+            self.block += 1
+            if self.block >= n:
+                self.phase = "done"
+
+    @property
+    def finished(self):
+        return self.phase == "done"
+
+    # -- persistence ------------------------------------------------------------------------
+    def state(self):
+        return {"phase": self.phase, "block": self.block, "rounds_in_stage": self.rounds_in_stage,
+                "em_log": self.em_log}
+
+    def load_state(self, state):
+        """Restore the stage; the movement window restarts (its per-round changes are not persisted)."""
+        self.phase, self.block = state["phase"], int(state["block"])
+        self.rounds_in_stage = int(state["rounds_in_stage"])
+        self.em_log = list(state.get("em_log", []))
+        self.movement = BlockMovement(self.rule)

@@ -1,0 +1,114 @@
+"""Schedules as pure decisions: who trains what, from measured budgets, and when stages advance."""
+import numpy as np
+import pytest
+
+from coordinator.strategies.base import Device, Result
+from coordinator.strategies.fedavg import FedAvg
+from coordinator.strategies.progressive import Progressive
+
+MB = 1 << 20
+LAYER_MB = [30, 20, 20, 40, 10]   # fmnist_cnn has 5 layers in 4 blocks: [0], [1, 2], [3], [4]
+
+
+def predict(first, last, batch):
+    """A memory model of the shape the profiler fits: baseline + span cost + per-sample cost."""
+    return (60 + sum(LAYER_MB[first:last + 1])) * MB + batch * 0.5 * MB
+
+
+FLEET = [Device("tiny", "generic-256mb", 80 * MB), Device("small", "pi-zero-2w", 140 * MB),
+         Device("big", "pi-4b-2gb", 400 * MB)]
+
+
+def _strategy(cls, manifest, **kw):
+    return cls(manifest, predict, batch_sizes=[16, 32, 64], margin=0.10, **kw)
+
+
+def test_fedavg_excludes_devices_that_cannot_hold_the_whole_model(fmnist_model):
+    m, _ = fmnist_model
+    plan = _strategy(FedAvg, m, rounds=2).plan_round(1, FLEET)
+    assert [a.device_id for a in plan.assignments] == ["big"]
+    a = plan.assignments[0]
+    assert (a.first, a.last, a.head) == (0, 4, m.final_head.index) and a.batch_size == 64
+    assert "whole-model training does not fit" in plan.idle["small"] and "MB at batch 16" in plan.idle["tiny"]
+
+
+def test_progressive_lets_small_devices_train_and_big_ones_train_more(fmnist_model):
+    m, _ = fmnist_model
+    s = _strategy(Progressive, m, shrink_rounds=0)
+    plan = s.plan_round(1, FLEET)
+    by_device = {a.device_id: a for a in plan.assignments}
+    assert set(by_device) == {"small", "big"} and "block 0 does not fit 80 MB" in plan.idle["tiny"]
+    assert (by_device["small"].first, by_device["small"].last, by_device["small"].head) == (0, 0, m.blocks[0].head)
+    big = by_device["big"]  # block 0 plus the next block, ending in block 1's head
+    assert (big.first, big.last, big.head) == (0, 2, m.blocks[1].head) and big.trainable == (0, 1, 2)
+    for a in plan.assignments:
+        assert a.predicted_peak_bytes * 1.10 <= next(d for d in FLEET if d.device_id == a.device_id).budget_bytes
+
+
+def _round(s, plan, weights, rng, step):
+    """Pretend devices trained: the stage's block moves by `step(rng)`."""
+    after = dict(weights)
+    for name in m_block_names(s):
+        after[name] = weights[name] + step(rng, weights[name].shape).astype(np.float32)
+    s.advance(plan, weights, after)
+    return after
+
+
+def m_block_names(s):
+    return s.manifest.param_names(s.manifest.blocks[s.block].layers)
+
+
+def test_stages_run_back_to_front_then_front_to_back_and_advance_on_convergence(fmnist_model):
+    m, weights = fmnist_model
+    s = _strategy(Progressive, m, shrink_rounds=1, min_rounds_per_block=2, max_rounds_per_block=12)
+    rng = np.random.default_rng(0)
+    seen = []
+    w = dict(weights)
+    for r in range(200):
+        if s.finished:
+            break
+        plan = s.plan_round(r, FLEET)
+        seen.append((plan.stage["phase"], plan.stage["block"]))
+        if plan.stage["phase"] == "growing" and plan.stage["block"] == 1:
+            step = lambda g, shape: np.full(shape, 0.01)               # noqa: E731  still learning: drifts
+        else:
+            step = lambda g, shape: 0.01 * g.standard_normal(shape)     # noqa: E731  converged: jitters
+        w = _round(s, plan, w, rng, step)
+    stages = list(dict.fromkeys(seen))
+    assert stages == [("shrinking", 3), ("shrinking", 2), ("shrinking", 1),
+                      ("growing", 0), ("growing", 1), ("growing", 2), ("growing", 3)]
+    rounds_at = {st: seen.count(st) for st in stages}
+    assert rounds_at[("growing", 1)] == 12           # a drifting block is never frozen early: it hits the cap
+    assert rounds_at[("growing", 0)] < 12            # a jittering block freezes on the rule
+    assert s.finished and s.plan_round(999, FLEET).assignments == ()
+
+
+def test_a_round_without_participants_does_not_advance_and_state_survives_a_restart(fmnist_model):
+    m, weights = fmnist_model
+    s = _strategy(Progressive, m, shrink_rounds=0)
+    empty = s.plan_round(1, [FLEET[0]])                  # only the tiny device: nobody can train
+    s.advance(empty, weights, weights)
+    assert (s.phase, s.block, s.rounds_in_stage) == ("growing", 0, 0)
+    plan = s.plan_round(2, FLEET)
+    s.advance(plan, weights, {k: v + 0.01 for k, v in weights.items()})
+    restored = _strategy(Progressive, m, shrink_rounds=0)
+    restored.load_state(s.state())
+    assert restored.plan_round(3, FLEET) == s.plan_round(3, FLEET)
+
+
+def test_aggregation_keeps_untrained_parameters_and_weights_by_samples(fmnist_model):
+    m, weights = fmnist_model
+    s = _strategy(Progressive, m, shrink_rounds=0)
+    plan = s.plan_round(1, FLEET)
+    results = []
+    for a, value, n in zip(plan.assignments, (1.0, 3.0), (100, 300)):
+        names = m.param_names(a.trainable, [a.head])
+        results.append(Result(a, {k: np.full_like(weights[k], value) for k in names}, n, 0.5))
+    new = s.aggregate(plan, results, {"tiny": "idle"}, weights)
+    block0 = m.param_names([0])[0]
+    np.testing.assert_allclose(new[block0], 2.5)                      # (1*100 + 3*300) / 400
+    block1 = m.param_names([1])[0]
+    np.testing.assert_allclose(new[block1], 3.0)                      # only the big device trained it
+    last = m.param_names([4])[0]
+    np.testing.assert_array_equal(new[last], weights[last])           # nobody trained it
+    assert s.aggregate(plan, [], {}, weights) == dict(weights)
