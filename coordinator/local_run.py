@@ -139,8 +139,7 @@ def run(settings: dict) -> dict:
         progress = jobs / f"block{b}.progress"
         spec = JobSpec(manifest=str(manifest_path), weights=str(work / "job_weights.safetensors"),
                        dataset=str(data_dir), state_dir=str(work / "device" / "state"), task_id=f"block{b}",
-                       part={"span": list(part.span), "trainable_layers": list(part.trainable_layers),
-                             "head": part.head},
+                       part=part.to_dict(),
                        config={k: t[k] for k in ("optimizer", "learning_rate", "batch_size", "epochs", "threads")}
                        | {"cache_fp16": d["cache_fp16"], "seed": r["seed"]},
                        update_out=str(jobs / f"block{b}.safetensors"), progress_file=str(progress))

@@ -41,6 +41,20 @@ class TrainablePart:
         layers = tuple(i for b in range(first, last + 1) for i in manifest.blocks[b].layers)
         return cls(span=layers, trainable_layers=layers, head=manifest.blocks[last].head)
 
+    def to_dict(self) -> dict:
+        """The JSON form a job spec carries."""
+        return {"span": list(self.span), "trainable_layers": list(self.trainable_layers), "head": self.head,
+                "train_head": self.train_head}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "TrainablePart":
+        return cls(span=tuple(raw["span"]), trainable_layers=tuple(raw["trainable_layers"]), head=int(raw["head"]),
+                   train_head=bool(raw.get("train_head", True)))
+
+    def required_names(self, manifest) -> list[str]:
+        """Every weight training this part needs: the frozen prefix, the span and the head."""
+        return manifest.param_names(range(self.span[-1] + 1), [self.head])
+
     def validate(self, manifest) -> None:
         span = list(self.span)
         if not span or span != list(range(span[0], span[-1] + 1)) or span[-1] >= len(manifest.layers) or span[0] < 0:

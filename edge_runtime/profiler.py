@@ -78,8 +78,7 @@ class Profiler:
                              head=self.manifest.head_for_boundary(last))
         return JobSpec(manifest=str(self.manifest_path), weights=str(self.manifest.graph_path(self.manifest.weights)),
                        dataset=str(self.dataset.root), state_dir=str(self.workdir / "state"), task_id=task,
-                       part={"span": list(part.span), "trainable_layers": list(part.trainable_layers),
-                             "head": part.head},
+                       part=part.to_dict(),
                        config={"batch_size": batch, "max_steps": steps, "epochs": 1000.0,
                                "checkpoint_every_steps": max(2, steps // 2)})
 

@@ -143,7 +143,7 @@ def train(manifest: Manifest, weights: dict[str, np.ndarray], dataset: LocalData
     state_dir = Path(state_dir)
     part.validate(manifest)
     lib = GraphLibrary(manifest)
-    needed = manifest.param_names(range(part.span[-1] + 1), [part.head])
+    needed = part.required_names(manifest)
     wcodec.require(weights, needed)  # every weight the part and its prefix need is present
     run_dir = state_dir / "runs" / task_id
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -62,11 +62,11 @@ def run_job(spec: JobSpec, progress=None) -> dict:
     from .trainer import TrainConfig, train
 
     manifest = Manifest.load(Path(spec.manifest))
-    part = TrainablePart(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.part.items()})
+    part = TrainablePart.from_dict(spec.part)
     part.validate(manifest)
     # only the prefix, the span and the head: a later block never loads the rest of the model
-    needed = manifest.param_names(range(part.span[-1] + 1), [part.head])
-    _, result = train(manifest, wcodec.WeightFile(Path(spec.weights), needed), LocalDataset(Path(spec.dataset)), part,
+    weights = wcodec.WeightFile(Path(spec.weights), part.required_names(manifest))
+    _, result = train(manifest, weights, LocalDataset(Path(spec.dataset)), part,
                       TrainConfig.from_dict(spec.config), Path(spec.state_dir), spec.task_id,
                       progress=progress or (_progress_writer(spec.progress_file) if spec.progress_file else None),
                       return_weights=False)

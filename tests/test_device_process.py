@@ -27,7 +27,7 @@ def _spec(m, dataset, state_dir, task_id, part, **config) -> JobSpec:
     cfg = {"batch_size": 32, "threads": 1, **config}
     return JobSpec(manifest=str(m.root / "manifest.json"), weights=str(m.graph_path(m.weights)),
                    dataset=str(dataset.root), state_dir=str(state_dir), task_id=task_id,
-                   part={k: list(v) if isinstance(v, tuple) else v for k, v in part.__dict__.items()}, config=cfg)
+                   part=part.to_dict(), config=cfg)
 
 
 TORCH_BLOCKER = """

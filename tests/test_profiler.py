@@ -81,8 +81,7 @@ def test_chosen_configuration_trains_to_the_end_under_a_hard_limit(profiled, sma
                              head=s.head)
         spec = JobSpec(manifest=str(m.root / "manifest.json"), weights=str(m.graph_path(m.weights)),
                        dataset=str(small_dataset.root), state_dir=str(tmp_path / "state"), task_id=f"stage{i}",
-                       part={"span": list(part.span), "trainable_layers": list(part.trainable_layers),
-                             "head": part.head},
+                       part=part.to_dict(),
                        config={"batch_size": tight.batch_size, "epochs": 1.0})
         report, child = run_worker(spec, tmp_path / "jobs", memory_limit_bytes=tight.budget_bytes)
         assert child.returncode == 0 and not child.killed_by_oom, child.stderr[-1000:]

@@ -176,12 +176,11 @@ class Bench:
 
     def parts(self) -> list[tuple[str, dict]]:
         """(name, TrainablePart fields) of the whole model and of every block."""
-        from dataclasses import asdict
         from edge_runtime.artifacts import TrainablePart
         m = self.manifest
         everything = tuple(range(len(m.layers)))
-        out = [("runtime whole", asdict(TrainablePart(everything, everything, m.final_head.index)))]
-        out += [(f"block {b}", asdict(TrainablePart.block(m, b))) for b in range(len(m.blocks))]
+        out = [("runtime whole", TrainablePart(everything, everything, m.final_head.index).to_dict())]
+        out += [(f"block {b}", TrainablePart.block(m, b).to_dict()) for b in range(len(m.blocks))]
         return out
 
     @staticmethod

@@ -25,6 +25,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from edge_runtime.artifacts import TrainablePart
+
 from ..aggregation import weighted_average
 
 # peak bytes of training layers first..last (head after last) at a batch size
@@ -48,10 +50,10 @@ class Assignment:
     batch_size: int
     predicted_peak_bytes: int
 
-    def part(self) -> dict:
-        """The TrainablePart a device job receives."""
-        return {"span": list(range(self.first, self.last + 1)), "trainable_layers": list(self.trainable),
-                "head": self.head}
+    def part(self) -> TrainablePart:
+        """The part a device job trains."""
+        return TrainablePart(span=tuple(range(self.first, self.last + 1)), trainable_layers=self.trainable,
+                             head=self.head)
 
 
 @dataclass(frozen=True)
