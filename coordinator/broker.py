@@ -21,10 +21,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
+
+from edge_runtime.mqtt_link import DEFAULT_MQTT_PORT, parse_broker_url  # noqa: F401  (re-exported)
 
 HOST = "127.0.0.1"
-DEFAULT_MQTT_PORT = 1883
 START_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 5.0
 AUTOSAVE_INTERVAL_S = 1          # mosquitto then saves about every 2 s: a SIGKILLed broker loses up to that much
@@ -47,32 +47,6 @@ def find_mosquitto() -> str:
             return candidate
     raise BrokerError("mosquitto is not installed (not on PATH, not in /usr/sbin): "
                       "install it with `apt-get install mosquitto`, or pass the address of a running broker")
-
-
-def parse_broker_url(url: str) -> tuple[str, int]:
-    """(host, port) from `mqtt://host:port`, `host:port` or `host` (port 1883)."""
-    text = (url or "").strip()
-    if not text:
-        raise ValueError("empty broker address: expected mqtt://host:port, host:port or host")
-    if "://" in text:
-        scheme = text.split("://", 1)[0].lower()
-        if scheme != "mqtt":
-            raise ValueError(f"unsupported broker address {url!r}: scheme {scheme!r} is not supported, "
-                             "expected mqtt://host:port")
-    else:
-        text = "mqtt://" + text
-    parts = urlsplit(text)
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
-        raise ValueError(f"invalid broker address {url!r}: expected only mqtt://host:port")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"invalid broker address {url!r}: the port must be a number from 1 to 65535") from None
-    if not parts.hostname:
-        raise ValueError(f"invalid broker address {url!r}: no host name")
-    if port == 0:
-        raise ValueError(f"invalid broker address {url!r}: the port must be a number from 1 to 65535")
-    return parts.hostname, port if port is not None else DEFAULT_MQTT_PORT
 
 
 def _free_port() -> int:

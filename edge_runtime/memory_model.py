@@ -98,6 +98,12 @@ class Predictor:
         self.fits = {(f.first, f.last): f for f in fits}
         self.span_model = span_model
 
+    @classmethod
+    def from_profile(cls, manifest, profile) -> "Predictor":
+        """The predictor a saved profile (edgeblock-profile/1) describes, for the coordinator's schedules."""
+        return cls(manifest, profile.baseline_bytes, [CandidateFit(**f) for f in profile.fits],
+                   SpanModel(**profile.span_model))
+
     def features(self, first: int, last: int) -> tuple[int, int]:
         return span_features(self.manifest, first, last)
 

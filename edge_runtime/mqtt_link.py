@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -24,6 +25,33 @@ log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 7 * 24 * 3600
 MAX_QUEUED_OUTGOING = 2000
+DEFAULT_MQTT_PORT = 1883
+
+
+def parse_broker_url(url: str) -> tuple[str, int]:
+    """(host, port) from `mqtt://host:port`, `host:port` or `host` (port 1883)."""
+    text = (url or "").strip()
+    if not text:
+        raise ValueError("empty broker address: expected mqtt://host:port, host:port or host")
+    if "://" in text:
+        scheme = text.split("://", 1)[0].lower()
+        if scheme != "mqtt":
+            raise ValueError(f"unsupported broker address {url!r}: scheme {scheme!r} is not supported, "
+                             "expected mqtt://host:port")
+    else:
+        text = "mqtt://" + text
+    parts = urlsplit(text)
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"invalid broker address {url!r}: expected only mqtt://host:port")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"invalid broker address {url!r}: the port must be a number from 1 to 65535") from None
+    if not parts.hostname:
+        raise ValueError(f"invalid broker address {url!r}: no host name")
+    if port == 0:
+        raise ValueError(f"invalid broker address {url!r}: the port must be a number from 1 to 65535")
+    return parts.hostname, port if port is not None else DEFAULT_MQTT_PORT
 
 
 @dataclass(frozen=True)

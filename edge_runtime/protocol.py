@@ -15,7 +15,7 @@ Topics, under `edgeblock/v1/<fleet>/`:
     device/<id>/fetch     device -> coordinator   Fetch: which chunks of which blob it lacks
     device/<id>/blob      coordinator -> device   blob chunks (binary; metadata in user properties)
     device/<id>/upload    device -> coordinator   chunks of an update blob
-    device/<id>/update    device -> coordinator   Update: the finished task, naming its blob
+    device/<id>/update    device -> coordinator   Update: the finished task, naming its blob (or Failed: why not)
     device/<id>/ack       coordinator -> device   Ack: the update was stored (or rejected, and why)
     coordinator/status    coordinator -> all      Status, retained
 """
@@ -238,7 +238,9 @@ class Update(Message):
     TYPE: ClassVar[str] = "update"
     TYPES: ClassVar[dict] = {"task_id": str, "round": int, "device_id": str, "blob_sha256": str,
                              "blob_size": int, "num_examples": int, "loss": float, "steps": int,
-                             "peak_rss_bytes": int, "seconds": float}
+                             "peak_rss_bytes": int, "seconds": float, "downloaded_bytes": int,
+                             "agent_peak_rss_bytes": int}
+    OPTIONAL: ClassVar[tuple] = ("downloaded_bytes", "agent_peak_rss_bytes")
     task_id: str
     round: int
     device_id: str
@@ -249,13 +251,40 @@ class Update(Message):
     steps: int
     peak_rss_bytes: int
     seconds: float
+    downloaded_bytes: int = 0        # blob bytes the device fetched for this task (only what it lacked)
+    agent_peak_rss_bytes: int = 0    # the agent process's own peak, beside the training job's
 
     def validate(self) -> None:
         check_id(self.task_id, "update: task_id")
         check_id(self.device_id, "update: device_id")
         check_sha(self.blob_sha256, "update: blob_sha256")
-        if min(self.round, self.blob_size, self.steps) < 0 or self.num_examples <= 0 or self.peak_rss_bytes <= 0:
-            raise ProtocolError("update: round, blob_size, steps must be >= 0; num_examples, peak_rss_bytes > 0")
+        if min(self.round, self.blob_size, self.steps, self.downloaded_bytes, self.agent_peak_rss_bytes) < 0 \
+                or self.num_examples <= 0 or self.peak_rss_bytes <= 0:
+            raise ProtocolError("update: round, blob_size, steps, downloaded_bytes, agent_peak_rss_bytes must be "
+                                ">= 0; num_examples, peak_rss_bytes > 0")
+
+
+@dataclass(frozen=True)
+class Failed(Message):
+    """A device could not do its task (it does not fit the budget, its data is missing, ...), and why.
+
+    Sent on the update topic, so the coordinator stops waiting for that device this round.
+    `needed_bytes` is the measured need when the task did not fit the budget.
+    """
+    TYPE: ClassVar[str] = "failed"
+    TYPES: ClassVar[dict] = {"task_id": str, "round": int, "device_id": str, "reason": str, "needed_bytes": int}
+    OPTIONAL: ClassVar[tuple] = ("needed_bytes",)
+    task_id: str
+    round: int
+    device_id: str
+    reason: str
+    needed_bytes: int = 0
+
+    def validate(self) -> None:
+        check_id(self.task_id, "failed: task_id")
+        check_id(self.device_id, "failed: device_id")
+        if self.round < 0 or self.needed_bytes < 0 or len(self.reason) > 2000:
+            raise ProtocolError("failed: round and needed_bytes must be >= 0, reason at most 2000 characters")
 
 
 @dataclass(frozen=True)
@@ -268,4 +297,18 @@ class Ack(Message):
     reason: str = ""
 
 
-MESSAGES = {cls.TYPE: cls for cls in (Hello, Status, Task, Fetch, Update, Ack)}
+MESSAGES = {cls.TYPE: cls for cls in (Hello, Status, Task, Fetch, Update, Failed, Ack)}
+
+
+def decode_any(payload: bytes, allowed: tuple[type, ...]):
+    """Decode a payload that may be any of `allowed` (by its 'type' field); ProtocolError otherwise."""
+    if len(payload) > MAX_CONTROL_BYTES:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_CONTROL_BYTES}")
+    try:
+        kind = json.loads(payload.decode("utf-8")).get("type")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise ProtocolError(f"not a UTF-8 JSON object ({exc})") from None
+    for cls in allowed:
+        if cls.TYPE == kind:
+            return cls.decode(payload)
+    raise ProtocolError(f"message type {kind!r} is not one of {[c.TYPE for c in allowed]} here")

@@ -26,6 +26,9 @@ def decode(data: bytes, what: str = "weights") -> Weights:
         raw = _st_load(data)
     except Exception as exc:
         raise IntegrityError(f"{what}: not a valid safetensors payload ({exc})") from None
+    for k, v in raw.items():
+        if v.dtype not in (np.float32, np.float16):
+            raise IntegrityError(f"{what}: tensor {k} has dtype {v.dtype}; only float32 and float16 are accepted")
     return {k: v.astype(np.float32, copy=False) for k, v in raw.items()}
 
 
@@ -165,6 +168,50 @@ class WeightFile(Mapping):
 
     def __contains__(self, name) -> bool:
         return name in self._entries
+
+
+class WeightFiles(Mapping):
+    """Several safetensors files read as one, lazily: a device's per-layer weight blobs.
+
+    A name held by two files is an error, not a silent choice between them.
+    """
+
+    def __init__(self, paths, names=None):
+        self._where: dict[str, WeightFile] = {}
+        for path in paths:
+            f = WeightFile(Path(path))
+            for name in f:
+                if name in self._where:
+                    raise IntegrityError(f"parameter {name} is in both {self._where[name].path} and {path}")
+                self._where[name] = f
+        if names is not None:
+            missing = sorted(set(names) - set(self._where))
+            if missing:
+                raise IntegrityError(f"the weight files lack {len(missing)} parameter(s), e.g. {missing[:3]}")
+            wanted = set(names)
+            self._where = {k: v for k, v in self._where.items() if k in wanted}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._where[name][name]
+
+    def read_into(self, name: str, out: np.ndarray) -> bool:
+        return self._where[name].read_into(name, out)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, name) -> bool:
+        return name in self._where
+
+
+def open_weights(paths, names=None) -> Mapping[str, np.ndarray]:
+    """One safetensors path, or a list of them (per-layer blobs), as one lazy mapping."""
+    if isinstance(paths, (str, Path)):
+        return WeightFile(Path(paths), names)
+    return WeightFiles(paths, names)
 
 
 def require(weights: Mapping[str, np.ndarray], names) -> None:

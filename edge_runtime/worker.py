@@ -20,7 +20,7 @@ from .memory import ChildResult
 @dataclass
 class JobSpec:
     manifest: str                 # path to manifest.json
-    weights: str                  # safetensors with (at least) every weight the part and its prefix need
+    weights: str | list           # safetensors file(s) with (at least) every weight the part and its prefix need
     dataset: str                  # LocalDataset directory
     state_dir: str
     task_id: str
@@ -65,7 +65,7 @@ def run_job(spec: JobSpec, progress=None) -> dict:
     part = TrainablePart.from_dict(spec.part)
     part.validate(manifest)
     # only the prefix, the span and the head: a later block never loads the rest of the model
-    weights = wcodec.WeightFile(Path(spec.weights), part.required_names(manifest))
+    weights = wcodec.open_weights(spec.weights, part.required_names(manifest))
     _, result = train(manifest, weights, LocalDataset(Path(spec.dataset)), part,
                       TrainConfig.from_dict(spec.config), Path(spec.state_dir), spec.task_id,
                       progress=progress or (_progress_writer(spec.progress_file) if spec.progress_file else None),
