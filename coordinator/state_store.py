@@ -24,15 +24,16 @@ CREATE TABLE IF NOT EXISTS devices (
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY, state TEXT NOT NULL CHECK (state IN ('open', 'closed')),
     opened_at REAL NOT NULL, deadline_at REAL NOT NULL, weights_before TEXT NOT NULL,
-    weights_after TEXT, plan TEXT NOT NULL, strategy_state TEXT NOT NULL, closed_at REAL);
+    weights_after TEXT, plan TEXT NOT NULL, strategy_state TEXT NOT NULL, closed_at REAL, metrics TEXT);
 CREATE TABLE IF NOT EXISTS tasks (
     task_id TEXT PRIMARY KEY, round INTEGER NOT NULL REFERENCES rounds(round), device_id TEXT NOT NULL,
     spec TEXT NOT NULL, sent_at REAL NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('sent', 'accepted', 'rejected', 'failed')));
+    status TEXT NOT NULL CHECK (status IN ('sent', 'accepted', 'rejected', 'failed')), reason TEXT);
 CREATE TABLE IF NOT EXISTS updates (
     task_id TEXT PRIMARY KEY REFERENCES tasks(task_id), round INTEGER NOT NULL, device_id TEXT NOT NULL,
     blob_sha256 TEXT NOT NULL, num_examples INTEGER NOT NULL, loss REAL NOT NULL,
-    peak_rss_bytes INTEGER NOT NULL, seconds REAL NOT NULL, received_at REAL NOT NULL);
+    peak_rss_bytes INTEGER NOT NULL, seconds REAL NOT NULL, received_at REAL NOT NULL, blob_size INTEGER NOT NULL,
+    downloaded_bytes INTEGER NOT NULL, agent_peak_rss_bytes INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS rejections (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, device_id TEXT, task_id TEXT, reason TEXT NOT NULL);
 """
@@ -60,6 +61,9 @@ class UpdateRow:
     loss: float
     peak_rss_bytes: int
     seconds: float
+    blob_size: int = 0
+    downloaded_bytes: int = 0
+    agent_peak_rss_bytes: int = 0
 
 
 class StateStore:
@@ -116,9 +120,9 @@ class StateStore:
         now = time.time() if now is None else now
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("INSERT INTO rounds VALUES (?, 'open', ?, ?, ?, NULL, ?, ?, NULL)",
+            self._db.execute("INSERT INTO rounds VALUES (?, 'open', ?, ?, ?, NULL, ?, ?, NULL, NULL)",
                              (round_no, now, deadline_at, weights_before, json.dumps(plan), json.dumps(strategy_state)))
-            self._db.executemany("INSERT INTO tasks VALUES (?, ?, ?, ?, ?, 'sent')",
+            self._db.executemany("INSERT INTO tasks VALUES (?, ?, ?, ?, ?, 'sent', NULL)",
                                  [(t, round_no, d, json.dumps(spec), now) for t, d, spec in tasks])
 
     def current_round(self) -> RoundRow | None:
@@ -129,11 +133,12 @@ class StateStore:
         return RoundRow(*row[:6], json.loads(row[6]), json.loads(row[7]))
 
     def task(self, task_id: str) -> dict | None:
-        row = self._db.execute("SELECT task_id, round, device_id, spec, status FROM tasks WHERE task_id = ?",
+        row = self._db.execute("SELECT task_id, round, device_id, spec, status, reason FROM tasks WHERE task_id = ?",
                                (task_id,)).fetchone()
         if row is None:
             return None
-        return {"task_id": row[0], "round": row[1], "device_id": row[2], "spec": json.loads(row[3]), "status": row[4]}
+        return {"task_id": row[0], "round": row[1], "device_id": row[2], "spec": json.loads(row[3]), "status": row[4],
+                "reason": row[5]}
 
     def tasks(self, round_no: int) -> list[dict]:
         rows = self._db.execute("SELECT task_id FROM tasks WHERE round = ? ORDER BY task_id", (round_no,)).fetchall()
@@ -144,33 +149,57 @@ class StateStore:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             cur = self._db.execute(
-                "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (update.task_id, update.round, update.device_id, update.blob_sha256, update.num_examples,
-                 update.loss, update.peak_rss_bytes, update.seconds, time.time()))
+                 update.loss, update.peak_rss_bytes, update.seconds, time.time(), update.blob_size,
+                 getattr(update, "downloaded_bytes", 0), getattr(update, "agent_peak_rss_bytes", 0)))
             if cur.rowcount == 0:
                 return False
             self._db.execute("UPDATE tasks SET status = 'accepted' WHERE task_id = ?", (update.task_id,))
             return True
 
-    def mark_task(self, task_id: str, status: str) -> None:
-        self._tx("UPDATE tasks SET status = ? WHERE task_id = ? AND status = 'sent'", (status, task_id))
+    def mark_task(self, task_id: str, status: str, reason: str | None = None) -> bool:
+        """Settle a task still waiting for its update (rejected or failed, with why); False if it was settled."""
+        cur = self._tx("UPDATE tasks SET status = ?, reason = ? WHERE task_id = ? AND status = 'sent'",
+                       (status, reason, task_id))
+        return cur.rowcount == 1
 
     def updates(self, round_no: int) -> list[UpdateRow]:
         rows = self._db.execute("SELECT task_id, round, device_id, blob_sha256, num_examples, loss, peak_rss_bytes, "
-                                "seconds FROM updates WHERE round = ? ORDER BY task_id", (round_no,)).fetchall()
+                                "seconds, blob_size, downloaded_bytes, agent_peak_rss_bytes FROM updates "
+                                "WHERE round = ? ORDER BY task_id", (round_no,)).fetchall()
         return [UpdateRow(*r) for r in rows]
 
-    def close_round(self, round_no: int, weights_after: str, strategy_state: dict, now: float | None = None) -> None:
-        cur = self._tx("UPDATE rounds SET state = 'closed', weights_after = ?, strategy_state = ?, closed_at = ? "
-                       "WHERE round = ? AND state = 'open'",
-                       (weights_after, json.dumps(strategy_state), time.time() if now is None else now, round_no))
-        if cur.rowcount != 1:
-            raise ValueError(f"round {round_no} is not open")
+    def close_round(self, round_no: int, weights_after: str, strategy_state: dict, metrics: dict | None = None,
+                    now: float | None = None) -> None:
+        """Close a round: its new weights, the schedule after it, its metrics, and every unsettled task failed."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            cur = self._db.execute(
+                "UPDATE rounds SET state = 'closed', weights_after = ?, strategy_state = ?, closed_at = ?, metrics = ? "
+                "WHERE round = ? AND state = 'open'",
+                (weights_after, json.dumps(strategy_state), time.time() if now is None else now,
+                 json.dumps(metrics or {}), round_no))
+            if cur.rowcount != 1:
+                raise ValueError(f"round {round_no} is not open")
+            self._db.execute("UPDATE tasks SET status = 'failed', reason = COALESCE(reason, 'no update by the end "
+                             "of the round') WHERE round = ? AND status = 'sent'", (round_no,))
+
+    def closed_rounds(self) -> list[dict]:
+        """Every closed round's metrics, in order (what metrics.jsonl is written from)."""
+        rows = self._db.execute("SELECT metrics FROM rounds WHERE state = 'closed' ORDER BY round").fetchall()
+        return [json.loads(r[0] or "{}") for r in rows]
+
+    def last_closed_round(self) -> RoundRow | None:
+        row = self._db.execute("SELECT round, state, opened_at, deadline_at, weights_before, weights_after, plan, "
+                               "strategy_state FROM rounds WHERE state = 'closed' ORDER BY round DESC LIMIT 1").fetchone()
+        return None if row is None else RoundRow(*row[:6], json.loads(row[6]), json.loads(row[7]))
 
     def record_rejection(self, device_id: str | None, task_id: str | None, reason: str) -> None:
         self._tx("INSERT INTO rejections (at, device_id, task_id, reason) VALUES (?, ?, ?, ?)",
                  (time.time(), device_id, task_id, reason))
 
-    def rejections(self) -> list[dict]:
-        cur = self._db.execute("SELECT at, device_id, task_id, reason FROM rejections ORDER BY id")
+    def rejections(self, since: float = 0.0) -> list[dict]:
+        cur = self._db.execute("SELECT at, device_id, task_id, reason FROM rejections WHERE at >= ? ORDER BY id",
+                               (since,))
         return [dict(zip(("at", "device_id", "task_id", "reason"), r)) for r in cur.fetchall()]

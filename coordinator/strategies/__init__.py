@@ -1,1 +1,25 @@
-"""Training schedules: one file per method, each saying only what differs (see base.py for the contract)."""
+"""Schedules: who trains what each round. `build` makes one from the coordinator's settings."""
+from __future__ import annotations
+
+from .base import Strategy
+
+NAMES = ("progressive", "fedavg")
+
+
+def build(settings: dict, manifest, predict) -> Strategy:
+    """The strategy named in settings['service']['strategy'], with its own table of settings."""
+    from ..freezing import FreezeRule
+    from .fedavg import FedAvg
+    from .progressive import Progressive
+    name, train = settings["service"]["strategy"], settings["train"]
+    common = dict(batch_sizes=train["batch_sizes"], margin=train["margin"])
+    if name == "fedavg":
+        return FedAvg(manifest, predict, rounds=settings["fedavg"]["rounds"], **common)
+    if name == "progressive":
+        p = settings["progressive"]
+        rule = FreezeRule(window=p["freeze_window"], threshold=p["freeze_threshold"], patience=p["freeze_patience"])
+        return Progressive(manifest, predict, shrink_rounds=p["shrink_rounds"],
+                           min_rounds_per_block=p["min_rounds_per_block"],
+                           max_rounds_per_block=p["max_rounds_per_block"], max_extra_blocks=p["max_extra_blocks"],
+                           freeze_rule=rule, **common)
+    raise ValueError(f"unknown strategy {name!r}; known: {', '.join(NAMES)}")

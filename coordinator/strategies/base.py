@@ -20,7 +20,7 @@ every round so a restarted coordinator continues the same schedule.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -65,6 +65,21 @@ class RoundPlan:
 
     def trained_parameters(self, manifest) -> set[str]:
         return {n for a in self.assignments for n in manifest.param_names(a.trainable, [a.head])}
+
+    def to_dict(self) -> dict:
+        """The JSON form the state store keeps with the round."""
+        return {"round": self.round, "assignments": [asdict(a) for a in self.assignments], "idle": dict(self.idle),
+                "stage": dict(self.stage)}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping) -> "RoundPlan":
+        return cls(int(raw["round"]), tuple(assignment_from_dict(a) for a in raw["assignments"]),
+                   dict(raw.get("idle", {})), dict(raw.get("stage", {})))
+
+
+def assignment_from_dict(raw: Mapping) -> Assignment:
+    return Assignment(raw["device_id"], int(raw["first"]), int(raw["last"]), tuple(raw["trainable"]), int(raw["head"]),
+                      int(raw["batch_size"]), int(raw["predicted_peak_bytes"]))
 
 
 @dataclass(frozen=True)

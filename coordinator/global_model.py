@@ -1,0 +1,57 @@
+"""The global model as the coordinator keeps it: a manifest, its graphs, and per-layer weight blobs.
+
+Everything a device may fetch lives in one content-addressed BlobStore (the manifest file,
+every graph, every weight group of every round), so serving a Fetch is a file read. The
+global weights of a round are an index {group: sha256}, itself stored as a blob whose hash
+the state store records with the round: a restarted coordinator finds the exact weights
+of the last closed round from that one hash.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from edge_runtime import model_blobs
+from edge_runtime.manifest import Manifest
+from edge_runtime.transfer import BlobStore
+
+
+class GlobalModel:
+    def __init__(self, model_dir: Path, store: BlobStore):
+        self.manifest_path = Path(model_dir) / "manifest.json"
+        self.manifest = Manifest.load(self.manifest_path)
+        self.store = store
+        self.manifest_sha = store.put_file(self.manifest_path)
+        for ref in [l.graph for l in self.manifest.layers] + [h.graph for h in self.manifest.heads]:
+            store.put_file(self.manifest.graph_path(ref))
+
+    # -- weights by index ---------------------------------------------------------------------
+    def save(self, weights: Mapping[str, np.ndarray]) -> str:
+        """Store the weights one group per blob; return the hash of the index that names them."""
+        index = model_blobs.publish_weights(self.manifest, weights, self.store)
+        return self.store.put_bytes(json.dumps(index, sort_keys=True).encode())
+
+    def index(self, index_sha: str) -> dict[str, str]:
+        return json.loads(self.store.path(index_sha).read_bytes())
+
+    def load(self, index_sha: str) -> dict[str, np.ndarray]:
+        return model_blobs.load_index(self.index(index_sha), self.store)
+
+    # -- what a task names ------------------------------------------------------------------
+    def manifest_ref(self) -> dict:
+        return {"sha256": self.manifest_sha, "size": self.store.path(self.manifest_sha).stat().st_size}
+
+    def task_blobs(self, part, index_sha: str) -> list[dict]:
+        return model_blobs.task_blobs(self.manifest, part, self.index(index_sha), self.store)
+
+    def param_bytes(self, names) -> int:
+        specs = self.manifest.param_specs()
+        return sum(specs[n].nbytes for n in names)
+
+    def evaluate(self, weights: Mapping[str, np.ndarray], inputs: np.ndarray, labels: np.ndarray,
+                 upto_block: int | None = None) -> dict:
+        from edge_runtime.trainer import evaluate
+        return evaluate(self.manifest, weights, inputs, labels, upto_block=upto_block)

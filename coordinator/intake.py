@@ -1,0 +1,100 @@
+"""Judging what a device sends back: every check from the sender's identity to the tensor values.
+
+Cheap checks that need no blob come first (identity, registration, task, round), then the
+blob (declared size, completeness, format), then the tensors (names, dtypes, shapes,
+finite values, norm of the change; coordinator/aggregation.py). A rejection carries its
+reason: the service logs it, counts it in the state store and sends it back in the Ack,
+and a rejected update never touches the global model. A second copy of an accepted
+update is a duplicate: acknowledged again, counted once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from edge_runtime import weights as wcodec
+from edge_runtime.errors import IntegrityError
+from edge_runtime.manifest import Manifest
+from edge_runtime.protocol import Failed, Update
+from edge_runtime.transfer import BlobStore
+
+from .aggregation import UpdateCheck, UpdateRejected, validate_update
+from .state_store import StateStore
+
+BLOB_SLACK_BYTES = 64 * 1024     # safetensors header and alignment around the tensors
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str                  # accepted | duplicate | rejected | pending (blob not complete yet)
+    reason: str = ""
+    settles_task: bool = False   # a rejection of the scheduled device's own update ends its task
+
+
+def _rejected(reason: str, settles: bool = False) -> Verdict:
+    return Verdict("rejected", reason, settles)
+
+
+def expected_shapes(manifest: Manifest, task: dict) -> dict[str, tuple[int, ...]]:
+    """The parameters a task's device must send back: its trainable layers and its head."""
+    a = task["spec"]["assignment"]
+    specs = manifest.param_specs()
+    return {n: tuple(specs[n].shape) for n in manifest.param_names(a["trainable"], [a["head"]])}
+
+
+def _check_task(msg: Update | Failed, sender: str, state: StateStore, open_round: int | None) -> tuple[dict | None, Verdict | None]:
+    """The task a message answers, or the verdict that ends it before any blob is read."""
+    if msg.device_id != sender:
+        return None, _rejected(f"device {msg.device_id!r} sent on the topic of device {sender!r}")
+    if not any(d["device_id"] == sender for d in state.devices()):
+        return None, _rejected(f"unknown device {sender!r}: it never said hello")
+    task = state.task(msg.task_id)
+    if task is None:
+        return None, _rejected(f"unknown task {msg.task_id!r}")
+    if task["device_id"] != sender:
+        return None, _rejected(f"task {msg.task_id} was scheduled to {task['device_id']}, not {sender}")
+    if msg.round != task["round"]:
+        return None, _rejected(f"says round {msg.round}, but task {msg.task_id} is of round {task['round']}")
+    if task["status"] == "accepted":
+        return task, Verdict("duplicate", "already stored")
+    if task["status"] != "sent":
+        return None, _rejected(f"task {msg.task_id} is already {task['status']}: {task['reason']}")
+    if open_round != task["round"]:
+        return None, _rejected(f"round {task['round']} is closed: a late or replayed message")
+    return task, None
+
+
+def judge_update(update: Update, sender: str, state: StateStore, open_round: int | None, incoming: BlobStore,
+                 manifest: Manifest, global_weights: Mapping[str, np.ndarray],
+                 check: UpdateCheck = UpdateCheck()) -> Verdict:
+    task, verdict = _check_task(update, sender, state, open_round)
+    if verdict is not None:
+        return verdict
+    expected = expected_shapes(manifest, task)
+    limit = sum(int(np.prod(s)) * 4 for s in expected.values()) + BLOB_SLACK_BYTES
+    if update.blob_size > limit:
+        return _rejected(f"declared update size {update.blob_size} bytes exceeds the {limit} bytes its "
+                         f"parameters can take", settles=True)
+    if not incoming.has(update.blob_sha256):
+        return Verdict("pending", "update blob not complete yet")
+    path = incoming.path(update.blob_sha256)
+    size = path.stat().st_size
+    if size != update.blob_size:
+        return _rejected(f"declared size {update.blob_size} bytes, but the blob has {size}", settles=True)
+    try:
+        values = wcodec.decode(path.read_bytes(), what=f"update of {update.task_id}")
+    except IntegrityError as exc:
+        return _rejected(str(exc), settles=True)
+    try:
+        validate_update(values, expected, global_weights, check)
+    except UpdateRejected as exc:
+        return _rejected(str(exc), settles=True)
+    return Verdict("accepted")
+
+
+def judge_failure(failed: Failed, sender: str, state: StateStore, open_round: int | None) -> Verdict:
+    """A device's report that it could not do its task: accepted when it is about a task it holds."""
+    _, verdict = _check_task(failed, sender, state, open_round)
+    return verdict or Verdict("accepted", failed.reason, settles_task=True)
