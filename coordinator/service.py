@@ -1,0 +1,450 @@
+"""The coordinator service: rounds of federated training over MQTT, durable at every step.
+
+One loop in one thread owns the decisions; paho's network thread only queues messages,
+and blob serving runs in a small pool so a device fetching a large graph never delays an
+update. A round:
+
+1. opens when enough devices are online: the strategy plans it from the devices'
+   announced (measured) budgets and the memory model of the profile; the round, its plan,
+   the schedule's state and every task are committed in one transaction; then the tasks
+   are published.
+2. collects: update chunks are written to disk before they are acknowledged; an Update is
+   judged (coordinator/intake.py), recorded durably, and only then acknowledged to its
+   device; a device's Failed report settles its task.
+3. closes when every task is settled, when its deadline passes, or when every device
+   still owing an update has gone offline (its last will); stragglers never stall it.
+   With at least `min_updates` accepted updates the strategy aggregates and advances;
+   the new weights (one blob per layer), the schedule's state and the round's metrics are
+   committed together; the global model is evaluated on held-out data.
+
+A coordinator killed at any moment restarts from the state store: a closed round is
+final, an open round continues with the updates already accepted (duplicates count
+once) and its unsettled tasks are published again.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime import weights as wcodec
+from edge_runtime.blob_exchange import receive_chunk, serve_fetch
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.mqtt_link import MqttLink, Received
+from edge_runtime.protocol import Ack, Failed, Hello, ProtocolError, Status, Task, Topics, Update, decode_any
+from edge_runtime.store import atomic_write_text
+from edge_runtime.transfer import BlobStore
+
+from . import intake
+from .aggregation import UpdateCheck
+from .global_model import GlobalModel
+from .state_store import StateStore
+from .strategies import build as build_strategy
+from .strategies.base import Device, Result, RoundPlan, assignment_from_dict
+
+log = logging.getLogger("edge-coordinator")
+
+DEFAULTS = {
+    "service": {"workdir": "runs/coordinator", "fleet": "default", "broker": "", "model": "fmnist_cnn", "seed": 0,
+                "strategy": "progressive", "profile": "", "min_devices": 1, "round_deadline_s": 600.0,
+                "offline_grace_s": 20.0,
+                "min_updates": 1, "sample_fraction": 1.0, "max_rounds": 200, "eval_samples": 10000,
+                "max_update_relative_change": 10.0, "update_fp16": False},
+    "train": {"optimizer": "adamw", "learning_rate": 2e-3, "local_epochs": 1.0, "batch_sizes": [16, 32, 64],
+              "margin": 0.10},
+    "progressive": {"shrink_rounds": 1, "min_rounds_per_block": 2, "max_rounds_per_block": 6, "max_extra_blocks": 1,
+                    "freeze_window": 6, "freeze_threshold": 0.5, "freeze_patience": 2},
+    "fedavg": {"rounds": 10},
+}
+MQTT_KINDS = ("hello", "status", "fetch", "upload", "update")
+
+
+class Coordinator:
+    """The service's state and loop; `run` until the schedule finishes or `stop` is set."""
+
+    def __init__(self, settings: dict, host: str, port: int):
+        s = settings["service"]
+        self.settings, self.host, self.port = settings, host, port
+        self.work = Path(s["workdir"]).resolve()
+        self.topics = Topics(s["fleet"])
+        self.blobs = BlobStore(self.work / "blobs")
+        self.model = GlobalModel(_ensure_export(self.work / "model", s["model"], s["seed"]), self.blobs)
+        m = self.model.manifest
+        self.incoming = BlobStore(self.work / "incoming",
+                                  max_blob_bytes=self.model.param_bytes(m.all_param_names()) + (1 << 20))
+        self.state = StateStore(self.work / "state.db")
+        self._check_same_run()
+        self.strategy = build_strategy(settings, m, _predictor(settings, self.work, self.model).predict)
+        self.check = UpdateCheck(max_relative_change=s["max_update_relative_change"])
+        self.pending: dict[str, tuple[str, Update]] = {}   # task id -> (sender, update) whose blob is incomplete
+        # device -> when it was last seen going offline; a broker restart takes every device offline
+        # for a moment (their wills fire), so a round gives a device up only after a grace period
+        self.offline_since = {d["device_id"]: time.time() for d in self.state.devices() if not d["online"]}
+        self.rng = np.random.default_rng(s["seed"])
+        self._restore()
+        from edge_runtime.datasets import load_fashion_mnist
+        x, y = load_fashion_mnist("test")
+        self.test_x, self.test_y = x[:s["eval_samples"]], y[:s["eval_samples"]]
+        self.metrics_path = self.work / "metrics.jsonl"
+        self._write_metrics_file()
+        self.link: MqttLink | None = None
+        self._idle_note = ""
+
+    # -- start-up -------------------------------------------------------------------------
+    def _check_same_run(self) -> None:
+        """A workdir holds one run: refuse to continue it with another model or strategy."""
+        s = self.settings["service"]
+        key = {"manifest": self.model.manifest_sha, "strategy": s["strategy"]}
+        have = self.state.meta("run")
+        if have is None:
+            self.state.set_meta("run", key)
+            self.state.set_meta("settings", self.settings)
+        elif have != key:
+            raise SystemExit(f"{self.work} holds a {have['strategy']} run of another model or strategy; "
+                             f"use another --workdir or --fresh")
+
+    def _restore(self) -> None:
+        """Continue where the state store says the run is: the open round, or after the last closed one."""
+        row = self.state.current_round()
+        if row is None:
+            from .export import load_weights
+            self.weights_sha = self.model.save(load_weights(self.model.manifest))
+            self.next_round = 1
+            self.eval_block = len(self.model.manifest.blocks) - 1
+        else:
+            self.strategy.load_state(row.strategy_state)
+            self.weights_sha = row.weights_before if row.state == "open" else row.weights_after
+            self.next_round = row.round + (0 if row.state == "open" else 1)
+            last = self.state.closed_rounds()
+            self.eval_block = last[-1].get("eval_block", len(self.model.manifest.blocks) - 1) if last else \
+                len(self.model.manifest.blocks) - 1
+            log.info("resuming: round %d is %s", row.round, row.state)
+        self.global_weights = self.model.load(self.weights_sha)
+
+    def _write_metrics_file(self) -> None:
+        """metrics.jsonl is a view of the state store: rewritten whole, so it never misses or repeats a round."""
+        lines = [json.dumps(m) for m in self.state.closed_rounds()]
+        atomic_write_text(self.metrics_path, "".join(l + "\n" for l in lines))
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, stop: threading.Event | None = None) -> dict:
+        stop = stop or threading.Event()
+        s = self.settings["service"]
+        self.link = MqttLink(f"edge-coordinator-{s['fleet']}", self.host, self.port,
+                             [(self.topics.all_devices(k), 1) for k in MQTT_KINDS],
+                             will=(self.topics.coordinator_status, Status("offline").encode()), manual_ack=True)
+        self.link.start(timeout_s=30)
+        self.link.publish(self.topics.coordinator_status, Status("online", time.time()).encode(), retain=True)
+        self.pool = ThreadPoolExecutor(2, thread_name_prefix="serve-fetch")
+        log.info("coordinator for fleet %r on mqtt://%s:%d, strategy %s, model %s (%s)", s["fleet"], self.host,
+                 self.port, s["strategy"], self.model.manifest.model, self.work)
+        try:
+            self._republish_open_tasks()
+            while not stop.is_set():
+                msg = self.link.get(timeout_s=0.2)
+                if msg is not None:
+                    self._handle(msg)
+                if self._tick():
+                    break
+        finally:
+            self.pool.shutdown(wait=True)
+            self.link.stop(final=(self.topics.coordinator_status, Status("offline", time.time()).encode()))
+        return self.summary()
+
+    def _tick(self) -> bool:
+        """Open, watch or close the round; True when the run is over."""
+        row = self.state.current_round()
+        if row is not None and row.state == "open":
+            self._maybe_close(row)
+            return False
+        s = self.settings["service"]
+        if self.strategy.finished or self.next_round > s["max_rounds"]:
+            return True
+        online = self._online_devices()
+        if len(online) >= s["min_devices"]:
+            self._open_round(online)
+        return False
+
+    def _online_devices(self) -> list[Device]:
+        return [Device(d["device_id"], d["tier"], d["budget_bytes"]) for d in self.state.devices(online_only=True)]
+
+    # -- opening a round ---------------------------------------------------------------------
+    def _sample(self, devices: list[Device]) -> list[Device]:
+        """Per tier, a fraction of the online devices (at least one per tier)."""
+        fraction = self.settings["service"]["sample_fraction"]
+        if fraction >= 1:
+            return devices
+        chosen = []
+        for tier in sorted({d.tier for d in devices}):
+            members = [d for d in devices if d.tier == tier]
+            k = max(1, round(fraction * len(members)))
+            chosen += [members[i] for i in sorted(self.rng.choice(len(members), k, replace=False))]
+        return chosen
+
+    def _open_round(self, online: list[Device]) -> None:
+        round_no = self.next_round
+        plan = self.strategy.plan_round(round_no, self._sample(online))
+        if not plan.assignments:
+            note = "; ".join(f"{d}: {why}" for d, why in sorted(plan.idle.items()))
+            if note != self._idle_note:
+                log.warning("round %d cannot start: no online device can train its part (%s)", round_no, note)
+                self._idle_note = note
+            return
+        self._idle_note = ""
+        s, t = self.settings["service"], self.settings["train"]
+        tasks = []
+        for a in plan.assignments:
+            part = a.part()
+            task = Task(task_id=f"r{round_no}-{a.device_id}", round=round_no, manifest=self.model.manifest_ref(),
+                        blobs=self.model.task_blobs(part, self.weights_sha), part=part.to_dict(),
+                        config={"optimizer": t["optimizer"], "learning_rate": t["learning_rate"],
+                                "batch_size": a.batch_size, "epochs": t["local_epochs"],
+                                "seed": int(s["seed"] * 100003 + round_no)},
+                        deadline_s=s["round_deadline_s"], update_fp16=s["update_fp16"])
+            task.validate()
+            from dataclasses import asdict
+            tasks.append((task.task_id, a.device_id, {"assignment": asdict(a), "task": asdict(task)}))
+        self.state.open_round(round_no, time.time() + s["round_deadline_s"], self.weights_sha, plan.to_dict(),
+                              self.strategy.state(), tasks)
+        for task_id, device_id, spec in tasks:
+            self._publish_task(device_id, spec)
+        who = ", ".join(f"{a.device_id} layers {a.first}-{a.last} batch {a.batch_size}" for a in plan.assignments)
+        log.info("round %d opened (%s): %s", round_no, _stage_text(plan.stage), who)
+        for device_id, why in sorted(plan.idle.items()):
+            log.info("round %d: %s idle: %s", round_no, device_id, why)
+
+    def _publish_task(self, device_id: str, spec: dict) -> None:
+        self.link.publish(self.topics.device(device_id, "task"), Task(**spec["task"]).encode(), qos=1)
+
+    def _republish_open_tasks(self) -> None:
+        row = self.state.current_round()
+        if row is None or row.state != "open":
+            return
+        unsettled = [t for t in self.state.tasks(row.round) if t["status"] == "sent"]
+        for t in unsettled:
+            self._publish_task(t["device_id"], t["spec"])
+        log.info("round %d continues: %d accepted update(s) kept, %d task(s) published again", row.round,
+                 len(self.state.updates(row.round)), len(unsettled))
+
+    # -- messages ---------------------------------------------------------------------------
+    def _handle(self, msg: Received) -> None:
+        """Dispatch one message; whatever it holds, the service keeps running and the message is acknowledged."""
+        try:
+            device_id, kind = self.topics.parse_device_topic(msg.topic)
+            if kind not in MQTT_KINDS:
+                raise ProtocolError(f"devices do not publish {kind} messages")
+            getattr(self, f"_on_{kind}")(device_id, msg)
+        except (ProtocolError, EdgeRuntimeError) as exc:
+            log.warning("rejected a message on %s: %s", msg.topic, exc)
+            self.state.record_rejection(None, None, f"{msg.topic}: {exc}")
+        except Exception:  # a bug must not take the fleet's coordinator down
+            log.exception("error while handling a message on %s", msg.topic)
+        finally:
+            self.link.ack(msg)
+
+    def _on_hello(self, device_id: str, msg: Received) -> None:
+        hello = Hello.decode(msg.payload)
+        if hello.device_id != device_id:
+            raise ProtocolError(f"hello from {hello.device_id!r} on the topic of {device_id!r}")
+        self.state.upsert_device(hello)
+        log.info("device %s online: tier %s, budget %.0f MB, runtime %s", device_id, hello.tier,
+                 hello.budget_bytes / 2**20, hello.runtime_version)
+        row = self.state.current_round()
+        if row is not None and row.state == "open":  # a device that restarted mid-round gets its task again
+            for t in self.state.tasks(row.round):
+                if t["device_id"] == device_id and t["status"] == "sent":
+                    self._publish_task(device_id, t["spec"])
+
+    def _on_status(self, device_id: str, msg: Received) -> None:
+        status = Status.decode(msg.payload)
+        known = any(d["device_id"] == device_id for d in self.state.devices())
+        if known:
+            online = status.state == "online"
+            self.state.set_online(device_id, online)
+            if online:
+                self.offline_since.pop(device_id, None)
+            else:
+                self.offline_since.setdefault(device_id, time.time())
+            log.info("device %s is %s", device_id, status.state)
+
+    def _on_fetch(self, device_id: str, msg: Received) -> None:
+        def serve():
+            try:
+                serve_fetch(self.link, self.topics, self.blobs, msg)
+            except Exception as exc:  # logged, the device asks again
+                log.warning("fetch from %s failed: %s", device_id, exc)
+        self.pool.submit(serve)
+
+    def _on_upload(self, device_id: str, msg: Received) -> None:
+        done = receive_chunk(self.incoming, msg)
+        if done:
+            for task_id, (sender, update) in list(self.pending.items()):
+                if update.blob_sha256 == done:
+                    del self.pending[task_id]
+                    self._take_update(sender, update)
+
+    def _on_update(self, device_id: str, msg: Received) -> None:
+        message = decode_any(msg.payload, (Update, Failed))
+        if isinstance(message, Failed):
+            self._take_failure(device_id, message)
+        else:
+            self._take_update(device_id, message)
+
+    def _open_round_no(self) -> int | None:
+        row = self.state.current_round()
+        return row.round if row is not None and row.state == "open" else None
+
+    def _take_update(self, sender: str, update: Update) -> None:
+        verdict = intake.judge_update(update, sender, self.state, self._open_round_no(), self.incoming,
+                                      self.model.manifest, self.global_weights, self.check)
+        if verdict.status == "pending":
+            self.pending[update.task_id] = (sender, update)
+            return
+        if verdict.status == "accepted":
+            self.state.record_update(update)  # durable before the device hears it was accepted
+            log.info("round %d: update from %s accepted (%.1f KB, %d samples, loss %.3f, job peak %.0f MB)",
+                     update.round, sender, update.blob_size / 1024, update.num_examples, update.loss,
+                     update.peak_rss_bytes / 2**20)
+        elif verdict.status == "rejected":
+            self._reject(sender, update.task_id, verdict)
+        self._ack(sender, update.task_id, verdict)
+
+    def _take_failure(self, sender: str, failed: Failed) -> None:
+        verdict = intake.judge_failure(failed, sender, self.state, self._open_round_no())
+        if verdict.status == "accepted":
+            self.state.mark_task(failed.task_id, "failed", f"device reported: {failed.reason}")
+            log.warning("round %d: %s could not train: %s", failed.round, sender, failed.reason)
+        else:
+            self._reject(sender, failed.task_id, verdict)
+
+    def _reject(self, sender: str, task_id: str, verdict: intake.Verdict) -> None:
+        log.warning("rejected a message from %s (task %s): %s", sender, task_id, verdict.reason)
+        self.state.record_rejection(sender, task_id, verdict.reason)
+        if verdict.settles_task:
+            self.state.mark_task(task_id, "rejected", verdict.reason)
+
+    def _ack(self, device_id: str, task_id: str, verdict: intake.Verdict) -> None:
+        ack = Ack(task_id, verdict.status in ("accepted", "duplicate"), verdict.reason)
+        self.link.publish(self.topics.device(device_id, "ack"), ack.encode(), qos=1)
+
+    # -- closing a round --------------------------------------------------------------------
+    def _maybe_close(self, row) -> None:
+        tasks = self.state.tasks(row.round)
+        waiting = [t for t in tasks if t["status"] == "sent"]
+        online = {d.device_id for d in self._online_devices()}
+        grace = self.settings["service"]["offline_grace_s"]
+        gone = [t for t in waiting if t["device_id"] not in online
+                and time.time() - self.offline_since.get(t["device_id"], 0.0) >= grace]
+        if not waiting:
+            why = "every task settled"
+        elif time.time() >= row.deadline_at:
+            why = f"deadline passed with {len(waiting)} task(s) open"
+        elif len(gone) == len(waiting):
+            why = f"the {len(waiting)} device(s) still owing an update went offline (for over {grace:.0f} s)"
+        else:
+            return
+        for t in waiting:  # settled now, with the reason each one ends
+            self.state.mark_task(t["task_id"], "failed", "device went offline" if t["device_id"] not in online
+                                 else "no update before the deadline")
+        self._close(row, self.state.tasks(row.round), why)
+
+    def _close(self, row, tasks: list[dict], why: str) -> None:
+        s = self.settings["service"]
+        plan = RoundPlan.from_dict(row.plan)
+        updates = {u.task_id: u for u in self.state.updates(row.round)}
+        by_task = {t["task_id"]: t for t in tasks}
+        results = [Result(assignment_from_dict(by_task[u.task_id]["spec"]["assignment"]),
+                          wcodec.load(self.incoming.path(u.blob_sha256)), u.num_examples, u.loss)
+                   for u in updates.values()]
+        failures = {t["device_id"]: t["reason"] or "no update" for t in tasks if t["status"] != "accepted"}
+        before = self.global_weights
+        aggregated = len(results) >= s["min_updates"]
+        if aggregated:
+            after = self.strategy.aggregate(plan, results, failures, before)
+            self.strategy.advance(replace(plan, assignments=tuple(r.assignment for r in results)), before, after)
+            weights_after = self.model.save(after)
+            blocks = [self.model.manifest.layers[r.assignment.last].block for r in results]
+            self.eval_block = max(blocks)
+        else:
+            after, weights_after = before, row.weights_before
+        ev = self.model.evaluate(after, self.test_x, self.test_y, upto_block=self.eval_block)
+        metrics = self._round_metrics(row, plan, tasks, updates, why, aggregated, ev)
+        self.state.close_round(row.round, weights_after, self.strategy.state(), metrics)
+        self.global_weights, self.weights_sha, self.next_round = after, weights_after, row.round + 1
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for u in updates.values():  # folded into the global weights (or never will be): free the disk
+            self.incoming.path(u.blob_sha256).unlink(missing_ok=True)
+        self.pending.clear()
+        log.info("round %d closed (%s): %d of %d update(s)%s; test accuracy %.2f%% (blocks 0-%d)", row.round, why,
+                 len(results), len(tasks), "" if aggregated else f", fewer than {s['min_updates']}: weights kept",
+                 100 * ev["accuracy"], self.eval_block)
+
+    def _round_metrics(self, row, plan: RoundPlan, tasks, updates, why, aggregated, ev) -> dict:
+        devices = {d["device_id"]: d for d in self.state.devices()}
+        per_device = {}
+        for t in tasks:
+            a = t["spec"]["assignment"]
+            u = updates.get(t["task_id"])
+            trained = self.model.param_bytes(self.model.manifest.param_names(a["trainable"], [a["head"]]))
+            entry = {"tier": devices[t["device_id"]]["tier"], "budget_bytes": devices[t["device_id"]]["budget_bytes"],
+                     "layers": [a["first"], a["last"]], "head": a["head"], "batch_size": a["batch_size"],
+                     "predicted_peak_bytes": a["predicted_peak_bytes"], "status": t["status"], "reason": t["reason"],
+                     "trained_bytes": trained}
+            if u is not None:
+                entry.update(num_examples=u.num_examples, loss=u.loss, peak_rss_bytes=u.peak_rss_bytes,
+                             agent_peak_rss_bytes=u.agent_peak_rss_bytes, downloaded_bytes=u.downloaded_bytes,
+                             uploaded_bytes=u.blob_size, seconds=u.seconds)
+            per_device[t["device_id"]] = entry
+        return {"round": row.round, "strategy": self.settings["service"]["strategy"], "stage": plan.stage,
+                "closed_because": why, "aggregated": aggregated, "accuracy": ev["accuracy"], "loss": ev["loss"],
+                "eval_block": self.eval_block, "opened_at": row.opened_at, "closed_at": time.time(),
+                "updates": len(updates), "rejected": len(self.state.rejections(since=row.opened_at)),
+                "failed": sum(t["status"] == "failed" for t in tasks), "devices": per_device,
+                "idle": dict(plan.idle), "finished": self.strategy.finished}
+
+    def summary(self) -> dict:
+        rounds = self.state.closed_rounds()
+        return {"rounds": len(rounds), "finished": self.strategy.finished,
+                "accuracy": rounds[-1]["accuracy"] if rounds else None, "workdir": str(self.work)}
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _stage_text(stage: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in stage.items()) or "no stages"
+
+
+def _ensure_export(model_dir: Path, model: str, seed: int) -> Path:
+    """The model's ONNX blocks, exported once per workdir (torch is only needed the first time)."""
+    if not (model_dir / "manifest.json").exists():
+        from . import export, zoo
+        log.info("exporting %s to ONNX blocks in %s", model, model_dir)
+        export.export(zoo.build(model, seed=seed), model_dir)
+    return model_dir
+
+
+def _predictor(settings: dict, work: Path, model: GlobalModel):
+    """The memory model the schedules fit parts with: the given profile, or one measured here once."""
+    from edge_runtime.memory_model import Predictor
+    from edge_runtime.profile_file import Profile, ProfileError
+    given = settings["service"]["profile"]
+    path = Path(given) if given else work / "profile.json"
+    if not path.exists():
+        if given:
+            raise SystemExit(f"profile {path} does not exist (make one with `edge-profile measure`)")
+        from edge_runtime.profiler import run_profile
+        log.info("no profile given: measuring the memory of training each block here (once, about a minute)")
+        profile = run_profile(model.manifest_path, [], sorted(settings["train"]["batch_sizes"]), work / "profiling",
+                              margin=settings["train"]["margin"], verify=False, log=lambda text: log.info("%s", text))
+        profile.save(path)
+    profile = Profile.load(path)
+    if profile.manifest_sha256 != model.manifest_sha:
+        raise ProfileError(f"profile {path} was measured for another model export ({profile.model}, manifest "
+                           f"{profile.manifest_sha256[:12]}…); measure this one with `edge-profile measure`")
+    return Predictor.from_profile(model.manifest, profile)

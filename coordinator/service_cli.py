@@ -1,0 +1,161 @@
+"""edge-coordinator: run the federated coordinator as an MQTT service, or look at a run's state.
+
+  edge-coordinator run      schedule rounds, collect and aggregate updates (until the schedule ends)
+  edge-coordinator status   fleet, round, stage and accuracy of a run, from its state directory
+
+Without --broker the coordinator starts its own Mosquitto on a free loopback port (it
+writes the address to WORKDIR/broker.url for the devices) and stops it on exit. Every
+piece of state lives in WORKDIR: kill the coordinator at any moment and run the same
+command again to continue the same round.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .config import load_config
+from .service import DEFAULTS
+
+EPILOG = """examples:
+  edge-coordinator run                                   # progressive fmnist_cnn, embedded broker, runs/coordinator
+  edge-coordinator run --broker mqtt://10.0.0.2:1883 --fleet lab --min-devices 6
+  edge-coordinator run --strategy fedavg --rounds 20     # the full-model FedAvg baseline
+  edge-coordinator run --config coordinator.toml         # [service], [train], [progressive], [fedavg]; flags win
+  edge-coordinator status runs/coordinator
+
+devices connect with:  edge-device --broker mqtt://HOST:PORT --fleet FLEET --id pi-01 --tier pi-zero-2w --data DIR
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-coordinator", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the service", epilog=EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--config", type=Path, help="TOML file with [service], [train], [progressive], [fedavg] tables")
+    run.add_argument("--workdir", help="state directory: model export, SQLite state, weight blobs, metrics.jsonl")
+    run.add_argument("--broker", help="mqtt://host:port of the broker (default: start an embedded Mosquitto)")
+    run.add_argument("--fleet", help="fleet name: the topic namespace devices and coordinator share")
+    run.add_argument("--model", help="zoo model to train (fmnist_cnn, vgg_cifar, resnet_small)")
+    run.add_argument("--strategy", choices=["progressive", "fedavg"])
+    run.add_argument("--profile", help="profile JSON from `edge-profile measure` (default: measure here once)")
+    run.add_argument("--min-devices", type=int, help="online devices needed before a round opens")
+    run.add_argument("--round-deadline-s", type=float, help="seconds a round waits for updates")
+    run.add_argument("--offline-grace-s", type=float,
+                     help="seconds a round keeps waiting for a device that went offline (it may reconnect)")
+    run.add_argument("--min-updates", type=int, help="accepted updates a round needs to change the global model")
+    run.add_argument("--sample-fraction", type=float, help="fraction of each tier's online devices asked per round")
+    run.add_argument("--max-rounds", type=int, help="stop after this many rounds whatever the schedule says")
+    run.add_argument("--rounds", type=int, help="rounds of the fedavg baseline")
+    run.add_argument("--local-epochs", type=float, help="passes over its local data a device makes per round")
+    run.add_argument("--learning-rate", type=float)
+    run.add_argument("--update-fp16", action="store_true", default=None, help="devices send updates as float16")
+    run.add_argument("--fresh", action="store_true", help="discard the state in --workdir and start over")
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    status = sub.add_parser("status", help="print a run's state")
+    status.add_argument("workdir", type=Path)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def _settings(args) -> dict:
+    overrides = {
+        "service": {"workdir": args.workdir, "broker": args.broker, "fleet": args.fleet, "model": args.model,
+                    "strategy": args.strategy, "profile": args.profile, "min_devices": args.min_devices,
+                    "round_deadline_s": args.round_deadline_s, "offline_grace_s": args.offline_grace_s,
+                    "min_updates": args.min_updates,
+                    "sample_fraction": args.sample_fraction, "max_rounds": args.max_rounds,
+                    "update_fp16": args.update_fp16},
+        "train": {"local_epochs": args.local_epochs, "learning_rate": args.learning_rate},
+        "fedavg": {"rounds": args.rounds},
+    }
+    return load_config(DEFAULTS, args.config, overrides)
+
+
+def run(settings: dict, stop: threading.Event) -> dict:
+    from edge_runtime.mqtt_link import parse_broker_url
+    from .service import Coordinator
+    work = Path(settings["service"]["workdir"]).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    broker = None
+    if settings["service"]["broker"]:
+        host, port = parse_broker_url(settings["service"]["broker"])
+    else:
+        from .broker import EmbeddedBroker
+        url_file = work / "broker.url"
+        previous = parse_broker_url(url_file.read_text())[1] if url_file.exists() else None
+        try:
+            broker = EmbeddedBroker(work / "broker", port=previous).start()
+        except Exception:  # the old port is taken: any free one
+            broker = EmbeddedBroker(work / "broker").start()
+        host, port = broker.host, broker.port
+        url_file.write_text(broker.url + "\n")
+        logging.getLogger("edge-coordinator").info("embedded broker at %s (devices: --broker %s)", broker.url,
+                                                   broker.url)
+    try:
+        return Coordinator(settings, host, port).run(stop)
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+def status(workdir: Path, as_json: bool) -> int:
+    from .state_store import StateStore
+    if not (workdir / "state.db").exists():
+        print(f"edge-coordinator: {workdir} holds no coordinator state (no state.db)", file=sys.stderr)
+        return 2
+    state = StateStore(workdir / "state.db")
+    devices, rounds, row = state.devices(), state.closed_rounds(), state.current_round()
+    info = {"run": state.meta("run"), "devices": devices, "rounds_closed": len(rounds),
+            "current_round": None if row is None else {"round": row.round, "state": row.state,
+                                                       "stage": row.plan.get("stage", {})},
+            "accuracy": rounds[-1]["accuracy"] if rounds else None,
+            "finished": bool(rounds and rounds[-1].get("finished"))}
+    if as_json:
+        print(json.dumps(info, indent=1))
+        return 0
+    run = info["run"] or {}
+    print(f"run: {run.get('strategy', '?')} on manifest {str(run.get('manifest', '?'))[:12]}…  "
+          f"{'finished' if info['finished'] else 'in progress'}")
+    if row is not None:
+        print(f"round {row.round} ({row.state}): " + ", ".join(f"{k} {v}" for k, v in row.plan.get("stage", {}).items()))
+    if info["accuracy"] is not None:
+        print(f"test accuracy after round {rounds[-1]['round']}: {info['accuracy']:.2%}")
+    print(f"devices: {sum(d['online'] for d in devices)} online of {len(devices)}")
+    for d in devices:
+        print(f"  {d['device_id']:<20} {d['tier']:<16} budget {d['budget_bytes'] / 2**20:6.0f} MB  "
+              f"{'online' if d['online'] else 'offline'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "status":
+        return status(args.workdir, args.json)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    settings = _settings(args)
+    if args.fresh:
+        import shutil
+        shutil.rmtree(settings["service"]["workdir"], ignore_errors=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    from edge_runtime.errors import EdgeRuntimeError
+    try:
+        summary = run(settings, stop)
+    except (EdgeRuntimeError, ValueError, ConnectionError) as exc:
+        print(f"edge-coordinator: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary))
+    return 0 if summary["finished"] or not stop.is_set() else 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
