@@ -1,0 +1,87 @@
+"""Federated training over a real Mosquitto: the coordinator service and four device agents as processes.
+
+Two tiers: the small one's training jobs cannot hold the whole of fmnist_cnn, the big one's
+can. Fashion-MNIST is split across the devices by Dirichlet(0.5). Progressive training
+must reach 80 % with every device inside its budget, sending back no more than its
+trained part and downloading only what changed; full-model FedAvg on the same fleet runs
+with the big devices only.
+"""
+from pathlib import Path
+
+import pytest
+
+from coordinator.broker import EmbeddedBroker
+from edge_runtime.profiler import run_profile
+from fleet_helpers import MB, LocalFleet, fleet_specs, read_metrics, settings
+
+HEADER = 1024
+
+
+
+@pytest.fixture(scope="module")
+def fleet_env(tmp_path_factory):
+    """Broker, profile of fmnist_cnn measured on this machine, and the devices' non-IID data."""
+    from coordinator import export, zoo
+    root = tmp_path_factory.mktemp("fleet")
+    export.export(zoo.build("fmnist_cnn", seed=0), root / "model")
+    profile = run_profile(root / "model" / "manifest.json", [], [16, 32, 64], root / "profiling", verify=False,
+                          log=lambda _: None)
+    profile.save(root / "profile.json")
+    broker = EmbeddedBroker(root / "broker").start()
+    yield {"root": root, "profile": root / "profile.json", "broker": broker,
+           "specs": fleet_specs(root / "data", samples=16000, alpha=0.5)}
+    broker.stop()
+
+
+def _run(env, name: str, strategy: str, **service) -> list[dict]:
+    work = env["root"] / name
+    with LocalFleet(work, env["broker"].url, fleet=name) as fleet:
+        fleet.start_coordinator(settings(work / "coordinator", env["profile"], strategy, **service))
+        for spec in env["specs"]:
+            fleet.start_device(spec)
+        code = fleet.wait("coordinator", timeout_s=700)
+        assert code == 0, fleet.log_tail("coordinator")
+    return read_metrics(work / "coordinator")
+
+
+def _device_rows(metrics):
+    for m in metrics:
+        for device, row in m["devices"].items():
+            yield m, device, row
+
+
+def test_progressive_reaches_80_percent_with_every_device_inside_its_budget(fleet_env):
+    metrics = _run(fleet_env, "progressive", "progressive")
+    assert metrics and metrics[-1]["finished"], "the progressive schedule did not finish"
+    assert metrics[-1]["accuracy"] >= 0.80, [round(m["accuracy"], 3) for m in metrics]
+    budgets = {s.device_id: s.budget_mb * MB for s in fleet_env["specs"]}
+    trained = {"small-0": 0, "small-1": 0}
+    for m, device, row in _device_rows(metrics):
+        assert row["status"] == "accepted", (m["round"], device, row)
+        # the training job inside the budget the device announced, and all its processes inside its device budget
+        assert row["peak_rss_bytes"] <= row["budget_bytes"], (m["round"], device, row)
+        assert row["peak_rss_bytes"] + row["agent_peak_rss_bytes"] <= budgets[device], (m["round"], device, row)
+        # bytes up: the trained parameters plus the safetensors header (under 1 KB for a few tensors)
+        assert row["uploaded_bytes"] <= row["trained_bytes"] * 1.02 + HEADER, (m["round"], device, row)
+        if device in trained:
+            trained[device] += 1
+            assert (row["layers"][0], row["layers"][1]) != (0, 4), "a small device was given the whole model"
+    assert all(n >= 3 for n in trained.values()), trained   # the small tier trains, not just watches
+    # a device that trains the same part again downloads only what changed: the part's own weights
+    last_part = {}
+    for m, device, row in _device_rows(metrics):
+        part = (row["layers"][0], row["layers"][1], row["head"])
+        if last_part.get(device) == (m["round"] - 1, part):
+            assert row["downloaded_bytes"] <= row["trained_bytes"] * 1.02 + 2 * HEADER, (m["round"], device, row)
+        last_part[device] = (m["round"], part)
+
+
+def test_fedavg_baseline_runs_with_only_the_devices_that_fit(fleet_env):
+    metrics = _run(fleet_env, "fedavg", "fedavg")
+    assert len(metrics) == 4 and metrics[-1]["finished"]
+    for m in metrics:
+        assert sorted(m["devices"]) == ["big-0", "big-1"]
+        assert all("whole-model training does not fit" in m["idle"][d] for d in ("small-0", "small-1"))
+        for row in m["devices"].values():
+            assert row["layers"] == [0, 4] and row["peak_rss_bytes"] <= row["budget_bytes"]
+    assert metrics[-1]["accuracy"] > metrics[0]["accuracy"]
