@@ -103,11 +103,16 @@ class Coordinator:
         key = {"manifest": self.model.manifest_sha, "strategy": s["strategy"]}
         have = self.state.meta("run")
         if have is None:
-            self.state.set_meta("run", key)
+            # the tag goes into task ids: devices remember finished task ids, and must not take
+            # a new run's round-1 task for one they already did
+            import secrets
+            have = dict(key, tag=secrets.token_hex(3))
+            self.state.set_meta("run", have)
             self.state.set_meta("settings", self.settings)
-        elif have != key:
+        elif {k: have[k] for k in key} != key:
             raise SystemExit(f"{self.work} holds a {have['strategy']} run of another model or strategy; "
                              f"use another --workdir or --fresh")
+        self.run_tag = have["tag"]
 
     def _restore(self) -> None:
         """Continue where the state store says the run is: the open round, or after the last closed one."""
@@ -201,7 +206,7 @@ class Coordinator:
         tasks = []
         for a in plan.assignments:
             part = a.part()
-            task = Task(task_id=f"r{round_no}-{a.device_id}", round=round_no, manifest=self.model.manifest_ref(),
+            task = Task(task_id=_task_id(round_no, self.run_tag, a.device_id), round=round_no, manifest=self.model.manifest_ref(),
                         blobs=self.model.task_blobs(part, self.weights_sha), part=part.to_dict(),
                         config={"optimizer": t["optimizer"], "learning_rate": t["learning_rate"],
                                 "batch_size": a.batch_size, "epochs": t["local_epochs"],
@@ -416,6 +421,15 @@ class Coordinator:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+def _task_id(round_no: int, run_tag: str, device_id: str) -> str:
+    """r<round>-<run>-<device>, within the protocol's 64 characters (a long device id is hashed)."""
+    task_id = f"r{round_no}-{run_tag}-{device_id}"
+    if len(task_id) > 64:
+        import hashlib
+        task_id = f"r{round_no}-{run_tag}-{hashlib.sha256(device_id.encode()).hexdigest()[:16]}"
+    return task_id
+
+
 def _stage_text(stage: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in stage.items()) or "no stages"
 
