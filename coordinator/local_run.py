@@ -1,6 +1,6 @@
-"""edge-demo: train a model block by block on one machine, each block as a memory-limited device job.
+"""edge-blockwise: train a model block by block on one device, each block as a memory-limited job.
 
-Until the MQTT coordinator runs a fleet, this is the product's main job end to end:
+The device runtime end to end without the network (the federated run is `edge-demo`):
 export a zoo model to ONNX blocks, give a device its local Fashion-MNIST data, then for
 each block in order (ProFL's growing stage) let the device runtime calibrate, train the
 block from the cached activations of the frozen blocks before it, under a hard memory
@@ -22,7 +22,7 @@ import numpy as np
 from .config import load_config
 
 DEFAULTS = {
-    "run": {"model": "fmnist_cnn", "workdir": "runs/demo", "samples": 30000, "seed": 0,
+    "run": {"model": "fmnist_cnn", "workdir": "runs/blockwise", "samples": 30000, "seed": 0,
             "torch_baseline": False},
     "train": {"optimizer": "adamw", "learning_rate": 2e-3, "batch_size": 64, "epochs": 2.0, "threads": 0},
     "device": {"budget_mb": 192, "margin": 0.10, "cache_fp16": False},
@@ -31,13 +31,13 @@ DEFAULTS = {
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="edge-demo", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="edge-blockwise", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__,
         epilog="""examples:
-  edge-demo                               # 30k samples, 2 epochs per block, 192 MB budget (~2 min)
-  edge-demo --samples 60000 --epochs 3 --torch-baseline   # the documented long run (>= 89 %)
-  edge-demo --budget-mb 64                # refused: says how much memory the device would need
-  edge-demo --config my.toml              # settings from TOML ([run], [train], [device]); flags win
+  edge-blockwise                          # 30k samples, 2 epochs per block, 192 MB budget (~2 min)
+  edge-blockwise --samples 60000 --epochs 3 --torch-baseline   # the documented long run (>= 89 %)
+  edge-blockwise --budget-mb 64                # refused: says how much memory the device would need
+  edge-blockwise --config my.toml              # settings from TOML ([run], [train], [device]); flags win
 
 Results land in WORKDIR/results.json; each block's job spec, progress and logs in WORKDIR/jobs/.""")
     p.add_argument("--config", type=Path, help="TOML file with [run], [train] and [device] tables")
@@ -209,10 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(settings)
     except EdgeRuntimeError as exc:
-        print(f"edge-demo: {exc}", file=sys.stderr)
+        print(f"edge-blockwise: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\nedge-demo: interrupted; run the same command again to resume", file=sys.stderr)
+        print("\nedge-blockwise: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     return 0
 
