@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from edge_runtime.protocol import (MAX_CONTROL_BYTES, Ack, Fetch, Hello, ProtocolError, Status, Task, Topics,
-                                   Update)
+from edge_runtime.protocol import (MAX_CONTROL_BYTES, Ack, Failed, Fetch, Hello, ProtocolError, Status, Task,
+                                   Topics, Update, decode_any)
 
 SHA = "ab" * 32
 MESSAGES = [
@@ -15,6 +15,8 @@ MESSAGES = [
     Fetch(SHA, [0, 3, 7]),
     Fetch(SHA),
     Update("r3-pi-01", 3, "pi-01", SHA, 123456, 600, 0.42, 19, 150 << 20, 12.5),
+    Update("r3-pi-01", 3, "pi-01", SHA, 123456, 600, 0.42, 19, 150 << 20, 12.5, 5000, 40 << 20),
+    Failed("r3-pi-01", 3, "pi-01", "does not fit a budget of 90 MB: needs 102 MB", 102 << 20),
     Ack("r3-pi-01", False, "norm 1e9 exceeds the bound 1e3"),
 ]
 
@@ -78,3 +80,15 @@ def test_topics_are_built_and_parsed_for_one_fleet_only():
             t.parse_device_topic(bad)
     with pytest.raises(ProtocolError):
         Topics("bad/fleet")
+
+
+def test_the_update_topic_carries_updates_and_failure_reports_and_nothing_else():
+    update, failed = MESSAGES[5], MESSAGES[7]
+    assert decode_any(update.encode(), (Update, Failed)) == update
+    assert decode_any(failed.encode(), (Update, Failed)) == failed
+    with pytest.raises(ProtocolError, match="'hello' is not one of"):
+        decode_any(MESSAGES[0].encode(), (Update, Failed))
+    with pytest.raises(ProtocolError, match="not a UTF-8 JSON object"):
+        decode_any(b"{not json", (Update, Failed))
+    with pytest.raises(ProtocolError, match="downloaded_bytes"):
+        Update.decode(json.dumps(dict(json.loads(update.encode()), downloaded_bytes=-5)).encode())

@@ -1,0 +1,81 @@
+"""Per-layer weight blobs: only what changed gets a new name, and a device lays a task out safely."""
+import numpy as np
+import pytest
+
+from edge_runtime import model_blobs
+from edge_runtime import weights as wcodec
+from edge_runtime.artifacts import TrainablePart
+from edge_runtime.errors import IntegrityError
+from edge_runtime.protocol import ProtocolError
+from edge_runtime.transfer import BlobStore
+from edge_runtime.worker import JobSpec, run_job
+
+
+def _server(tmp_path, m, w):
+    store = BlobStore(tmp_path / "server")
+    store.put_file(m.root / "manifest.json")
+    for ref in [l.graph for l in m.layers] + [h.graph for h in m.heads]:
+        store.put_file(m.graph_path(ref))
+    return store
+
+
+def test_only_changed_groups_get_new_blobs_and_a_task_names_only_its_part(tmp_path, fmnist_model):
+    m, w = fmnist_model
+    store = _server(tmp_path, m, w)
+    before = model_blobs.publish_weights(m, w, store)
+    assert set(before) == {f"layer.{l.index}" for l in m.layers if l.params} | {f"head.{h.index}" for h in m.heads}
+    part = TrainablePart.block(m, 1)
+    changed = dict(w, **{n: w[n] + 1 for n in part.trainable_names(m)})
+    after = model_blobs.publish_weights(m, changed, store)
+    differs = sorted(g for g in before if before[g] != after[g])
+    assert differs == sorted([f"layer.{i}" for i in part.span if m.layers[i].params] + [f"head.{part.head}"])
+    blobs = model_blobs.task_blobs(m, part, after, store)
+    names = [b["name"] for b in blobs]
+    # the frozen prefix, the span and its head: nothing after the span, no other head
+    assert [n for n in names if n.startswith("weights/")] == [f"weights/{g}" for g in model_blobs.part_groups(m, part)]
+    assert f"weights/layer.{part.span[-1] + 1}" not in names
+    assert len([n for n in names if n.startswith("graphs/")]) == part.span[-1] + 2
+    back = model_blobs.load_index(after, store)
+    assert all(np.array_equal(back[n], changed[n]) for n in changed)
+
+
+def test_a_device_trains_from_the_laid_out_blobs(tmp_path, fmnist_model, small_dataset):
+    m, w = fmnist_model
+    server = _server(tmp_path, m, w)
+    index = model_blobs.publish_weights(m, w, server)
+    part = TrainablePart.block(m, 2)
+    blobs = model_blobs.task_blobs(m, part, index, server)
+    device = BlobStore(tmp_path / "device")
+    manifest_sha = device.put_file(server.path(server.put_file(m.root / "manifest.json")))
+    for b in blobs:
+        device.put_file(server.path(b["sha256"]))
+    manifest_path, files = model_blobs.materialize(manifest_sha, blobs, device, tmp_path / "models")
+    spec = JobSpec(manifest=str(manifest_path), weights=files, dataset=str(small_dataset.root),
+                   state_dir=str(tmp_path / "state"), task_id="t1", part=part.to_dict(),
+                   config={"max_steps": 3, "batch_size": 32}, update_out=str(tmp_path / "update.safetensors"))
+    out = run_job(spec)
+    assert out["ok"] and out["result"]["steps"] == 3
+    update = wcodec.load(tmp_path / "update.safetensors")
+    assert sorted(update) == sorted(part.trainable_names(m))
+
+
+def test_bad_task_layouts_are_refused(tmp_path, fmnist_model):
+    m, w = fmnist_model
+    server = _server(tmp_path, m, w)
+    index = model_blobs.publish_weights(m, w, server)
+    blobs = model_blobs.task_blobs(m, TrainablePart.block(m, 0), index, server)
+    manifest_sha = server.put_file(m.root / "manifest.json")
+    for name in ("../../etc/passwd", "graphs/../x.onnx", "weights/layer.1/../../x"):
+        with pytest.raises(ProtocolError, match="neither"):
+            model_blobs.check_blob_names([dict(blobs[0], name=name)])
+    with pytest.raises(ProtocolError, match="not named by its hash"):
+        model_blobs.check_blob_names([dict(blobs[0], name=f"graphs/{'0' * 64}.onnx")])
+    other = server.put_bytes(b"not a graph of this manifest")
+    with pytest.raises(IntegrityError, match="does not name"):
+        model_blobs.materialize(manifest_sha, [{"sha256": other, "size": 10, "name": f"graphs/{other}.onnx"}],
+                                server, tmp_path / "models")
+    layer0 = server.path(index["layer.0"])
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(layer0.read_bytes())
+    with pytest.raises(IntegrityError, match="is in both"):   # two blobs may not hold the same parameter
+        wcodec.WeightFiles([layer0, server.path(index["head.0"]), copy])
