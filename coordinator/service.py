@@ -384,6 +384,7 @@ class Coordinator:
         self.global_weights, self.weights_sha, self.next_round = after, weights_after, row.round + 1
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        self.link.publish(self.topics.coordinator_metrics, json.dumps(metrics).encode(), retain=True)
         for u in updates.values():  # folded into the global weights (or never will be): free the disk
             self.incoming.path(u.blob_sha256).unlink(missing_ok=True)
         self.pending.clear()

@@ -18,6 +18,7 @@ Topics, under `edgeblock/v1/<fleet>/`:
     device/<id>/update    device -> coordinator   Update: the finished task, naming its blob (or Failed: why not)
     device/<id>/ack       coordinator -> device   Ack: the update was stored (or rejected, and why)
     coordinator/status    coordinator -> all      Status, retained
+    coordinator/metrics   coordinator -> all      the last closed round's metrics (JSON), retained
 """
 from __future__ import annotations
 
@@ -76,6 +77,11 @@ class Topics:
     @property
     def coordinator_status(self) -> str:
         return f"{self.root}/coordinator/status"
+
+    @property
+    def coordinator_metrics(self) -> str:
+        """The last closed round's metrics (JSON, retained), for dashboards and `status` tools."""
+        return f"{self.root}/coordinator/metrics"
 
     def parse_device_topic(self, topic: str) -> tuple[str, str]:
         """(device id, kind) of a device topic of this fleet; ProtocolError for anything else."""

@@ -4,7 +4,7 @@ Each test runs the real coordinator service and real device agents as processes 
 fmnist_cnn with a small non-IID dataset, and checks what the state store and the metrics
 say afterwards: which updates were accepted, once each, in which round.
 """
-import signal
+import json
 import sqlite3
 import time
 
@@ -179,7 +179,11 @@ def test_duplicates_and_malformed_updates_are_refused_with_reasons_and_the_round
         assert not refused.accepted and "NaN" in refused.reason
         assert fleet.wait("coordinator", 300) == 0, fleet.log_tail("coordinator")
         log = fleet.log_tail("coordinator", 400)
+        watcher = MqttLink("watcher", broker.host, broker.port, [(Topics("rogues").coordinator_metrics, 1)]).start()
+        published = json.loads(wait_for(lambda: watcher.get(0.1), 10, "the retained round metrics").payload)
+        watcher.stop()
     (m,) = read_metrics(work)
+    assert published == m
     assert m["devices"]["rogue-good"]["status"] == "accepted" and m["devices"]["d0"]["status"] == "accepted"
     assert m["devices"]["rogue-bad"]["status"] == "rejected" and "NaN" in m["devices"]["rogue-bad"]["reason"]
     assert [u[1] for u in _updates(work)].count("rogue-good") == 1     # the duplicate counted once
