@@ -364,9 +364,15 @@ class Coordinator:
         plan = RoundPlan.from_dict(row.plan)
         updates = {u.task_id: u for u in self.state.updates(row.round)}
         by_task = {t["task_id"]: t for t in tasks}
-        results = [Result(assignment_from_dict(by_task[u.task_id]["spec"]["assignment"]),
-                          wcodec.load(self.incoming.path(u.blob_sha256)), u.num_examples, u.loss)
-                   for u in updates.values()]
+        results = []
+        for u in updates.values():
+            try:
+                values = wcodec.load(self.incoming.path(u.blob_sha256))
+            except (OSError, EdgeRuntimeError) as exc:  # e.g. the disk lost a file in a power cut
+                log.error("round %d: the stored update of %s is unreadable, left out: %s", row.round, u.device_id, exc)
+                continue
+            results.append(Result(assignment_from_dict(by_task[u.task_id]["spec"]["assignment"]), values,
+                                  u.num_examples, u.loss))
         failures = {t["device_id"]: t["reason"] or "no update" for t in tasks if t["status"] != "accepted"}
         before = self.global_weights
         aggregated = len(results) >= s["min_updates"]
