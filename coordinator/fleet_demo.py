@@ -99,9 +99,7 @@ def run(settings: dict, stop_flag: list) -> dict:
     t0, seen = time.monotonic(), 0
     with EmbeddedBroker(work / "broker") as broker, LocalFleet(work / "fleet", broker.url, "demo") as fleet:
         print(f"broker {broker.url}; logs in {fleet.logs}", flush=True)
-        fleet.start_coordinator(coordinator)
-        for spec in specs:
-            fleet.start_device(spec)
+        fleet.start_run(coordinator, specs)
         proc = fleet.procs["coordinator"]
         while proc.poll() is None and not stop_flag:
             time.sleep(0.5)

@@ -82,6 +82,12 @@ class LocalFleet:
         config.write_text(to_toml(settings))
         return self._spawn(name, [sys.executable, "-m", "coordinator.service_cli", "run", "--config", str(config)])
 
+    def start_run(self, coordinator_settings: dict, devices: list[DeviceSpec]) -> None:
+        """The coordinator, then every device (they say hello again when the coordinator comes online)."""
+        self.start_coordinator(coordinator_settings)
+        for spec in devices:
+            self.start_device(spec)
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs[name]
         if proc.poll() is None:

@@ -36,9 +36,7 @@ def fleet_env(tmp_path_factory):
 def _run(env, name: str, strategy: str, **service) -> list[dict]:
     work = env["root"] / name
     with LocalFleet(work, env["broker"].url, fleet=name) as fleet:
-        fleet.start_coordinator(settings(work / "coordinator", env["profile"], strategy, **service))
-        for spec in env["specs"]:
-            fleet.start_device(spec)
+        fleet.start_run(settings(work / "coordinator", env["profile"], strategy, **service), env["specs"])
         code = fleet.wait("coordinator", timeout_s=700)
         assert code == 0, fleet.log_tail("coordinator")
     return read_metrics(work / "coordinator")

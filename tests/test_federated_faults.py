@@ -55,9 +55,7 @@ def _log_says(fleet, name, text):
 def test_a_device_killed_mid_round_does_not_stall_it_and_rejoins(env, tmp_path):
     with EmbeddedBroker(tmp_path / "broker") as broker, LocalFleet(tmp_path, broker.url, "kill-device") as fleet:
         work = tmp_path / "coordinator"
-        fleet.start_coordinator(_fedavg(work, env, rounds=3))
-        for spec in env["specs"]:
-            fleet.start_device(spec)
+        fleet.start_run(_fedavg(work, env, rounds=3), env["specs"])
         wait_for(_log_says(fleet, "d2", ": training"), 120, "d2 to start training", fleet)
         fleet.kill("d2")                                    # its last will says offline
         wait_for(lambda: open_round(work) is None or open_round(work).round > 1, 120, "round 1 to close", fleet)
@@ -75,9 +73,7 @@ def test_a_coordinator_killed_mid_round_continues_it_without_losing_or_repeating
     with EmbeddedBroker(tmp_path / "broker") as broker, LocalFleet(tmp_path, broker.url, "kill-coord") as fleet:
         work = tmp_path / "coordinator"
         config = _fedavg(work, env, rounds=2)
-        fleet.start_coordinator(config)
-        for spec in env["specs"]:
-            fleet.start_device(spec)
+        fleet.start_run(config, env["specs"])
 
         def some_but_not_all_accepted():
             row = open_round(work)
@@ -102,9 +98,7 @@ def test_a_coordinator_killed_mid_round_continues_it_without_losing_or_repeating
 def test_a_broker_restart_mid_round_loses_nothing(env, tmp_path):
     with EmbeddedBroker(tmp_path / "broker") as broker, LocalFleet(tmp_path, broker.url, "broker-restart") as fleet:
         work = tmp_path / "coordinator"
-        fleet.start_coordinator(_fedavg(work, env, rounds=2))
-        for spec in env["specs"]:
-            fleet.start_device(spec)
+        fleet.start_run(_fedavg(work, env, rounds=2), env["specs"])
         wait_for(lambda: open_round(work) is not None, 120, "round 1 to open", fleet)
         wait_for(_log_says(fleet, "d0", "training"), 120, "d0 to train", fleet)
         broker.restart()                                             # same port, persistent sessions
