@@ -419,7 +419,8 @@ class Coordinator:
                 "eval_block": self.eval_block, "opened_at": row.opened_at, "closed_at": time.time(),
                 "updates": len(updates), "rejected": len(self.state.rejections(since=row.opened_at)),
                 "failed": sum(t["status"] == "failed" for t in tasks), "devices": per_device,
-                "idle": dict(plan.idle), "finished": self.strategy.finished}
+                "idle": dict(plan.idle), "finished": self.strategy.finished,
+                "schedule": self.strategy.round_report(row.round)}
 
     def summary(self) -> dict:
         rounds = self.state.closed_rounds()

@@ -119,6 +119,10 @@ class Strategy(ABC):
     def finished(self) -> bool:
         """True once the schedule has nothing left to train."""
 
+    def round_report(self, round_no: int) -> dict:
+        """What the schedule measured in a round, for the round's metrics (e.g. the freezing metric)."""
+        return {}
+
     def state(self) -> dict:
         return {}
 

@@ -17,6 +17,8 @@ of the frozen blocks before it, so a device needs the memory of that block, not 
 """
 from __future__ import annotations
 
+import math
+
 from ..freezing import BlockMovement, FreezeRule
 from .base import Assignment, RoundPlan, Strategy
 
@@ -81,7 +83,9 @@ class Progressive(Strategy):
             return
         names = self.manifest.param_names(self.manifest.blocks[self.block].layers)
         em = self.movement.observe({k: before[k] for k in names}, {k: after[k] for k in names})
-        self.em_log.append({"round": plan.round, "block": self.block, "effective_movement": em})
+        # None until the window is full (the rule's own NaN is not valid JSON)
+        self.em_log.append({"round": plan.round, "block": self.block,
+                            "effective_movement": em if math.isfinite(em) else None})
         converged = self.rounds_in_stage >= self.min_rounds and self.movement.converged
         if converged or self.rounds_in_stage >= self.max_rounds:
             self._next_stage()
@@ -102,6 +106,12 @@ class Progressive(Strategy):
     @property
     def finished(self):
         return self.phase == "done"
+
+    def round_report(self, round_no: int) -> dict:
+        for entry in reversed(self.em_log):
+            if entry["round"] == round_no:
+                return {"effective_movement": entry["effective_movement"], "freeze_threshold": self.rule.threshold}
+        return {}
 
     # -- persistence ------------------------------------------------------------------------
     def state(self):
