@@ -124,6 +124,9 @@ class Coordinator:
             self.eval_block = len(self.model.manifest.blocks) - 1
         else:
             self.strategy.load_state(row.strategy_state)
+            history = [(r.plan.get("stage", {}), r.weights_before, r.weights_after)
+                       for r in self.state.closed_round_rows() if r.weights_after != r.weights_before]
+            self.strategy.replay(history, self.model.load)
             self.weights_sha = row.weights_before if row.state == "open" else row.weights_after
             self.next_round = row.round + (0 if row.state == "open" else 1)
             last = self.state.closed_rounds()

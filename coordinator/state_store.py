@@ -190,10 +190,10 @@ class StateStore:
         rows = self._db.execute("SELECT metrics FROM rounds WHERE state = 'closed' ORDER BY round").fetchall()
         return [json.loads(r[0] or "{}") for r in rows]
 
-    def last_closed_round(self) -> RoundRow | None:
-        row = self._db.execute("SELECT round, state, opened_at, deadline_at, weights_before, weights_after, plan, "
-                               "strategy_state FROM rounds WHERE state = 'closed' ORDER BY round DESC LIMIT 1").fetchone()
-        return None if row is None else RoundRow(*row[:6], json.loads(row[6]), json.loads(row[7]))
+    def closed_round_rows(self) -> list[RoundRow]:
+        rows = self._db.execute("SELECT round, state, opened_at, deadline_at, weights_before, weights_after, plan, "
+                                "strategy_state FROM rounds WHERE state = 'closed' ORDER BY round").fetchall()
+        return [RoundRow(*r[:6], json.loads(r[6]), json.loads(r[7])) for r in rows]
 
     def record_rejection(self, device_id: str | None, task_id: str | None, reason: str) -> None:
         self._tx("INSERT INTO rejections (at, device_id, task_id, reason) VALUES (?, ?, ?, ?)",

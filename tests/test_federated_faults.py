@@ -72,25 +72,28 @@ def test_a_device_killed_mid_round_does_not_stall_it_and_rejoins(env, tmp_path):
 def test_a_coordinator_killed_mid_round_continues_it_without_losing_or_repeating_updates(env, tmp_path):
     with EmbeddedBroker(tmp_path / "broker") as broker, LocalFleet(tmp_path, broker.url, "kill-coord") as fleet:
         work = tmp_path / "coordinator"
-        config = _fedavg(work, env, rounds=2)
+        # progressive, killed in its second round of block 0: the restart must rebuild the freezing window
+        config = settings(work, env["profile"], "progressive", min_devices=3, max_rounds=3)
+        config["progressive"].update(shrink_rounds=0)
         fleet.start_run(config, env["specs"])
 
         def some_but_not_all_accepted():
             row = open_round(work)
-            if row is None or row.round != 1:
+            if row is None or row.round != 2:
                 return None
             done = [u for u in _updates(work) if u[0] == row.round]
             return 1 <= len(done) < 3 and done
-        before = wait_for(some_but_not_all_accepted, 180, "round 1 to hold some accepted updates", fleet, 0.02)
+        before = wait_for(some_but_not_all_accepted, 180, "round 2 to hold some accepted updates", fleet, 0.02)
         fleet.kill("coordinator")
         fleet.start_coordinator(config)
         assert fleet.wait("coordinator", 300) == 0, fleet.log_tail("coordinator")
         restarted = fleet.log_tail("coordinator", 400)
-    assert "round 1 continues" in restarted
+    assert "round 2 continues" in restarted
     metrics = read_metrics(work)
-    assert [m["round"] for m in metrics] == [1, 2]
+    assert [m["round"] for m in metrics] == [1, 2, 3]
+    assert all(m["stage"]["phase"] == "growing" for m in metrics)
     rows = _updates(work)
-    assert len(rows) == len(set(rows)) == 6                          # three devices, two rounds, each once
+    assert len(rows) == len(set(rows)) == 9                          # three devices, three rounds, each once
     assert set(before) <= set(rows)                                  # accepted before the kill, still there
     assert all(m["updates"] == 3 and m["aggregated"] for m in metrics)
 

@@ -112,3 +112,29 @@ def test_aggregation_keeps_untrained_parameters_and_weights_by_samples(fmnist_mo
     last = m.param_names([4])[0]
     np.testing.assert_array_equal(new[last], weights[last])           # nobody trained it
     assert s.aggregate(plan, [], {}, weights) == dict(weights)
+
+
+def test_a_restarted_coordinator_freezes_blocks_exactly_when_an_uninterrupted_one_would(fmnist_model):
+    """The freezing window is rebuilt from stored weights (replay), so a restart never delays a freeze."""
+    m, weights = fmnist_model
+    a = _strategy(Progressive, m, shrink_rounds=0, min_rounds_per_block=2, max_rounds_per_block=12)
+    rng = np.random.default_rng(1)
+    store, history, w = {"w0": dict(weights)}, [], "w0"
+    for r in range(40):
+        if a.finished:
+            break
+        plan = a.plan_round(r, FLEET)
+        b = _strategy(Progressive, m, shrink_rounds=0, min_rounds_per_block=2, max_rounds_per_block=12)
+        b.load_state(a.state())            # the coordinator restarted before this round closed
+        b.replay(history, store.__getitem__)
+        after = dict(store[w])
+        for name in m_block_names(a):
+            after[name] = store[w][name] + (0.01 * rng.standard_normal(store[w][name].shape)).astype(np.float32)
+        store[f"w{r + 1}"] = after
+        a.advance(plan, store[w], after)
+        b.advance(plan, store[w], after)
+        assert (b.phase, b.block, b.rounds_in_stage, b.movement.below) == \
+            (a.phase, a.block, a.rounds_in_stage, a.movement.below), r
+        history.append((dict(plan.stage), w, f"w{r + 1}"))
+        w = f"w{r + 1}"
+    assert a.finished and len(history) < 4 * 12      # blocks froze on the rule, not at the cap

@@ -129,6 +129,14 @@ class Strategy(ABC):
     def load_state(self, state: Mapping) -> None:
         """Restore what state() returned (a restarted coordinator)."""
 
+    def replay(self, history: Sequence[tuple[Mapping, str, str]], load: Callable[[str], Mapping]) -> None:
+        """After load_state: rebuild what state() leaves out from the stored rounds.
+
+        history is every aggregated closed round as (its plan's stage, weights index before,
+        weights index after), oldest first; load(index) gives those weights. The default
+        schedule keeps nothing outside state().
+        """
+
     # -- shared decisions -------------------------------------------------------------------
     def fit(self, device: Device, first: int, last: int) -> tuple[int, int] | None:
         """(largest batch, predicted peak) at which layers first..last fit the device's budget, or None."""

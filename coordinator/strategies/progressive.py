@@ -119,8 +119,31 @@ class Progressive(Strategy):
                 "em_log": self.em_log}
 
     def load_state(self, state):
-        """Restore the stage; the movement window restarts (its per-round changes are not persisted)."""
+        """Restore the stage; `replay` then refills the freezing window from the stored weights."""
         self.phase, self.block = state["phase"], int(state["block"])
         self.rounds_in_stage = int(state["rounds_in_stage"])
         self.em_log = list(state.get("em_log", []))
         self.movement = BlockMovement(self.rule)
+
+    def replay(self, history, load):
+        """Refill the movement window with the current block's last changes, as if never restarted.
+
+        The window's per-round changes are as large as the block, so they are not in state();
+        they are the differences between stored global weights of this stage's rounds, and the
+        count of rounds below the threshold follows from the logged movements.
+        """
+        if self.phase != "growing" or self.rounds_in_stage == 0:
+            return
+        names = self.manifest.param_names(self.manifest.blocks[self.block].layers)
+        mine = [(b, a) for stage, b, a in history
+                if stage.get("phase") == "growing" and stage.get("block") == self.block][-self.rounds_in_stage:]
+        for before_index, after_index in mine[-self.rule.window:]:
+            before, after = load(before_index), load(after_index)
+            self.movement.deltas.append({k: after[k] - before[k] for k in names})
+        ems = [e["effective_movement"] for e in self.em_log if e["block"] == self.block][-self.rounds_in_stage:]
+        self.movement.rounds = self.rounds_in_stage
+        self.movement.history = [float("nan") if em is None else em for em in ems]
+        below = 0
+        for em in ems:
+            below = below + 1 if em is not None and em < self.rule.threshold else 0
+        self.movement.below = below
