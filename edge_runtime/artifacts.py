@@ -41,6 +41,45 @@ class TrainablePart:
         layers = tuple(i for b in range(first, last + 1) for i in manifest.blocks[b].layers)
         return cls(span=layers, trainable_layers=layers, head=manifest.blocks[last].head)
 
+    @classmethod
+    def for_layers(cls, manifest, layers, head: int | None = None, train_head: bool = True) -> "TrainablePart":
+        """Train an arbitrary set of layers (selective fine-tuning), ending in `head`.
+
+        The span runs from the first trainable layer to the layer `head` attaches after
+        (default: the model's final head, after the last layer). Layers before the span are
+        the frozen prefix (activation cache); span layers not in `layers` are frozen but run
+        forward and pass gradients back. `train_head=False` keeps the head's weights fixed.
+        """
+        n = len(manifest.layers)
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+            raise ManifestError(f"layers must be a collection of layer indices, got {layers!r}")
+        raw = list(layers)
+        bad = [i for i in raw if not _is_integer(i)]
+        if bad:
+            raise ManifestError(f"layers must be integer layer indices, got {bad}")
+        chosen = sorted({int(i) for i in raw})
+        if not chosen:
+            raise ManifestError("an empty layer set: name at least one layer to train "
+                                f"({manifest.model} has layers 0..{n - 1})")
+        outside = [i for i in chosen if not 0 <= i < n]
+        if outside:
+            raise ManifestError(f"layer(s) {outside} out of range: {manifest.model} has layers 0..{n - 1}")
+        if head is None:
+            head = manifest.final_head.index
+        if not _is_integer(head) or not 0 <= int(head) < len(manifest.heads):
+            raise ManifestError(f"head {head!r} does not exist: {manifest.model} has heads 0..{len(manifest.heads) - 1}")
+        head = int(head)
+        end = manifest.heads[head].attach_after_layer
+        after = [i for i in chosen if i > end]
+        if after:
+            raise ManifestError(f"head {head} ({manifest.heads[head].name}) attaches after layer {end}, before "
+                                f"trainable layer(s) {after}: a part ends at its head, so choose a head after "
+                                f"layer {chosen[-1]} (heads attach after layers {manifest.cut_points()})")
+        part = cls(span=tuple(range(chosen[0], end + 1)), trainable_layers=tuple(chosen), head=head,
+                   train_head=bool(train_head))
+        part.validate(manifest)
+        return part
+
     def to_dict(self) -> dict:
         """The JSON form a job spec carries."""
         return {"span": list(self.span), "trainable_layers": list(self.trainable_layers), "head": self.head,
@@ -76,6 +115,12 @@ class TrainablePart:
 
     def all_names(self, manifest) -> list[str]:
         return manifest.param_names(self.span, [self.head])
+
+
+def _is_integer(value) -> bool:
+    """An int, or a numpy integer (not a bool, a float or a string)."""
+    import numbers
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class ArtifactCache:

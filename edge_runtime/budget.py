@@ -50,7 +50,7 @@ def calibrate(spec: JobSpec, micro_batch_size: int, limit_bytes: int | None, job
     config = dict(spec.config, micro_batch_size=micro_batch_size, max_steps=CALIBRATION_STEPS,
                   checkpoint_every_steps=2)
     task = f"calibrate-{spec.task_id}-m{micro_batch_size}"
-    probe = replace(spec, task_id=task, config=config, update_out=None)
+    probe = replace(spec, task_id=task, config=config, update_out=None, scores_out=None)
     report, child = run_worker(probe, job_dir, memory_limit_bytes=limit_bytes)
     shutil.rmtree(Path(spec.state_dir) / "runs" / task, ignore_errors=True)
     if report and not report["ok"] and report.get("kind") not in (None, "InternalError"):

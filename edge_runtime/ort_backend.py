@@ -186,6 +186,34 @@ class TrainingSession:
         self.optimizer.step()
         self.module.lazy_reset_grad()
 
+    def squared_grad_norms(self, names: Iterable[str]) -> dict[str, float]:
+        """Squared L2 norm of each named parameter's accumulated gradient; then clear the gradients.
+
+        No optimizer step: weights are untouched. Call after forward_backward on the micro-batches
+        of one batch (loss_scale = 1/batch) to get the norms of the gradient of the batch-mean loss.
+        Gradients are read from onnxruntime's live buffers (`Parameter.grad`) and summed in float64
+        in 1 M-element chunks, so a large layer costs at most 8 MB extra. The reset is
+        `Module.lazy_reset_grad()`: the next forward_backward overwrites the buffers instead of
+        accumulating into them.
+        """
+        out = {}
+        for name in names:
+            grad = self.state.parameters[name].grad
+            if grad is None:
+                raise EdgeRuntimeError(f"parameter {name} has no gradient in this artifact (it is frozen)")
+            flat = grad.reshape(-1)
+            total = 0.0
+            for start in range(0, flat.size, 1 << 20):
+                chunk = flat[start:start + (1 << 20)].astype(np.float64)
+                total += float(np.dot(chunk, chunk))
+            out[name] = total
+        self.module.lazy_reset_grad()
+        return out
+
+    def reset_grad(self) -> None:
+        """Forget accumulated gradients: the next forward_backward starts from zero."""
+        self.module.lazy_reset_grad()
+
     def weight_view(self, name: str) -> np.ndarray:
         """A live view of one parameter: valid until the next step, no copy."""
         return self.state.parameters[name].data

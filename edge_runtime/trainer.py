@@ -128,6 +128,30 @@ def _batches(n: int, batch_size: int, total_steps: int, seed: int, start: int = 
         yield step, perm[k * batch_size:(k + 1) * batch_size].copy()
 
 
+def prepare_part(lib: GraphLibrary, part: TrainablePart, weights, dataset: LocalDataset, config: TrainConfig,
+                 state_dir: Path, progress: Callable[[str, int, int], None] | None = None):
+    """What training (or scoring) a part needs before its first batch: the artifact and the prefix's activations.
+
+    Returns (artifact cache, artifact dir, reader of the span's input activations, labels,
+    whether the prefix had to run). The artifact comes from the cache under state_dir/artifacts
+    (built only for a new structure); the activations from state_dir/activations (computed
+    only for a new prefix version or new data).
+    """
+    state_dir = Path(state_dir)
+    artifacts = ArtifactCache(state_dir / "artifacts")
+    artifact_dir = artifacts.get_or_build(lib, part, weights, config.optimizer, config.weight_decay)
+    cache = ActivationCache(state_dir / "activations")
+    act_path, prefix_computed = cache.get_or_build(
+        lib, part.span[0], weights, dataset, batch_size=config.micro(), fp16=config.cache_fp16,
+        threads=config.threads, progress=(lambda i, n: progress("prefix", i, n)) if progress else None)
+    inputs = ArrayReader(act_path)
+    labels = dataset.labels()
+    if len(inputs) != len(labels):
+        inputs.close()
+        raise EdgeRuntimeError(f"activation cache {act_path} has {len(inputs)} rows for {len(labels)} labels")
+    return artifacts, artifact_dir, inputs, labels, prefix_computed
+
+
 def train(manifest: Manifest, weights: dict[str, np.ndarray], dataset: LocalDataset, part: TrainablePart,
           config: TrainConfig, state_dir: Path, task_id: str,
           progress: Callable[[str, int, int], None] | None = None,
@@ -156,18 +180,10 @@ def train(manifest: Manifest, weights: dict[str, np.ndarray], dataset: LocalData
             result = TrainResult(**saved["result"])
             return (wcodec.load(run_dir / "update.safetensors") if return_weights else {}), result
 
-    artifacts = ArtifactCache(state_dir / "artifacts")
-    artifact_dir = artifacts.get_or_build(lib, part, weights, config.optimizer, config.weight_decay)
+    artifacts, artifact_dir, inputs, labels, prefix_computed = prepare_part(
+        lib, part, weights, dataset, config, state_dir, progress)
     micro = config.micro()
-    cache = ActivationCache(state_dir / "activations")
-    act_path, prefix_computed = cache.get_or_build(
-        lib, part.span[0], weights, dataset, batch_size=micro, fp16=config.cache_fp16, threads=config.threads,
-        progress=(lambda i, n: progress("prefix", i, n)) if progress else None)
-    inputs = ArrayReader(act_path)
-    labels = dataset.labels()
     n = len(labels)
-    if len(inputs) != n:
-        raise EdgeRuntimeError(f"activation cache {act_path} has {len(inputs)} rows for {n} labels")
 
     from .ort_backend import TrainingSession
     state = _Progress(run_dir, fingerprint)

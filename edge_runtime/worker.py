@@ -1,9 +1,15 @@
-"""One training job in its own process: `python -m edge_runtime.worker SPEC.json`.
+"""One training or scoring job in its own process: `python -m edge_runtime.worker SPEC.json`.
 
 The device runs every training job (and every calibration) as a child process, so its
 peak memory is measured by the kernel (ru_maxrss) and can be held under a hard limit,
 apart from the agent process that talks to the network. The last line of stdout is a
-JSON object: {"ok": true, "result": {...}, "update": path} or {"ok": false, "error": ...}.
+JSON object: {"ok": true, "mode": "train", "result": {...}, "update": path} or
+{"ok": false, "error": ...}.
+
+A spec with "mode": "score" scores the part's trainable layers instead of training them
+(one pass of forward/backward, no optimizer step, weights untouched):
+{"ok": true, "mode": "score", "result": {"scores": {"<layer>": s, "head": s}, "samples": n,
+"batches": k, "peak_rss_bytes": ...}, "update": null, "scores_out": path}.
 """
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ class JobSpec:
     update_out: str | None = None  # where to copy the trained weights (safetensors)
     progress_file: str | None = None  # where to publish {"phase", "done", "total"} for a watcher
     extra: dict = field(default_factory=dict)
+    mode: str = "train"           # "train" | "score" (layer gradient scores, no weight change)
+    scores_out: str | None = None  # score mode: where to write the score result (JSON)
 
     def save(self, path: Path) -> None:
         from .store import atomic_write_text
@@ -53,6 +61,9 @@ def _progress_writer(path: str, every_s: float = 0.5):
     return write
 
 
+MODES = ("train", "score")
+
+
 def run_job(spec: JobSpec, progress=None) -> dict:
     """Run one job in this process. progress(phase, done, total) overrides spec.progress_file."""
     from . import weights as wcodec
@@ -61,22 +72,32 @@ def run_job(spec: JobSpec, progress=None) -> dict:
     from .manifest import Manifest
     from .trainer import TrainConfig, train
 
+    if spec.mode not in MODES:
+        raise EdgeRuntimeError(f"unknown job mode {spec.mode!r}; choose one of {', '.join(MODES)}")
     manifest = Manifest.load(Path(spec.manifest))
     part = TrainablePart.from_dict(spec.part)
     part.validate(manifest)
+    config = TrainConfig.from_dict(spec.config)
+    progress = progress or (_progress_writer(spec.progress_file) if spec.progress_file else None)
     # only the prefix, the span and the head: a later block never loads the rest of the model
     weights = wcodec.open_weights(spec.weights, part.required_names(manifest))
-    _, result = train(manifest, weights, LocalDataset(Path(spec.dataset)), part,
-                      TrainConfig.from_dict(spec.config), Path(spec.state_dir), spec.task_id,
-                      progress=progress or (_progress_writer(spec.progress_file) if spec.progress_file else None),
-                      return_weights=False)
+    if spec.mode == "score":
+        from .layer_scores import score_layers
+        from .store import atomic_write_text
+        result = score_layers(manifest, weights, LocalDataset(Path(spec.dataset)), part, config,
+                              Path(spec.state_dir), progress=progress)
+        if spec.scores_out:
+            atomic_write_text(Path(spec.scores_out), json.dumps(result))
+        return {"ok": True, "mode": "score", "result": result, "update": None, "scores_out": spec.scores_out}
+    _, result = train(manifest, weights, LocalDataset(Path(spec.dataset)), part, config,
+                      Path(spec.state_dir), spec.task_id, progress=progress, return_weights=False)
     if spec.update_out:
         import shutil
         update = Path(spec.state_dir) / "runs" / spec.task_id / "update.safetensors"
         tmp = Path(spec.update_out).with_name(Path(spec.update_out).name + ".tmp")
         shutil.copyfile(update, tmp)
         tmp.replace(spec.update_out)
-    return {"ok": True, "result": asdict(result), "update": spec.update_out}
+    return {"ok": True, "mode": "train", "result": asdict(result), "update": spec.update_out}
 
 
 def run_worker(spec: JobSpec, job_dir: Path, memory_limit_bytes: int | None = None,
