@@ -44,7 +44,7 @@ from .errors import BudgetError, EdgeRuntimeError
 from .memory import MIB, ChildResult, current_rss_bytes, peak_rss_bytes, release_free_heap
 from .model_blobs import check_blob_names, materialize
 from .mqtt_link import MqttLink, Received, parse_broker_url
-from .protocol import Ack, Failed, Hello, ProtocolError, Status, Task, Topics, Update, check_id
+from .protocol import Ack, Failed, Hello, ProtocolError, Scores, Status, Task, Topics, Update, check_id, decode_any
 from .store import atomic_write_text, digest_of
 from .tiers import DEFAULT_PROFILES_DIR, TierError, find_tier
 from .transfer import BlobStore
@@ -341,13 +341,15 @@ class Agent:
         finally:
             self.working_on = None
 
-    def _produce(self, task: Task, downloaded_before: int) -> Update:
+    def _produce(self, task: Task, downloaded_before: int) -> Update | Scores:
         """Fetch, lay out, train within the budget; the update is stored in uploads/ and described on disk."""
         downloaded = downloaded_before + self._fetch(task)
         self._save_current(task, downloaded)
         manifest_path, weight_files = materialize(task.manifest["sha256"], task.blobs, self.blobs, self.models)
         spec = self._spec(task, manifest_path, weight_files)
         report, child = self._train(task, spec)
+        if task.kind == "score":
+            return self._scored(task, report, child)
         update_file = Path(spec.update_out)
         if task.update_fp16:
             _reencode_fp16(update_file)
@@ -362,6 +364,18 @@ class Agent:
         log.info("task %s: trained %d steps in %.1f s%s, loss %.4f", task.task_id, update.steps, update.seconds,
                  resumed, update.loss)
         return update
+
+    def _scored(self, task: Task, report: dict, child: ChildResult) -> Scores:
+        """A score task's answer: per-layer gradient scores, no blob (nothing was trained)."""
+        result = report["result"]
+        scores = Scores(task.task_id, task.round, self.cfg.device_id,
+                        scores={str(k): float(v) for k, v in result["scores"].items()},
+                        num_examples=result["num_examples"], peak_rss_bytes=child.peak_rss_bytes,
+                        seconds=child.seconds, agent_peak_rss_bytes=peak_rss_bytes())
+        atomic_write_text(self._update_file(task), scores.encode().decode())
+        log.info("task %s: scored %d layer(s) over %d batches in %.1f s", task.task_id, len(scores.scores),
+                 result["batches"], child.seconds)
+        return scores
 
     def _fetch(self, task: Task) -> int:
         """Get the blobs the store lacks; return the bytes downloaded. Tasks arriving meanwhile are kept."""
@@ -382,11 +396,13 @@ class Agent:
 
     def _spec(self, task: Task, manifest_path: Path, weight_files: list[str]) -> JobSpec:
         threads = self.cfg.threads or task.config.get("threads", 0)
+        scoring = task.kind == "score"
         return JobSpec(manifest=str(manifest_path), weights=weight_files, dataset=str(self.cfg.data),
                        state_dir=str(self.runtime), task_id=task.task_id, part=task.part,
                        config=dict(task.config, threads=threads),
-                       update_out=str(self.jobs / f"{task.task_id}.update.safetensors"),
-                       progress_file=str(self.jobs / f"{task.task_id}.progress.json"))
+                       update_out=None if scoring else str(self.jobs / f"{task.task_id}.update.safetensors"),
+                       progress_file=str(self.jobs / f"{task.task_id}.progress.json"),
+                       mode=task.kind, scores_out=str(self.jobs / f"{task.task_id}.scores.json") if scoring else None)
 
     def _train(self, task: Task, spec: JobSpec) -> tuple[dict, ChildResult]:
         """Train at the cached micro-batch when this part was planned before, else calibrate first.
@@ -394,7 +410,7 @@ class Agent:
         The plan is stored before the long run, not after: a job killed mid-way then resumes
         at the same micro-batch, which its checkpoint requires, without calibrating again.
         """
-        key = digest_of(task.manifest["sha256"], json.dumps(task.part, sort_keys=True),
+        key = digest_of(task.kind, task.manifest["sha256"], json.dumps(task.part, sort_keys=True),
                         str(spec.config.get("batch_size", 64)), repr(self.cfg.margin))
         cached = self.plans.get(key)
         if cached and abs(cached["budget_bytes"] - self.job_budget) <= PLAN_BUDGET_TOLERANCE * self.job_budget:
@@ -427,14 +443,16 @@ class Agent:
         return run_worker(job, self.jobs, memory_limit_bytes=self.job_budget)
 
     # -- sending and acknowledgement -------------------------------------------------------
-    def _deliver(self, task: Task, update: Update) -> None:
+    def _deliver(self, task: Task, update: Update | Scores) -> None:
         """Send the update until the coordinator acknowledges it (duplicates are no-ops there)."""
         for attempt in range(1, SEND_ATTEMPTS + 1):
             try:
-                send_blob(self.link, self.topic("upload"), self.uploads, update.blob_sha256)
+                if isinstance(update, Update):
+                    send_blob(self.link, self.topic("upload"), self.uploads, update.blob_sha256)
                 self.link.publish(self.topic("update"), update.encode(), qos=1)
-                log.info("task %s: update sent%s: %s, job peak %s of %s budget, agent %s", task.task_id,
-                         f" (attempt {attempt})" if attempt > 1 else "", _size(update.blob_size),
+                log.info("task %s: %s sent%s: %s, job peak %s of %s budget, agent %s", task.task_id, update.TYPE,
+                         f" (attempt {attempt})" if attempt > 1 else "",
+                         _size(update.blob_size) if isinstance(update, Update) else f"{len(update.scores)} scores",
                          _size(update.peak_rss_bytes), _size(self.job_budget), _size(update.agent_peak_rss_bytes))
             except (RuntimeError, ValueError, BufferError) as exc:  # paho: not connected, queue full
                 log.warning("task %s: sending failed (%s); attempt %d of %d", task.task_id, exc, attempt,
@@ -517,13 +535,13 @@ class Agent:
     def _update_file(self, task: Task) -> Path:
         return self.jobs / f"{task.task_id}.update.json"
 
-    def _prepared_update(self, task: Task) -> Update | None:
+    def _prepared_update(self, task: Task) -> Update | Scores | None:
         """The update of a task trained before a restart, when its blob is still in uploads/: send, don't train."""
         path = self._update_file(task)
         if not path.exists():
             return None
-        update = Update.decode(path.read_bytes())
-        if not self.uploads.has(update.blob_sha256):
+        update = decode_any(path.read_bytes(), (Update, Scores))
+        if isinstance(update, Update) and not self.uploads.has(update.blob_sha256):
             return None
         log.info("task %s: update already prepared; sending it", task.task_id)
         return update

@@ -15,7 +15,8 @@ Topics, under `edgeblock/v1/<fleet>/`:
     device/<id>/fetch     device -> coordinator   Fetch: which chunks of which blob it lacks
     device/<id>/blob      coordinator -> device   blob chunks (binary; metadata in user properties)
     device/<id>/upload    device -> coordinator   chunks of an update blob
-    device/<id>/update    device -> coordinator   Update: the finished task, naming its blob (or Failed: why not)
+    device/<id>/update    device -> coordinator   Update: the finished task, naming its blob; Scores for a
+                                                  score task; or Failed: why not
     device/<id>/ack       coordinator -> device   Ack: the update was stored (or rejected, and why)
     coordinator/status    coordinator -> all      Status, retained
     coordinator/metrics   coordinator -> all      the last closed round's metrics (JSON), retained
@@ -200,7 +201,8 @@ class Task(Message):
     """What a device trains this round; every object it needs is named by content hash."""
     TYPE: ClassVar[str] = "task"
     TYPES: ClassVar[dict] = {"task_id": str, "round": int, "manifest": dict, "blobs": list, "part": dict,
-                             "config": dict, "deadline_s": float, "update_fp16": bool}
+                             "config": dict, "deadline_s": float, "update_fp16": bool, "kind": str}
+    OPTIONAL: ClassVar[tuple] = ("update_fp16", "kind")
     task_id: str
     round: int
     manifest: dict          # {"sha256", "size"} of manifest.json
@@ -209,9 +211,12 @@ class Task(Message):
     config: dict            # TrainConfig fields
     deadline_s: float
     update_fp16: bool = False
+    kind: str = "train"     # "train": send back an Update; "score": send back Scores, change nothing
 
     def validate(self) -> None:
         check_id(self.task_id, "task: task_id")
+        if self.kind not in ("train", "score"):
+            raise ProtocolError(f"task: kind must be train or score, not {self.kind!r}")
         if self.round < 0 or self.deadline_s <= 0:
             raise ProtocolError("task: round must be >= 0 and deadline_s positive")
         check_sha(self.manifest.get("sha256"), "task: manifest.sha256")
@@ -294,6 +299,35 @@ class Failed(Message):
 
 
 @dataclass(frozen=True)
+class Scores(Message):
+    """A finished score task: per layer (and "head"), the summed squared gradient norm on local data."""
+    TYPE: ClassVar[str] = "scores"
+    TYPES: ClassVar[dict] = {"task_id": str, "round": int, "device_id": str, "scores": dict, "num_examples": int,
+                             "peak_rss_bytes": int, "seconds": float, "agent_peak_rss_bytes": int}
+    OPTIONAL: ClassVar[tuple] = ("agent_peak_rss_bytes",)
+    task_id: str
+    round: int
+    device_id: str
+    scores: dict            # {"<layer index>" or "head": score}
+    num_examples: int
+    peak_rss_bytes: int
+    seconds: float
+    agent_peak_rss_bytes: int = 0
+
+    def validate(self) -> None:
+        check_id(self.task_id, "scores: task_id")
+        check_id(self.device_id, "scores: device_id")
+        if self.round < 0 or self.num_examples <= 0 or self.peak_rss_bytes <= 0 or len(self.scores) > 1000:
+            raise ProtocolError("scores: round >= 0, num_examples and peak_rss_bytes > 0, at most 1000 scores")
+        for key, value in self.scores.items():
+            if key != "head" and not key.isdigit():
+                raise ProtocolError(f"scores: key {key!r} is neither a layer index nor 'head'")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0:
+                raise ProtocolError(f"scores: the score of {key} must be a finite number >= 0, not {value!r}")
+
+
+@dataclass(frozen=True)
 class Ack(Message):
     """The coordinator stored an update durably (accepted) or refused it (with the reason)."""
     TYPE: ClassVar[str] = "ack"
@@ -303,7 +337,7 @@ class Ack(Message):
     reason: str = ""
 
 
-MESSAGES = {cls.TYPE: cls for cls in (Hello, Status, Task, Fetch, Update, Failed, Ack)}
+MESSAGES = {cls.TYPE: cls for cls in (Hello, Status, Task, Fetch, Update, Failed, Scores, Ack)}
 
 
 def decode_any(payload: bytes, allowed: tuple[type, ...]):

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from edge_runtime.protocol import (MAX_CONTROL_BYTES, Ack, Failed, Fetch, Hello, ProtocolError, Status, Task,
-                                   Topics, Update, decode_any)
+from edge_runtime.protocol import (MAX_CONTROL_BYTES, Ack, Failed, Fetch, Hello, ProtocolError, Scores, Status,
+                                   Task, Topics, Update, decode_any)
 
 SHA = "ab" * 32
 MESSAGES = [
@@ -92,3 +92,16 @@ def test_the_update_topic_carries_updates_and_failure_reports_and_nothing_else()
         decode_any(b"{not json", (Update, Failed))
     with pytest.raises(ProtocolError, match="downloaded_bytes"):
         Update.decode(json.dumps(dict(json.loads(update.encode()), downloaded_bytes=-5)).encode())
+
+
+def test_score_tasks_and_their_scores():
+    task = Task("r1-x-pi", 1, {"sha256": SHA, "size": 1}, [], {"span": [0]}, {}, 10.0, kind="score")
+    assert Task.decode(task.encode()).kind == "score"
+    with pytest.raises(ProtocolError, match="kind must be train or score"):
+        Task.decode(task.encode().replace(b'"score"', b'"mine"'))
+    scores = Scores("r1-x-pi", 1, "pi", {"0": 1.5, "3": 0.0, "head": 2}, 600, 90 << 20, 3.2)
+    assert decode_any(scores.encode(), (Update, Scores)) == scores
+    for bad, reason in ((scores.scores | {"x1": 1.0}, "neither a layer index"), ({"0": -1.0}, ">= 0"),
+                        ({"0": True}, ">= 0")):
+        with pytest.raises(ProtocolError, match=reason):
+            Scores.decode(json.dumps(dict(json.loads(scores.encode()), scores=bad)).encode())
