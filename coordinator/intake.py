@@ -17,7 +17,7 @@ import numpy as np
 from edge_runtime import weights as wcodec
 from edge_runtime.errors import IntegrityError
 from edge_runtime.manifest import Manifest
-from edge_runtime.protocol import Failed, Update
+from edge_runtime.protocol import Failed, Scores, Update
 from edge_runtime.transfer import BlobStore
 
 from .aggregation import UpdateCheck, UpdateRejected, validate_update
@@ -38,13 +38,13 @@ def _rejected(reason: str, settles: bool = False) -> Verdict:
 
 
 def expected_shapes(manifest: Manifest, task: dict) -> dict[str, tuple[int, ...]]:
-    """The parameters a task's device must send back: its trainable layers and its head."""
-    a = task["spec"]["assignment"]
+    """The parameters a task's device must send back: its trainable layers and (if it trains) its head."""
+    from .strategies.base import assignment_from_dict
     specs = manifest.param_specs()
-    return {n: tuple(specs[n].shape) for n in manifest.param_names(a["trainable"], [a["head"]])}
+    return {n: tuple(specs[n].shape) for n in assignment_from_dict(task["spec"]["assignment"]).trained_names(manifest)}
 
 
-def _check_task(msg: Update | Failed, sender: str, state: StateStore, open_round: int | None) -> tuple[dict | None, Verdict | None]:
+def _check_task(msg: Update | Failed | Scores, sender: str, state: StateStore, open_round: int | None) -> tuple[dict | None, Verdict | None]:
     """The task a message answers, or the verdict that ends it before any blob is read."""
     if msg.device_id != sender:
         return None, _rejected(f"device {msg.device_id!r} sent on the topic of device {sender!r}")
@@ -91,6 +91,20 @@ def judge_update(update: Update, sender: str, state: StateStore, open_round: int
         validate_update(values, expected, global_weights, check)
     except UpdateRejected as exc:
         return _rejected(str(exc), settles=True)
+    return Verdict("accepted")
+
+
+def judge_scores(msg: Scores, sender: str, state: StateStore, open_round: int | None) -> Verdict:
+    """A score task's answer: a score for exactly the layers (and head) the task named, each finite and >= 0."""
+    task, verdict = _check_task(msg, sender, state, open_round)
+    if verdict is not None:
+        return verdict
+    a = task["spec"]["assignment"]
+    if a.get("kind", "train") != "score":
+        return _rejected(f"task {msg.task_id} is a training task: it needs an update, not scores", settles=True)
+    expected = {str(i) for i in a["trainable"]} | ({"head"} if a.get("train_head", True) else set())
+    if set(msg.scores) != expected:
+        return _rejected(f"scores name {sorted(msg.scores)}, the task asked for {sorted(expected)}", settles=True)
     return Verdict("accepted")
 
 

@@ -34,10 +34,12 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime import weights as wcodec
+from edge_runtime.layer_scores import scores_from_json
 from edge_runtime.blob_exchange import receive_chunk, serve_fetch
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.mqtt_link import MqttLink, Received
-from edge_runtime.protocol import Ack, Failed, Hello, ProtocolError, Status, Task, Topics, Update, decode_any
+from edge_runtime.protocol import (Ack, Failed, Hello, ProtocolError, Scores, Status, Task, Topics, Update,
+                                   decode_any)
 from edge_runtime.store import atomic_write_text
 from edge_runtime.transfer import BlobStore
 
@@ -55,12 +57,13 @@ DEFAULTS = {
                 "strategy": "progressive", "profile": "", "min_devices": 1, "round_deadline_s": 600.0,
                 "offline_grace_s": 20.0,
                 "min_updates": 1, "sample_fraction": 1.0, "max_rounds": 200, "eval_samples": 10000,
-                "max_update_relative_change": 10.0, "update_fp16": False},
+                "max_update_relative_change": 10.0, "update_fp16": False, "init_weights": ""},
     "train": {"optimizer": "adamw", "learning_rate": 2e-3, "local_epochs": 1.0, "batch_sizes": [16, 32, 64],
               "margin": 0.10},
     "progressive": {"shrink_rounds": 1, "min_rounds_per_block": 2, "max_rounds_per_block": 6, "max_extra_blocks": 1,
                     "freeze_window": 6, "freeze_threshold": 0.5, "freeze_patience": 2},
     "fedavg": {"rounds": 10},
+    "selective": {"rounds": 6, "rescore_every": 3, "lam": 0.0, "max_units": 2},
 }
 MQTT_KINDS = ("hello", "status", "fetch", "upload", "update")
 
@@ -118,8 +121,7 @@ class Coordinator:
         """Continue where the state store says the run is: the open round, or after the last closed one."""
         row = self.state.current_round()
         if row is None:
-            from .export import load_weights
-            self.weights_sha = self.model.save(load_weights(self.model.manifest))
+            self.weights_sha = self.model.save(self._initial_weights())
             self.next_round = 1
             self.eval_block = len(self.model.manifest.blocks) - 1
         else:
@@ -134,6 +136,22 @@ class Coordinator:
                 len(self.model.manifest.blocks) - 1
             log.info("resuming: round %d is %s", row.round, row.state)
         self.global_weights = self.model.load(self.weights_sha)
+
+    def _initial_weights(self) -> dict:
+        """The export's initial weights, or a pretrained model's (init_weights: a safetensors file)."""
+        from .export import load_weights
+        weights = load_weights(self.model.manifest)
+        given = self.settings["service"]["init_weights"]
+        if given:
+            pretrained = wcodec.load(Path(given))
+            specs = self.model.manifest.param_specs()
+            wrong = sorted(n for n in specs if n not in pretrained or pretrained[n].shape != tuple(specs[n].shape))
+            if wrong:
+                raise SystemExit(f"init_weights {given} does not fit the model: {len(wrong)} parameter(s) missing "
+                                 f"or of another shape, e.g. {wrong[:3]}")
+            weights = {n: pretrained[n] for n in specs}
+            log.info("starting from the weights in %s", given)
+        return weights
 
     def _write_metrics_file(self) -> None:
         """metrics.jsonl is a view of the state store: rewritten whole, so it never misses or repeats a round."""
@@ -214,7 +232,7 @@ class Coordinator:
                         config={"optimizer": t["optimizer"], "learning_rate": t["learning_rate"],
                                 "batch_size": a.batch_size, "epochs": t["local_epochs"],
                                 "seed": int(s["seed"] * 100003 + round_no)},
-                        deadline_s=s["round_deadline_s"], update_fp16=s["update_fp16"])
+                        deadline_s=s["round_deadline_s"], update_fp16=s["update_fp16"], kind=a.kind)
             task.validate()
             from dataclasses import asdict
             tasks.append((task.task_id, a.device_id, {"assignment": asdict(a), "task": asdict(task)}))
@@ -298,9 +316,11 @@ class Coordinator:
                     self._take_update(sender, update)
 
     def _on_update(self, device_id: str, msg: Received) -> None:
-        message = decode_any(msg.payload, (Update, Failed))
+        message = decode_any(msg.payload, (Update, Scores, Failed))
         if isinstance(message, Failed):
             self._take_failure(device_id, message)
+        elif isinstance(message, Scores):
+            self._take_scores(device_id, message)
         else:
             self._take_update(device_id, message)
 
@@ -322,6 +342,16 @@ class Coordinator:
         elif verdict.status == "rejected":
             self._reject(sender, update.task_id, verdict)
         self._ack(sender, update.task_id, verdict)
+
+    def _take_scores(self, sender: str, msg: Scores) -> None:
+        verdict = intake.judge_scores(msg, sender, self.state, self._open_round_no())
+        if verdict.status == "accepted":
+            self.state.record_scores(msg)  # durable before the device hears it was accepted
+            log.info("round %d: scores from %s accepted (%d layers, %d samples)", msg.round, sender,
+                     len(msg.scores), msg.num_examples)
+        elif verdict.status == "rejected":
+            self._reject(sender, msg.task_id, verdict)
+        self._ack(sender, msg.task_id, verdict)
 
     def _take_failure(self, sender: str, failed: Failed) -> None:
         verdict = intake.judge_failure(failed, sender, self.state, self._open_round_no())
@@ -376,19 +406,24 @@ class Coordinator:
                 continue
             results.append(Result(assignment_from_dict(by_task[u.task_id]["spec"]["assignment"]), values,
                                   u.num_examples, u.loss))
+        scored = {sc["task_id"]: sc for sc in self.state.scores(row.round)}
+        for task_id, sc in scored.items():
+            results.append(Result(assignment_from_dict(by_task[task_id]["spec"]["assignment"]), {}, sc["num_examples"],
+                                  0.0, scores=scores_from_json(sc["scores"])))
         failures = {t["device_id"]: t["reason"] or "no update" for t in tasks if t["status"] != "accepted"}
         before = self.global_weights
         aggregated = len(results) >= s["min_updates"]
         if aggregated:
             after = self.strategy.aggregate(plan, results, failures, before)
-            self.strategy.advance(replace(plan, assignments=tuple(r.assignment for r in results)), before, after)
+            self.strategy.advance(replace(plan, assignments=tuple(r.assignment for r in results)), before, after,
+                                  results)
             weights_after = self.model.save(after)
             blocks = [self.model.manifest.layers[r.assignment.last].block for r in results]
             self.eval_block = max(blocks)
         else:
             after, weights_after = before, row.weights_before
         ev = self.model.evaluate(after, self.test_x, self.test_y, upto_block=self.eval_block)
-        metrics = self._round_metrics(row, plan, tasks, updates, why, aggregated, ev)
+        metrics = self._round_metrics(row, plan, tasks, updates, scored, why, aggregated, ev)
         self.state.close_round(row.round, weights_after, self.strategy.state(), metrics)
         self.global_weights, self.weights_sha, self.next_round = after, weights_after, row.round + 1
         with open(self.metrics_path, "a") as f:
@@ -401,14 +436,15 @@ class Coordinator:
                  len(results), len(tasks), "" if aggregated else f", fewer than {s['min_updates']}: weights kept",
                  100 * ev["accuracy"], self.eval_block)
 
-    def _round_metrics(self, row, plan: RoundPlan, tasks, updates, why, aggregated, ev) -> dict:
+    def _round_metrics(self, row, plan: RoundPlan, tasks, updates, scored, why, aggregated, ev) -> dict:
         devices = {d["device_id"]: d for d in self.state.devices()}
         per_device = {}
         for t in tasks:
             a = t["spec"]["assignment"]
-            u = updates.get(t["task_id"])
-            trained = self.model.param_bytes(self.model.manifest.param_names(a["trainable"], [a["head"]]))
-            entry = {"tier": devices[t["device_id"]]["tier"], "budget_bytes": devices[t["device_id"]]["budget_bytes"],
+            u, sc = updates.get(t["task_id"]), scored.get(t["task_id"])
+            trained = self.model.param_bytes(assignment_from_dict(a).trained_names(self.model.manifest))
+            entry = {"kind": a.get("kind", "train"), "trainable": list(a["trainable"]),
+                     "train_head": a.get("train_head", True), "tier": devices[t["device_id"]]["tier"], "budget_bytes": devices[t["device_id"]]["budget_bytes"],
                      "layers": [a["first"], a["last"]], "head": a["head"], "batch_size": a["batch_size"],
                      "predicted_peak_bytes": a["predicted_peak_bytes"], "status": t["status"], "reason": t["reason"],
                      "trained_bytes": trained}
@@ -416,11 +452,14 @@ class Coordinator:
                 entry.update(num_examples=u.num_examples, loss=u.loss, peak_rss_bytes=u.peak_rss_bytes,
                              agent_peak_rss_bytes=u.agent_peak_rss_bytes, downloaded_bytes=u.downloaded_bytes,
                              uploaded_bytes=u.blob_size, seconds=u.seconds)
+            if sc is not None:
+                entry.update(num_examples=sc["num_examples"], scores=sc["scores"], peak_rss_bytes=sc["peak_rss_bytes"],
+                             agent_peak_rss_bytes=sc["agent_peak_rss_bytes"], seconds=sc["seconds"])
             per_device[t["device_id"]] = entry
         return {"round": row.round, "strategy": self.settings["service"]["strategy"], "stage": plan.stage,
                 "closed_because": why, "aggregated": aggregated, "accuracy": ev["accuracy"], "loss": ev["loss"],
                 "eval_block": self.eval_block, "opened_at": row.opened_at, "closed_at": time.time(),
-                "updates": len(updates), "rejected": len(self.state.rejections(since=row.opened_at)),
+                "updates": len(updates) + len(scored), "rejected": len(self.state.rejections(since=row.opened_at)),
                 "failed": sum(t["status"] == "failed" for t in tasks), "devices": per_device,
                 "idle": dict(plan.idle), "finished": self.strategy.finished,
                 "schedule": self.strategy.round_report(row.round)}

@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--broker", help="mqtt://host:port of the broker (default: start an embedded Mosquitto)")
     run.add_argument("--fleet", help="fleet name: the topic namespace devices and coordinator share")
     run.add_argument("--model", help="zoo model to train (fmnist_cnn, vgg_cifar, resnet_small)")
-    run.add_argument("--strategy", choices=["progressive", "fedavg"])
+    run.add_argument("--strategy", choices=["progressive", "fedavg", "selective"])
+    run.add_argument("--init-weights", help="start from these weights (safetensors, e.g. a finished run's) "
+                                            "instead of the export's initialisation")
     run.add_argument("--profile", help="profile JSON from `edge-profile measure` (default: measure here once)")
     run.add_argument("--min-devices", type=int, help="online devices needed before a round opens")
     run.add_argument("--round-deadline-s", type=float, help="seconds a round waits for updates")
@@ -71,7 +73,7 @@ def _settings(args) -> dict:
                     "round_deadline_s": args.round_deadline_s, "offline_grace_s": args.offline_grace_s,
                     "min_updates": args.min_updates,
                     "sample_fraction": args.sample_fraction, "max_rounds": args.max_rounds,
-                    "update_fp16": args.update_fp16},
+                    "update_fp16": args.update_fp16, "init_weights": args.init_weights},
         "train": {"local_epochs": args.local_epochs, "learning_rate": args.learning_rate},
         "fedavg": {"rounds": args.rounds},
     }

@@ -34,6 +34,10 @@ CREATE TABLE IF NOT EXISTS updates (
     blob_sha256 TEXT NOT NULL, num_examples INTEGER NOT NULL, loss REAL NOT NULL,
     peak_rss_bytes INTEGER NOT NULL, seconds REAL NOT NULL, received_at REAL NOT NULL, blob_size INTEGER NOT NULL,
     downloaded_bytes INTEGER NOT NULL, agent_peak_rss_bytes INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS scores (
+    task_id TEXT PRIMARY KEY REFERENCES tasks(task_id), round INTEGER NOT NULL, device_id TEXT NOT NULL,
+    scores TEXT NOT NULL, num_examples INTEGER NOT NULL, peak_rss_bytes INTEGER NOT NULL,
+    agent_peak_rss_bytes INTEGER NOT NULL, seconds REAL NOT NULL, received_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS rejections (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, device_id TEXT, task_id TEXT, reason TEXT NOT NULL);
 """
@@ -157,6 +161,24 @@ class StateStore:
                 return False
             self._db.execute("UPDATE tasks SET status = 'accepted' WHERE task_id = ?", (update.task_id,))
             return True
+
+    def record_scores(self, msg) -> bool:
+        """Durably record a score task's answer; False (and nothing changes) if it is already in."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            cur = self._db.execute("INSERT OR IGNORE INTO scores VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                   (msg.task_id, msg.round, msg.device_id, json.dumps(msg.scores), msg.num_examples,
+                                    msg.peak_rss_bytes, msg.agent_peak_rss_bytes, msg.seconds, time.time()))
+            if cur.rowcount == 0:
+                return False
+            self._db.execute("UPDATE tasks SET status = 'accepted' WHERE task_id = ?", (msg.task_id,))
+            return True
+
+    def scores(self, round_no: int) -> list[dict]:
+        cur = self._db.execute("SELECT task_id, device_id, scores, num_examples, peak_rss_bytes, agent_peak_rss_bytes, "
+                               "seconds FROM scores WHERE round = ? ORDER BY task_id", (round_no,))
+        cols = [c[0] for c in cur.description]
+        return [dict(zip(cols, r), scores=json.loads(r[2])) for r in cur.fetchall()]
 
     def mark_task(self, task_id: str, status: str, reason: str | None = None) -> bool:
         """Settle a task still waiting for its update (rejected or failed, with why); False if it was settled."""

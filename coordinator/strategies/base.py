@@ -49,11 +49,19 @@ class Assignment:
     head: int
     batch_size: int
     predicted_peak_bytes: int
+    train_head: bool = True
+    kind: str = "train"        # "score": the device scores the trainable layers and changes nothing
 
     def part(self) -> TrainablePart:
-        """The part a device job trains."""
+        """The part a device job trains (or scores)."""
         return TrainablePart(span=tuple(range(self.first, self.last + 1)), trainable_layers=self.trainable,
-                             head=self.head)
+                             head=self.head, train_head=self.train_head)
+
+    def trained_names(self, manifest) -> list[str]:
+        """The parameters this assignment's update must hold (none for a score task)."""
+        if self.kind == "score":
+            return []
+        return manifest.param_names(self.trainable, [self.head] if self.train_head else [])
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,7 @@ class RoundPlan:
     stage: Mapping = field(default_factory=dict)            # what the schedule is doing, for logs
 
     def trained_parameters(self, manifest) -> set[str]:
-        return {n for a in self.assignments for n in manifest.param_names(a.trainable, [a.head])}
+        return {n for a in self.assignments for n in a.trained_names(manifest)}
 
     def to_dict(self) -> dict:
         """The JSON form the state store keeps with the round."""
@@ -79,7 +87,8 @@ class RoundPlan:
 
 def assignment_from_dict(raw: Mapping) -> Assignment:
     return Assignment(raw["device_id"], int(raw["first"]), int(raw["last"]), tuple(raw["trainable"]), int(raw["head"]),
-                      int(raw["batch_size"]), int(raw["predicted_peak_bytes"]))
+                      int(raw["batch_size"]), int(raw["predicted_peak_bytes"]), bool(raw.get("train_head", True)),
+                      raw.get("kind", "train"))
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,7 @@ class Result:
     update: Mapping[str, np.ndarray]   # trained values of the assignment's trainable parameters
     num_examples: int
     loss: float
+    scores: Mapping | None = None      # a score task's answer: {layer index or "head": score}
 
 
 class Strategy(ABC):
@@ -108,11 +118,13 @@ class Strategy(ABC):
                   global_weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """FedAvg per parameter over the devices that trained it; untouched parameters keep their values."""
         new = dict(global_weights)
-        new.update(weighted_average([(r.update, r.num_examples) for r in results]) if results else {})
+        trained = [(r.update, r.num_examples) for r in results if r.update]
+        new.update(weighted_average(trained) if trained else {})
         return new
 
-    def advance(self, plan: RoundPlan, before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray]) -> None:
-        """Move the schedule on after a round; the default schedule has no stages."""
+    def advance(self, plan: RoundPlan, before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray],
+                results: Sequence[Result] = ()) -> None:
+        """Move the schedule on after a round (results: what the devices sent); the default has no stages."""
 
     @property
     @abstractmethod

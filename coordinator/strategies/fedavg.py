@@ -26,7 +26,7 @@ class FedAvg(Strategy):
             assignments.append(Assignment(d.device_id, 0, last, tuple(range(last + 1)), head, *fit))
         return RoundPlan(round_no, tuple(assignments), idle, {"phase": "fedavg", "round": self.rounds_done})
 
-    def advance(self, plan, before, after):
+    def advance(self, plan, before, after, results=()):
         self.rounds_done += 1
 
     @property

@@ -73,7 +73,7 @@ class Progressive(Strategy):
         return RoundPlan(round_no, tuple(assignments), idle,
                          {"phase": self.phase, "block": self.block, "round_in_stage": self.rounds_in_stage})
 
-    def advance(self, plan, before, after):
+    def advance(self, plan, before, after, results=()):
         if self.finished or not plan.assignments:
             return  # nobody trained: the stage stays where it is
         self.rounds_in_stage += 1
