@@ -32,6 +32,7 @@ def settings(workdir: Path, profile: Path, strategy: str = "progressive", **serv
         "progressive": {"shrink_rounds": 1, "min_rounds_per_block": 2, "max_rounds_per_block": 3,
                         "max_extra_blocks": 1},
         "fedavg": {"rounds": 4},
+        "selective": {"rounds": 4, "rescore_every": 2, "lam": 0.0, "max_units": 2},
     }
 
 

@@ -138,3 +138,32 @@ def test_a_restarted_coordinator_freezes_blocks_exactly_when_an_uninterrupted_on
         history.append((dict(plan.stage), w, f"w{r + 1}"))
         w = f"w{r + 1}"
     assert a.finished and len(history) < 4 * 12      # blocks froze on the rule, not at the cap
+
+
+def test_selective_scores_first_then_trains_the_best_affordable_sets(fmnist_model):
+    from coordinator.strategies.selective import Selective
+    m, weights = fmnist_model
+    s = _strategy(Selective, m, rounds=2, rescore_every=1, lam=0.0)
+    plan = s.plan_round(1, FLEET)
+    assert all(a.kind == "score" for a in plan.assignments) and "head alone does not fit" in plan.idle["tiny"]
+    by_device = {a.device_id: a for a in plan.assignments}
+    assert by_device["big"].first == 0                    # the big device can score every layer
+    assert by_device["small"].first > 0                   # the small one only those it could ever train
+    # layer 3 matters most on both devices; layer 0 would, but only the big device can afford it
+    scores = {"big": {"0": 9.0, "1": 0.1, "2": 0.1, "3": 5.0, "4": 0.2, "head": 1.0},
+              "small": {str(i): (5.0 if i == 3 else 0.1) for i in by_device["small"].trainable} | {"head": 1.0}}
+    results = [Result(a, {}, 100, 0.0, scores=scores[a.device_id]) for a in plan.assignments]
+    s.advance(plan, weights, weights, results)
+    train = s.plan_round(2, FLEET)
+    chosen = {a.device_id: a for a in train.assignments}
+    assert all(a.kind == "train" for a in train.assignments)
+    assert 0 in chosen["big"].trainable and 3 in chosen["big"].trainable
+    assert 3 in chosen["small"].trainable and 0 not in chosen["small"].trainable
+    for a in train.assignments:
+        budget = next(d.budget_bytes for d in FLEET if d.device_id == a.device_id)
+        assert a.predicted_peak_bytes * 1.10 <= budget and a.last == 4 and a.head == m.final_head.index
+    s.advance(train, weights, weights, [Result(a, {"x": np.zeros(1)}, 100, 0.5) for a in train.assignments])
+    assert s.phase == "score" and not s.finished        # rescore after every train round
+    restored = _strategy(Selective, m, rounds=2, rescore_every=1)
+    restored.load_state(s.state())
+    assert restored.plan_round(3, FLEET) == s.plan_round(3, FLEET)

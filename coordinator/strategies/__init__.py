@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .base import Strategy
 
-NAMES = ("progressive", "fedavg")
+NAMES = ("progressive", "fedavg", "selective")
 
 
 def build(settings: dict, manifest, predict) -> Strategy:
@@ -11,6 +11,7 @@ def build(settings: dict, manifest, predict) -> Strategy:
     from ..freezing import FreezeRule
     from .fedavg import FedAvg
     from .progressive import Progressive
+    from .selective import Selective
     name, train = settings["service"]["strategy"], settings["train"]
     common = dict(batch_sizes=train["batch_sizes"], margin=train["margin"])
     if name == "fedavg":
@@ -22,4 +23,8 @@ def build(settings: dict, manifest, predict) -> Strategy:
                            min_rounds_per_block=p["min_rounds_per_block"],
                            max_rounds_per_block=p["max_rounds_per_block"], max_extra_blocks=p["max_extra_blocks"],
                            freeze_rule=rule, **common)
+    if name == "selective":
+        sel = settings["selective"]
+        return Selective(manifest, predict, rounds=sel["rounds"], rescore_every=sel["rescore_every"], lam=sel["lam"],
+                         max_units=sel["max_units"], **common)
     raise ValueError(f"unknown strategy {name!r}; known: {', '.join(NAMES)}")
