@@ -2,6 +2,7 @@
 
   edge-coordinator run      schedule rounds, collect and aggregate updates (until the schedule ends)
   edge-coordinator status   fleet, round, stage and accuracy of a run, from its state directory
+  edge-coordinator weights  write a run's current global weights to one safetensors file
 
 Without --broker the coordinator starts its own Mosquitto on a free loopback port (it
 writes the address to WORKDIR/broker.url for the devices) and stops it on exit. Every
@@ -27,6 +28,7 @@ EPILOG = """examples:
   edge-coordinator run --strategy fedavg --rounds 20     # the full-model FedAvg baseline
   edge-coordinator run --config coordinator.toml         # [service], [train], [progressive], [fedavg]; flags win
   edge-coordinator status runs/coordinator
+  edge-coordinator weights runs/coordinator trained.safetensors   # then: run --strategy selective --init-weights
 
 devices connect with:  edge-device --broker mqtt://HOST:PORT --fleet FLEET --id pi-01 --tier pi-zero-2w --data DIR
 """
@@ -60,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--update-fp16", action="store_true", default=None, help="devices send updates as float16")
     run.add_argument("--fresh", action="store_true", help="discard the state in --workdir and start over")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    weights = sub.add_parser("weights", help="write a run's current global weights to one safetensors file")
+    weights.add_argument("workdir", type=Path)
+    weights.add_argument("out", type=Path, help="the safetensors file to write (e.g. for --init-weights)")
     status = sub.add_parser("status", help="print a run's state")
     status.add_argument("workdir", type=Path)
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -136,10 +141,31 @@ def status(workdir: Path, as_json: bool) -> int:
     return 0
 
 
+def export_weights(workdir: Path, out: Path) -> int:
+    """The weights after the last closed round (the initial ones before any), as one file."""
+    from edge_runtime import weights as wcodec
+    from edge_runtime.transfer import BlobStore
+    from .global_model import GlobalModel
+    from .state_store import StateStore
+    if not (workdir / "state.db").exists():
+        print(f"edge-coordinator: {workdir} holds no coordinator state (no state.db)", file=sys.stderr)
+        return 2
+    row = StateStore(workdir / "state.db").current_round()
+    if row is None:
+        print(f"edge-coordinator: {workdir} has no round yet", file=sys.stderr)
+        return 2
+    index = row.weights_after if row.state == "closed" else row.weights_before
+    wcodec.save(out, GlobalModel(workdir / "model", BlobStore(workdir / "blobs")).load(index))
+    print(f"wrote the weights after round {row.round if row.state == 'closed' else row.round - 1} to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "status":
         return status(args.workdir, args.json)
+    if args.command == "weights":
+        return export_weights(args.workdir, args.out)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     settings = _settings(args)

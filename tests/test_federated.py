@@ -108,3 +108,26 @@ def test_selective_fine_tuning_scores_then_trains_chosen_layers_within_budgets(f
     small_first = min(r["layers"][0] for m in metrics for d, r in m["devices"].items() if d.startswith("small"))
     big_first = min(r["layers"][0] for m in metrics for d, r in m["devices"].items() if d.startswith("big"))
     assert big_first < small_first
+
+
+def test_a_run_can_start_from_another_runs_weights(fleet_env, tmp_path):
+    """`edge-coordinator weights` writes a run's global weights; --init-weights starts a new run from them."""
+    import numpy as np
+
+    from coordinator.config import load_config
+    from coordinator.service import DEFAULTS, Coordinator
+    from coordinator.service_cli import main as cli
+    from edge_runtime import weights as wcodec
+    done = fleet_env["root"] / "fedavg" / "coordinator"   # the FedAvg run above, if it ran; else a fresh one
+    if not (done / "state.db").exists():
+        _run(fleet_env, "fedavg", "fedavg")
+    assert cli(["weights", str(done), str(tmp_path / "w.safetensors")]) == 0
+    trained = wcodec.load(tmp_path / "w.safetensors")
+    s = load_config(DEFAULTS, None, settings(tmp_path / "c", fleet_env["profile"], "selective",
+                                             init_weights=str(tmp_path / "w.safetensors")))
+    c = Coordinator(s, "127.0.0.1", 1)                        # nothing connects before run()
+    assert all(np.array_equal(c.global_weights[n], trained[n]) for n in trained)
+    wcodec.save(tmp_path / "bad.safetensors", {k: v for k, v in list(trained.items())[1:]})
+    s["service"].update(workdir=str(tmp_path / "d"), init_weights=str(tmp_path / "bad.safetensors"))
+    with pytest.raises(SystemExit, match="does not fit the model"):
+        Coordinator(s, "127.0.0.1", 1)
