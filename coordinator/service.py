@@ -334,21 +334,20 @@ class Coordinator:
         if verdict.status == "pending":
             self.pending[update.task_id] = (sender, update)
             return
-        if verdict.status == "accepted":
-            self.state.record_update(update)  # durable before the device hears it was accepted
-            log.info("round %d: update from %s accepted (%.1f KB, %d samples, loss %.3f, job peak %.0f MB)",
-                     update.round, sender, update.blob_size / 1024, update.num_examples, update.loss,
-                     update.peak_rss_bytes / 2**20)
-        elif verdict.status == "rejected":
-            self._reject(sender, update.task_id, verdict)
-        self._ack(sender, update.task_id, verdict)
+        self._answer(sender, update, verdict, self.state.record_update,
+                     f"update from {sender} accepted ({update.blob_size / 1024:.1f} KB, {update.num_examples} "
+                     f"samples, loss {update.loss:.3f}, job peak {update.peak_rss_bytes / 2**20:.0f} MB)")
 
     def _take_scores(self, sender: str, msg: Scores) -> None:
         verdict = intake.judge_scores(msg, sender, self.state, self._open_round_no())
+        self._answer(sender, msg, verdict, self.state.record_scores,
+                     f"scores from {sender} accepted ({len(msg.scores)} layers, {msg.num_examples} samples)")
+
+    def _answer(self, sender: str, msg: Update | Scores, verdict: intake.Verdict, record, accepted: str) -> None:
+        """Store an accepted answer durably, then (and only then) tell the device; a rejection says why."""
         if verdict.status == "accepted":
-            self.state.record_scores(msg)  # durable before the device hears it was accepted
-            log.info("round %d: scores from %s accepted (%d layers, %d samples)", msg.round, sender,
-                     len(msg.scores), msg.num_examples)
+            record(msg)
+            log.info("round %d: %s", msg.round, accepted)
         elif verdict.status == "rejected":
             self._reject(sender, msg.task_id, verdict)
         self._ack(sender, msg.task_id, verdict)
