@@ -38,7 +38,7 @@ from edge_runtime.layer_scores import scores_from_json
 from edge_runtime.blob_exchange import receive_chunk, serve_fetch
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.mqtt_link import MqttLink, Received
-from edge_runtime.protocol import (Ack, Failed, Hello, ProtocolError, Scores, Status, Task, Topics, Update,
+from edge_runtime.protocol import (Ack, Failed, Hello, Idle, ProtocolError, Scores, Status, Task, Topics, Update,
                                    decode_any)
 from edge_runtime.store import atomic_write_text
 from edge_runtime.transfer import BlobStore
@@ -242,8 +242,9 @@ class Coordinator:
             self._publish_task(device_id, spec)
         who = ", ".join(f"{a.device_id} layers {a.first}-{a.last} batch {a.batch_size}" for a in plan.assignments)
         log.info("round %d opened (%s): %s", round_no, _stage_text(plan.stage), who)
-        for device_id, why in sorted(plan.idle.items()):
+        for device_id, why in sorted(plan.idle.items()):  # a device that fits nothing is told why
             log.info("round %d: %s idle: %s", round_no, device_id, why)
+            self.link.publish(self.topics.device(device_id, "task"), Idle(round_no, why[:2000]).encode(), qos=1)
 
     def _publish_task(self, device_id: str, spec: dict) -> None:
         self.link.publish(self.topics.device(device_id, "task"), Task(**spec["task"]).encode(), qos=1)

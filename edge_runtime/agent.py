@@ -44,7 +44,8 @@ from .errors import BudgetError, EdgeRuntimeError
 from .memory import MIB, ChildResult, current_rss_bytes, peak_rss_bytes, release_free_heap
 from .model_blobs import check_blob_names, materialize
 from .mqtt_link import MqttLink, Received, parse_broker_url
-from .protocol import Ack, Failed, Hello, ProtocolError, Scores, Status, Task, Topics, Update, check_id, decode_any
+from .protocol import (Ack, Failed, Hello, Idle, ProtocolError, Scores, Status, Task, Topics, Update, check_id,
+                       decode_any)
 from .store import atomic_write_text, digest_of
 from .tiers import DEFAULT_PROFILES_DIR, TierError, find_tier
 from .transfer import BlobStore
@@ -281,7 +282,11 @@ class Agent:
             if msg.topic == self.cfg.topics.coordinator_status:
                 self._on_coordinator_status(Status.decode(msg.payload))
             elif kind == "task":
-                self._keep(Task.decode(msg.payload))
+                message = decode_any(msg.payload, (Task, Idle))
+                if isinstance(message, Idle):
+                    log.warning("round %d: nothing to train here: %s", message.round, message.reason)
+                else:
+                    self._keep(message)
             elif kind == "ack":
                 return Ack.decode(msg.payload)
             else:

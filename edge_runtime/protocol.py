@@ -11,7 +11,7 @@ Topics, under `edgeblock/v1/<fleet>/`:
 
     device/<id>/hello     device -> coordinator   Hello (QoS 1)
     device/<id>/status    device -> all           Status, retained; the last will says offline
-    device/<id>/task      coordinator -> device   Task (QoS 1)
+    device/<id>/task      coordinator -> device   Task (QoS 1), or Idle: nothing this round, and why
     device/<id>/fetch     device -> coordinator   Fetch: which chunks of which blob it lacks
     device/<id>/blob      coordinator -> device   blob chunks (binary; metadata in user properties)
     device/<id>/upload    device -> coordinator   chunks of an update blob
@@ -229,6 +229,19 @@ class Task(Message):
 
 
 @dataclass(frozen=True)
+class Idle(Message):
+    """Sent on the task topic instead of a Task: this round has nothing for the device, and why."""
+    TYPE: ClassVar[str] = "idle"
+    TYPES: ClassVar[dict] = {"round": int, "reason": str}
+    round: int
+    reason: str
+
+    def validate(self) -> None:
+        if self.round < 0 or len(self.reason) > 2000:
+            raise ProtocolError("idle: round must be >= 0 and the reason at most 2000 characters")
+
+
+@dataclass(frozen=True)
 class Fetch(Message):
     """A device asks for the chunks of a blob it lacks (all of them, or the listed indices)."""
     TYPE: ClassVar[str] = "fetch"
@@ -337,7 +350,7 @@ class Ack(Message):
     reason: str = ""
 
 
-MESSAGES = {cls.TYPE: cls for cls in (Hello, Status, Task, Fetch, Update, Failed, Scores, Ack)}
+MESSAGES = {cls.TYPE: cls for cls in (Hello, Status, Task, Idle, Fetch, Update, Failed, Scores, Ack)}
 
 
 def decode_any(payload: bytes, allowed: tuple[type, ...]):

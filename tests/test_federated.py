@@ -83,6 +83,9 @@ def test_fedavg_baseline_runs_with_only_the_devices_that_fit(fleet_env):
         for row in m["devices"].values():
             assert row["layers"] == [0, 4] and row["peak_rss_bytes"] <= row["budget_bytes"]
     assert metrics[-1]["accuracy"] > metrics[0]["accuracy"]
+    # an excluded device is told why, not left guessing
+    log = (fleet_env["root"] / "fedavg" / "logs" / "small-0.log").read_text()
+    assert "nothing to train here: excluded: whole-model training does not fit" in log
 
 
 def test_selective_fine_tuning_scores_then_trains_chosen_layers_within_budgets(fleet_env):

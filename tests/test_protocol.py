@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from edge_runtime.protocol import (MAX_CONTROL_BYTES, Ack, Failed, Fetch, Hello, ProtocolError, Scores, Status,
-                                   Task, Topics, Update, decode_any)
+from edge_runtime.protocol import (MAX_CONTROL_BYTES, Ack, Failed, Fetch, Hello, Idle, ProtocolError, Scores,
+                                   Status, Task, Topics, Update, decode_any)
 
 SHA = "ab" * 32
 MESSAGES = [
@@ -18,6 +18,7 @@ MESSAGES = [
     Update("r3-pi-01", 3, "pi-01", SHA, 123456, 600, 0.42, 19, 150 << 20, 12.5, 5000, 40 << 20),
     Failed("r3-pi-01", 3, "pi-01", "does not fit a budget of 90 MB: needs 102 MB", 102 << 20),
     Ack("r3-pi-01", False, "norm 1e9 exceeds the bound 1e3"),
+    Idle(4, "block 0 does not fit 90 MB; layers 0-0 need 99 MB at batch 32 (with margin)"),
 ]
 
 
