@@ -101,7 +101,7 @@ def test_a_coordinator_killed_mid_round_continues_it_without_losing_or_repeating
 def test_a_broker_restart_mid_round_loses_nothing(env, tmp_path):
     with EmbeddedBroker(tmp_path / "broker") as broker, LocalFleet(tmp_path, broker.url, "broker-restart") as fleet:
         work = tmp_path / "coordinator"
-        fleet.start_run(_fedavg(work, env, rounds=2), env["specs"])
+        fleet.start_run(_fedavg(work, env, rounds=2, update_fp16=True), env["specs"])   # and updates as fp16
         wait_for(lambda: open_round(work) is not None, 120, "round 1 to open", fleet)
         wait_for(_log_says(fleet, "d0", "training"), 120, "d0 to train", fleet)
         broker.restart()                                             # same port, persistent sessions
@@ -109,6 +109,8 @@ def test_a_broker_restart_mid_round_loses_nothing(env, tmp_path):
     metrics = read_metrics(work)
     assert [m["round"] for m in metrics] == [1, 2]
     assert all(m["updates"] == 3 for m in metrics), [m["closed_because"] for m in metrics]
+    for row in (r for m in metrics for r in m["devices"].values()):   # fp16 halves what goes up
+        assert row["uploaded_bytes"] <= row["trained_bytes"] / 2 + 1024
 
 
 class Rogue:
