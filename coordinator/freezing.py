@@ -74,3 +74,22 @@ class BlockMovement:
     @property
     def converged(self) -> bool:
         return self.rounds >= self.rule.min_rounds and self.below >= self.rule.patience
+
+
+def restore_movement(rule: FreezeRule, names, changes, logged_ems, rounds: int) -> BlockMovement:
+    """A BlockMovement as it was after `rounds` rounds of one stage, for a restarted coordinator.
+
+    changes: the stage's (before, after) weight pairs, oldest first (only the last `window`
+    are read); logged_ems: the stage's logged movements (None before the window filled).
+    The per-round changes are as large as the block, so they are rebuilt from stored
+    weights rather than kept in the strategy's state.
+    """
+    movement = BlockMovement(rule)
+    for before, after in list(changes)[-rule.window:]:
+        movement.deltas.append({k: after[k] - before[k] for k in names})
+    ems = list(logged_ems)[-rounds:] if rounds else []
+    movement.rounds = rounds
+    movement.history = [float("nan") if em is None else em for em in ems]
+    for em in ems:
+        movement.below = movement.below + 1 if em is not None and em < rule.threshold else 0
+    return movement

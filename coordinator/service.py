@@ -64,6 +64,8 @@ DEFAULTS = {
                     "freeze_window": 6, "freeze_threshold": 0.5, "freeze_patience": 2},
     "fedavg": {"rounds": 10},
     "selective": {"rounds": 6, "rescore_every": 3, "lam": 0.0, "max_units": 2},
+    "layerwise": {"rounds_per_layer": 3, "min_rounds_per_layer": 1, "dropout": 0.0, "frozen_after": 0,
+                  "min_cache_disk_mb": 256},
 }
 MQTT_KINDS = ("hello", "status", "fetch", "upload", "update")
 
@@ -198,7 +200,8 @@ class Coordinator:
         return False
 
     def _online_devices(self) -> list[Device]:
-        return [Device(d["device_id"], d["tier"], d["budget_bytes"]) for d in self.state.devices(online_only=True)]
+        return [Device(d["device_id"], d["tier"], d["budget_bytes"], d["disk_free_bytes"])
+                for d in self.state.devices(online_only=True)]
 
     # -- opening a round ---------------------------------------------------------------------
     def _sample(self, devices: list[Device]) -> list[Device]:

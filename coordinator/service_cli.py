@@ -26,7 +26,7 @@ EPILOG = """examples:
   edge-coordinator run                                   # progressive fmnist_cnn, embedded broker, runs/coordinator
   edge-coordinator run --broker mqtt://10.0.0.2:1883 --fleet lab --min-devices 6
   edge-coordinator run --strategy fedavg --rounds 20     # the full-model FedAvg baseline
-  edge-coordinator run --config coordinator.toml         # [service], [train], [progressive], [fedavg]; flags win
+  edge-coordinator run --config coordinator.toml         # [service], [train] and each strategy's table; flags win
   edge-coordinator status runs/coordinator
   edge-coordinator weights runs/coordinator trained.safetensors   # then: run --strategy selective --init-weights
 
@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--broker", help="mqtt://host:port of the broker (default: start an embedded Mosquitto)")
     run.add_argument("--fleet", help="fleet name: the topic namespace devices and coordinator share")
     run.add_argument("--model", help="zoo model to train (fmnist_cnn, vgg_cifar, resnet_small)")
-    run.add_argument("--strategy", choices=["progressive", "fedavg", "selective"])
+    run.add_argument("--strategy", choices=["progressive", "fedavg", "selective", "layerwise"])
     run.add_argument("--init-weights", help="start from these weights (safetensors, e.g. a finished run's) "
                                             "instead of the export's initialisation")
     run.add_argument("--profile", help="profile JSON from `edge-profile measure` (default: measure here once)")

@@ -55,6 +55,9 @@ def _round(s, plan, weights, rng, step):
 
 
 def m_block_names(s):
+    """The parameters the schedule is training now: progressive's block, or layer-wise's layer."""
+    if hasattr(s, "layer"):
+        return s.manifest.param_names([s.layer])
     return s.manifest.param_names(s.manifest.blocks[s.block].layers)
 
 
@@ -159,6 +162,8 @@ def test_selective_scores_first_then_trains_the_best_affordable_sets(fmnist_mode
     assert all(a.kind == "train" for a in train.assignments)
     assert 0 in chosen["big"].trainable and 3 in chosen["big"].trainable
     assert 3 in chosen["small"].trainable and 0 not in chosen["small"].trainable
+    units = {d: len(a.trainable) + a.train_head for d, a in chosen.items()}
+    assert units["small"] <= 2 < units["big"] <= 4          # the device with room for the whole model trains more
     for a in train.assignments:
         budget = next(d.budget_bytes for d in FLEET if d.device_id == a.device_id)
         assert a.predicted_peak_bytes * 1.10 <= budget and a.last == 4 and a.head == m.final_head.index
@@ -167,3 +172,53 @@ def test_selective_scores_first_then_trains_the_best_affordable_sets(fmnist_mode
     restored = _strategy(Selective, m, rounds=2, rescore_every=1)
     restored.load_state(s.state())
     assert restored.plan_round(3, FLEET) == s.plan_round(3, FLEET)
+
+
+@pytest.fixture(scope="module")
+def resnet_manifest(tmp_path_factory):
+    from coordinator import export, zoo
+    return export.export(zoo.resnet_small(), tmp_path_factory.mktemp("resnet_small"))
+
+
+def test_layerwise_trains_one_layer_at_a_time_front_to_back(fmnist_model):
+    from coordinator.strategies.base import Device
+    from coordinator.strategies.layerwise import LayerWise
+    m, weights = fmnist_model
+    s = _strategy(LayerWise, m, rounds_per_layer=2, min_rounds_per_layer=1)
+    no_disk = Device("nodisk", "pi-4b-2gb", 400 * MB, disk_free_bytes=10 * MB)
+    trained, w = [], dict(weights)
+    for r in range(20):
+        if s.finished:
+            break
+        plan = s.plan_round(r, FLEET + [no_disk])
+        by = {a.device_id: a for a in plan.assignments}
+        layer = plan.stage["layer"]
+        # greedy layer-wise: the layer and the head right after it
+        assert all(a.trainable == (layer,) and a.last == layer and a.head == m.head_for_boundary(layer)
+                   for a in by.values())
+        assert by["big"].first == layer and by["nodisk"].first == 0      # no room to cache: recompute the prefix
+        assert "tiny" in plan.idle and "does not fit" in plan.idle["tiny"]
+        trained.append(layer)
+        w = _round(s, plan, w, np.random.default_rng(r), lambda g, shape: np.full(shape, 0.01))
+    assert trained == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4] and s.finished
+
+
+def test_layerwise_depth_dropout_skips_only_frozen_residual_layers(resnet_manifest):
+    from coordinator.strategies.base import Device
+    from coordinator.strategies.layerwise import LayerWise
+    m = resnet_manifest
+    skippable = {l.index for l in m.layers if l.skippable}
+    big = lambda first, last, batch: 100 * MB                          # noqa: E731  everything fits
+    s = LayerWise(m, big, batch_sizes=[32], dropout=0.5, seed=3, frozen_after=-1)   # up to the final head
+    devices = [Device(f"d{i}", "t", 1 << 30, disk_free_bytes=(1 << 30) if i % 2 else MB) for i in range(8)]
+    plan = s.plan_round(1, devices)
+    skipped = [i for a in plan.assignments for i in a.skip]
+    assert skipped and set(skipped) <= skippable and s.layer not in skipped
+    for a in plan.assignments:
+        assert all(a.first <= i <= a.last for i in a.skip)
+    assert s.plan_round(1, devices) == plan                            # reproducible per round and device
+    assert LayerWise(m, big, batch_sizes=[32], dropout=0.0, frozen_after=-1).plan_round(1, devices) \
+        .assignments[0].skip == ()
+    greedy = LayerWise(m, big, batch_sizes=[32], dropout=0.5, seed=3).plan_round(1, devices)
+    cached = [a for a in greedy.assignments if a.first == a.last]     # nothing frozen in the graph: nothing to drop
+    assert cached and all(a.skip == () for a in cached)

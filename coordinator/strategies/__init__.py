@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from .base import Strategy
 
-NAMES = ("progressive", "fedavg", "selective")
+NAMES = ("progressive", "fedavg", "selective", "layerwise")
 
 
 def build(settings: dict, manifest, predict) -> Strategy:
     """The strategy named in settings['service']['strategy'], with its own table of settings."""
     from ..freezing import FreezeRule
     from .fedavg import FedAvg
+    from .layerwise import LayerWise
     from .progressive import Progressive
     from .selective import Selective
     name, train = settings["service"]["strategy"], settings["train"]
@@ -23,6 +24,14 @@ def build(settings: dict, manifest, predict) -> Strategy:
                            min_rounds_per_block=p["min_rounds_per_block"],
                            max_rounds_per_block=p["max_rounds_per_block"], max_extra_blocks=p["max_extra_blocks"],
                            freeze_rule=rule, **common)
+    if name == "layerwise":
+        lw, p = settings["layerwise"], settings["progressive"]
+        rule = FreezeRule(window=p["freeze_window"], threshold=p["freeze_threshold"], patience=p["freeze_patience"])
+        return LayerWise(manifest, predict, rounds_per_layer=lw["rounds_per_layer"],
+                         min_rounds_per_layer=lw["min_rounds_per_layer"], dropout=lw["dropout"],
+                         frozen_after=lw["frozen_after"],
+                         min_cache_disk_bytes=int(lw["min_cache_disk_mb"] * 2**20), freeze_rule=rule,
+                         seed=settings["service"]["seed"], **common)
     if name == "selective":
         sel = settings["selective"]
         return Selective(manifest, predict, rounds=sel["rounds"], rescore_every=sel["rescore_every"], lam=sel["lam"],

@@ -38,6 +38,7 @@ class Device:
     device_id: str
     tier: str
     budget_bytes: int          # measured on the device and announced in its hello
+    disk_free_bytes: int = 0   # announced too; 0 = unknown
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Assignment:
     predicted_peak_bytes: int
     train_head: bool = True
     kind: str = "train"        # "score": the device scores the trainable layers and changes nothing
+    skip: tuple[int, ...] = ()  # frozen layers of the span dropped this round (depth dropout)
 
     def part(self) -> TrainablePart:
         """The part a device job trains (or scores)."""
@@ -88,7 +90,7 @@ class RoundPlan:
 def assignment_from_dict(raw: Mapping) -> Assignment:
     return Assignment(raw["device_id"], int(raw["first"]), int(raw["last"]), tuple(raw["trainable"]), int(raw["head"]),
                       int(raw["batch_size"]), int(raw["predicted_peak_bytes"]), bool(raw.get("train_head", True)),
-                      raw.get("kind", "train"))
+                      raw.get("kind", "train"), tuple(raw.get("skip", ())))
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from ..freezing import BlockMovement, FreezeRule
+from ..freezing import BlockMovement, FreezeRule, restore_movement
 from .base import Assignment, RoundPlan, Strategy
 
 
@@ -126,24 +126,12 @@ class Progressive(Strategy):
         self.movement = BlockMovement(self.rule)
 
     def replay(self, history, load):
-        """Refill the movement window with the current block's last changes, as if never restarted.
-
-        The window's per-round changes are as large as the block, so they are not in state();
-        they are the differences between stored global weights of this stage's rounds, and the
-        count of rounds below the threshold follows from the logged movements.
-        """
+        """Refill the movement window with the current block's last changes, as if never restarted."""
         if self.phase != "growing" or self.rounds_in_stage == 0:
             return
         names = self.manifest.param_names(self.manifest.blocks[self.block].layers)
         mine = [(b, a) for stage, b, a in history
                 if stage.get("phase") == "growing" and stage.get("block") == self.block][-self.rounds_in_stage:]
-        for before_index, after_index in mine[-self.rule.window:]:
-            before, after = load(before_index), load(after_index)
-            self.movement.deltas.append({k: after[k] - before[k] for k in names})
-        ems = [e["effective_movement"] for e in self.em_log if e["block"] == self.block][-self.rounds_in_stage:]
-        self.movement.rounds = self.rounds_in_stage
-        self.movement.history = [float("nan") if em is None else em for em in ems]
-        below = 0
-        for em in ems:
-            below = below + 1 if em is not None and em < self.rule.threshold else 0
-        self.movement.below = below
+        changes = ((load(b), load(a)) for b, a in mine[-self.rule.window:])
+        ems = [e["effective_movement"] for e in self.em_log if e["block"] == self.block]
+        self.movement = restore_movement(self.rule, names, changes, ems, self.rounds_in_stage)

@@ -7,6 +7,7 @@ each device the set of at most `max_units` units (layers with parameters, and th
 head as one more unit; the paper's per-client layer budget) chosen by
 coordinator/layer_selection.py: the largest total score minus `lam` times the
 disagreement between devices, with every set inside its device's measured memory budget.
+A device that can hold the whole model may train twice `max_units`.
 Aggregation is per parameter over the devices that trained it (Strategy.aggregate).
 
 A set's cost is the profile's predicted peak of training the span from its lowest layer
@@ -94,8 +95,9 @@ class Selective(Strategy):
             layers = [self.units[j] for j in chosen if self.units[j] != HEAD]
             return self._cost(min(layers) if layers else self.last, scored[i][1])
 
-        problem = SelectionProblem(table, [d.budget_bytes for d, _ in scored], cost, lam=self.lam,
-                                   max_units=self.max_units)
+        # a device that can hold the whole model trains twice as many units: more memory, more training
+        caps = [2 * self.max_units if self._cost(0, b) <= d.budget_bytes else self.max_units for d, b in scored]
+        problem = SelectionProblem(table, [d.budget_bytes for d, _ in scored], cost, lam=self.lam, max_units=caps)
         selection = solve(problem)
         out, chosen_log = [], {}
         for (d, batch), chosen in zip(scored, selection.sets):
