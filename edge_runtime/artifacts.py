@@ -25,11 +25,14 @@ class TrainablePart:
 
     Layers before `span[0]` are the frozen prefix (read from the activation cache); layers
     in the span that are not trainable are frozen but still run forward and pass gradients back.
+    Layers in `skip` (depth dropout) are frozen span layers the manifest marks skippable that
+    the training graph replaces by identity: they do not run, and their weights are not needed.
     """
     span: tuple[int, ...]
     trainable_layers: tuple[int, ...]
     head: int
     train_head: bool = True
+    skip: tuple[int, ...] = ()
 
     @classmethod
     def block(cls, manifest, block: int) -> "TrainablePart":
@@ -42,13 +45,15 @@ class TrainablePart:
         return cls(span=layers, trainable_layers=layers, head=manifest.blocks[last].head)
 
     @classmethod
-    def for_layers(cls, manifest, layers, head: int | None = None, train_head: bool = True) -> "TrainablePart":
+    def for_layers(cls, manifest, layers, head: int | None = None, train_head: bool = True,
+                   skip=()) -> "TrainablePart":
         """Train an arbitrary set of layers (selective fine-tuning), ending in `head`.
 
         The span runs from the first trainable layer to the layer `head` attaches after
         (default: the model's final head, after the last layer). Layers before the span are
         the frozen prefix (activation cache); span layers not in `layers` are frozen but run
         forward and pass gradients back. `train_head=False` keeps the head's weights fixed.
+        `skip` names frozen skippable span layers to replace by identity (depth dropout).
         """
         n = len(manifest.layers)
         if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
@@ -76,23 +81,23 @@ class TrainablePart:
                                 f"trainable layer(s) {after}: a part ends at its head, so choose a head after "
                                 f"layer {chosen[-1]} (heads attach after layers {manifest.cut_points()})")
         part = cls(span=tuple(range(chosen[0], end + 1)), trainable_layers=tuple(chosen), head=head,
-                   train_head=bool(train_head))
+                   train_head=bool(train_head), skip=_skip_tuple(skip))
         part.validate(manifest)
         return part
 
     def to_dict(self) -> dict:
         """The JSON form a job spec carries."""
         return {"span": list(self.span), "trainable_layers": list(self.trainable_layers), "head": self.head,
-                "train_head": self.train_head}
+                "train_head": self.train_head, "skip": list(self.skip)}
 
     @classmethod
     def from_dict(cls, raw: dict) -> "TrainablePart":
         return cls(span=tuple(raw["span"]), trainable_layers=tuple(raw["trainable_layers"]), head=int(raw["head"]),
-                   train_head=bool(raw.get("train_head", True)))
+                   train_head=bool(raw.get("train_head", True)), skip=_skip_tuple(raw.get("skip", ())))
 
     def required_names(self, manifest) -> list[str]:
-        """Every weight training this part needs: the frozen prefix, the span and the head."""
-        return manifest.param_names(range(self.span[-1] + 1), [self.head])
+        """Every weight training this part needs: the frozen prefix, the span (less skipped layers) and the head."""
+        return manifest.param_names([i for i in range(self.span[-1] + 1) if i not in self.skip], [self.head])
 
     def validate(self, manifest) -> None:
         span = list(self.span)
@@ -105,16 +110,42 @@ class TrainablePart:
             raise ManifestError("nothing to train: no trainable layers and a frozen head")
         if not 0 <= self.head < len(manifest.heads) or manifest.heads[self.head].attach_after_layer != span[-1]:
             raise ManifestError(f"head {self.head} does not attach after layer {span[-1]}")
+        for i in self.skip:
+            if not _is_integer(i):
+                raise ManifestError(f"skip must hold integer layer indices, got {i!r}")
+            if i not in span:
+                raise ManifestError(f"cannot skip layer {i}: it lies outside span {self.span} "
+                                    f"(only frozen layers of the span can be skipped)")
+            if i in self.trainable_layers:
+                raise ManifestError(f"cannot skip layer {i} ({manifest.layers[i].name}): it is a trainable layer; "
+                                    f"only frozen layers of the span can be skipped")
+            if not manifest.layers[i].skippable:
+                raise ManifestError(f"cannot skip layer {i} ({manifest.layers[i].name}): the manifest does not mark "
+                                    f"it skippable (skippable layers: "
+                                    f"{[l.index for l in manifest.layers if l.skippable]})")
 
     def trainable_names(self, manifest) -> list[str]:
         return manifest.param_names(sorted(self.trainable_layers), [self.head] if self.train_head else [])
 
     def frozen_names(self, manifest) -> list[str]:
-        frozen = [i for i in self.span if i not in self.trainable_layers]
+        """Parameters of the training graph that stay fixed (skipped layers have none in it)."""
+        frozen = [i for i in self.span if i not in self.trainable_layers and i not in self.skip]
         return manifest.param_names(frozen, [] if self.train_head else [self.head])
 
     def all_names(self, manifest) -> list[str]:
-        return manifest.param_names(self.span, [self.head])
+        """Every parameter of the training graph: the span less skipped layers, and the head."""
+        return manifest.param_names([i for i in self.span if i not in self.skip], [self.head])
+
+
+def _skip_tuple(skip) -> tuple:
+    """A skip set as a sorted tuple without repeats (so equal sets are equal parts and one artifact)."""
+    if isinstance(skip, (str, bytes)) or not hasattr(skip, "__iter__"):
+        raise ManifestError(f"skip must be a collection of layer indices, got {skip!r}")
+    raw = list(skip)
+    bad = [i for i in raw if not _is_integer(i)]
+    if bad:
+        raise ManifestError(f"skip must hold integer layer indices, got {bad}")
+    return tuple(sorted({int(i) for i in raw}))
 
 
 def _is_integer(value) -> bool:
@@ -131,8 +162,10 @@ class ArtifactCache:
     def key(self, lib: GraphLibrary, part: TrainablePart, optimizer: str, weight_decay: float) -> str:
         m = lib.manifest
         graphs = [m.layers[i].graph.sha256 for i in part.span] + [m.heads[part.head].graph.sha256]
+        # skip only enters when non-empty, so the keys of artifacts without skipping are unchanged
+        skip = ["skip:" + ",".join(map(str, sorted(set(part.skip))))] if part.skip else []
         return digest_of(*graphs, "train:" + ",".join(map(str, sorted(part.trainable_layers))),
-                         f"head:{part.train_head}", optimizer, repr(float(weight_decay)),
+                         f"head:{part.train_head}", *skip, optimizer, repr(float(weight_decay)),
                          ort_backend.__name__, "v2-scaled-sum-ce")
 
     def get_or_build(self, lib: GraphLibrary, part: TrainablePart, weights: dict, optimizer: str,
@@ -144,7 +177,7 @@ class ArtifactCache:
             return final
         scratch = ort_backend.scratch_dir(self.root)
         try:
-            model = compose(lib, part.span, part.head, weights)
+            model = compose(lib, part.span, part.head, weights, skip=part.skip)
             ort_backend.generate_training_artifacts(
                 model, requires_grad=part.trainable_names(lib.manifest), frozen_params=part.frozen_names(lib.manifest),
                 optimizer=optimizer, out_dir=scratch, weight_decay=weight_decay)

@@ -95,13 +95,13 @@ def compose(lib: GraphLibrary, layers: Sequence[int], head: int | None, weights:
     if head is not None and m.heads[head].attach_after_layer != layers[-1]:
         raise ManifestError(f"head {head} attaches after layer {m.heads[head].attach_after_layer}, "
                             f"not after layer {layers[-1]}")
-    parts = []
+    parts = []  # in forward order, so the nodes are topologically sorted (training artifacts need that)
     nodes, inits, value_info = [], [], []
     for i in layers:
         if i in skip:
             if not m.layers[i].skippable:
                 raise ManifestError(f"layer {i} ({m.layers[i].name}) cannot be skipped")
-            nodes.append(helper.make_node("Identity", [act_name(i)], [act_name(i + 1)], name=f"skip_{i}"))
+            parts.append(helper.make_node("Identity", [act_name(i)], [act_name(i + 1)], name=f"skip_{i}"))
             continue
         parts.append(lib.layer(i))
     if head is not None:
@@ -110,6 +110,9 @@ def compose(lib: GraphLibrary, layers: Sequence[int], head: int | None, weights:
     last_graph = (lib.head(head) if head is not None else lib.layer(layers[-1])).graph
     opsets = {}
     for part in parts:
+        if isinstance(part, onnx.NodeProto):
+            nodes.append(part)
+            continue
         nodes.extend(part.graph.node)
         value_info.extend(part.graph.value_info)
         for t in part.graph.initializer:

@@ -55,9 +55,9 @@ def load_index(index: Mapping[str, str], store: BlobStore, groups=None) -> dict[
 
 
 def part_groups(manifest: Manifest, part) -> list[str]:
-    """The weight groups a part needs: every layer up to the end of its span, and its head."""
+    """The weight groups a part needs: every layer up to the end of its span but those it skips, and its head."""
     have = weight_groups(manifest)
-    wanted = [f"layer.{i}" for i in range(part.span[-1] + 1)] + [f"head.{part.head}"]
+    wanted = [f"layer.{i}" for i in range(part.span[-1] + 1) if i not in part.skip] + [f"head.{part.head}"]
     return [g for g in wanted if g in have]
 
 

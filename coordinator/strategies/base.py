@@ -57,7 +57,7 @@ class Assignment:
     def part(self) -> TrainablePart:
         """The part a device job trains (or scores)."""
         return TrainablePart(span=tuple(range(self.first, self.last + 1)), trainable_layers=self.trainable,
-                             head=self.head, train_head=self.train_head)
+                             head=self.head, train_head=self.train_head, skip=self.skip)
 
     def trained_names(self, manifest) -> list[str]:
         """The parameters this assignment's update must hold (none for a score task)."""
