@@ -33,6 +33,7 @@ def settings(workdir: Path, profile: Path, strategy: str = "progressive", **serv
                         "max_extra_blocks": 1},
         "fedavg": {"rounds": 4},
         "selective": {"rounds": 4, "rescore_every": 2, "lam": 0.0, "max_units": 2},
+        "layerwise": {"rounds_per_layer": 2, "min_rounds_per_layer": 1, "dropout": 0.0, "frozen_after": 0},
     }
 
 

@@ -15,6 +15,7 @@ from edge_runtime.profiler import run_profile
 from fleet_helpers import MB, LocalFleet, fleet_specs, read_metrics, settings
 
 HEADER = 1024
+FLOOR_LAYERWISE = 0.68    # greedy layer-wise from scratch, 2 rounds per layer: measured 72.5 %
 
 
 
@@ -111,6 +112,20 @@ def test_selective_fine_tuning_scores_then_trains_chosen_layers_within_budgets(f
     small_first = min(r["layers"][0] for m in metrics for d, r in m["devices"].items() if d.startswith("small"))
     big_first = min(r["layers"][0] for m in metrics for d, r in m["devices"].items() if d.startswith("big"))
     assert big_first < small_first
+
+
+def test_layerwise_trains_every_layer_in_turn_on_both_tiers_within_budgets(fleet_env):
+    metrics = _run(fleet_env, "layerwise", "layerwise")
+    layers = [m["stage"]["layer"] for m in metrics]
+    assert layers == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4] and metrics[-1]["finished"], layers
+    assert metrics[-1]["accuracy"] >= FLOOR_LAYERWISE, [round(m["accuracy"], 3) for m in metrics]
+    budgets = {s.device_id: s.budget_mb * MB for s in fleet_env["specs"]}
+    for m in metrics:
+        assert len(m["devices"]) == 4, m["idle"]                  # one layer fits the small tier too
+        for device, row in m["devices"].items():
+            assert row["status"] == "accepted" and row["trainable"] == [m["stage"]["layer"]]
+            assert row["peak_rss_bytes"] + row["agent_peak_rss_bytes"] <= budgets[device], (m["round"], device, row)
+            assert row["uploaded_bytes"] <= row["trained_bytes"] * 1.02 + HEADER
 
 
 def test_a_run_can_start_from_another_runs_weights(fleet_env, tmp_path):
