@@ -12,7 +12,10 @@ the zoo's VGG-style CNN (`coordinator.zoo.vgg_cifar`, 9.2 M parameters, 5 blocks
                   through edge_runtime.worker.run_job: the code a device runs for a job);
   block b         block b and its head trained alone from the cached activations of the
                   frozen prefix (blocks 0..b-1), same runtime and code path;
-  import          a process that only imports the device runtime (its fixed cost).
+  import          a process that only imports the device runtime (its fixed cost);
+  layer l         (with --layerwise) layer l alone with the small head right after it, from
+                  the cached activations of layers 0..l-1: what greedy layer-wise training
+                  (FLL, coordinator/strategies/layerwise.py) asks of a device.
 
 Every configuration runs in its own fresh process, so no measurement inherits the memory
 of another. Peaks are the kernel's high-water mark of the measured process (VmHWM, printed
@@ -37,7 +40,8 @@ the block and its head (weights, gradients, AdamW m and v) + the block's activat
 for one batch (manifest activation_bytes_per_sample over its layers and head, x batch).
 
 Targets checked: last block <= 0.4x whole-model runtime training; every block <= 1.3x its
-lower bound; runtime import <= 64 MB. The exit status is 1 when a target fails.
+lower bound; runtime import <= 64 MB; with --layerwise, the largest single-layer peak <=
+0.2x whole-model runtime training (5x lower). The exit status is 1 when a target fails.
 """
 from __future__ import annotations
 
@@ -55,13 +59,14 @@ from benchdocs import DOCS, machine, write_section
 from edge_runtime.memory import MIB, device_child_env, peak_rss_bytes, report_own_peak, run_child
 
 REPO = Path(__file__).resolve().parent.parent
-COMMAND = "python tools/bench_block_memory.py --write-docs"
+COMMAND = "python tools/bench_block_memory.py --layerwise --write-docs"
 SAMPLES = 256           # local dataset size; batches cycle over it
 THREADS = 2             # intra-op threads for torch and onnxruntime alike
 LR = 1e-3
 
 TARGET_LAST_BLOCK = 0.4
 TARGET_BOUND = 1.3
+TARGET_LAYERWISE = 0.2
 TARGET_IMPORT_MB = 64
 
 IMPORT_ONLY = ("from edge_runtime import ort_backend, trainer, worker; "
@@ -151,8 +156,8 @@ def _step_ms(stamps: list[float]) -> float:
 # ---------------------------------------------------------------------------------------
 
 class Bench:
-    def __init__(self, workdir: Path, batches: list[int], steps: int):
-        self.workdir, self.batches, self.steps = workdir, batches, steps
+    def __init__(self, workdir: Path, batches: list[int], steps: int, layerwise: bool = False):
+        self.workdir, self.batches, self.steps, self.layerwise = workdir, batches, steps, layerwise
         self.nonce = f"{os.getpid()}-{int(time.time())}"  # a reused --workdir never returns a stored result
         self.rows: list[dict] = []
         self.versions: dict = {}
@@ -181,6 +186,9 @@ class Bench:
         everything = tuple(range(len(m.layers)))
         out = [("runtime whole", TrainablePart(everything, everything, m.final_head.index).to_dict())]
         out += [(f"block {b}", TrainablePart.block(m, b).to_dict()) for b in range(len(m.blocks))]
+        if self.layerwise:
+            out += [(f"layer {i}", TrainablePart((i,), (i,), m.head_for_boundary(i)).to_dict())
+                    for i in range(len(m.layers))]
         return out
 
     @staticmethod
@@ -312,6 +320,16 @@ class Bench:
                             f"({r['peak'] / MIB:.0f} vs {r['bound'] / MIB:.0f} MB)" for r in over)) if over else \
             f"worst {worst['config']} @{worst['batch']} {worst['peak'] / worst['bound']:.2f}x"
         res.append((not over, f"every block <= {TARGET_BOUND}x its lower bound: {detail}"))
+        if self.layerwise:
+            parts, ok = [], True
+            for b in self.batches:
+                worst = max((r for r in self.rows if r["batch"] == b and r["config"].startswith("layer")),
+                            key=lambda r: r["peak"])
+                ratio = worst["peak"] / self.row("runtime whole", b)["peak"]
+                ok &= ratio <= TARGET_LAYERWISE
+                parts.append(f"batch {b}: {ratio:.2f}x ({worst['config']}, {worst['peak'] / MIB:.0f} MB)")
+            res.append((ok, f"layer-wise: largest single layer <= {TARGET_LAYERWISE}x whole-model runtime training: "
+                            + ", ".join(parts)))
         imp = self.import_peak / MIB
         res.append((imp <= TARGET_IMPORT_MB, f"device runtime import <= {TARGET_IMPORT_MB} MB: {imp:.1f} MB"))
         return res
@@ -327,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10,
                    help="optimizer steps per measured process; the first is warm-up, step time is the fastest "
                         "of the rest (default: 10)")
+    p.add_argument("--layerwise", action="store_true",
+                   help="also measure every layer alone with its head (greedy layer-wise training)")
     p.add_argument("--workdir", type=Path, help="where the export, data and caches go "
                                                 "(default: a temporary directory, removed afterwards)")
     p.add_argument("--write-docs", action="store_true",
@@ -342,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     t0, load_before = time.monotonic(), os.getloadavg()[0]
     workdir = a.workdir or Path(tempfile.mkdtemp(prefix="bench-block-memory-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    bench = Bench(workdir.resolve(), batches, a.steps)
+    bench = Bench(workdir.resolve(), batches, a.steps, a.layerwise)
     try:
         bench.run()
     finally:
