@@ -93,3 +93,11 @@ def restore_movement(rule: FreezeRule, names, changes, logged_ems, rounds: int) 
     for em in ems:
         movement.below = movement.below + 1 if em is not None and em < rule.threshold else 0
     return movement
+
+
+def round_report(em_log, round_no: int, rule: FreezeRule) -> dict:
+    """The movement a schedule logged for a round, beside the threshold it is held against."""
+    for entry in reversed(em_log):
+        if entry["round"] == round_no:
+            return {"effective_movement": entry["effective_movement"], "freeze_threshold": rule.threshold}
+    return {}

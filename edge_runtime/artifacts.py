@@ -56,13 +56,7 @@ class TrainablePart:
         `skip` names frozen skippable span layers to replace by identity (depth dropout).
         """
         n = len(manifest.layers)
-        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
-            raise ManifestError(f"layers must be a collection of layer indices, got {layers!r}")
-        raw = list(layers)
-        bad = [i for i in raw if not _is_integer(i)]
-        if bad:
-            raise ManifestError(f"layers must be integer layer indices, got {bad}")
-        chosen = sorted({int(i) for i in raw})
+        chosen = list(_index_tuple(layers, "layers"))
         if not chosen:
             raise ManifestError("an empty layer set: name at least one layer to train "
                                 f"({manifest.model} has layers 0..{n - 1})")
@@ -81,7 +75,7 @@ class TrainablePart:
                                 f"trainable layer(s) {after}: a part ends at its head, so choose a head after "
                                 f"layer {chosen[-1]} (heads attach after layers {manifest.cut_points()})")
         part = cls(span=tuple(range(chosen[0], end + 1)), trainable_layers=tuple(chosen), head=head,
-                   train_head=bool(train_head), skip=_skip_tuple(skip))
+                   train_head=bool(train_head), skip=_index_tuple(skip, "skip"))
         part.validate(manifest)
         return part
 
@@ -93,7 +87,7 @@ class TrainablePart:
     @classmethod
     def from_dict(cls, raw: dict) -> "TrainablePart":
         return cls(span=tuple(raw["span"]), trainable_layers=tuple(raw["trainable_layers"]), head=int(raw["head"]),
-                   train_head=bool(raw.get("train_head", True)), skip=_skip_tuple(raw.get("skip", ())))
+                   train_head=bool(raw.get("train_head", True)), skip=_index_tuple(raw.get("skip", ()), "skip"))
 
     def required_names(self, manifest) -> list[str]:
         """Every weight training this part needs: the frozen prefix, the span (less skipped layers) and the head."""
@@ -137,15 +131,16 @@ class TrainablePart:
         return manifest.param_names([i for i in self.span if i not in self.skip], [self.head])
 
 
-def _skip_tuple(skip) -> tuple:
-    """A skip set as a sorted tuple without repeats (so equal sets are equal parts and one artifact)."""
-    if isinstance(skip, (str, bytes)) or not hasattr(skip, "__iter__"):
-        raise ManifestError(f"skip must be a collection of layer indices, got {skip!r}")
-    raw = list(skip)
+def _index_tuple(values, what: str) -> tuple:
+    """Layer indices as a sorted tuple without repeats (so equal sets are equal parts and one artifact)."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ManifestError(f"{what} must be a collection of layer indices, got {values!r}")
+    raw = list(values)
     bad = [i for i in raw if not _is_integer(i)]
     if bad:
-        raise ManifestError(f"skip must hold integer layer indices, got {bad}")
+        raise ManifestError(f"{what} must hold integer layer indices, got {bad}")
     return tuple(sorted({int(i) for i in raw}))
+
 
 
 def _is_integer(value) -> bool:

@@ -25,7 +25,7 @@ import zlib
 
 import numpy as np
 
-from ..freezing import BlockMovement, FreezeRule, restore_movement
+from ..freezing import BlockMovement, FreezeRule, restore_movement, round_report
 from .base import Assignment, RoundPlan, Strategy
 
 
@@ -108,10 +108,7 @@ class LayerWise(Strategy):
         return self.position >= len(self.layers)
 
     def round_report(self, round_no: int) -> dict:
-        for entry in reversed(self.em_log):
-            if entry["round"] == round_no:
-                return {"effective_movement": entry["effective_movement"], "freeze_threshold": self.rule.threshold}
-        return {}
+        return round_report(self.em_log, round_no, self.rule)
 
     def state(self):
         return {"position": self.position, "rounds_in_stage": self.rounds_in_stage, "em_log": self.em_log}

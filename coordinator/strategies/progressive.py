@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from ..freezing import BlockMovement, FreezeRule, restore_movement
+from ..freezing import BlockMovement, FreezeRule, restore_movement, round_report
 from .base import Assignment, RoundPlan, Strategy
 
 
@@ -108,10 +108,7 @@ class Progressive(Strategy):
         return self.phase == "done"
 
     def round_report(self, round_no: int) -> dict:
-        for entry in reversed(self.em_log):
-            if entry["round"] == round_no:
-                return {"effective_movement": entry["effective_movement"], "freeze_threshold": self.rule.threshold}
-        return {}
+        return round_report(self.em_log, round_no, self.rule)
 
     # -- persistence ------------------------------------------------------------------------
     def state(self):
