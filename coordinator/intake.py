@@ -48,7 +48,7 @@ def _check_task(msg: Update | Failed | Scores, sender: str, state: StateStore, o
     """The task a message answers, or the verdict that ends it before any blob is read."""
     if msg.device_id != sender:
         return None, _rejected(f"device {msg.device_id!r} sent on the topic of device {sender!r}")
-    if not any(d["device_id"] == sender for d in state.devices()):
+    if not state.has_device(sender):
         return None, _rejected(f"unknown device {sender!r}: it never said hello")
     task = state.task(msg.task_id)
     if task is None:

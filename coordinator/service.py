@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -237,7 +237,6 @@ class Coordinator:
                                 "seed": int(s["seed"] * 100003 + round_no)},
                         deadline_s=s["round_deadline_s"], update_fp16=s["update_fp16"], kind=a.kind)
             task.validate()
-            from dataclasses import asdict
             tasks.append((task.task_id, a.device_id, {"assignment": asdict(a), "task": asdict(task)}))
         self.state.open_round(round_no, time.time() + s["round_deadline_s"], self.weights_sha, plan.to_dict(),
                               self.strategy.state(), tasks)
@@ -293,8 +292,7 @@ class Coordinator:
 
     def _on_status(self, device_id: str, msg: Received) -> None:
         status = Status.decode(msg.payload)
-        known = any(d["device_id"] == device_id for d in self.state.devices())
-        if known:
+        if self.state.has_device(device_id):
             online = status.state == "online"
             self.state.set_online(device_id, online)
             if online:

@@ -111,6 +111,10 @@ class StateStore:
         self._tx("UPDATE devices SET online = ?, last_seen = ? WHERE device_id = ?",
                  (int(online), time.time() if now is None else now, device_id))
 
+    def has_device(self, device_id: str) -> bool:
+        """Whether a device ever said hello (one indexed lookup, not a scan of the registry)."""
+        return self._db.execute("SELECT 1 FROM devices WHERE device_id = ?", (device_id,)).fetchone() is not None
+
     def devices(self, online_only: bool = False) -> list[dict]:
         cur = self._db.execute("SELECT * FROM devices" + (" WHERE online = 1" if online_only else "")
                                + " ORDER BY device_id")
