@@ -57,7 +57,8 @@ DEFAULTS = {
                 "strategy": "progressive", "profile": "", "min_devices": 1, "round_deadline_s": 600.0,
                 "offline_grace_s": 20.0,
                 "min_updates": 1, "sample_fraction": 1.0, "max_rounds": 200, "eval_samples": 10000,
-                "max_update_relative_change": 10.0, "update_fp16": False, "init_weights": ""},
+                "max_update_relative_change": 10.0, "update_fp16": False, "init_weights": "",
+                "eval_data": ""},
     "train": {"optimizer": "adamw", "learning_rate": 2e-3, "local_epochs": 1.0, "batch_sizes": [16, 32, 64],
               "margin": 0.10},
     "progressive": {"shrink_rounds": 1, "min_rounds_per_block": 2, "max_rounds_per_block": 6, "max_extra_blocks": 1,
@@ -93,8 +94,7 @@ class Coordinator:
         self.offline_since = {d["device_id"]: time.time() for d in self.state.devices() if not d["online"]}
         self.rng = np.random.default_rng(s["seed"])
         self._restore()
-        from edge_runtime.datasets import load_fashion_mnist
-        x, y = load_fashion_mnist("test")
+        x, y = _test_set(s["eval_data"])
         self.test_x, self.test_y = x[:s["eval_samples"]], y[:s["eval_samples"]]
         self.metrics_path = self.work / "metrics.jsonl"
         self._write_metrics_file()
@@ -483,6 +483,18 @@ def _task_id(round_no: int, run_tag: str, device_id: str) -> str:
 
 def _stage_text(stage: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in stage.items()) or "no stages"
+
+
+def _test_set(eval_data: str) -> tuple[np.ndarray, np.ndarray]:
+    """The data every round's global model is evaluated on: the Fashion-MNIST test set, or
+    a LocalDataset directory (inputs.npy, labels.npy) when the fleet's data is of another domain."""
+    from edge_runtime.datasets import LocalDataset, load_fashion_mnist
+    if not eval_data:
+        return load_fashion_mnist("test")
+    data = LocalDataset(Path(eval_data))
+    if not data.labels_path.exists() or not data.inputs_path.exists():
+        raise SystemExit(f"eval_data {eval_data} is not a dataset directory (inputs.npy and labels.npy)")
+    return np.load(data.inputs_path, mmap_mode="r"), data.labels()
 
 
 def _ensure_export(model_dir: Path, model: str, seed: int) -> Path:

@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--strategy", choices=["progressive", "fedavg", "selective", "layerwise"])
     run.add_argument("--init-weights", help="start from these weights (safetensors, e.g. a finished run's) "
                                             "instead of the export's initialisation")
+    run.add_argument("--eval-data", help="evaluate each round on this dataset directory (inputs.npy, labels.npy) "
+                                         "instead of the Fashion-MNIST test set")
     run.add_argument("--profile", help="profile JSON from `edge-profile measure` (default: measure here once)")
     run.add_argument("--min-devices", type=int, help="online devices needed before a round opens")
     run.add_argument("--round-deadline-s", type=float, help="seconds a round waits for updates")
@@ -78,7 +80,8 @@ def _settings(args) -> dict:
                     "round_deadline_s": args.round_deadline_s, "offline_grace_s": args.offline_grace_s,
                     "min_updates": args.min_updates,
                     "sample_fraction": args.sample_fraction, "max_rounds": args.max_rounds,
-                    "update_fp16": args.update_fp16, "init_weights": args.init_weights},
+                    "update_fp16": args.update_fp16, "init_weights": args.init_weights,
+                    "eval_data": args.eval_data},
         "train": {"local_epochs": args.local_epochs, "learning_rate": args.learning_rate},
         "fedavg": {"rounds": args.rounds},
     }

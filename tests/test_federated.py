@@ -149,3 +149,22 @@ def test_a_run_can_start_from_another_runs_weights(fleet_env, tmp_path):
     s["service"].update(workdir=str(tmp_path / "d"), init_weights=str(tmp_path / "bad.safetensors"))
     with pytest.raises(SystemExit, match="does not fit the model"):
         Coordinator(s, "127.0.0.1", 1)
+
+
+def test_a_run_can_be_evaluated_on_the_fleets_own_domain(fleet_env, tmp_path):
+    """eval_data: rounds are scored on a dataset directory of the fleet's kind, not the stock test set."""
+    import numpy as np
+
+    from coordinator.config import load_config
+    from coordinator.fleet_data import shift_exposure
+    from coordinator.service import DEFAULTS, Coordinator
+    from edge_runtime.datasets import LocalDataset, load_fashion_mnist
+    x, y = load_fashion_mnist("test")
+    LocalDataset.write(tmp_path / "shifted", shift_exposure(x[:300]), y[:300])
+    s = load_config(DEFAULTS, None, settings(tmp_path / "c", fleet_env["profile"], "fedavg",
+                                             eval_data=str(tmp_path / "shifted")))
+    c = Coordinator(s, "127.0.0.1", 1)
+    assert len(c.test_y) == 300 and np.array_equal(np.asarray(c.test_x), shift_exposure(x[:300]))
+    s["service"].update(workdir=str(tmp_path / "d"), eval_data=str(tmp_path / "nothing-here"))
+    with pytest.raises(SystemExit, match="not a dataset directory"):
+        Coordinator(s, "127.0.0.1", 1)
