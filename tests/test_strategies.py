@@ -156,6 +156,9 @@ def test_selective_scores_first_then_trains_the_best_affordable_sets(fmnist_mode
     scores = {"big": {"0": 9.0, "1": 0.1, "2": 0.1, "3": 5.0, "4": 0.2, "head": 1.0},
               "small": {str(i): (5.0 if i == 3 else 0.1) for i in by_device["small"].trainable} | {"head": 1.0}}
     results = [Result(a, {}, 100, 0.0, scores=scores[a.device_id]) for a in plan.assignments]
+    lost = _strategy(Selective, m, rounds=2, rescore_every=1, lam=0.0)   # the small device's score job failed
+    lost.advance(plan, weights, weights, [r for r in results if r.assignment.device_id == "big"])
+    assert "sent no scores" in lost.plan_round(2, FLEET).idle["small"]
     s.advance(plan, weights, weights, results)
     train = s.plan_round(2, FLEET)
     chosen = {a.device_id: a for a in train.assignments}

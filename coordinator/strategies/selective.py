@@ -40,6 +40,7 @@ class Selective(Strategy):
         self.train_rounds_done = 0
         self.scores: dict[str, dict[str, float]] = {}     # device -> {unit key: score}
         self.selections: list[dict] = []                   # per train round: device -> chosen units
+        self.unscored: set[str] = set()                    # asked to score in the last score round, sent nothing
 
     # -- costs and batches --------------------------------------------------------------------
     def _cost(self, first: int, batch: int) -> float:
@@ -85,7 +86,10 @@ class Selective(Strategy):
     def _select(self, fitting, idle) -> list[Assignment]:
         scored = [(d, b) for d, b in fitting if d.device_id in self.scores]
         for d, _ in fitting:
-            if d.device_id not in self.scores:
+            if d.device_id in self.unscored:
+                idle[d.device_id] = "its score job in the last score round sent no scores (the round log says " \
+                                    "why); it scores again in the next score round"
+            elif d.device_id not in self.scores:
                 idle[d.device_id] = "no layer scores from this device yet: it scores in the next score round"
         if not scored:
             return []
@@ -122,6 +126,8 @@ class Selective(Strategy):
             for r in results:
                 if r.scores is not None:
                     self.scores[r.assignment.device_id] = {str(k): float(v) for k, v in r.scores.items()}
+            self.unscored = {a.device_id for a in plan.assignments} - {r.assignment.device_id for r in results
+                                                                       if r.scores is not None}
             if self.scores:
                 self.phase = "train"
             return
@@ -138,10 +144,11 @@ class Selective(Strategy):
 
     def state(self):
         return {"phase": self.phase, "train_rounds_done": self.train_rounds_done, "scores": self.scores,
-                "selections": self.selections}
+                "selections": self.selections, "unscored": sorted(self.unscored)}
 
     def load_state(self, state):
         self.phase = state.get("phase", "score")
         self.train_rounds_done = int(state.get("train_rounds_done", 0))
         self.scores = {d: dict(s) for d, s in state.get("scores", {}).items()}
         self.selections = list(state.get("selections", []))
+        self.unscored = set(state.get("unscored", []))
