@@ -24,8 +24,16 @@ from edge_runtime.memory import device_child_env
 class DeviceSpec:
     device_id: str
     tier: str
-    budget_mb: float
+    budget_mb: float | None   # None: the tier file's (profiles/<tier>.toml), as a flashed board runs
     data_dir: Path
+
+    @property
+    def budget_bytes(self) -> int:
+        """Everything the device may use, agent and jobs together (what its peaks are held to)."""
+        if self.budget_mb:
+            return int(self.budget_mb * 2**20)
+        from edge_runtime.tiers import find_tier
+        return find_tier(self.tier).device_budget_bytes
 
 
 def to_toml(settings: dict) -> str:
@@ -71,8 +79,8 @@ class LocalFleet:
         return self._spawn(spec.device_id, [
             sys.executable, "-m", "edge_runtime.agent", "--id", spec.device_id, "--tier", spec.tier,
             "--broker", self.broker_url, "--fleet", self.fleet, "--data", str(spec.data_dir),
-            "--state", str(self.work / "devices" / spec.device_id), "--budget-mb", str(spec.budget_mb),
-            "--threads", "1", *extra])
+            "--state", str(self.work / "devices" / spec.device_id),
+            *(["--budget-mb", str(spec.budget_mb)] if spec.budget_mb else []), "--threads", "1", *extra])
 
     def start_coordinator(self, settings: dict, name: str = "coordinator") -> subprocess.Popen:
         """Run `edge-coordinator run` with these settings (written to WORKDIR/<name>.toml)."""

@@ -188,7 +188,8 @@ def _tier(name_or_path: str) -> tuple[str, int | None]:
     """(tier name, its default budget): a tier file in profiles/ when there is one, else just the name."""
     try:
         tier = find_tier(name_or_path)
-        name, budget = tier.name, tier.budget_bytes
+        # the tier's budget_mb is the jobs' share; the agent counts itself against the whole
+        name, budget = tier.name, tier.device_budget_bytes
     except TierError as exc:
         if exc.path != DEFAULT_PROFILES_DIR:   # a tier file exists but is broken, or a given path is missing
             raise ConfigError(str(exc)) from None

@@ -26,6 +26,9 @@ from .memory import MIB
 TABLE = "tier"
 # The profiles/ folder of a source checkout. The wheel does not ship it: pass a directory.
 DEFAULT_PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+# What the budget rule (docs/profiles.md) sets aside for the agent process before it gives
+# the rest to training jobs: budget_mb already excludes it.
+AGENT_RESERVE_MB = 48
 
 
 class TierError(EdgeRuntimeError):
@@ -57,6 +60,11 @@ class Tier:
     @property
     def budget_bytes(self) -> int:
         return int(self.budget_mb * MIB)
+
+    @property
+    def device_budget_bytes(self) -> int:
+        """All that edgeblock may use on the board: the jobs' budget plus the agent's reserve."""
+        return int((self.budget_mb + AGENT_RESERVE_MB) * MIB)
 
 
 _TEXT = ("name", "description", "cpu", "source")
