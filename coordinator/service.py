@@ -463,6 +463,7 @@ class Coordinator:
                 "updates": len(updates) + len(scored), "rejected": len(self.state.rejections(since=row.opened_at)),
                 "failed": sum(t["status"] == "failed" for t in tasks), "devices": per_device,
                 "idle": dict(plan.idle), "finished": self.strategy.finished,
+                "rounds_left": list(self.strategy.rounds_left()),   # (fewest, most): for progress and ETAs
                 "schedule": self.strategy.round_report(row.round)}
 
     def summary(self) -> dict:

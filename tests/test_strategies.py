@@ -225,3 +225,33 @@ def test_layerwise_depth_dropout_skips_only_frozen_residual_layers(resnet_manife
     greedy = LayerWise(m, big, batch_sizes=[32], dropout=0.5, seed=3).plan_round(1, devices)
     cached = [a for a in greedy.assignments if a.first == a.last]     # nothing frozen in the graph: nothing to drop
     assert cached and all(a.skip == () for a in cached)
+
+
+@pytest.mark.parametrize("kind", ["fedavg", "progressive", "selective", "layerwise"])
+def test_rounds_left_brackets_the_rounds_each_schedule_really_takes(fmnist_model, kind):
+    """What progress displays and time estimates rest on: lo <= rounds still to come <= hi, every round."""
+    from coordinator.strategies.layerwise import LayerWise
+    from coordinator.strategies.selective import Selective
+    m, weights = fmnist_model
+    s = {"fedavg": lambda: _strategy(FedAvg, m, rounds=4),
+         "progressive": lambda: _strategy(Progressive, m, shrink_rounds=1, min_rounds_per_block=2,
+                                          max_rounds_per_block=4),
+         "selective": lambda: _strategy(Selective, m, rounds=5, rescore_every=2),
+         "layerwise": lambda: _strategy(LayerWise, m, rounds_per_layer=3, min_rounds_per_layer=1)}[kind]()
+    rng = np.random.default_rng(0)
+    bounds, w = [], dict(weights)
+    while not s.finished:
+        bounds.append(s.rounds_left())
+        plan = s.plan_round(len(bounds), FLEET)
+        results = [Result(a, {}, 100, 0.0, scores={"0": 1.0, "3": 2.0, "head": 0.5}) if a.kind == "score"
+                   else Result(a, {"x": np.zeros(1)}, 100, 0.5) for a in plan.assignments]
+        # small moves that shrink: the freezing rule may fire before the caps, as in a real run
+        after = {n: v + (0.01 / len(bounds) * rng.standard_normal(v.shape)).astype(np.float32) for n, v in w.items()}
+        s.advance(plan, w, after, results)
+        w = after
+        assert len(bounds) < 100
+    assert s.rounds_left() == (0, 0)
+    for k, (lo, hi) in enumerate(bounds):
+        assert lo <= len(bounds) - k <= hi, (kind, k, lo, hi, len(bounds))
+    if kind in ("fedavg", "selective"):          # no rule to cut them short: exact
+        assert all(lo == hi for lo, hi in bounds)

@@ -137,6 +137,13 @@ class Strategy(ABC):
         """What the schedule measured in a round, for the round's metrics (e.g. the freezing metric)."""
         return {}
 
+    @abstractmethod
+    def rounds_left(self) -> tuple[int, int]:
+        """(fewest, most) rounds the schedule can still take, for progress and time estimates.
+
+        A schedule that freezes on a rule may finish before its caps: the two differ then.
+        """
+
     def state(self) -> dict:
         return {}
 

@@ -33,6 +33,10 @@ class FedAvg(Strategy):
     def finished(self):
         return self.rounds_done >= self.rounds
 
+    def rounds_left(self) -> tuple[int, int]:
+        left = max(0, self.rounds - self.rounds_done)
+        return left, left
+
     def state(self):
         return {"rounds_done": self.rounds_done}
 

@@ -107,6 +107,13 @@ class LayerWise(Strategy):
     def finished(self):
         return self.position >= len(self.layers)
 
+    def rounds_left(self) -> tuple[int, int]:
+        if self.finished:
+            return 0, 0
+        later = len(self.layers) - 1 - self.position
+        return (max(1, self.min_rounds - self.rounds_in_stage) + later * self.min_rounds,
+                self.rounds_per_layer - self.rounds_in_stage + later * self.rounds_per_layer)
+
     def round_report(self, round_no: int) -> dict:
         return round_report(self.em_log, round_no, self.rule)
 

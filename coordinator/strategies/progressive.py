@@ -107,6 +107,17 @@ class Progressive(Strategy):
     def finished(self):
         return self.phase == "done"
 
+    def rounds_left(self) -> tuple[int, int]:
+        if self.finished:
+            return 0, 0
+        n = len(self.manifest.blocks)
+        if self.phase == "shrinking":   # this block's shrink rounds, the blocks down to 1, then every block grows
+            shrink = self.shrink_rounds - self.rounds_in_stage + (self.block - 1) * self.shrink_rounds
+            return shrink + n * self.min_rounds, shrink + n * self.max_rounds
+        later = n - 1 - self.block
+        return (max(1, self.min_rounds - self.rounds_in_stage) + later * self.min_rounds,
+                self.max_rounds - self.rounds_in_stage + later * self.max_rounds)
+
     def round_report(self, round_no: int) -> dict:
         return round_report(self.em_log, round_no, self.rule)
 

@@ -139,6 +139,15 @@ class Selective(Strategy):
     def finished(self):
         return self.train_rounds_done >= self.rounds
 
+    def rounds_left(self) -> tuple[int, int]:
+        """Train rounds left plus the score rounds before them (one now if scoring, one per rescore_every)."""
+        train = max(0, self.rounds - self.train_rounds_done)
+        if not train:
+            return 0, 0
+        first = self.train_rounds_done % self.rescore_every    # train rounds done since the last score round
+        scores = (self.phase == "score") + (first + train - 1) // self.rescore_every
+        return train + scores, train + scores
+
     def round_report(self, round_no: int) -> dict:
         return {"phase": self.phase, "selection": self.selections[-1] if self.selections else None}
 
