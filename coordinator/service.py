@@ -37,7 +37,7 @@ from edge_runtime import weights as wcodec
 from edge_runtime.layer_scores import scores_from_json
 from edge_runtime.blob_exchange import receive_chunk, serve_fetch
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.mqtt_link import MqttLink, Received
+from edge_runtime.mqtt_link import MqttLink, Received, security_from_settings
 from edge_runtime.protocol import (Ack, Failed, Hello, Idle, ProtocolError, Scores, Status, Task, Topics, Update,
                                    decode_any)
 from edge_runtime.store import atomic_write_text
@@ -58,7 +58,9 @@ DEFAULTS = {
                 "offline_grace_s": 20.0,
                 "min_updates": 1, "sample_fraction": 1.0, "max_rounds": 200, "eval_samples": 10000,
                 "max_update_relative_change": 10.0, "update_fp16": False, "init_weights": "",
-                "eval_data": ""},
+                "eval_data": "",
+                # the broker login and TLS (docs/broker.md, "Production broker"); mqtts:// turns TLS on
+                "username": "", "password_file": "", "tls": False, "tls_ca": "", "tls_cert": "", "tls_key": ""},
     "train": {"optimizer": "adamw", "learning_rate": 2e-3, "local_epochs": 1.0, "batch_sizes": [16, 32, 64],
               "margin": 0.10},
     "progressive": {"shrink_rounds": 1, "min_rounds_per_block": 2, "max_rounds_per_block": 6, "max_extra_blocks": 1,
@@ -77,6 +79,7 @@ class Coordinator:
     def __init__(self, settings: dict, host: str, port: int):
         s = settings["service"]
         self.settings, self.host, self.port = settings, host, port
+        self.security = security_from_settings(s, s["broker"])   # checked before the slow start-up below
         self.work = Path(s["workdir"]).resolve()
         self.topics = Topics(s["fleet"])
         self.blobs = BlobStore(self.work / "blobs")
@@ -166,12 +169,14 @@ class Coordinator:
         s = self.settings["service"]
         self.link = MqttLink(f"edge-coordinator-{s['fleet']}", self.host, self.port,
                              [(self.topics.all_devices(k), 1) for k in MQTT_KINDS],
-                             will=(self.topics.coordinator_status, Status("offline").encode()), manual_ack=True)
+                             will=(self.topics.coordinator_status, Status("offline").encode()), manual_ack=True,
+                             security=self.security)
         self.link.start(timeout_s=30)
         self.link.publish(self.topics.coordinator_status, Status("online", time.time()).encode(), retain=True)
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="serve-fetch")
-        log.info("coordinator for fleet %r on mqtt://%s:%d, strategy %s, model %s (%s)", s["fleet"], self.host,
-                 self.port, s["strategy"], self.model.manifest.model, self.work)
+        log.info("coordinator for fleet %r on %s://%s:%d, strategy %s, model %s (%s)", s["fleet"],
+                 "mqtts" if self.security.tls else "mqtt", self.host, self.port, s["strategy"],
+                 self.model.manifest.model, self.work)
         try:
             self._republish_open_tasks()
             while not stop.is_set():

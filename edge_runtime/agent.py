@@ -43,7 +43,7 @@ from .device_probe import probe
 from .errors import BudgetError, EdgeRuntimeError
 from .memory import MIB, ChildResult, current_rss_bytes, peak_rss_bytes, release_free_heap
 from .model_blobs import check_blob_names, materialize
-from .mqtt_link import MqttLink, Received, parse_broker_url
+from .mqtt_link import BrokerRefused, LinkSecurity, MqttLink, Received, parse_broker_url, security_from_settings
 from .protocol import (Ack, Failed, Hello, Idle, ProtocolError, Scores, Status, Task, Topics, Update, check_id,
                        decode_any)
 from .store import atomic_write_text, digest_of
@@ -66,6 +66,12 @@ DEFAULTS = {
     "threads": 0,
     "ack_timeout_s": 30.0,
     "connect_timeout_s": 60.0,
+    "username": "",           # the broker login ("" with a password_file = the device id, as the ACL expects)
+    "password_file": "",      # the password on its first line; never on the command line
+    "tls": False,             # TLS without an mqtts:// address
+    "tls_ca": "",             # CA file the broker's certificate must chain to ("" = the system's)
+    "tls_cert": "",           # client certificate, for a broker that asks for one
+    "tls_key": "",
 }
 SEND_ATTEMPTS = 10
 DONE_KEPT = 1000              # done.json remembers this many tasks; older ids belong to long-closed rounds
@@ -117,7 +123,7 @@ def _read_toml(path: Path) -> dict:
         expected = type(DEFAULTS[key])
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if isinstance(value, bool) or not isinstance(value, expected):
+        if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
             raise ConfigError(f"{path}: {TABLE}.{key} must be {expected.__name__}, not {value!r}")
         out[key] = value
     return out
@@ -140,6 +146,7 @@ class DeviceConfig:
     connect_timeout_s: float
     cores: int
     disk_free_bytes: int
+    security: LinkSecurity = LinkSecurity()   # broker login and TLS
 
 
 def resolve(settings: dict) -> DeviceConfig:
@@ -155,6 +162,9 @@ def resolve(settings: dict) -> DeviceConfig:
         device_id = check_id(s["id"], "device id")
         topics = Topics(s["fleet"])
         host, port = parse_broker_url(s["broker"])
+        # the broker's ACL knows a device by its id: the login defaults to it
+        login = s["username"] or (device_id if s["password_file"] else "")
+        security = security_from_settings({**s, "username": login}, s["broker"])
     except (ProtocolError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     data = LocalDataset(Path(s["data"]).expanduser().resolve())
@@ -181,7 +191,7 @@ def resolve(settings: dict) -> DeviceConfig:
                         state=state, budget_bytes=_device_budget(s["budget_mb"], tier, tier_budget, found),
                         margin=s["margin"], threads=s["threads"], ack_timeout_s=s["ack_timeout_s"],
                         connect_timeout_s=s["connect_timeout_s"], cores=found.cores,
-                        disk_free_bytes=found.disk_free_bytes)
+                        disk_free_bytes=found.disk_free_bytes, security=security)
 
 
 def _tier(name_or_path: str) -> tuple[str, int | None]:
@@ -614,9 +624,13 @@ def _connect(cfg: DeviceConfig, stop: threading.Event) -> MqttLink | None:
         link = MqttLink(f"edge-device-{cfg.device_id}", cfg.host, cfg.port,
                         subscriptions=[(t.device(cfg.device_id, kind), 1) for kind in ("task", "blob", "ack")]
                         + [(t.coordinator_status, 1)],
-                        will=(t.device(cfg.device_id, "status"), Status("offline").encode()))
+                        will=(t.device(cfg.device_id, "status"), Status("offline").encode()),
+                        security=cfg.security)
         try:
             return link.start(timeout_s=max(1.0, min(5.0, deadline - time.monotonic())))
+        except BrokerRefused as exc:  # a refused login or an untrusted certificate: no retry can help
+            log.error("%s", exc)
+            return None
         except ConnectionError as exc:
             left = deadline - time.monotonic()
             if left <= 0 or stop.is_set():
@@ -685,6 +699,8 @@ def _parser() -> argparse.ArgumentParser:
   edge-device --id pi-01 --tier pi-zero-2w --broker mqtt://coordinator.lan:1883 --data /srv/edge/data
   edge-device --config /etc/edge-device.toml          # settings in a [device] table; flags win
   edge-device --id pi-01 --broker 10.0.0.5 --data data --budget-mb 300 --log-level debug
+  edge-device --id pi-01 --broker mqtts://broker.lan --password-file pw.txt --tls-ca ca.crt --data data
+                                        # TLS on port 8883, logged in as user pi-01 (its id)
 
 /etc/edge-device.toml:
   [device]
@@ -694,16 +710,22 @@ def _parser() -> argparse.ArgumentParser:
   data = "/srv/edge/data"      # inputs.npy + labels.npy
   state = "/var/lib/edge-device"
 
+A production broker (docs/broker.md) takes broker = "mqtts://broker.lan" (TLS, port
+8883), tls_ca = "/etc/edge-device/ca.crt" and password_file = "/etc/edge-device/password"
+(mode 600, the password on its first line); the user name is the device id.
+
 The budget announced to the coordinator is what training jobs get: the device budget
 less this agent's own memory. State (blobs, caches, checkpoints, the current task)
 lives in --state; stop the agent at any time and start it again to resume.
-Exit codes: 0 stopped, 1 no broker within --connect-timeout, 2 bad settings.""")
+Exit codes: 0 stopped, 1 no broker within --connect-timeout, or it refused the login or
+its certificate is not trusted, 2 bad settings.""")
     p.add_argument("--config", type=Path, metavar="FILE",
                    help="TOML file with a [device] table (keys as the flags, with _)")
     p.add_argument("--id", help="this device's id (letters, digits, '_', '.', '-'); required")
     p.add_argument("--tier", help="tier name (profiles/<tier>.toml) or a tier file; default 'custom' (no file)")
     p.add_argument("--fleet", help="fleet name, the topic prefix edgeblock/v1/<fleet>/ (default 'default')")
-    p.add_argument("--broker", metavar="URL", help="the coordinator's broker, mqtt://host:port; required")
+    p.add_argument("--broker", metavar="URL",
+                   help="the coordinator's broker, mqtt://host:port or mqtts://host:port (TLS, port 8883); required")
     p.add_argument("--data", metavar="DIR",
                    help="local training data: a directory with inputs.npy and labels.npy; required")
     p.add_argument("--state", metavar="DIR", help="state directory (default device-state/<id>)")
@@ -715,6 +737,14 @@ Exit codes: 0 stopped, 1 no broker within --connect-timeout, 2 bad settings.""")
                    help="seconds to wait for the coordinator's ack before sending again (default 30)")
     p.add_argument("--connect-timeout", dest="connect_timeout_s", type=float, metavar="S",
                    help="seconds to keep trying the broker at start-up (default 60)")
+    p.add_argument("--username", help="broker user name (default with --password-file: the device id, "
+                                      "which a production broker's ACL expects)")
+    p.add_argument("--password-file", metavar="FILE",
+                   help="file whose first line is the broker password (a password is never a flag)")
+    p.add_argument("--tls", action="store_true", default=None, help="TLS even without an mqtts:// address")
+    p.add_argument("--tls-ca", metavar="FILE", help="CA certificate (PEM) the broker's certificate must chain to")
+    p.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM), for a broker that asks for one")
+    p.add_argument("--tls-key", metavar="FILE", help="the client certificate's unencrypted key (PEM)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
