@@ -3,6 +3,8 @@
   edge-coordinator run      schedule rounds, collect and aggregate updates (until the schedule ends)
   edge-coordinator status   fleet, round, stage and accuracy of a run, from its state directory
   edge-coordinator weights  write a run's current global weights to one safetensors file
+  edge-coordinator report   write a run's report: accuracy, memory, bytes and stages as one HTML page
+  edge-coordinator acl      write the Mosquitto ACL of a fleet for a production broker (docs/broker.md)
 
 Without --broker the coordinator starts its own Mosquitto on a free loopback port (it
 writes the address to WORKDIR/broker.url for the devices) and stops it on exit. Every
@@ -28,7 +30,11 @@ EPILOG = """examples:
   edge-coordinator run --strategy fedavg --rounds 20     # the full-model FedAvg baseline
   edge-coordinator run --config coordinator.toml         # [service], [train] and each strategy's table; flags win
   edge-coordinator status runs/coordinator
+  edge-coordinator report runs/coordinator               # runs/coordinator/report/report.html, while it runs too
   edge-coordinator weights runs/coordinator trained.safetensors   # then: run --strategy selective --init-weights
+  edge-coordinator run --broker mqtts://broker.lan --fleet lab --username coordinator \
+      --password-file /etc/edgeblock/coordinator.password --tls-ca /etc/edgeblock/ca.crt   # TLS on 8883
+  edge-coordinator acl --fleet lab --devices ids.txt --out /etc/mosquitto/edgeblock.acl
 
 devices connect with:  edge-device --broker mqtt://HOST:PORT --fleet FLEET --id pi-01 --tier pi-zero-2w --data DIR
 """
@@ -42,7 +48,14 @@ def _parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--config", type=Path, help="TOML file with [service], [train], [progressive], [fedavg] tables")
     run.add_argument("--workdir", help="state directory: model export, SQLite state, weight blobs, metrics.jsonl")
-    run.add_argument("--broker", help="mqtt://host:port of the broker (default: start an embedded Mosquitto)")
+    run.add_argument("--broker", help="mqtt://host:port or mqtts://host:port (TLS, port 8883) of the broker "
+                                      "(default: start an embedded Mosquitto)")
+    run.add_argument("--username", help="broker user name")
+    run.add_argument("--password-file", help="file whose first line is the broker password (never a flag)")
+    run.add_argument("--tls", action="store_true", default=None, help="TLS even without an mqtts:// address")
+    run.add_argument("--tls-ca", help="CA certificate (PEM) the broker's certificate must chain to")
+    run.add_argument("--tls-cert", help="client certificate (PEM), for a broker that asks for one")
+    run.add_argument("--tls-key", help="the client certificate's unencrypted key (PEM)")
     run.add_argument("--fleet", help="fleet name: the topic namespace devices and coordinator share")
     run.add_argument("--model", help="zoo model to train (fmnist_cnn, vgg_cifar, resnet_small)")
     run.add_argument("--strategy", choices=["progressive", "fedavg", "selective", "layerwise"])
@@ -70,6 +83,19 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="print a run's state")
     status.add_argument("workdir", type=Path)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    report = sub.add_parser("report", help="write a run's report: one self-contained HTML page with its plots")
+    report.add_argument("workdir", type=Path, help="the run's directory (finished or still running)")
+    report.add_argument("--baseline", type=Path, help="a full-model FedAvg run's directory to compare accuracy with "
+                                                      "(default: a comparable one found beside the run, if any)")
+    report.add_argument("--no-baseline", action="store_true", help="compare with no other run")
+    report.add_argument("--out", type=Path, help="directory for report.html and its PNGs (default: WORKDIR/report)")
+    acl = sub.add_parser("acl", help="write the Mosquitto ACL of a fleet: the coordinator reads and writes the "
+                                     "fleet's topics, each device only its own")
+    acl.add_argument("--fleet", required=True, help="fleet name, as in the coordinator's and devices' --fleet")
+    acl.add_argument("--devices", type=Path, required=True,
+                     help="file of device ids, one a line (each device's broker user name is its id)")
+    acl.add_argument("--coordinator-user", default="coordinator", help="the coordinator's broker user name")
+    acl.add_argument("--out", type=Path, help="the ACL file to write (default: print it)")
     return p
 
 
@@ -81,7 +107,9 @@ def _settings(args) -> dict:
                     "min_updates": args.min_updates,
                     "sample_fraction": args.sample_fraction, "max_rounds": args.max_rounds,
                     "update_fp16": args.update_fp16, "init_weights": args.init_weights,
-                    "eval_data": args.eval_data},
+                    "eval_data": args.eval_data, "username": args.username,
+                    "password_file": args.password_file, "tls": args.tls, "tls_ca": args.tls_ca,
+                    "tls_cert": args.tls_cert, "tls_key": args.tls_key},
         "train": {"local_epochs": args.local_epochs, "learning_rate": args.learning_rate},
         "fedavg": {"rounds": args.rounds},
     }
@@ -116,31 +144,20 @@ def run(settings: dict, stop: threading.Event) -> dict:
 
 
 def status(workdir: Path, as_json: bool) -> int:
+    """The run at a glance (coordinator/run_status.py); safe beside a running coordinator."""
+    from .run_status import snapshot, status_lines
     from .state_store import StateStore
-    if not (workdir / "state.db").exists():
+    snap = snapshot(workdir)
+    if snap is None:
         print(f"edge-coordinator: {workdir} holds no coordinator state (no state.db)", file=sys.stderr)
         return 2
-    state = StateStore(workdir / "state.db")
-    devices, rounds, row = state.devices(), state.closed_rounds(), state.current_round()
-    info = {"run": state.meta("run"), "devices": devices, "rounds_closed": len(rounds),
-            "current_round": None if row is None else {"round": row.round, "state": row.state,
-                                                       "stage": row.plan.get("stage", {})},
-            "accuracy": rounds[-1]["accuracy"] if rounds else None,
-            "finished": bool(rounds and rounds[-1].get("finished"))}
+    state = StateStore(workdir / "state.db", readonly=True)
+    devices = state.devices()
+    state.close()
     if as_json:
-        print(json.dumps(info, indent=1))
+        print(json.dumps(dict(snap.to_dict(), devices=devices), indent=1))
         return 0
-    run = info["run"] or {}
-    print(f"run: {run.get('strategy', '?')} on manifest {str(run.get('manifest', '?'))[:12]}…  "
-          f"{'finished' if info['finished'] else 'in progress'}")
-    if row is not None:
-        print(f"round {row.round} ({row.state}): " + ", ".join(f"{k} {v}" for k, v in row.plan.get("stage", {}).items()))
-    if info["accuracy"] is not None:
-        print(f"test accuracy after round {rounds[-1]['round']}: {info['accuracy']:.2%}")
-    print(f"devices: {sum(d['online'] for d in devices)} online of {len(devices)}")
-    for d in devices:
-        print(f"  {d['device_id']:<20} {d['tier']:<16} budget {d['budget_bytes'] / 2**20:6.0f} MB  "
-              f"{'online' if d['online'] else 'offline'}")
+    print("\n".join(status_lines(snap, devices)))
     return 0
 
 
@@ -163,12 +180,43 @@ def export_weights(workdir: Path, out: Path) -> int:
     return 0
 
 
+def write_report(workdir: Path, baseline: Path | None, no_baseline: bool, out: Path | None) -> int:
+    """The run's HTML report; its path on stdout, so a script can open or mail it."""
+    from .run_report import write_report as write
+    try:
+        page = write(workdir, out, False if no_baseline else baseline)
+    except FileNotFoundError as exc:
+        print(f"edge-coordinator: {exc}", file=sys.stderr)
+        return 2
+    print(page)
+    return 0
+
+
+def write_acl(fleet: str, devices: Path, coordinator_user: str, out: Path | None) -> int:
+    from .broker_acl import AclError, fleet_acl, read_device_ids, write_fleet_acl
+    try:
+        ids = read_device_ids(devices)
+        if out is None:
+            print(fleet_acl(fleet, ids, coordinator_user), end="")
+        else:
+            write_fleet_acl(out, fleet, ids, coordinator_user)
+            print(f"wrote the ACL of fleet {fleet} ({len(ids)} devices) to {out}; reload Mosquitto to apply it")
+    except (AclError, OSError) as exc:
+        print(f"edge-coordinator: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "status":
         return status(args.workdir, args.json)
     if args.command == "weights":
         return export_weights(args.workdir, args.out)
+    if args.command == "acl":
+        return write_acl(args.fleet, args.devices, args.coordinator_user, args.out)
+    if args.command == "report":
+        return write_report(args.workdir, args.baseline, args.no_baseline, args.out)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     settings = _settings(args)
