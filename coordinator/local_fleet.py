@@ -124,8 +124,12 @@ class LocalFleet:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                pass
+            try:   # whatever of its group is left (a training job outliving its agent, say)
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            except ProcessLookupError:
+                pass
+            proc.wait()
 
     def __enter__(self) -> "LocalFleet":
         return self
