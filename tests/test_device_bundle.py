@@ -1,0 +1,221 @@
+"""edge-bundle for real: a bundle built from PyPI's wheels, installed by its own install.sh into a
+fresh venv, and the installed agent announcing its tier's budget to a real Mosquitto."""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
+
+from coordinator.broker import EmbeddedBroker
+from coordinator.device_bundle import platform_tags
+from edge_runtime.datasets import LocalDataset, load_fashion_mnist
+from edge_runtime.memory import MIB
+from edge_runtime.protocol import Hello, Status, Topics
+from edge_runtime.tiers import find_tier
+
+REPO = Path(__file__).resolve().parent.parent
+TIER, DEVICE, FLEET = "pi-zero-2w", "board-7", "lab"
+WAIT_S = 60.0
+GOOD = {"--tier": TIER, "--device-id": DEVICE, "--broker": "mqtt://10.0.0.2:1883", "--platform": "x86_64"}
+
+
+def edge_bundle(args: dict, env: dict | None = None) -> subprocess.CompletedProcess:
+    """edge-bundle as an operator runs it, in a process of its own."""
+    argv = [str(part) for flag, value in args.items() for part in (flag, value)]
+    return subprocess.run([sys.executable, "-m", "coordinator.device_bundle", *argv], cwd=REPO,
+                          capture_output=True, text=True, env=env, timeout=900)
+
+
+def install(bundle: Path, board: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(bundle / "install.sh"), "--venv", str(board / "venv"),
+                           "--config-dir", str(board / "etc"), "--no-systemd"],
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory):
+    with EmbeddedBroker(tmp_path_factory.mktemp("bundle-broker")) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def board(tmp_path_factory) -> Path:
+    """A stand-in for the board's disks: its data, state, venv and config all live here."""
+    root = tmp_path_factory.mktemp("board")
+    x, y = load_fashion_mnist("test")
+    LocalDataset.write(root / "data", x[:256], y[:256])
+    return root
+
+
+@pytest.fixture(scope="session")
+def bundle(broker, board) -> Path:
+    """One real bundle per session: the wheels come from PyPI through pip's cache."""
+    done = edge_bundle({**GOOD, "--broker": broker.url, "--fleet": FLEET, "--out": board / "bundles",
+                        "--data-dir": board / "data", "--state-dir": board / "state"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    [directory] = [p for p in (board / "bundles").iterdir() if p.is_dir()]
+    return directory
+
+
+@pytest.fixture(scope="session")
+def installed(bundle, board) -> Path:
+    done = install(bundle, board)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return board
+
+
+def test_bundle_holds_the_device_set_and_its_settings(bundle, board, broker):
+    wheels = sorted(p.name for p in (bundle / "wheels").glob("*.whl"))
+    names = {w.split("-")[0].lower() for w in wheels}
+    assert {"edgeblock", "onnxruntime_training_cpu", "onnx", "numpy", "paho_mqtt", "psutil", "safetensors"} <= names
+    assert not [n for n in names if n.startswith("torch")], wheels
+    allowed = set(platform_tags("x86_64")) | {"any"}
+    assert all(set(w[:-len(".whl")].split("-")[-1].split(".")) & allowed for w in wheels), wheels
+
+    settings = tomllib.loads((bundle / "device.toml").read_text())["device"]
+    assert settings == {"id": DEVICE, "tier": f"/etc/edgeblock/{TIER}.toml", "fleet": FLEET, "broker": broker.url,
+                        "data": str(board / "data"), "state": str(board / "state")}   # the budget: the tier's
+    assert (bundle / f"{TIER}.toml").read_bytes() == (REPO / "profiles" / f"{TIER}.toml").read_bytes()
+
+    unit = (bundle / "edge-device.service").read_text().splitlines()
+    for line in ("MemoryMax=344M",                      # budget_mb 296 + the agent's 48 MB reserve "MemorySwapMax=0", "Restart=on-failure", "User=edgeblock",
+                 "StateDirectory=edgeblock", "WorkingDirectory=/var/lib/edgeblock",
+                 "ExecStart=/opt/edgeblock/venv/bin/edge-device --config /etc/edgeblock/device.toml"):
+        assert line in unit
+
+    with tarfile.open(bundle.with_name(bundle.name + ".tar.gz")) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    assert members[f"{bundle.name}/install.sh"].mode & 0o111
+    assert {f"{bundle.name}/wheels/{w}" for w in wheels} <= set(members)
+
+
+def test_install_sh_installs_only_the_bundle_and_is_idempotent(installed, bundle):
+    python = installed / "venv" / "bin" / "python"
+    no_torch = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True)
+    assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
+
+    listed = subprocess.run([python, "-m", "pip", "--isolated", "list", "--format=json"],
+                            capture_output=True, text=True, check=True)
+    present = {p["name"].lower().replace("-", "_") for p in json.loads(listed.stdout)}
+    bundled = {w.name.split("-")[0].lower() for w in (bundle / "wheels").glob("*.whl")}
+    assert present - bundled <= {"pip", "setuptools"}, present - bundled   # those two come with every venv
+
+    helped = subprocess.run([installed / "venv" / "bin" / "edge-device", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "usage: edge-device" in helped.stdout
+
+    settings = tomllib.loads((installed / "etc" / "device.toml").read_text())["device"]
+    assert settings["tier"] == str(installed / "etc" / f"{TIER}.toml")
+    assert Path(settings["tier"]).is_file()
+
+    again = install(bundle, installed)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"venv {installed / 'venv'}: reused" in again.stdout
+    assert "device.toml: unchanged" in again.stdout
+
+
+class Subscriber:
+    """A paho client that queues every message on the device's topics."""
+
+    def __init__(self, broker: EmbeddedBroker, topic_filter: str):
+        self.messages: queue.Queue = queue.Queue()
+        self.held: list[tuple[str, bytes]] = []
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                                  client_id="bundle-test-subscriber", protocol=mqtt.MQTTv5)
+        subscribed = queue.Queue()
+        self.client.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload))
+        self.client.on_subscribe = lambda c, u, mid, codes, p: subscribed.put(codes)
+        self.client.on_connect = lambda c, u, flags, rc, p: c.subscribe(topic_filter, qos=1)
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        assert not subscribed.get(timeout=10)[0].is_failure
+
+    def next(self, topic: str, timeout: float = WAIT_S) -> bytes:
+        """The next message on `topic`; messages on other topics wait their turn."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, (held_topic, payload) in enumerate(self.held):
+                if held_topic == topic:
+                    del self.held[i]
+                    return payload
+            self.held.append(self.messages.get(timeout=max(0.0, deadline - time.monotonic())))
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_installed_agent_announces_the_tier_budget(installed, broker):
+    topics = Topics(FLEET)
+    subscriber = Subscriber(broker, f"{topics.root}/device/{DEVICE}/#")
+    log_path = installed / "agent.log"
+    with open(log_path, "w") as log:
+        agent = subprocess.Popen([installed / "venv" / "bin" / "edge-device", "--config",
+                                  installed / "etc" / "device.toml"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        hello = Hello.decode(subscriber.next(topics.device(DEVICE, "hello")))
+        assert Status.decode(subscriber.next(topics.device(DEVICE, "status"))).state == "online"
+        tier = find_tier(TIER)
+        assert (hello.device_id, hello.tier) == (DEVICE, TIER)
+        # what the jobs get: the tier's budget_mb, the agent living in the reserve the tier set aside
+        assert abs(hello.budget_bytes - tier.budget_bytes) <= 12 * MIB, log_path.read_text()
+
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=30) == 0, log_path.read_text()
+        assert Status.decode(subscriber.next(topics.device(DEVICE, "status"))).state == "offline"
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        subscriber.close()
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"--tier": "pi-zero-3"}, "unknown tier 'pi-zero-3'; known: generic-256mb, jetson-nano-4gb"),
+    ({"--broker": "http://10.0.0.2"}, "--broker: unsupported broker address"),
+    ({"--broker": "mqtt://10.0.0.2:99999"}, "the port must be a number from 1 to 65535"),
+    ({"--device-id": "board 7"}, "--device-id 'board 7' is not a valid id"),
+    ({"--fleet": "lab/1"}, "fleet 'lab/1' is not a valid id"),
+    ({"--data-dir": "data"}, "--data-dir 'data': must be an absolute path on the board"),
+    ({"--extra-wheel": "/nowhere/x-1.0-py3-none-any.whl"}, "no such file"),
+])
+def test_bad_input_fails_at_once_saying_why(tmp_path, change, says):
+    done = edge_bundle({**GOOD, "--out": tmp_path / "out", **change})
+    assert done.returncode == 2
+    assert says in done.stderr
+    assert not (tmp_path / "out").exists()   # checked before anything was built
+
+
+def test_aarch64_without_the_wheel_explains_the_source_build(tmp_path):
+    done = edge_bundle({**GOOD, "--platform": "aarch64", "--out": tmp_path / "out"})
+    assert done.returncode == 2 and not (tmp_path / "out").exists()
+    for needed in ("PyPI has no linux-aarch64 wheel of onnxruntime-training-cpu==1.19.2", "--extra-wheel", "ORT_DISABLE_PYTHON_PACKAGE_LOCAL_VERSION=1", "--enable_training",
+                   "onnxruntime_training_cpu-1.19.2-cp311-cp311-linux_aarch64.whl"):
+        assert needed in done.stderr
+
+
+def test_unreachable_index_is_said_plainly(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_RETRIES="0",
+               PIP_INDEX_URL=f"http://127.0.0.1:{closed_port}/simple")
+    done = edge_bundle({**GOOD, "--out": tmp_path / "out"}, env=env)
+    assert done.returncode == 1
+    assert "pip cannot reach the package index" in done.stderr
+    assert list((tmp_path / "out").iterdir()) == []   # no half-built bundle left behind
