@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
   edge-demo --fleet generic-256mb:3 --fleet pi-4b-2gb:1 --fleet lab-board:2:180
   edge-demo --config demo.toml               # [demo], [train], [progressive], [fedavg]; flags win
 
-Tiers are the files in profiles/ (`edge-profile tiers` lists them); a device of a tier gets
+Tiers are the files in profiles/ (docs/profiles.md); a device of a tier gets
 that tier's budget_mb for its training jobs. A budget that fits no block leaves the device
 idle, and the coordinator tells it why.
 
