@@ -374,7 +374,7 @@ class Agent:
         update = Update(task.task_id, task.round, self.cfg.device_id, blob_sha256=sha,
                         blob_size=self.uploads.path(sha).stat().st_size, num_examples=result["num_examples"],
                         loss=result["loss"], steps=result["steps"], peak_rss_bytes=child.peak_rss_bytes,
-                        seconds=child.seconds, downloaded_bytes=downloaded, agent_peak_rss_bytes=peak_rss_bytes())
+                        seconds=child.seconds, downloaded_bytes=downloaded, agent_peak_rss_bytes=self._own_peak_rss())
         atomic_write_text(self._update_file(task), update.encode().decode())
         resumed = f" (resumed at step {result['resumed_from_step']})" if result["resumed_from_step"] else ""
         log.info("task %s: trained %d steps in %.1f s%s, loss %.4f", task.task_id, update.steps, update.seconds,
@@ -387,11 +387,15 @@ class Agent:
         scores = Scores(task.task_id, task.round, self.cfg.device_id,
                         scores={str(k): float(v) for k, v in result["scores"].items()},
                         num_examples=result["num_examples"], peak_rss_bytes=child.peak_rss_bytes,
-                        seconds=child.seconds, agent_peak_rss_bytes=peak_rss_bytes())
+                        seconds=child.seconds, agent_peak_rss_bytes=self._own_peak_rss())
         atomic_write_text(self._update_file(task), scores.encode().decode())
         log.info("task %s: scored %d layer(s) over %d batches in %.1f s", task.task_id, len(scores.scores),
                  result["batches"], child.seconds)
         return scores
+
+    def _own_peak_rss(self) -> int:
+        """The agent's own peak, reported beside its job's; a process hosting many simulated devices shares it."""
+        return peak_rss_bytes()
 
     def _fetch(self, task: Task) -> int:
         """Get the blobs the store lacks; return the bytes downloaded. Tasks arriving meanwhile are kept."""
