@@ -40,7 +40,7 @@ from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.mqtt_link import MqttLink, Received, security_from_settings
 from edge_runtime.protocol import (Ack, Failed, Hello, Idle, ProtocolError, Scores, Status, Task, Topics, Update,
                                    decode_any)
-from edge_runtime.store import atomic_write_text
+from edge_runtime.store import atomic_write_text, sha256_file
 from edge_runtime.transfer import BlobStore
 
 from . import intake
@@ -403,15 +403,7 @@ class Coordinator:
         plan = RoundPlan.from_dict(row.plan)
         updates = {u.task_id: u for u in self.state.updates(row.round)}
         by_task = {t["task_id"]: t for t in tasks}
-        results = []
-        for u in updates.values():
-            try:
-                values = wcodec.load(self.incoming.path(u.blob_sha256))
-            except (OSError, EdgeRuntimeError) as exc:  # e.g. the disk lost a file in a power cut
-                log.error("round %d: the stored update of %s is unreadable, left out: %s", row.round, u.device_id, exc)
-                continue
-            results.append(Result(assignment_from_dict(by_task[u.task_id]["spec"]["assignment"]), values,
-                                  u.num_examples, u.loss))
+        results = stored_results(row.round, updates.values(), by_task, self.incoming)
         scored = {sc["task_id"]: sc for sc in self.state.scores(row.round)}
         for task_id, sc in scored.items():
             results.append(Result(assignment_from_dict(by_task[task_id]["spec"]["assignment"]), {}, sc["num_examples"],
@@ -478,6 +470,28 @@ class Coordinator:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+def stored_results(round_no: int, updates, by_task: dict, incoming: BlobStore) -> list[Result]:
+    """The round's accepted updates as Results whose tensors are read lazily, one at a time.
+
+    Aggregation then holds only its running sums, never every update at once (N devices x
+    the part each trained). A stored update that is gone or no longer matches its hash
+    (a disk that lost a file in a power cut) is logged and left out, not aggregated.
+    """
+    results = []
+    for u in updates:
+        path = incoming.path(u.blob_sha256)
+        try:
+            if sha256_file(path) != u.blob_sha256:
+                raise EdgeRuntimeError(f"{path.name} no longer matches its hash")
+            values = wcodec.WeightFile(path)
+        except (OSError, EdgeRuntimeError) as exc:
+            log.error("round %d: the stored update of %s is unreadable, left out: %s", round_no, u.device_id, exc)
+            continue
+        results.append(Result(assignment_from_dict(by_task[u.task_id]["spec"]["assignment"]), values,
+                              u.num_examples, u.loss))
+    return results
+
+
 def _task_id(round_no: int, run_tag: str, device_id: str) -> str:
     """r<round>-<run>-<device>, within the protocol's 64 characters (a long device id is hashed)."""
     task_id = f"r{round_no}-{run_tag}-{device_id}"

@@ -1,4 +1,6 @@
 """Update validation, FedAvg per parameter, and the effective-movement freezing rule."""
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 
@@ -74,3 +76,36 @@ def test_pure_noise_scores_one_over_sqrt_window_and_thresholds_below_it_are_refu
         assert effective_movement(noise) == pytest.approx(window ** -0.5, rel=0.08)
     with pytest.raises(ValueError, match="pure noise"):
         FreezeRule(window=4, threshold=0.3)
+
+
+def test_a_round_reads_stored_updates_lazily_and_leaves_out_lost_or_altered_ones(tmp_path, caplog):
+    """The close of a round: hash-checked, read a tensor at a time, a damaged update left out with a log line."""
+    from coordinator.aggregation import weighted_average
+    from coordinator.service import stored_results
+    from coordinator.state_store import UpdateRow
+    from coordinator.strategies.base import Assignment
+    from edge_runtime import weights as wcodec
+    from edge_runtime.transfer import BlobStore
+
+    store = BlobStore(tmp_path / "incoming")
+    rng = np.random.default_rng(0)
+    tensors = {d: {"w": rng.standard_normal((4, 3)).astype(np.float32), "b": rng.standard_normal(3).astype(np.float32)}
+               for d in ("a", "b", "c", "d")}
+    rows, by_task = [], {}
+    for i, (device, values) in enumerate(tensors.items()):
+        wcodec.save(tmp_path / f"{device}.safetensors", values)
+        sha = store.put_file(tmp_path / f"{device}.safetensors")
+        rows.append(UpdateRow(f"t-{device}", 1, device, sha, 10 * (i + 1), 0.5, 1, 1.0, 0.0))
+        by_task[f"t-{device}"] = {"spec": {"assignment": asdict(Assignment(device, 0, 1, (0, 1), 0, 32, 1))}}
+    raw = bytearray(store.path(rows[1].blob_sha256).read_bytes())
+    raw[-1] ^= 0xFF                                         # b's update altered on disk
+    store.path(rows[1].blob_sha256).write_bytes(bytes(raw))
+    store.path(rows[2].blob_sha256).unlink()                # c's update lost
+    with caplog.at_level("ERROR"):
+        results = stored_results(1, rows, by_task, store)
+    assert [r.assignment.device_id for r in results] == ["a", "d"]
+    assert all(isinstance(r.update, wcodec.WeightFile) for r in results)   # nothing read yet
+    assert "update of b is unreadable" in caplog.text and "update of c is unreadable" in caplog.text
+    averaged = weighted_average([(r.update, r.num_examples) for r in results])
+    expected = (tensors["a"]["w"] * 10 + tensors["d"]["w"] * 40) / 50
+    assert np.allclose(averaged["w"], expected, atol=1e-6)
