@@ -5,7 +5,9 @@ can fail for memory alone. So the bundle is built on the coordinator's side and 
 every wheel the device runtime needs for the board's platform and CPython 3.11 (never
 torch), the agent's settings for this one device, its tier file, a systemd unit under which
 the kernel enforces the tier's memory budget, and install.sh, which installs from the
-bundled wheels only. See docs/flashing.md.
+bundled wheels only. For a production broker (docs/broker.md) it also carries the broker's
+CA, this device's password and, if the broker asks for one, its client certificate.
+See docs/flashing.md.
 """
 from __future__ import annotations
 
@@ -15,13 +17,14 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 try:
@@ -30,7 +33,7 @@ except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
 from edge_runtime.memory import MIB
-from edge_runtime.mqtt_link import parse_broker_url
+from edge_runtime.mqtt_link import LinkConfigError, LinkSecurity, parse_broker_address
 from edge_runtime.protocol import ProtocolError, Topics, check_id
 from edge_runtime.tiers import DEFAULT_PROFILES_DIR, Tier, TierError, find_tier
 
@@ -48,6 +51,12 @@ DATA_DIR = "/var/lib/edgeblock/data"
 STATE_DIR = "/var/lib/edgeblock/state"
 SERVICE_USER = "edgeblock"
 UNIT = "edge-device.service"
+# The broker files a bundle may carry: device.toml's setting for each, the flag that gives it, its name
+# in the bundle and in the config directory, and whether it is a secret (mode 600, the service user's).
+BROKER_FILES = {"tls_ca": ("--tls-ca", "ca.crt", False), "tls_cert": ("--tls-cert", "client.crt", False),
+                "password_file": ("--password-file", "password", True), "tls_key": ("--tls-key", "client.key", True)}
+# The first line of Mosquitto's own password file (user:$7$...): not the password a device sends.
+HASHED_PASSWORD = re.compile(r"^[^:\s]+:\$\d+\$")
 # What pip prints (in its retry warnings) when it fails for want of the network rather than of a wheel.
 NETWORK_TROUBLE = re.compile(r"NewConnectionError|Failed to establish a new connection|NameResolutionError|"
                              r"Temporary failure in name resolution|Name or service not known|Network is unreachable|"
@@ -89,6 +98,9 @@ class Bundle:
     data_dir: str
     state_dir: str
     extra_wheels: tuple[Path, ...]
+    username: str = ""        # the broker login; "" = anonymous
+    # (device.toml setting, source file) of each broker file the bundle carries, in BROKER_FILES' order
+    broker_files: tuple[tuple[str, Path], ...] = field(default=(), repr=False)
 
     @property
     def name(self) -> str:
@@ -100,6 +112,11 @@ class Bundle:
         (M is MiB there): the unit's cgroup holds the agent and every training job it starts."""
         budget = self.tier.device_budget_bytes
         return f"{budget // MIB}M" if budget % MIB == 0 else str(budget)
+
+    @property
+    def secret(self) -> bool:
+        """Whether the bundle holds a password or a key, so that the archive must be private too."""
+        return any(BROKER_FILES[key][2] for key, _ in self.broker_files)
 
 
 # -- checking the request ----------------------------------------------------------------------
@@ -120,20 +137,29 @@ def check(args: argparse.Namespace) -> Bundle:
     for flag, path in (("--data-dir", args.data_dir), ("--state-dir", args.state_dir)):
         if not path.startswith("/"):
             raise BundleError(f"{flag} {path!r}: must be an absolute path on the board")
-    return Bundle(tier=tier, device_id=device_id, fleet=fleet, broker=_broker_url(args.broker), arch=args.platform,
+    broker = _broker_url(args.broker)
+    files = _broker_files(args, parse_broker_address(broker).tls)
+    username = _username(args.username, device_id, files)
+    _warn_login(broker, username, device_id, files)
+    return Bundle(tier=tier, device_id=device_id, fleet=fleet, broker=broker, arch=args.platform,
                   data_dir=args.data_dir.rstrip("/"), state_dir=args.state_dir.rstrip("/"),
-                  extra_wheels=_extra_wheels(args.extra_wheel, args.platform))
+                  extra_wheels=_extra_wheels(args.extra_wheel, args.platform), username=username,
+                  broker_files=files)
 
 
 def _broker_url(text: str) -> str:
     """The address as given, once edge-device's own parser accepts it: the agent reads it the same way."""
     try:
-        host, _port = parse_broker_url(text)
+        host = parse_broker_address(text).host
     except ValueError as exc:
         raise BundleError(f"--broker: {exc}") from None
-    if host == "localhost" or host.startswith("127.") or host == "::1":
+    if _loopback(host):
         _warn(f"--broker {text} is a loopback address: on a board it names the board itself")
     return text.strip()
+
+
+def _loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 def _extra_wheels(paths: list[str], arch: str) -> tuple[Path, ...]:
@@ -186,6 +212,113 @@ def _warn(message: str) -> None:
     print(f"edge-bundle: warning: {message}", file=sys.stderr)
 
 
+# -- checking the production broker's files ----------------------------------------------------
+
+def _broker_files(args: argparse.Namespace, tls: bool) -> tuple[tuple[str, Path], ...]:
+    """The broker files given, each checked as the agent will check its copy on the board, so that a
+    bad one fails here with its flag's name and not on the board at its first connection."""
+    given = {key: (flag, Path(getattr(args, key)).expanduser().resolve())
+             for key, (flag, _name, _secret) in BROKER_FILES.items() if getattr(args, key)}
+    tls_flags = [flag for key, (flag, _) in given.items() if key != "password_file"]
+    if tls_flags and not tls:
+        raise BundleError(f"{', '.join(tls_flags)} given but --broker {args.broker} is plain MQTT: "
+                          f"a production broker's TLS address is mqtts://host:8883")
+    if ("tls_cert" in given) != ("tls_key" in given):
+        raise BundleError("--tls-cert and --tls-key go together: a client certificate and its key, each in a "
+                          "file of its own")
+    for key, (flag, path) in given.items():
+        _CHECKS[key](flag, path, _read(flag, path))
+    if tls_flags:
+        _check_tls(given)
+    return tuple((key, path) for key, (_flag, path) in given.items())
+
+
+def _read(flag: str, path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BundleError(f"{flag} {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{flag} {path}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+
+
+def _check_certificate(flag: str, path: Path, text: str) -> None:
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise BundleError(f"{flag} {path}: not a PEM certificate (no -----BEGIN CERTIFICATE----- line)")
+    if "PRIVATE KEY-----" in text:
+        raise BundleError(f"{flag} {path} holds a private key as well, which would be installed readable by "
+                          f"every user (mode 644): give a file with the certificate only (a client key: --tls-key)")
+
+
+def _check_key(flag: str, path: Path, text: str) -> None:
+    if not re.search(r"-----BEGIN [A-Z ]*PRIVATE KEY-----", text):
+        raise BundleError(f"{flag} {path}: not a PEM private key (no -----BEGIN ... PRIVATE KEY----- line)")
+    if "ENCRYPTED" in text:
+        raise BundleError(f"{flag} {path} is encrypted: the agent starts unattended and cannot ask for its "
+                          f"passphrase; give it the key unencrypted (openssl pkey -in KEY -out KEY.plain)")
+    _check_private(flag, path)
+
+
+def _check_password(flag: str, path: Path, text: str) -> None:
+    """The agent sends the first line of the file: it must be there, and not be a broker's hash."""
+    first = text.splitlines()[0] if text else ""
+    if not first:
+        raise BundleError(f"{flag} {path} is empty: it holds the password on its first line, as "
+                          f"deploy/mosquitto/make-secrets.sh writes passwords/<device id>")
+    if HASHED_PASSWORD.match(first):
+        raise BundleError(f"{flag} {path} holds user:hash lines: that is the broker's password file, not a "
+                          f"device's; pass passwords/<device id> from make-secrets.sh users")
+    _check_private(flag, path)
+
+
+def _check_private(flag: str, path: Path) -> None:
+    """A secret that every user here could read may be known already: refused. Group-readable is a choice
+    (an operators' group), worth a warning only; the bundle's copy is mode 600 either way."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & stat.S_IRWXO:
+        raise BundleError(f"{flag} {path} is open to every user on this machine (mode {mode:o}): "
+                          f"chmod 600 it, and if others could have read it, make a new one")
+    if mode & stat.S_IRWXG:
+        _warn(f"{flag} {path} is readable by its group (mode {mode:o}): chmod 600 it unless that is meant")
+
+
+_CHECKS = {"tls_ca": _check_certificate, "tls_cert": _check_certificate, "password_file": _check_password,
+           "tls_key": _check_key}
+
+
+def _check_tls(given: dict[str, tuple[str, Path]]) -> None:
+    """The agent's own TLS set-up, run here: a CA that does not load, or a key that is not its
+    certificate's, fails now."""
+    path = {key: str(file) for key, (_flag, file) in given.items()}
+    try:
+        LinkSecurity(tls=True, ca_file=path.get("tls_ca", ""), cert_file=path.get("tls_cert", ""),
+                     key_file=path.get("tls_key", "")).ssl_context()
+    except LinkConfigError as exc:   # it names the agent's settings; here they are flags
+        raise BundleError(re.sub(r"\btls_(ca|cert|key)\b", r"--tls-\1", str(exc))) from None
+
+
+def _username(given: str | None, device_id: str, files: tuple[tuple[str, Path], ...]) -> str:
+    """The agent's own default: with a password, the device id, the name the fleet's ACL confines it by."""
+    if given:
+        return given
+    return device_id if "password_file" in dict(files) else ""
+
+
+def _warn_login(broker: str, username: str, device_id: str, files: tuple[tuple[str, Path], ...]) -> None:
+    """What the agent would accept but the fleet's broker most likely not, or only at a cost."""
+    password = dict(files).get("password_file")
+    if username and username != device_id:
+        _warn(f"--username {username} is not the device id {device_id}: the ACL `edge-coordinator acl` writes "
+              f"lets a device use only the topics of its own user name")
+    if password is not None and password.parent.name == "passwords" and password.name != username:
+        _warn(f"--password-file {password} is {password.name}'s (make-secrets.sh names each user's file after "
+              f"it), but the login is {username}")
+    address = parse_broker_address(broker)
+    if password is not None and not address.tls and not _loopback(address.host):
+        _warn(f"--broker {broker} is plain MQTT: {username}'s password would cross the network in clear text; "
+              f"use mqtts://{address.host}:8883 with --tls-ca")
+
+
 # -- building ---------------------------------------------------------------------------------
 
 def build(bundle: Bundle, out: Path) -> tuple[Path, Path]:
@@ -210,7 +343,7 @@ def build(bundle: Bundle, out: Path) -> tuple[Path, Path]:
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target, _archive(target)
+    return target, _archive(target, bundle.secret)
 
 
 def _project_wheel(dest: Path) -> Path:
@@ -310,14 +443,32 @@ def _write_files(root: Path, bundle: Bundle, project: Path) -> None:
     (root / UNIT).write_text(systemd_unit(bundle))
     (root / "install.sh").write_text(install_script(bundle))
     (root / "install.sh").chmod(0o755)
+    _write_broker_files(root, bundle)
     (root / "README.txt").write_text(readme(bundle, project, sorted(root.glob("wheels/*.whl"))))
 
 
-def _archive(directory: Path) -> Path:
+def _write_broker_files(root: Path, bundle: Bundle) -> None:
+    """Certificates as given; a secret is created mode 600, never readable for a moment by others, and
+    of a password file only its first line is kept: the line the agent sends."""
+    for key, source in bundle.broker_files:
+        _flag, name, secret = BROKER_FILES[key]
+        data = source.read_bytes()
+        if key == "password_file":
+            data = data.decode("utf-8").splitlines()[0].encode("utf-8") + b"\n"
+        fd = os.open(root / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if secret else 0o644)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        (root / name).chmod(0o600 if secret else 0o644)   # whatever the umask
+
+
+def _archive(directory: Path, secret: bool) -> Path:
+    """The .tar.gz; private (mode 600) when it holds a password or key, as the directory's copies are."""
     archive = directory.with_name(f"{directory.name}.tar.gz")
     partial = directory.with_name(f".{archive.name}.partial")
-    with tarfile.open(partial, "w:gz", compresslevel=1) as tar:   # the wheels are compressed already
-        tar.add(directory, arcname=directory.name)
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if secret else 0o666)
+    with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz", compresslevel=1) as tar:
+        tar.add(directory, arcname=directory.name)    # compresslevel 1: the wheels are compressed already
     os.replace(partial, archive)
     return archive
 
@@ -325,21 +476,32 @@ def _archive(directory: Path) -> Path:
 # -- the bundle's files ---------------------------------------------------------------------
 
 def device_toml(b: Bundle) -> str:
-    """The agent's [device] table for the default layout; install.sh moves `tier` with --config-dir."""
+    """The agent's [device] table for the default layout; install.sh moves every path under CONFIG_DIR
+    (the tier file, the broker files) with --config-dir."""
     settings = [("id", b.device_id, ""),
                 ("tier", f"{CONFIG_DIR}/{b.tier.name}.toml", ""),
                 ("fleet", b.fleet, ""),
-                ("broker", b.broker, ""),
-                ("data", b.data_dir, "inputs.npy (float32) and labels.npy (int64): this board's data"),
-                ("state", b.state_dir, "blobs, caches, checkpoints: kept across restarts")]
+                ("broker", b.broker, "")]
+    if b.username:
+        settings.append(("username", b.username, "the broker login; the fleet's ACL knows the device by it"))
+    settings += [(key, f"{CONFIG_DIR}/{BROKER_FILES[key][1]}", _BROKER_FILE_COMMENTS[key])
+                 for key, _source in b.broker_files]
+    settings += [("data", b.data_dir, "inputs.npy (float32) and labels.npy (int64): this board's data"),
+                 ("state", b.state_dir, "blobs, caches, checkpoints: kept across restarts")]
     lines = []
     for key, value, comment in settings:
         line = f"{key} = {json.dumps(value)}"   # a JSON string or number is a TOML one
-        lines.append(f"{line:<44}# {comment}" if comment else line)
+        lines.append(f"{line:<43} # {comment}" if comment else line)   # a space before '#' even when long
     return (f"# edge-device settings for {b.device_id}, written by edge-bundle. install.sh copies this file into\n"
-            f"# its --config-dir (default {CONFIG_DIR}) and points `tier` at the tier file copied beside it.\n"
+            f"# its --config-dir (default {CONFIG_DIR}) and points its paths there at the files copied beside it.\n"
             f"# Every key: edge-device --help. Flags given to edge-device win over these.\n"
             f"[device]\n" + "\n".join(lines) + "\n")
+
+
+_BROKER_FILE_COMMENTS = {"tls_ca": "the CA the broker's certificate must chain to",
+                         "tls_cert": "this device's client certificate",
+                         "password_file": "the broker password on its first line (mode 600)",
+                         "tls_key": "the client certificate's key (mode 600)"}
 
 
 def systemd_unit(b: Bundle) -> str:
@@ -380,9 +542,12 @@ WantedBy=multi-user.target
 
 def install_script(b: Bundle) -> str:
     """install.sh: this bundle's facts, shell-quoted, then the same script for every bundle."""
+    carried = [BROKER_FILES[key] for key, _source in b.broker_files]
     facts = {"DEVICE_ID": b.device_id, "TIER": b.tier.name, "ARCH": b.arch, "PYTHON_VERSION": PYTHON,
              "GLIBC_MIN": f"{GLIBC[0]}.{GLIBC[1]}", "DATA_DIR": b.data_dir, "STATE_DIR": b.state_dir,
-             "SERVICE_USER": SERVICE_USER, "UNIT": UNIT, "DEFAULT_VENV": VENV, "DEFAULT_CONFIG_DIR": CONFIG_DIR}
+             "SERVICE_USER": SERVICE_USER, "UNIT": UNIT, "DEFAULT_VENV": VENV, "DEFAULT_CONFIG_DIR": CONFIG_DIR,
+             "PUBLIC_FILES": " ".join(name for _flag, name, secret in carried if not secret),
+             "SECRET_FILES": " ".join(name for _flag, name, secret in carried if secret)}
     lines = "\n".join(f"{key}={shlex.quote(value)}" for key, value in facts.items())
     return INSTALL_HEAD + lines + "\n" + INSTALL_BODY
 
@@ -410,12 +575,14 @@ usage: ./install.sh [--venv DIR] [--config-dir DIR] [--python PYTHON] [--no-syst
 
 Installs edge-device for $DEVICE_ID (tier $TIER, linux $ARCH) from this bundle's wheels only:
   --venv DIR        the virtual environment (default $DEFAULT_VENV, or \$EDGEBLOCK_VENV)
-  --config-dir DIR  device.toml and $TIER.toml go here (default $DEFAULT_CONFIG_DIR, or \$EDGEBLOCK_CONFIG_DIR)
+  --config-dir DIR  device.toml, $TIER.toml and the broker files go here (default $DEFAULT_CONFIG_DIR,
+                    or \$EDGEBLOCK_CONFIG_DIR)
   --python PYTHON   the CPython $PYTHON_VERSION to build the venv with (default python3, or \$EDGEBLOCK_PYTHON)
   --no-systemd      do not install the systemd unit $UNIT
 When systemd runs this machine, $UNIT is installed (as root) and enabled, running the agent
-as user $SERVICE_USER. Running this again upgrades in place; a changed device.toml is kept as
-device.toml.old.
+as user $SERVICE_USER. The broker files the bundle carries go to the config directory, a password
+or key mode 600 (owned by $SERVICE_USER when run as root and that user exists). Running this
+again upgrades in place; a changed device.toml is kept as device.toml.old.
 
 examples:
   sudo ./install.sh
@@ -513,6 +680,28 @@ install_wheels() {
         "$("$VENV/bin/python" -c 'from edge_runtime.ort_backend import runtime_versions as v; print("onnxruntime", v()["onnxruntime"])')"
 }
 
+install_broker_files() {   # what device.toml names for the broker: its CA; this device's password and key
+    local name owner=() who
+    who=$(id -un 2>/dev/null || id -u)
+    if [ "$(id -u)" -eq 0 ] && id -u "$SERVICE_USER" >/dev/null 2>&1; then
+        owner=(-o "$SERVICE_USER" -g "$(id -g "$SERVICE_USER")")   # the agent runs as this user
+        who=$SERVICE_USER
+    fi
+    [ -n "$PUBLIC_FILES$SECRET_FILES" ] || return 0
+    mkdir -p "$CONFIG_DIR"
+    for name in $PUBLIC_FILES $SECRET_FILES; do
+        [ -f "$BUNDLE/$name" ] || die "no $name in $BUNDLE: the bundle is incomplete"
+    done
+    for name in $PUBLIC_FILES; do
+        install -m 644 "$BUNDLE/$name" "$CONFIG_DIR/$name"
+    done
+    for name in $SECRET_FILES; do
+        install -m 600 "${owner[@]}" "$BUNDLE/$name" "$CONFIG_DIR/$name"
+    done
+    if [ -n "$PUBLIC_FILES" ]; then say "$CONFIG_DIR: $PUBLIC_FILES installed (mode 644)"; fi
+    if [ -n "$SECRET_FILES" ]; then say "$CONFIG_DIR: $SECRET_FILES installed (mode 600, owned by $who)"; fi
+}
+
 install_config() {
     mkdir -p "$CONFIG_DIR"
     install -m 644 "$BUNDLE/$TIER.toml" "$CONFIG_DIR/$TIER.toml"
@@ -533,11 +722,14 @@ install_config() {
     fi
 }
 
-install_service() {
+make_user() {   # before the broker files are installed: the secrets among them are this user's
     if ! id -u "$SERVICE_USER" >/dev/null 2>&1; then
         useradd --system --home-dir /var/lib/edgeblock --no-create-home --shell /usr/sbin/nologin "$SERVICE_USER"
         say "user $SERVICE_USER: created"
     fi
+}
+
+install_service() {
     install -d -o "$SERVICE_USER" -g "$SERVICE_USER" -m 755 "$DATA_DIR" "$STATE_DIR"
     local text
     text=$(<"$BUNDLE/$UNIT")
@@ -568,10 +760,19 @@ check_writable
 if use_systemd; then SYSTEMD=yes; else SYSTEMD=no; fi
 make_venv
 install_wheels
+if [ "$SYSTEMD" = yes ]; then make_user; fi
+install_broker_files
 install_config
 if [ "$SYSTEMD" = yes ]; then install_service; fi
 next_steps
 """
+
+
+def _readme_row(key: str, b: Bundle) -> str:
+    return {"tls_ca": "the CA the broker's certificate must chain to (TLS)",
+            "tls_cert": "the client certificate the broker asks for",
+            "password_file": f"the broker password of user {b.username} (mode 600)",
+            "tls_key": "the client certificate's key (mode 600)"}[key]
 
 
 def readme(b: Bundle, project: Path, wheels: list[Path]) -> str:
@@ -580,8 +781,9 @@ def readme(b: Bundle, project: Path, wheels: list[Path]) -> str:
                         "no torch"),
             ("device.toml", f"the agent's settings: broker {b.broker}, fleet {b.fleet}; the budget is the tier's"),
             (f"{b.tier.name}.toml", f"the tier file ({b.tier.description})"),
-            (UNIT, f"systemd unit: the agent as user {SERVICE_USER}, MemoryMax={b.memory_max}, restarts on failure"),
-            ("install.sh", "installs all of it from wheels/ only: no network needed")]
+            (UNIT, f"systemd unit: the agent as user {SERVICE_USER}, MemoryMax={b.memory_max}, restarts on failure")]
+    rows += [(BROKER_FILES[key][1], _readme_row(key, b)) for key, _source in b.broker_files]
+    rows.append(("install.sh", "installs all of it from wheels/ only: no network needed"))
     contents = "\n".join(f"  {name:<21} {what}" for name, what in rows)
     text = f"""\
 edgeblock device bundle: {b.device_id}, tier {b.tier.name}, fleet {b.fleet}
@@ -601,6 +803,10 @@ On the board:
 {b.name}/install.sh --help lists its options (another venv or config directory, no systemd).
 Stop the agent with `sudo systemctl stop {UNIT}`; it resumes where it was when started again.
 """
+    if b.secret:
+        text += (f"\nThis bundle holds a secret of {b.device_id}'s (its broker password or key): keep the bundle "
+                 f"private, and\ndelete it from the board once installed. install.sh puts its copy in {CONFIG_DIR}, "
+                 f"mode 600,\nowned by {SERVICE_USER} when it installs the systemd unit.\n")
     if b.arch in NO_PYPI_WHEEL:
         version = _pinned(NO_PYPI_WHEEL[b.arch])
         text += ("\nThis bundle's onnxruntime-training-cpu wheel was built from source (PyPI has none for "
@@ -623,13 +829,19 @@ def _parser() -> argparse.ArgumentParser:
   # an x86_64 box standing in for a 256 MB board:
   edge-bundle --tier generic-256mb --device-id box-1 --broker 10.0.0.2 --platform x86_64
 
+  # for a production broker (docs/broker.md): TLS, and the password make-secrets.sh made for box-1
+  edge-bundle --tier generic-256mb --device-id box-1 --broker mqtts://broker.lan:8883 --platform x86_64 \\
+      --tls-ca ~/edgeblock-secrets/ca.crt --password-file ~/edgeblock-secrets/passwords/box-1
+
   # then copy bundles/<name>.tar.gz to the board, and there:
   tar xzf edgeblock-board-7-pi-zero-2w-aarch64.tar.gz
   sudo edgeblock-board-7-pi-zero-2w-aarch64/install.sh
 
 It writes <out>/edgeblock-<device>-<tier>-<platform>/ and the same as a .tar.gz: wheels/ (the
 project and its device dependencies for that platform and CPython {PYTHON}, never torch),
-device.toml, the tier file, {UNIT} and install.sh. Building it again replaces it.
+device.toml, the tier file, {UNIT} and install.sh, and the broker files given (ca.crt,
+password, client.crt, client.key). Building it again replaces it. A bundle holding a password
+or key is private: the password and key files and the .tar.gz are mode 600.
 Wheels come from PyPI (or the index pip is configured with) through pip's cache.
 Exit codes: 0 built, 1 the build failed (pip, network), 2 bad arguments.""")
     p.add_argument("--tier", required=True, help=f"tier name in profiles/ or a tier file; known: {tiers}")
@@ -649,7 +861,24 @@ Exit codes: 0 built, 1 the build failed (pip, network), 2 bad arguments.""")
                    help=f"the training data's directory on the board (default: {DATA_DIR})")
     p.add_argument("--state-dir", default=STATE_DIR, metavar="DIR",
                    help=f"the agent's state directory on the board (default: {STATE_DIR})")
+    _broker_arguments(p)
     return p
+
+
+def _broker_arguments(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("production broker (docs/broker.md)")
+    group.add_argument("--tls-ca", metavar="FILE",
+                       help="the CA certificate (PEM) the broker's certificate chains to, e.g. make-secrets.sh's "
+                            "ca.crt; needs an mqtts:// --broker")
+    group.add_argument("--password-file", metavar="FILE",
+                       help="this device's broker password on the file's first line, e.g. make-secrets.sh's "
+                            "passwords/<device id>; must not be open to every user")
+    group.add_argument("--username", metavar="NAME",
+                       help="the broker login (default with --password-file: the device id, which the fleet's "
+                            "ACL expects)")
+    group.add_argument("--tls-cert", metavar="FILE",
+                       help="a client certificate (PEM), for a broker that requires one; with --tls-key")
+    group.add_argument("--tls-key", metavar="FILE", help="the client certificate's unencrypted key (PEM)")
 
 
 def _report(bundle: Bundle, directory: Path, archive: Path) -> None:
@@ -660,6 +889,9 @@ def _report(bundle: Bundle, directory: Path, archive: Path) -> None:
           f"next: copy it to the board and install it there, for example:\n"
           f"  scp {archive} pi@{bundle.device_id}:\n"
           f"  ssh pi@{bundle.device_id} 'tar xzf {archive.name} && sudo {bundle.name}/install.sh'")
+    if bundle.secret:
+        print(f"edge-bundle: it holds {bundle.device_id}'s broker password or key (mode 600 here): copy it only "
+              f"to that board, and delete it there once installed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -669,9 +901,10 @@ def main(argv: list[str] | None = None) -> int:
     except BundleError as exc:
         print(f"edge-bundle: error: {exc}", file=sys.stderr)
         return 2
+    login = f" as {bundle.username}" if bundle.username else ""
     print(f"edge-bundle: {bundle.device_id}, tier {bundle.tier.name} (jobs {bundle.tier.budget_mb:g} MB, "
           f"device {bundle.memory_max}), "
-          f"fleet {bundle.fleet}, broker {bundle.broker}, linux {bundle.arch}", flush=True)
+          f"fleet {bundle.fleet}, broker {bundle.broker}{login}, linux {bundle.arch}", flush=True)
     try:
         directory, archive = build(bundle, Path(args.out))
     except BundleError as exc:

@@ -1,12 +1,16 @@
 """edge-bundle for real: a bundle built from PyPI's wheels, installed by its own install.sh into a
-fresh venv, and the installed agent announcing its tier's budget to a real Mosquitto."""
+fresh venv, and the installed agent announcing its tier's budget to a real Mosquitto; then a bundle
+for the production broker, whose installed agent logs in over TLS with its bundled password."""
 from __future__ import annotations
 
 import json
 import os
+import pwd
 import queue
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tarfile
@@ -22,14 +26,16 @@ except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
 from coordinator.broker import EmbeddedBroker
-from coordinator.device_bundle import platform_tags
+from coordinator.device_bundle import _parser, check, main, platform_tags
 from edge_runtime.datasets import LocalDataset, load_fashion_mnist
 from edge_runtime.memory import MIB
 from edge_runtime.protocol import Hello, Status, Topics
 from edge_runtime.tiers import find_tier
+from mosquitto_helpers import Broker, connect, make_secrets, wait_message
 
 REPO = Path(__file__).resolve().parent.parent
 TIER, DEVICE, FLEET = "pi-zero-2w", "board-7", "lab"
+TLS_DEVICE = "board-8"        # the production broker's device: its ACL and password are for this id
 WAIT_S = 60.0
 GOOD = {"--tier": TIER, "--device-id": DEVICE, "--broker": "mqtt://10.0.0.2:1883", "--platform": "x86_64"}
 
@@ -41,9 +47,9 @@ def edge_bundle(args: dict, env: dict | None = None) -> subprocess.CompletedProc
                           capture_output=True, text=True, env=env, timeout=900)
 
 
-def install(bundle: Path, board: Path) -> subprocess.CompletedProcess:
+def install(bundle: Path, board: Path, config: str = "etc") -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(bundle / "install.sh"), "--venv", str(board / "venv"),
-                           "--config-dir", str(board / "etc"), "--no-systemd"],
+                           "--config-dir", str(board / config), "--no-systemd"],
                           capture_output=True, text=True, timeout=900)
 
 
@@ -93,7 +99,8 @@ def test_bundle_holds_the_device_set_and_its_settings(bundle, board, broker):
     assert (bundle / f"{TIER}.toml").read_bytes() == (REPO / "profiles" / f"{TIER}.toml").read_bytes()
 
     unit = (bundle / "edge-device.service").read_text().splitlines()
-    for line in ("MemoryMax=344M",                      # budget_mb 296 + the agent's 48 MB reserve "MemorySwapMax=0", "Restart=on-failure", "User=edgeblock",
+    for line in ("MemoryMax=344M",                      # budget_mb 296 + the agent's 48 MB reserve
+                 "MemorySwapMax=0", "Restart=on-failure", "User=edgeblock",
                  "StateDirectory=edgeblock", "WorkingDirectory=/var/lib/edgeblock",
                  "ExecStart=/opt/edgeblock/venv/bin/edge-device --config /etc/edgeblock/device.toml"):
         assert line in unit
@@ -203,7 +210,8 @@ def test_bad_input_fails_at_once_saying_why(tmp_path, change, says):
 def test_aarch64_without_the_wheel_explains_the_source_build(tmp_path):
     done = edge_bundle({**GOOD, "--platform": "aarch64", "--out": tmp_path / "out"})
     assert done.returncode == 2 and not (tmp_path / "out").exists()
-    for needed in ("PyPI has no linux-aarch64 wheel of onnxruntime-training-cpu==1.19.2", "--extra-wheel", "ORT_DISABLE_PYTHON_PACKAGE_LOCAL_VERSION=1", "--enable_training",
+    for needed in ("PyPI has no linux-aarch64 wheel of onnxruntime-training-cpu==1.19.2", "--extra-wheel",
+                   "ORT_DISABLE_PYTHON_PACKAGE_LOCAL_VERSION=1", "--enable_training",
                    "onnxruntime_training_cpu-1.19.2-cp311-cp311-linux_aarch64.whl"):
         assert needed in done.stderr
 
@@ -219,3 +227,180 @@ def test_unreachable_index_is_said_plainly(tmp_path):
     assert done.returncode == 1
     assert "pip cannot reach the package index" in done.stderr
     assert list((tmp_path / "out").iterdir()) == []   # no half-built bundle left behind
+
+
+# -- a bundle for the production broker ------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def secrets(tmp_path_factory) -> Path:
+    """The production broker's CA and server certificate, and a password for the coordinator and TLS_DEVICE."""
+    return make_secrets(tmp_path_factory.mktemp("secrets") / "s", users=("coordinator", TLS_DEVICE))
+
+
+@pytest.fixture(scope="session")
+def prod_broker(tmp_path_factory, secrets):
+    b = Broker(tmp_path_factory.mktemp("prod-broker"), secrets, FLEET, [TLS_DEVICE])
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_bundle(prod_broker, secrets, board) -> Path:
+    """A second real bundle, for TLS_DEVICE on the production broker. The broker does not ask for a
+    client certificate; the server's own pair stands in for one, so that the bundle carries all four files."""
+    done = edge_bundle({**GOOD, "--device-id": TLS_DEVICE, "--broker": prod_broker.url(), "--fleet": FLEET,
+                        "--tls-ca": secrets / "ca.crt", "--password-file": secrets / "passwords" / TLS_DEVICE,
+                        "--tls-cert": secrets / "server.crt", "--tls-key": secrets / "server.key",
+                        "--out": board / "bundles-tls", "--data-dir": board / "data",
+                        "--state-dir": board / "state-tls"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    [directory] = [p for p in (board / "bundles-tls").iterdir() if p.is_dir()]
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tls_installed(tls_bundle, board) -> Path:
+    """Installed beside the first bundle: the same venv (upgraded in place), its own config directory."""
+    done = install(tls_bundle, board, "etc-tls")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return board / "etc-tls"
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+BROKER_FILES = {"ca.crt": 0o644, "client.crt": 0o644, "password": 0o600, "client.key": 0o600}
+
+
+def agent_uid() -> int:
+    """Whose the secrets are once installed: the service user's when install.sh runs as root and it exists."""
+    try:
+        return pwd.getpwnam("edgeblock").pw_uid if os.getuid() == 0 else os.getuid()
+    except KeyError:
+        return os.getuid()
+
+
+def test_a_production_bundle_carries_the_broker_files(tls_bundle, secrets, prod_broker, board):
+    settings = tomllib.loads((tls_bundle / "device.toml").read_text())["device"]
+    assert settings == {"id": TLS_DEVICE, "tier": f"/etc/edgeblock/{TIER}.toml", "fleet": FLEET,
+                        "broker": prod_broker.url(), "username": TLS_DEVICE,
+                        "password_file": "/etc/edgeblock/password", "tls_ca": "/etc/edgeblock/ca.crt",
+                        "tls_cert": "/etc/edgeblock/client.crt", "tls_key": "/etc/edgeblock/client.key",
+                        "data": str(board / "data"), "state": str(board / "state-tls")}
+    assert {name: mode(tls_bundle / name) for name in BROKER_FILES} == BROKER_FILES
+    assert (tls_bundle / "ca.crt").read_bytes() == (secrets / "ca.crt").read_bytes()
+    assert (tls_bundle / "client.key").read_bytes() == (secrets / "server.key").read_bytes()
+    password = (secrets / "passwords" / TLS_DEVICE).read_text().splitlines()[0]
+    assert (tls_bundle / "password").read_text() == password + "\n"
+
+    archive = tls_bundle.with_name(tls_bundle.name + ".tar.gz")
+    assert mode(archive) == 0o600                  # it holds the password: as private as the file in it
+    with tarfile.open(archive) as tar:
+        modes = {m.name.split("/", 1)[1]: m.mode for m in tar.getmembers() if "/" in m.name}
+    assert {name: modes[name] for name in BROKER_FILES} == BROKER_FILES
+    readme = (tls_bundle / "README.txt").read_text()
+    assert f"the broker password of user {TLS_DEVICE} (mode 600)" in readme and "keep the bundle private" in readme
+
+
+def test_install_sh_installs_the_broker_files_privately(tls_installed, tls_bundle, board):
+    assert {name: mode(tls_installed / name) for name in BROKER_FILES} == BROKER_FILES
+    owners = {name: (tls_installed / name).stat().st_uid for name in BROKER_FILES}
+    assert owners == {"ca.crt": os.getuid(), "client.crt": os.getuid(),
+                      "password": agent_uid(), "client.key": agent_uid()}
+    settings = tomllib.loads((tls_installed / "device.toml").read_text())["device"]
+    assert {k: settings[k] for k in ("password_file", "tls_ca", "tls_cert", "tls_key")} == {
+        "password_file": str(tls_installed / "password"), "tls_ca": str(tls_installed / "ca.crt"),
+        "tls_cert": str(tls_installed / "client.crt"), "tls_key": str(tls_installed / "client.key")}
+
+    (tls_installed / "password").chmod(0o644)       # drift: a second run puts the mode back
+    again = install(tls_bundle, board, "etc-tls")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "device.toml: unchanged" in again.stdout and "password client.key installed (mode 600" in again.stdout
+    assert {name: mode(tls_installed / name) for name in BROKER_FILES} == BROKER_FILES
+
+
+def test_the_installed_agent_logs_in_over_tls_with_its_password(tls_installed, prod_broker, board):
+    topics = Topics(FLEET)
+    coordinator = connect(prod_broker, "coordinator", [topics.device(TLS_DEVICE, k) for k in ("hello", "status")])
+    log_path = board / "agent-tls.log"
+    with open(log_path, "w") as log:
+        agent = subprocess.Popen([board / "venv" / "bin" / "edge-device", "--config", tls_installed / "device.toml"],
+                                 stdout=log, stderr=subprocess.STDOUT)
+    try:
+        hello = Hello.decode(wait_message(coordinator, topics.device(TLS_DEVICE, "hello"), WAIT_S).payload)
+        assert (hello.device_id, hello.tier) == (TLS_DEVICE, TIER)
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=30) == 0, log_path.read_text()
+        while Status.decode(wait_message(coordinator, topics.device(TLS_DEVICE, "status")).payload).state != "offline":
+            pass
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        coordinator.stop()
+    assert f"u'{TLS_DEVICE}'" in prod_broker.log.read_text()     # it logged in as its device id
+
+
+@pytest.fixture
+def broker_files(secrets, tmp_path) -> dict[str, Path]:
+    """Good and bad broker files, by name, for the checks edge-bundle makes before it builds."""
+    files = {"ca": secrets / "ca.crt", "cert": secrets / "server.crt", "key": secrets / "server.key",
+             "other-key": secrets / "ca.key", "broker-passwd": secrets / "edgeblock.passwd",
+             "missing": tmp_path / "missing.crt", "directory": tmp_path}
+    texts = {"not-pem": "hello\n", "empty": "", "open": "secret\n", "grouped": "secret\n",
+             "cert-and-key": (secrets / "server.crt").read_text() + (secrets / "server.key").read_text(),
+             "encrypted-key": "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMII=\n-----END ENCRYPTED PRIVATE KEY-----\n"}
+    for name, text in texts.items():
+        files[name] = tmp_path / name
+        files[name].write_text(text)
+        files[name].chmod({"open": 0o644, "grouped": 0o640}.get(name, 0o600))
+    shutil.copy(secrets / "passwords" / TLS_DEVICE, tmp_path / "mine")
+    files["mine"] = tmp_path / "mine"
+    return files
+
+
+def argv(change: dict, files: dict[str, Path], out: Path) -> list[str]:
+    """GOOD with a TLS broker and `change`, whose file names stand for broker_files' paths."""
+    args = {**GOOD, "--broker": "mqtts://10.0.0.2:8883", "--out": out, **change}
+    return [str(part) for flag, value in args.items() for part in (flag, files.get(value, value))]
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"--tls-ca": "missing"}, "missing.crt: no such file"),
+    ({"--tls-ca": "not-pem"}, "not a PEM certificate"),
+    ({"--tls-ca": "cert-and-key"}, "holds a private key as well"),
+    ({"--tls-ca": "ca", "--broker": "mqtt://10.0.0.2:1883"}, "--tls-ca given but --broker mqtt://10.0.0.2:1883 "
+                                                              "is plain MQTT"),
+    ({"--password-file": "empty"}, "is empty: it holds the password on its first line"),
+    ({"--password-file": "directory"}, "cannot be read"),
+    ({"--password-file": "broker-passwd"}, "that is the broker's password file"),
+    ({"--password-file": "open"}, "is open to every user on this machine (mode 644): chmod 600 it"),
+    ({"--tls-cert": "cert"}, "--tls-cert and --tls-key go together"),
+    ({"--tls-cert": "cert", "--tls-key": "encrypted-key"}, "is encrypted"),
+    ({"--tls-cert": "cert", "--tls-key": "ca"}, "not a PEM private key"),
+    ({"--tls-cert": "cert", "--tls-key": "other-key"}, "cannot load the client certificate"),
+])
+def test_bad_broker_files_fail_at_once_saying_why(broker_files, tmp_path, capsys, change, says):
+    assert main(argv(change, broker_files, tmp_path / "out")) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"--broker": "mqtt://10.0.0.2:1883", "--password-file": "mine"},
+     f"{DEVICE}'s password would cross the network in clear text; use mqtts://10.0.0.2:8883"),
+    ({"--password-file": "grouped"}, "is readable by its group (mode 640)"),
+    ({"--password-file": "mine", "--username": "pi-01"}, "--username pi-01 is not the device id board-7"),
+])
+def test_doubtful_logins_are_warned_about(broker_files, tmp_path, capsys, change, says):
+    bundle = check(_parser().parse_args(argv(change, broker_files, tmp_path / "out")))
+    assert says in capsys.readouterr().err
+    assert bundle.username == change.get("--username", DEVICE)
+
+
+def test_a_password_file_named_for_another_user_is_warned_about(secrets, tmp_path, capsys):
+    given = {"--password-file": str(secrets / "passwords" / "coordinator")}
+    check(_parser().parse_args(argv(given, {}, tmp_path / "out")))
+    assert "is coordinator's (make-secrets.sh names each user's file after it), but the login is board-7" \
+        in capsys.readouterr().err
