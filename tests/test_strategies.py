@@ -158,7 +158,13 @@ def test_selective_scores_first_then_trains_the_best_affordable_sets(fmnist_mode
     results = [Result(a, {}, 100, 0.0, scores=scores[a.device_id]) for a in plan.assignments]
     lost = _strategy(Selective, m, rounds=2, rescore_every=1, lam=0.0)   # the small device's score job failed
     lost.advance(plan, weights, weights, [r for r in results if r.assignment.device_id == "big"])
-    assert "sent no scores" in lost.plan_round(2, FLEET).idle["small"]
+    borrowed = lost.plan_round(2, FLEET)
+    assert "small" in {a.device_id for a in borrowed.assignments}        # it trains on the fleet's scores
+    assert lost.selections[-1]["fleet_scores"] == ["small"]
+    assert all(a.predicted_peak_bytes * 1.10 <= 140 * MB for a in borrowed.assignments if a.device_id == "small")
+    nobody = _strategy(Selective, m, rounds=2, rescore_every=1, lam=0.0)
+    nobody.advance(plan, weights, weights, [])                           # no device scored: score again
+    assert nobody.phase == "score" and all(a.kind == "score" for a in nobody.plan_round(2, FLEET).assignments)
     s.advance(plan, weights, weights, results)
     train = s.plan_round(2, FLEET)
     chosen = {a.device_id: a for a in train.assignments}

@@ -15,6 +15,11 @@ to the final head, at the device's batch, plus the margin. Frozen layers inside 
 still keep activations for the backward pass, so the span is what the device must hold;
 it is an upper bound, because frozen layers keep no optimizer state. A device scores only
 the layers it could ever train: those from the lowest layer whose span fits its budget.
+
+A device without scores of its own (it joined after the last score round, or its score
+job failed: scoring costs a little more than training the same span, which matters at a
+budget's edge) is not left idle: it is given the fleet's mean score per unit, the best
+guess of what matters on data it has not ranked, and the round's selection log says so.
 """
 from __future__ import annotations
 
@@ -40,7 +45,6 @@ class Selective(Strategy):
         self.train_rounds_done = 0
         self.scores: dict[str, dict[str, float]] = {}     # device -> {unit key: score}
         self.selections: list[dict] = []                   # per train round: device -> chosen units
-        self.unscored: set[str] = set()                    # asked to score in the last score round, sent nothing
 
     # -- costs and batches --------------------------------------------------------------------
     def _cost(self, first: int, batch: int) -> float:
@@ -83,17 +87,20 @@ class Selective(Strategy):
         return Assignment(device.device_id, first, self.last, layers, self.manifest.final_head.index, batch,
                           int(self.predict(first, self.last, batch)), True, "score")
 
+    def _fleet_scores(self) -> dict[str, float]:
+        """Mean score per unit over the devices that scored it: for a device with no scores of its own."""
+        keys = {k for sc in self.scores.values() for k in sc}
+        return {k: sum(sc[k] for sc in self.scores.values() if k in sc) /
+                sum(1 for sc in self.scores.values() if k in sc) for k in keys}
+
     def _select(self, fitting, idle) -> list[Assignment]:
-        scored = [(d, b) for d, b in fitting if d.device_id in self.scores]
-        for d, _ in fitting:
-            if d.device_id in self.unscored:
-                idle[d.device_id] = "its score job in the last score round sent no scores (the round log says " \
-                                    "why); it scores again in the next score round"
-            elif d.device_id not in self.scores:
-                idle[d.device_id] = "no layer scores from this device yet: it scores in the next score round"
-        if not scored:
+        if not self.scores:
+            for d, _ in fitting:
+                idle[d.device_id] = "no device has scored its layers yet: scoring comes first"
             return []
-        table = [[self.scores[d.device_id].get(str(u), 0.0) for u in self.units] for d, _ in scored]
+        scored, fleet = list(fitting), self._fleet_scores()
+        borrowed = sorted(d.device_id for d, _ in scored if d.device_id not in self.scores)
+        table = [[self.scores.get(d.device_id, fleet).get(str(u), 0.0) for u in self.units] for d, _ in scored]
 
         def cost(i: int, chosen: frozenset) -> float:
             layers = [self.units[j] for j in chosen if self.units[j] != HEAD]
@@ -116,7 +123,7 @@ class Selective(Strategy):
                                   int(self.predict(first, self.last, batch)), HEAD in units, "train"))
         if out:  # the round opens with this plan
             self.selections.append({"method": selection.method, "objective": selection.objective,
-                                    "sets": chosen_log})
+                                    "sets": chosen_log, "fleet_scores": borrowed})
         return out
 
     def advance(self, plan, before, after, results=()):
@@ -126,8 +133,6 @@ class Selective(Strategy):
             for r in results:
                 if r.scores is not None:
                     self.scores[r.assignment.device_id] = {str(k): float(v) for k, v in r.scores.items()}
-            self.unscored = {a.device_id for a in plan.assignments} - {r.assignment.device_id for r in results
-                                                                       if r.scores is not None}
             if self.scores:
                 self.phase = "train"
             return
@@ -153,11 +158,10 @@ class Selective(Strategy):
 
     def state(self):
         return {"phase": self.phase, "train_rounds_done": self.train_rounds_done, "scores": self.scores,
-                "selections": self.selections, "unscored": sorted(self.unscored)}
+                "selections": self.selections}
 
     def load_state(self, state):
         self.phase = state.get("phase", "score")
         self.train_rounds_done = int(state.get("train_rounds_done", 0))
         self.scores = {d: dict(s) for d, s in state.get("scores", {}).items()}
         self.selections = list(state.get("selections", []))
-        self.unscored = set(state.get("unscored", []))
