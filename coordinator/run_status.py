@@ -9,6 +9,8 @@ never change it.
 """
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from .state_store import StateStore
 @dataclass
 class Snapshot:
     strategy: str = "?"
+    coordinator_running: bool | None = None   # None: a run from before coordinators said so
     round: int | None = None          # the open round, or the last closed one
     round_open: bool = False
     stage: dict = field(default_factory=dict)
@@ -52,6 +55,7 @@ def snapshot(workdir: Path) -> Snapshot | None:
 
 def _read(state: StateStore) -> Snapshot:
     snap = Snapshot(strategy=(state.meta("run") or {}).get("strategy", "?"))
+    snap.coordinator_running = _running(state.meta("coordinator"))
     known, online = Counter(), Counter()
     for d in state.devices():
         known[d["tier"]] += 1
@@ -78,6 +82,23 @@ def _read(state: StateStore) -> Snapshot:
         mean = sum(durations) / len(durations)
         snap.eta_s = (snap.rounds_left[0] * mean, snap.rounds_left[1] * mean)
     return snap
+
+
+def _running(who: dict | None) -> bool | None:
+    """Whether the run's coordinator is alive: it says so while it runs; a killed one is told by its pid."""
+    if who is None:
+        return None
+    if not who.get("running"):
+        return False
+    if who.get("host") != socket.gethostname():
+        return True                     # another machine's: take its word
+    try:
+        os.kill(int(who["pid"]), 0)
+    except ProcessLookupError:
+        return False                    # killed without a word
+    except PermissionError:
+        pass                            # alive, another user's
+    return True
 
 
 def stage_text(stage: dict) -> str:
@@ -123,6 +144,10 @@ def status_lines(snap: Snapshot, devices: list[dict], now: float | None = None) 
     now = time.time() if now is None else now
     state = "finished" if snap.finished else ("round open" if snap.round_open else "between rounds")
     out = [f"run: {snap.strategy}, {snap.rounds_closed} round(s) closed, {state}"]
+    if snap.coordinator_running is False:
+        out.append("coordinator: not running; devices are shown as it last saw them")
+    elif snap.coordinator_running:
+        out.append("coordinator: running")
     if snap.round is not None:
         line = f"round {snap.round}: {stage_text(snap.stage)}"
         if snap.round_open:
@@ -137,5 +162,5 @@ def status_lines(snap: Snapshot, devices: list[dict], now: float | None = None) 
     for d in devices:
         seen = now - d["last_seen"]
         out.append(f"  {d['device_id']:<20} {d['tier']:<16} jobs budget {d['budget_bytes'] / 2**20:6.0f} MB  "
-                   f"{'online' if d['online'] else 'offline'}  (last seen {_clock(seen)} ago)")
+                   f"{'online' if d['online'] else 'offline'}  (last heard from {_clock(seen)} ago)")
     return out

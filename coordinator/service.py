@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -177,6 +179,9 @@ class Coordinator:
         log.info("coordinator for fleet %r on %s://%s:%d, strategy %s, model %s (%s)", s["fleet"],
                  "mqtts" if self.security.tls else "mqtt", self.host, self.port, s["strategy"],
                  self.model.manifest.model, self.work)
+        # who is running this run: status tools beside it tell a live coordinator from a stopped one
+        self.state.set_meta("coordinator", {"pid": os.getpid(), "host": socket.gethostname(), "running": True,
+                                            "since": time.time()})
         try:
             self._republish_open_tasks()
             while not stop.is_set():
@@ -188,6 +193,8 @@ class Coordinator:
         finally:
             self.pool.shutdown(wait=True)
             self.link.stop(final=(self.topics.coordinator_status, Status("offline", time.time()).encode()))
+            self.state.set_meta("coordinator", {"pid": os.getpid(), "host": socket.gethostname(), "running": False,
+                                                "since": time.time()})
         return self.summary()
 
     def _tick(self) -> bool:

@@ -169,6 +169,7 @@ class StateStore:
             if cur.rowcount == 0:
                 return False
             self._db.execute("UPDATE tasks SET status = 'accepted' WHERE task_id = ?", (update.task_id,))
+            self._db.execute("UPDATE devices SET last_seen = ? WHERE device_id = ?", (time.time(), update.device_id))
             return True
 
     def record_scores(self, msg) -> bool:
@@ -181,6 +182,7 @@ class StateStore:
             if cur.rowcount == 0:
                 return False
             self._db.execute("UPDATE tasks SET status = 'accepted' WHERE task_id = ?", (msg.task_id,))
+            self._db.execute("UPDATE devices SET last_seen = ? WHERE device_id = ?", (time.time(), msg.device_id))
             return True
 
     def scores(self, round_no: int) -> list[dict]:

@@ -63,6 +63,7 @@ def test_the_readme_command_runs_a_federated_fleet_to_a_report(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr
     assert "finished" in status.stdout and f"test accuracy: {metrics[-1]['accuracy']:.2%}" in status.stdout
+    assert "coordinator: not running" in status.stdout     # the demo stopped it: online flags are history
     assert all(f"{t} " in status.stdout for t in tiers), status.stdout
 
 
@@ -88,6 +89,9 @@ def test_ctrl_c_stops_every_process_and_the_same_command_resumes(tmp_path):
         while len(_metrics(work)) < 2:                     # well into the run: two rounds closed
             assert demo.poll() is None and time.monotonic() < deadline, demo.stdout.read()[-3000:]
             time.sleep(0.5)
+        status = subprocess.run([str(REPO / ".venv" / "bin" / "edge-coordinator"), "status", str(work / "coordinator")],
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and "coordinator: running" in status.stdout, status.stdout + status.stderr
         started = psutil.Process(demo.pid).children(recursive=True)
         assert len(started) >= 7                            # broker, coordinator, five agents (and their jobs)
         demo.send_signal(signal.SIGINT)                     # what Ctrl-C sends to the foreground process
