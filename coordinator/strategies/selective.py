@@ -7,7 +7,11 @@ each device the set of at most `max_units` units (layers with parameters, and th
 head as one more unit; the paper's per-client layer budget) chosen by
 coordinator/layer_selection.py: the largest total score minus `lam` times the
 disagreement between devices, with every set inside its device's measured memory budget.
-A device that can hold the whole model may train twice `max_units`.
+A device that can hold the whole model may train twice `max_units`. A device without
+scores of its own (it joined after the score round, or its score job did not fit) waits
+for the next score round, and is told why: giving it the fleet's mean scores instead was
+measured and made fine-tuning worse (docs/benchmarks.md): the smallest devices could
+afford only the last layer, which then only they trained, on their skewed data.
 Aggregation is per parameter over the devices that trained it (Strategy.aggregate).
 
 A set's cost is the profile's predicted peak of training the span from its lowest layer
@@ -15,11 +19,6 @@ to the final head, at the device's batch, plus the margin. Frozen layers inside 
 still keep activations for the backward pass, so the span is what the device must hold;
 it is an upper bound, because frozen layers keep no optimizer state. A device scores only
 the layers it could ever train: those from the lowest layer whose span fits its budget.
-
-A device without scores of its own (it joined after the last score round, or its score
-job failed: scoring costs a little more than training the same span, which matters at a
-budget's edge) is not left idle: it is given the fleet's mean score per unit, the best
-guess of what matters on data it has not ranked, and the round's selection log says so.
 """
 from __future__ import annotations
 
@@ -45,6 +44,8 @@ class Selective(Strategy):
         self.train_rounds_done = 0
         self.scores: dict[str, dict[str, float]] = {}     # device -> {unit key: score}
         self.selections: list[dict] = []                   # per train round: device -> chosen units
+        self.asked: list[str] = []                         # devices given a score task in the open score round
+        self.unscored: set[str] = set()                    # asked to score in the last score round, sent nothing
 
     # -- costs and batches --------------------------------------------------------------------
     def _cost(self, first: int, batch: int) -> float:
@@ -77,6 +78,7 @@ class Selective(Strategy):
                 fitting.append((d, batch))
         if self.phase == "score":
             assignments = [self._score_assignment(d, b) for d, b in fitting]
+            self.asked = [a.device_id for a in assignments]   # advance() sees only the devices that answered
         else:
             assignments = self._select(fitting, idle)
         return RoundPlan(round_no, tuple(assignments), idle, stage)
@@ -87,20 +89,17 @@ class Selective(Strategy):
         return Assignment(device.device_id, first, self.last, layers, self.manifest.final_head.index, batch,
                           int(self.predict(first, self.last, batch)), True, "score")
 
-    def _fleet_scores(self) -> dict[str, float]:
-        """Mean score per unit over the devices that scored it: for a device with no scores of its own."""
-        keys = {k for sc in self.scores.values() for k in sc}
-        return {k: sum(sc[k] for sc in self.scores.values() if k in sc) /
-                sum(1 for sc in self.scores.values() if k in sc) for k in keys}
-
     def _select(self, fitting, idle) -> list[Assignment]:
-        if not self.scores:
-            for d, _ in fitting:
-                idle[d.device_id] = "no device has scored its layers yet: scoring comes first"
+        scored = [(d, b) for d, b in fitting if d.device_id in self.scores]
+        for d, _ in fitting:
+            if d.device_id in self.unscored:
+                idle[d.device_id] = "its score job in the last score round sent no scores (the round log says " \
+                                    "why); it scores again in the next score round"
+            elif d.device_id not in self.scores:
+                idle[d.device_id] = "no layer scores from this device yet: it scores in the next score round"
+        if not scored:
             return []
-        scored, fleet = list(fitting), self._fleet_scores()
-        borrowed = sorted(d.device_id for d, _ in scored if d.device_id not in self.scores)
-        table = [[self.scores.get(d.device_id, fleet).get(str(u), 0.0) for u in self.units] for d, _ in scored]
+        table = [[self.scores[d.device_id].get(str(u), 0.0) for u in self.units] for d, _ in scored]
 
         def cost(i: int, chosen: frozenset) -> float:
             layers = [self.units[j] for j in chosen if self.units[j] != HEAD]
@@ -123,7 +122,7 @@ class Selective(Strategy):
                                   int(self.predict(first, self.last, batch)), HEAD in units, "train"))
         if out:  # the round opens with this plan
             self.selections.append({"method": selection.method, "objective": selection.objective,
-                                    "sets": chosen_log, "fleet_scores": borrowed})
+                                    "sets": chosen_log})
         return out
 
     def advance(self, plan, before, after, results=()):
@@ -133,6 +132,7 @@ class Selective(Strategy):
             for r in results:
                 if r.scores is not None:
                     self.scores[r.assignment.device_id] = {str(k): float(v) for k, v in r.scores.items()}
+            self.unscored = set(self.asked) - {r.assignment.device_id for r in results if r.scores is not None}
             if self.scores:
                 self.phase = "train"
             return
@@ -158,10 +158,12 @@ class Selective(Strategy):
 
     def state(self):
         return {"phase": self.phase, "train_rounds_done": self.train_rounds_done, "scores": self.scores,
-                "selections": self.selections}
+                "selections": self.selections, "asked": self.asked, "unscored": sorted(self.unscored)}
 
     def load_state(self, state):
         self.phase = state.get("phase", "score")
         self.train_rounds_done = int(state.get("train_rounds_done", 0))
         self.scores = {d: dict(s) for d, s in state.get("scores", {}).items()}
         self.selections = list(state.get("selections", []))
+        self.asked = list(state.get("asked", []))
+        self.unscored = set(state.get("unscored", []))
