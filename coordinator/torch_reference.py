@@ -30,7 +30,13 @@ def train_end_to_end(model: BlockModel, x: np.ndarray, y: np.ndarray, xt: np.nda
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return accuracy(model, xt, yt)
+
+
+def accuracy(model: BlockModel, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy of the whole model (final head) in eval mode."""
     model.eval()
     with torch.no_grad():
-        pred = torch.cat([model(torch.from_numpy(xt[i:i + 1000])).argmax(1) for i in range(0, len(yt), 1000)])
-    return float((pred.numpy() == yt).mean())
+        pred = torch.cat([model(torch.from_numpy(np.ascontiguousarray(x[i:i + 1000]))).argmax(1)
+                          for i in range(0, len(y), 1000)])
+    return float((pred.numpy() == y).mean())

@@ -1,14 +1,26 @@
 #!/usr/bin/env python3
-"""Benchmark: progressive training (ProFL) against full-model FedAvg on the same fleet and data.
+"""Benchmark: every schedule of the coordinator on the same fleet and data, in one run.
 
 One run starts a Mosquitto, measures the memory profile of the model on this machine,
 splits Fashion-MNIST across the devices (Dirichlet alpha, non-IID), then runs the real
 coordinator service and the real device agents (each a process, each training job under
-a hard limit of its device's budget) twice on the same devices and data: first the
-progressive schedule, then full-model FedAvg, which can only use the devices whose
-budget holds whole-model training. It records per round the test accuracy, the bytes
-each device downloaded and uploaded, and each device's measured peak RSS (its training
-job's VmHWM and its agent's), and writes a table and a plot.
+a hard limit of its device's budget) once per schedule on the same devices and data:
+
+  from scratch, on the fleet's Fashion-MNIST images:
+    fedavg        full-model FedAvg: only the devices whose budget holds whole-model training
+    progressive   ProFL: a block at a time, shrinking then growing, every device
+    selective     devices score layers, the coordinator picks each device's layers under its budget
+    layerwise     FLL: one layer (plus a head) at a time, every device
+
+  fine-tuning, from one pretrained model, on the same images seen by a differently
+  exposed camera (coordinator.fleet_data.shift_exposure), evaluated on the shifted test set:
+    finetune-fedavg     full-model FedAvg from the pretrained weights
+    finetune-selective  selective layer fine-tuning from the same weights, same train rounds
+
+The pretrained model is trained in torch on images held out from the fleet (never on a
+device), unshifted. Per round it records the test accuracy, the bytes each device
+downloaded and uploaded, and each device's measured peak RSS (its training job's VmHWM
+and its agent's), and writes tables and plots.
 
 The default fleet has three tiers; four of its six devices cannot train the whole model:
 
@@ -17,10 +29,13 @@ The default fleet has three tiers; four of its six devices cannot train the whol
     big    296 MB  the whole model at batch 64
 
 Each budget covers the agent too: about 47 MB of it (start-up RSS plus room to grow) is
-the agent's, the rest is the hard limit of its training jobs.
+the agent's, the rest is the hard limit of its training jobs. fmnist_cnn is small, so its
+tiers sit close together; the layer-wise memory ratio on the VGG-style model is measured
+by tools/bench_block_memory.py --layerwise.
 
-    python tools/bench_federated.py --write-docs        # about 25 minutes on 2 cores
+    python tools/bench_federated.py --write-docs        # about an hour on 2 cores
     python tools/bench_federated.py --quick             # a few minutes: fewer samples and rounds
+    python tools/bench_federated.py --only finetune-fedavg,finetune-selective --workdir W
 """
 from __future__ import annotations
 
@@ -35,98 +50,151 @@ from benchdocs import machine, write_section
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = REPO / "docs" / "img" / "bench_federated.png"
+IMAGE_FINETUNE = REPO / "docs" / "img" / "bench_federated_finetune.png"
 TIERS = {"tiny": 134, "small": 150, "big": 296}
+SCRATCH = ("fedavg", "progressive", "selective", "layerwise")
+FINETUNE = ("finetune-fedavg", "finetune-selective")
 
 
-def _settings(args, work: Path, profile: Path, strategy: str, n_devices: int) -> dict:
+def _settings(args, work: Path, root: Path, run: str, n_devices: int) -> dict:
+    finetune = run.startswith("finetune-")
+    strategy = run.removeprefix("finetune-")
+    service = {"workdir": str(work), "strategy": strategy, "profile": str(root / "profile.json"),
+               "min_devices": n_devices, "round_deadline_s": 900.0, "offline_grace_s": 30.0,
+               "eval_samples": 10000, "seed": args.seed}
+    if finetune:
+        service.update(init_weights=str(root / "pretrained.safetensors"), eval_data=str(root / "eval-shifted"))
+    rounds = args.finetune_rounds if finetune else None
     return {
-        "service": {"workdir": str(work), "strategy": strategy, "profile": str(profile), "min_devices": n_devices,
-                    "round_deadline_s": 900.0, "offline_grace_s": 30.0, "eval_samples": 10000, "seed": args.seed},
-        "train": {"learning_rate": args.learning_rate, "local_epochs": args.local_epochs, "batch_sizes": [32, 64]},
+        "service": service,
+        "train": {"learning_rate": args.finetune_learning_rate if finetune else args.learning_rate,
+                  "local_epochs": args.finetune_epochs if finetune else args.local_epochs, "batch_sizes": [32, 64]},
         "progressive": {"shrink_rounds": 1, "min_rounds_per_block": args.min_rounds_per_block,
                         "max_rounds_per_block": args.max_rounds_per_block, "max_extra_blocks": 1},
-        "fedavg": {"rounds": args.fedavg_rounds},
+        "fedavg": {"rounds": rounds or args.fedavg_rounds},
+        "selective": {"rounds": rounds or args.selective_rounds, "rescore_every": 3, "lam": 0.0, "max_units": 2},
+        "layerwise": {"rounds_per_layer": args.rounds_per_layer, "min_rounds_per_layer": 1},
     }
 
 
-def run_strategy(args, root: Path, broker_url: str, specs, profile: Path, strategy: str) -> list[dict]:
+def pretrain(args, root: Path, held_out, log) -> dict:
+    """The fine-tuning runs' common start: fmnist_cnn trained in torch on held-out, unshifted images."""
+    out = root / "pretrained.safetensors"
+    info = root / "pretrained.json"
+    if out.exists() and info.exists():
+        return json.loads(info.read_text())
+    import numpy as np
+
+    from coordinator import zoo
+    from coordinator.fleet_data import shift_exposure
+    from coordinator.torch_reference import accuracy, train_end_to_end
+    from edge_runtime import weights as wcodec
+    from edge_runtime.datasets import load_fashion_mnist
+    x, y = load_fashion_mnist("train")
+    xt, yt = load_fashion_mnist("test")
+    log(f"pretraining fmnist_cnn in torch on {len(held_out)} held-out images ({args.pretrain_epochs:g} epochs)")
+    model = zoo.build("fmnist_cnn", seed=args.seed)
+    clean = train_end_to_end(model, x[held_out], y[held_out], xt, yt, args.pretrain_epochs, 64,
+                             args.learning_rate, args.seed)
+    shifted = accuracy(model, shift_exposure(xt), yt)
+    wcodec.save(out, {n: p.detach().numpy().astype(np.float32) for n, p in model.named_parameters()})
+    result = {"images": len(held_out), "epochs": args.pretrain_epochs, "accuracy_clean": clean,
+              "accuracy_shifted": shifted}
+    info.write_text(json.dumps(result))
+    log(f"pretrained: {clean:.2%} on the test set, {shifted:.2%} on the shifted test set")
+    return result
+
+
+def run_strategy(args, root: Path, broker_url: str, specs, run: str) -> list[dict]:
+    """One schedule over the fleet until its coordinator finishes; resumes a run left in `root`."""
     from coordinator.local_fleet import LocalFleet, read_metrics
-    work = root / strategy
+    work = root / run
     t0 = time.monotonic()
-    with LocalFleet(work, broker_url, fleet=f"bench-{strategy}") as fleet:
-        fleet.start_run(_settings(args, work / "coordinator", profile, strategy, len(specs)), specs)
+    with LocalFleet(work, broker_url, fleet=f"bench-{run}") as fleet:
+        fleet.start_run(_settings(args, work / "coordinator", root, run, len(specs)), specs)
         seen = 0
         while fleet.procs["coordinator"].poll() is None:
             time.sleep(2)
             metrics = read_metrics(work / "coordinator")
             for m in metrics[seen:]:
-                print(f"  {strategy} round {m['round']:>2} {_stage(m):<22} accuracy {m['accuracy']:.2%} "
+                print(f"  {run} round {m['round']:>2} {_stage(m):<22} accuracy {m['accuracy']:.2%} "
                       f"({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
             seen = len(metrics)
         if fleet.procs["coordinator"].returncode != 0:
-            raise SystemExit(f"the {strategy} coordinator failed:\n{fleet.log_tail('coordinator')}")
+            raise SystemExit(f"the {run} coordinator failed:\n{fleet.log_tail('coordinator')}")
     return read_metrics(work / "coordinator")
 
 
 def _stage(m: dict) -> str:
-    s = m["stage"]
-    return f"{s.get('phase')} block {s['block']}" if "block" in s else str(s.get("phase"))
+    st = m["stage"]
+    for key in ("block", "layer"):
+        if key in st:
+            return f"{st.get('phase', '')} {key} {st[key]}".strip()
+    return str(st.get("phase", ""))
 
 
 def summarize(metrics: list[dict], budgets: dict) -> dict:
     rows = [(m, d, r) for m in metrics for d, r in m["devices"].items() if r["status"] == "accepted"]
+    train = [(m, d, r) for m, d, r in rows if r.get("kind", "train") == "train"]
     peaks = {}
-    for _, d, r in rows:
+    for _, d, r in rows:   # score jobs count too: a device runs them
         job, agent = peaks.get(d, (0, 0))
         peaks[d] = (max(job, r["peak_rss_bytes"]), max(agent, r["agent_peak_rss_bytes"]))
-    up_ratio = max((r["uploaded_bytes"] / r["trained_bytes"] for _, _, r in rows), default=0)
+    up_ratio = max((r["uploaded_bytes"] / r["trained_bytes"] for _, _, r in train), default=0)
     # the safetensors header (names, shapes, offsets) is a fixed cost: large next to a 2.6 KB part
-    up_overhead = max((r["uploaded_bytes"] - r["trained_bytes"] for _, _, r in rows), default=0)
+    up_overhead = max((r["uploaded_bytes"] - r["trained_bytes"] for _, _, r in train), default=0)
     repeat_down = []  # download in a round that trains the same part as the device's previous round
     last = {}
-    for m, d, r in rows:
-        part = (r["layers"][0], r["layers"][1], r["head"])
+    for m, d, r in train:
+        part = (tuple(r["trainable"]), r["head"], r.get("train_head", True))
         if last.get(d) == (m["round"] - 1, part):
             repeat_down.append(r["downloaded_bytes"] / r["trained_bytes"])
         last[d] = (m["round"], part)
+    per_round_up = [sum(r.get("uploaded_bytes", 0) for r in m["devices"].values()) for m in metrics]
+    per_round_down = [sum(r.get("downloaded_bytes", 0) for r in m["devices"].values()) for m in metrics]
     return {"final_accuracy": metrics[-1]["accuracy"], "best_accuracy": max(m["accuracy"] for m in metrics),
-            "rounds": len(metrics), "device_rounds": len(rows),
-            "devices_used": sorted({d for _, d, _ in rows}), "peaks": peaks,
+            "rounds": len(metrics), "device_rounds": len(train),
+            "score_rounds": sum(1 for m in metrics if m["stage"].get("phase") == "score"),
+            "devices_used": sorted({d for _, d, _ in train}), "peaks": peaks,
             "over_budget": [d for d, (job, agent) in peaks.items() if job + agent > budgets[d]],
             "max_upload_over_trained": up_ratio, "max_upload_overhead_bytes": up_overhead,
             "max_repeat_download_over_trained": max(repeat_down, default=None),
-            "mean_up_kb": sum(r["uploaded_bytes"] for _, _, r in rows) / max(1, len(rows)) / 1024,
-            "mean_down_kb": sum(r["downloaded_bytes"] for _, _, r in rows) / max(1, len(rows)) / 1024}
+            "mean_up_kb": sum(r["uploaded_bytes"] for _, _, r in train) / max(1, len(train)) / 1024,
+            "mean_down_kb": sum(r["downloaded_bytes"] for _, _, r in train) / max(1, len(train)) / 1024,
+            "total_mb": (sum(per_round_up) + sum(per_round_down)) / 2**20,
+            "mean_round_mb": (sum(per_round_up) + sum(per_round_down)) / max(1, len(metrics)) / 2**20}
 
 
-def plot(results: dict, specs, budgets: dict, path: Path) -> None:
+def plot(results: dict, specs, budgets: dict, path: Path, start_accuracy: float | None = None) -> None:
+    """Accuracy per round, bytes per round (all devices) and each device's peak against its budget."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.4))
     for name, metrics in results.items():
         ax[0].plot([m["round"] for m in metrics], [100 * m["accuracy"] for m in metrics], marker=".", label=name)
-    ax[0].set(xlabel="round", ylabel="test accuracy (%)", title="accuracy per round", ylim=(0, 100))
+    if start_accuracy is not None:
+        ax[0].axhline(100 * start_accuracy, color="grey", linestyle=":", label="pretrained start")
+    ax[0].set(xlabel="round", ylabel="test accuracy (%)", title="accuracy per round",
+              ylim=(0 if start_accuracy is None else 100 * start_accuracy - 10, 100))
     ax[0].grid(alpha=0.3)
-    ax[0].legend()
+    ax[0].legend(fontsize=8)
     for name, metrics in results.items():
-        up = [sum(r.get("uploaded_bytes", 0) for r in m["devices"].values()) / 2**20 for m in metrics]
-        down = [sum(r.get("downloaded_bytes", 0) for r in m["devices"].values()) / 2**20 for m in metrics]
-        rounds = [m["round"] for m in metrics]
-        ax[1].plot(rounds, up, marker=".", label=f"{name}: uploaded")
-        ax[1].plot(rounds, down, marker=".", linestyle="--", label=f"{name}: downloaded")
-    ax[1].set(xlabel="round", ylabel="MB, all devices", title="bytes per round", yscale="log")
+        total = [sum(r.get("uploaded_bytes", 0) + r.get("downloaded_bytes", 0) for r in m["devices"].values())
+                 / 2**20 for m in metrics]
+        ax[1].plot([m["round"] for m in metrics], total, marker=".", label=name)
+    ax[1].set(xlabel="round", ylabel="MB sent + received, all devices", title="bytes per round", yscale="log")
     ax[1].grid(alpha=0.3)
     ax[1].legend(fontsize=8)
     ids = [s.device_id for s in specs]
-    width = 0.38
+    width = 0.8 / len(results)
     for k, (name, metrics) in enumerate(results.items()):
         peaks = summarize(metrics, budgets)["peaks"]
         vals = [sum(peaks.get(d, (0, 0))) / 2**20 for d in ids]
-        ax[2].bar([i + (k - 0.5) * width for i in range(len(ids))], vals, width, label=f"{name}: job + agent peak")
-    ax[2].scatter(range(len(ids)), [budgets[d] / 2**20 for d in ids], marker="_", s=600, color="k", label="budget")
+        ax[2].bar([i + (k - (len(results) - 1) / 2) * width for i in range(len(ids))], vals, width, label=name)
+    ax[2].scatter(range(len(ids)), [budgets[d] / 2**20 for d in ids], marker="_", s=900, color="k", label="budget")
     ax[2].set_xticks(range(len(ids)), ids, rotation=30, fontsize=8)
-    ax[2].set(ylabel="MB", title="peak RSS per device (0 = not used)")
+    ax[2].set(ylabel="MB", title="peak RSS per device, job + agent (0 = not used)")
     ax[2].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,7 +203,9 @@ def plot(results: dict, specs, budgets: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=60000, help="Fashion-MNIST training images split over the fleet")
+    p.add_argument("--samples", type=int, default=50000, help="Fashion-MNIST training images split over the fleet")
+    p.add_argument("--held-out", type=int, default=10000,
+                   help="other training images, never on a device, that the fine-tuning start is pretrained on")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the non-IID split")
     p.add_argument("--per-tier", type=int, default=2, help="devices per tier")
     p.add_argument("--local-epochs", type=float, default=2.0)
@@ -143,18 +213,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-rounds-per-block", type=int, default=3)
     p.add_argument("--max-rounds-per-block", type=int, default=8)
     p.add_argument("--fedavg-rounds", type=int, default=20)
+    p.add_argument("--selective-rounds", type=int, default=15, help="train rounds of selective from scratch")
+    p.add_argument("--rounds-per-layer", type=int, default=4, help="layer-wise: rounds per layer")
+    p.add_argument("--pretrain-epochs", type=float, default=3.0)
+    p.add_argument("--finetune-rounds", type=int, default=10, help="train rounds of each fine-tuning run")
+    p.add_argument("--finetune-epochs", type=float, default=1.0)
+    p.add_argument("--finetune-learning-rate", type=float, default=1e-3)
+    p.add_argument("--only", help=f"comma-separated runs out of {','.join(SCRATCH + FINETUNE)} (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="12k samples, short schedules: checks the script, not the claim")
-    p.add_argument("--workdir", type=Path, help="scratch directory (default: a temporary one)")
-    p.add_argument("--write-docs", action="store_true", help="write results to docs/benchmarks.md and the plot")
+    p.add_argument("--workdir", type=Path, help="scratch directory (default: a temporary one); "
+                                                "a run already finished in it is read back, not repeated")
+    p.add_argument("--write-docs", action="store_true", help="write results to docs/benchmarks.md and the plots")
     args = p.parse_args(argv)
+    runs = tuple(args.only.split(",")) if args.only else SCRATCH + FINETUNE
+    unknown = [r for r in runs if r not in SCRATCH + FINETUNE]
+    if unknown:
+        p.error(f"unknown run(s) {unknown}; choose from {', '.join(SCRATCH + FINETUNE)}")
     if args.quick:
-        args.samples, args.local_epochs, args.fedavg_rounds = 12000, 1.0, 4
-        args.min_rounds_per_block, args.max_rounds_per_block = 1, 2
+        args.samples, args.held_out, args.local_epochs, args.fedavg_rounds = 12000, 3000, 1.0, 4
+        args.min_rounds_per_block, args.max_rounds_per_block, args.selective_rounds = 1, 2, 3
+        args.rounds_per_layer, args.pretrain_epochs, args.finetune_rounds = 1, 1.0, 3
     from coordinator import export, zoo
     from coordinator.broker import EmbeddedBroker
-    from coordinator.fleet_data import write_fleet_data
+    from coordinator.fleet_data import shift_exposure, split_pool, write_fleet_data
     from coordinator.local_fleet import DeviceSpec
+    from edge_runtime.datasets import LocalDataset, load_fashion_mnist
     from edge_runtime.profiler import run_profile
     root = (args.workdir or Path(tempfile.mkdtemp(prefix="bench-federated-"))).resolve()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -165,72 +249,145 @@ def main(argv: list[str] | None = None) -> int:
         run_profile(root / "model" / "manifest.json", [], [32, 64], root / "profiling", verify=False,
                     log=lambda _: None).save(root / "profile.json")
     ids = [f"{tier}-{i}" for tier in TIERS for i in range(args.per_tier)]
-    dirs = write_fleet_data(root / "data", ids, args.samples, args.alpha, args.seed)
-    specs = [DeviceSpec(d, d.rsplit("-", 1)[0], TIERS[d.rsplit("-", 1)[0]], dirs[d]) for d in ids]
-    budgets = {s.device_id: s.budget_mb * 2**20 for s in specs}
-    results, t0 = {}, time.monotonic()
+    budgets = {d: TIERS[d.rsplit("-", 1)[0]] * 2**20 for d in ids}
+    specs, pretrained = {}, None
+    if any(r in SCRATCH for r in runs):
+        dirs = write_fleet_data(root / "data", ids, args.samples, args.alpha, args.seed)
+        specs["scratch"] = [DeviceSpec(d, d.rsplit("-", 1)[0], TIERS[d.rsplit("-", 1)[0]], dirs[d]) for d in ids]
+    if any(r in FINETUNE for r in runs):
+        dirs = write_fleet_data(root / "data-shifted", ids, args.samples, args.alpha, args.seed, shift=shift_exposure)
+        specs["finetune"] = [DeviceSpec(d, d.rsplit("-", 1)[0], TIERS[d.rsplit("-", 1)[0]], dirs[d]) for d in ids]
+        xt, yt = load_fashion_mnist("test")
+        if not (root / "eval-shifted" / "labels.npy").exists():
+            LocalDataset.write(root / "eval-shifted", shift_exposure(xt), yt)
+        pretrained = pretrain(args, root, split_pool(args.samples, args.held_out, args.seed)[1], log)
+    results, minutes = {}, {}
     with EmbeddedBroker(root / "broker") as broker:
-        for strategy in ("progressive", "fedavg"):
-            log(f"running {strategy}")
-            results[strategy] = run_strategy(args, root, broker.url, specs, root / "profile.json", strategy)
-    minutes = (time.monotonic() - t0) / 60
+        for run in runs:
+            log(f"running {run}")
+            group = "finetune" if run in FINETUNE else "scratch"
+            results[run] = run_strategy(args, root, broker.url, specs[group], run)
+            # the run's own span (first round opened to last closed): right for a run read back, too
+            minutes[run] = (results[run][-1]["closed_at"] - results[run][0]["opened_at"]) / 60
     summary = {k: summarize(v, budgets) for k, v in results.items()}
-    (root / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary, indent=1))
+    (root / "summary.json").write_text(json.dumps({"runs": summary, "pretrained": pretrained, "minutes": minutes},
+                                                  indent=1))
+    print(json.dumps({"runs": summary, "pretrained": pretrained}, indent=1))
     if args.write_docs:
-        plot(results, specs, budgets, IMAGE)
-        write_section("bench_federated", _section(args, summary, results, specs, minutes))
-        log(f"wrote docs/benchmarks.md and {IMAGE.relative_to(REPO)}")
+        if set(runs) != set(SCRATCH + FINETUNE):
+            raise SystemExit("--write-docs needs every run (no --only)")
+        plot({k: results[k] for k in SCRATCH}, specs["scratch"], budgets, IMAGE)
+        plot({k: results[k] for k in FINETUNE}, specs["finetune"], budgets, IMAGE_FINETUNE,
+             pretrained["accuracy_shifted"])
+        write_section("bench_federated", _section(args, summary, results, specs["scratch"], pretrained, minutes))
+        log(f"wrote docs/benchmarks.md, {IMAGE.relative_to(REPO)} and {IMAGE_FINETUNE.relative_to(REPO)}")
     return 0
 
 
-def _section(args, summary, results, specs, minutes) -> str:
-    prog, fed = summary["progressive"], summary["fedavg"]
+def _section(args, summary, results, specs, pretrained, minutes) -> str:
+    sc = [summary[k] for k in SCRATCH]
+    ft = {k.removeprefix("finetune-"): summary[k] for k in FINETUNE}
+    gap = 100 * (ft["fedavg"]["final_accuracy"] - ft["selective"]["final_accuracy"])
+    verdict = "PASS" if gap <= 1.5 else "FAIL"
+
+    def row(label, cells):
+        return f"| {label} | " + " | ".join(cells) + " |"
+
     lines = [
-        "## Progressive training vs full-model FedAvg over MQTT (bench_federated)",
+        "## Four schedules over MQTT, and fine-tuning a pretrained model (bench_federated)",
         "",
-        f"Command: `.venv/bin/python tools/bench_federated.py --write-docs` ({minutes:.0f} min on {machine()}).",
+        f"Command: `.venv/bin/python tools/bench_federated.py --write-docs` ({sum(minutes.values()):.0f} min of rounds "
+        f"on {machine()}; per run: {', '.join(f'{k} {v:.0f}' for k, v in minutes.items())} min).",
         "",
         f"Fleet: {len(specs)} device agents in three tiers ({', '.join(f'{t} {mb} MB' for t, mb in TIERS.items())}, "
         f"{args.per_tier} each; the budget covers the agent and its training job), the real coordinator service and "
         f"Mosquitto on one machine. fmnist_cnn; {args.samples} Fashion-MNIST training images split by "
-        f"Dirichlet({args.alpha}); {args.local_epochs:g} local epochs per round, AdamW lr {args.learning_rate:g}, "
-        f"batch 32 or 64 as the device's budget allows. Progressive: one shrinking round per block, then "
-        f"{args.min_rounds_per_block}-{args.max_rounds_per_block} rounds per block (effective-movement freezing). "
-        f"FedAvg: {args.fedavg_rounds} rounds with every device that can hold whole-model training.",
+        f"Dirichlet({args.alpha}); AdamW, batch 32 or 64 as the device's budget allows.",
         "",
-        "| | progressive | full-model FedAvg |",
-        "|---|---:|---:|",
-        f"| final test accuracy (10k test images) | **{prog['final_accuracy']:.2%}** | {fed['final_accuracy']:.2%} |",
-        f"| rounds / device-rounds | {prog['rounds']} / {prog['device_rounds']} | {fed['rounds']} / {fed['device_rounds']} |",
-        f"| devices that trained | {len(prog['devices_used'])} of {len(specs)} | {len(fed['devices_used'])} of {len(specs)} |",
-        f"| mean upload per device-round | {prog['mean_up_kb']:.0f} KB | {fed['mean_up_kb']:.0f} KB |",
-        f"| mean download per device-round | {prog['mean_down_kb']:.0f} KB | {fed['mean_down_kb']:.0f} KB |",
-        f"| largest upload / trained-part bytes | {prog['max_upload_over_trained']:.4f} | {fed['max_upload_over_trained']:.4f} |",
-        f"| largest upload - trained-part bytes (the safetensors header) | {prog['max_upload_overhead_bytes']} B | "
-        f"{fed['max_upload_overhead_bytes']} B |",
-        f"| download when retraining the same part / its bytes | "
-        f"{_ratio(prog['max_repeat_download_over_trained'])} | {_ratio(fed['max_repeat_download_over_trained'])} |",
-        f"| devices over budget (job + agent peak) | {len(prog['over_budget'])} | {len(fed['over_budget'])} |",
+        f"### From scratch ({args.local_epochs:g} local epochs per round, lr {args.learning_rate:g})",
         "",
-        "Peak RSS per device, measured (training job's VmHWM + agent's VmHWM), MB:",
+        f"FedAvg: {args.fedavg_rounds} rounds with every device that can hold whole-model training. Progressive: "
+        f"one shrinking round per block, then {args.min_rounds_per_block}-{args.max_rounds_per_block} rounds per "
+        f"block (effective-movement freezing). Selective: {args.selective_rounds} train rounds, a score round before "
+        f"every 3, up to 2 layers per device (4 if it holds the whole model). Layer-wise: {args.rounds_per_layer} "
+        f"rounds per layer, one layer and its boundary head per device.",
         "",
-        "| device | budget | progressive | FedAvg |",
-        "|---|---:|---:|---:|",
+        "| | " + " | ".join(SCRATCH) + " |",
+        "|---|" + "---:|" * len(SCRATCH),
+        row("final test accuracy (10k test images)", [f"**{x['final_accuracy']:.2%}**" for x in sc]),
+        row("best accuracy of any round", [f"{x['best_accuracy']:.2%}" for x in sc]),
+        row("rounds (score rounds) / train device-rounds",
+            [f"{x['rounds']} ({x['score_rounds']}) / {x['device_rounds']}" for x in sc]),
+        row("devices that trained", [f"{len(x['devices_used'])} of {len(specs)}" for x in sc]),
+        row("MB sent + received, all devices, per round", [f"{x['mean_round_mb']:.2f}" for x in sc]),
+        row("MB sent + received, whole run", [f"{x['total_mb']:.1f}" for x in sc]),
+        row("mean upload / download per train device-round",
+            [f"{x['mean_up_kb']:.0f} / {x['mean_down_kb']:.0f} KB" for x in sc]),
+        row("largest upload / trained-part bytes", [f"{x['max_upload_over_trained']:.4f}" for x in sc]),
+        row("download when retraining the same part / its bytes",
+            [_ratio(x["max_repeat_download_over_trained"]) for x in sc]),
+        row("devices over budget (job + agent peak)", [str(len(x["over_budget"])) for x in sc]),
+        "",
+        "Peak RSS per device, measured (training or scoring job's VmHWM + agent's VmHWM), MB:",
+        "",
+        "| device | budget | " + " | ".join(SCRATCH) + " |",
+        "|---|---:|" + "---:|" * len(SCRATCH),
     ]
     for s in specs:
         cells = []
-        for sm in (prog, fed):
-            job, agent = sm["peaks"].get(s.device_id, (0, 0))
+        for x in sc:
+            job, agent = x["peaks"].get(s.device_id, (0, 0))
             cells.append(f"{job / 2**20:.0f} + {agent / 2**20:.0f}" if job else "excluded")
-        lines.append(f"| {s.device_id} | {s.budget_mb} | {cells[0]} | {cells[1]} |")
-    lines += ["", "Accuracy per round:", "",
-              "| round | " + " | ".join(results) + " |", "|---:|" + "---:|" * len(results)]
-    for i in range(max(len(v) for v in results.values())):
-        cells = [f"{v[i]['accuracy']:.2%} ({_stage(v[i])})" if i < len(v) else "" for v in results.values()]
+        lines.append(f"| {s.device_id} | {s.budget_mb} | " + " | ".join(cells) + " |")
+    lines += ["", "![accuracy, bytes and peaks per device, from scratch](img/bench_federated.png)", "",
+              "Accuracy per round (stage in brackets):", "",
+              "| round | " + " | ".join(SCRATCH) + " |", "|---:|" + "---:|" * len(SCRATCH)]
+    for i in range(max(len(results[k]) for k in SCRATCH)):
+        cells = [f"{results[k][i]['accuracy']:.2%} ({_stage(results[k][i])})" if i < len(results[k]) else ""
+                 for k in SCRATCH]
         lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
-    lines += ["", "![accuracy, bytes and peaks per device](img/bench_federated.png)", ""]
+    lines += [
+        "",
+        f"### Fine-tuning a pretrained model on shifted data ({args.finetune_epochs:g} local epoch per round, "
+        f"lr {args.finetune_learning_rate:g})",
+        "",
+        f"Start: fmnist_cnn trained in torch for {pretrained['epochs']:g} epochs on {pretrained['images']} training "
+        f"images held out from the fleet: {pretrained['accuracy_clean']:.2%} on the test set, "
+        f"**{pretrained['accuracy_shifted']:.2%}** on the shifted test set. The devices hold the same images as "
+        f"above seen through `shift_exposure` (half the contrast, brighter); every round is evaluated on the "
+        f"shifted test set (`--eval-data`). Both runs have {args.finetune_rounds} train rounds from the same "
+        f"weights; FedAvg uses the devices that hold the whole model, selective every device (plus its score "
+        f"rounds, which change no weight).",
+        "",
+        "| | full-model FedAvg | selective |",
+        "|---|---:|---:|",
+        f"| final accuracy, shifted test set | **{ft['fedavg']['final_accuracy']:.2%}** | "
+        f"**{ft['selective']['final_accuracy']:.2%}** |",
+        f"| rounds (score rounds) / train device-rounds | {ft['fedavg']['rounds']} (0) / "
+        f"{ft['fedavg']['device_rounds']} | {ft['selective']['rounds']} ({ft['selective']['score_rounds']}) / "
+        f"{ft['selective']['device_rounds']} |",
+        f"| devices that trained | {len(ft['fedavg']['devices_used'])} | {len(ft['selective']['devices_used'])} |",
+        f"| MB sent + received, whole run | {ft['fedavg']['total_mb']:.1f} | {ft['selective']['total_mb']:.1f} |",
+        f"| devices over budget | {len(ft['fedavg']['over_budget'])} | {len(ft['selective']['over_budget'])} |",
+        "",
+        f"- **{verdict}**: selective fine-tuning ends within 1.5 points of full-model FedAvg fine-tuning: "
+        f"{ft['selective']['final_accuracy']:.2%} vs {ft['fedavg']['final_accuracy']:.2%} "
+        f"({'+' if gap <= 0 else '-'}{abs(gap):.2f} points)",
+        "",
+        "Layers each device trained, per selective train round (layer indices, h = head):",
+        "",
+    ]
+    for m in results["finetune-selective"]:
+        if m["stage"].get("phase") != "train":
+            continue
+        picks = ", ".join(f"{d} {_picked(r)}" for d, r in sorted(m["devices"].items()) if r["status"] == "accepted")
+        lines.append(f"- round {m['round']}: {picks}")
+    lines += ["", "![accuracy, bytes and peaks per device, fine-tuning](img/bench_federated_finetune.png)", ""]
     return "\n".join(lines)
+
+
+def _picked(r: dict) -> str:
+    return "[" + " ".join([str(i) for i in r["trainable"]] + (["h"] if r.get("train_head", True) else [])) + "]"
 
 
 def _ratio(x) -> str:
