@@ -73,6 +73,7 @@ DEFAULTS = {
                   "min_cache_disk_mb": 256},
 }
 MQTT_KINDS = ("hello", "status", "fetch", "upload", "update")
+TICK_S = 0.2        # how often the loop checks whether to open or close a round
 
 
 class Coordinator:
@@ -184,12 +185,17 @@ class Coordinator:
                                             "since": time.time()})
         try:
             self._republish_open_tasks()
+            next_tick = 0.0
             while not stop.is_set():
-                msg = self.link.get(timeout_s=0.2)
+                msg = self.link.get(timeout_s=TICK_S)
                 if msg is not None:
                     self._handle(msg)
-                if self._tick():
-                    break
+                # a tick reads the whole round from the state store: once per TICK_S, not once per
+                # message, or a fleet's burst of N messages costs N ticks of O(N) each
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + TICK_S
+                    if self._tick():
+                        break
         finally:
             self.pool.shutdown(wait=True)
             self.link.stop(final=(self.topics.coordinator_status, Status("offline", time.time()).encode()))

@@ -154,8 +154,10 @@ class StateStore:
                 "reason": row[5]}
 
     def tasks(self, round_no: int) -> list[dict]:
-        rows = self._db.execute("SELECT task_id FROM tasks WHERE round = ? ORDER BY task_id", (round_no,)).fetchall()
-        return [self.task(r[0]) for r in rows]
+        rows = self._db.execute("SELECT task_id, round, device_id, spec, status, reason FROM tasks WHERE round = ? "
+                                "ORDER BY task_id", (round_no,)).fetchall()
+        return [{"task_id": r[0], "round": r[1], "device_id": r[2], "spec": json.loads(r[3]), "status": r[4],
+                 "reason": r[5]} for r in rows]
 
     def record_update(self, update) -> bool:
         """Durably record an accepted update; False (and nothing changes) if this task's update is already in."""
