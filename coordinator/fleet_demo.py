@@ -127,16 +127,10 @@ def _specs(d: dict, work: Path):
 
 def _profile(settings: dict, work: Path) -> Path:
     """The memory model of the model's blocks on this machine: what the coordinator schedules from."""
-    from edge_runtime.profiler import run_profile
-
-    from . import export, zoo
-    d, profile = settings["demo"], work / "profile.json"
-    if not profile.exists():
-        print("measuring the memory of training each block on this machine (once, about 20 s)", flush=True)
-        export.export(zoo.build(d["model"], seed=d["seed"]), work / "profiling" / "model")
-        run_profile(work / "profiling" / "model" / "manifest.json", [], sorted(settings["train"]["batch_sizes"]),
-                    work / "profiling", verify=False, log=lambda _: None).save(profile)
-    return profile
+    from .zoo_profile import measured_profile
+    d = settings["demo"]
+    return measured_profile(work / "profiling", d["model"], settings["train"]["batch_sizes"], d["seed"],
+                            log=lambda text: print(text, flush=True))
 
 
 def run_fleet(coordinator: dict, work: Path, specs, broker_url: str, fleet_name: str,

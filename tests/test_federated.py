@@ -6,12 +6,10 @@ must reach 80 % with every device inside its budget, sending back no more than i
 trained part and downloading only what changed; full-model FedAvg on the same fleet runs
 with the big devices only.
 """
-from pathlib import Path
 
 import pytest
 
 from coordinator.broker import EmbeddedBroker
-from edge_runtime.profiler import run_profile
 from fleet_helpers import MB, LocalFleet, fleet_specs, read_metrics, settings
 
 HEADER = 1024
@@ -22,12 +20,9 @@ FLOOR_LAYERWISE = 0.68    # greedy layer-wise from scratch, 2 rounds per layer: 
 @pytest.fixture(scope="module")
 def fleet_env(tmp_path_factory):
     """Broker, profile of fmnist_cnn measured on this machine, and the devices' non-IID data."""
-    from coordinator import export, zoo
+    from coordinator.zoo_profile import measured_profile
     root = tmp_path_factory.mktemp("fleet")
-    export.export(zoo.build("fmnist_cnn", seed=0), root / "model")
-    profile = run_profile(root / "model" / "manifest.json", [], [16, 32, 64], root / "profiling", verify=False,
-                          log=lambda _: None)
-    profile.save(root / "profile.json")
+    measured_profile(root, "fmnist_cnn", [16, 32, 64])
     broker = EmbeddedBroker(root / "broker").start()
     yield {"root": root, "profile": root / "profile.json", "broker": broker,
            "specs": fleet_specs(root / "data", samples=16000, alpha=0.5)}

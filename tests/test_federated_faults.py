@@ -6,7 +6,6 @@ say afterwards: which updates were accepted, once each, in which round.
 """
 import json
 import sqlite3
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ from edge_runtime import model_blobs
 from edge_runtime import weights as wcodec
 from edge_runtime.blob_exchange import fetch_blob, send_blob
 from edge_runtime.mqtt_link import MqttLink
-from edge_runtime.profiler import run_profile
 from edge_runtime.protocol import Ack, Hello, Status, Task, Topics, Update
 from edge_runtime.transfer import BlobStore
 from fleet_helpers import BIG_MB, LocalFleet, open_round, read_metrics, settings, wait_for
@@ -26,11 +24,9 @@ from coordinator.fleet_data import write_fleet_data
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from coordinator import export, zoo
+    from coordinator.zoo_profile import measured_profile
     root = tmp_path_factory.mktemp("faults")
-    export.export(zoo.build("fmnist_cnn", seed=0), root / "model")
-    run_profile(root / "model" / "manifest.json", [], [32, 64], root / "profiling", verify=False,
-                log=lambda _: None).save(root / "profile.json")
+    measured_profile(root, "fmnist_cnn", [32, 64])
     ids = ["d0", "d1", "d2"]
     dirs = write_fleet_data(root / "data", ids, samples=6000, alpha=0.5)
     return {"root": root, "profile": root / "profile.json",

@@ -27,13 +27,10 @@ N, PROCESSES, ROUNDS = 40, 2, 2
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """The coordinator's run over the simulated fleet: its workdir, metrics, exit codes and the shards' summaries."""
-    from coordinator import export, zoo
-    from edge_runtime.profiler import run_profile
+    from coordinator.zoo_profile import measured_profile
     root = tmp_path_factory.mktemp("sim")
-    export.export(zoo.build("fmnist_cnn", seed=0), root / "model")
     # FedAvg plans whole-model parts only; the memory model needs four measurements: two spans at two batches
-    run_profile(root / "model" / "manifest.json", [], [16, 32], root / "profiling", candidates=[(0, 4), (4, 4)],
-                verify=False, log=lambda _: None).save(root / "profile.json")
+    measured_profile(root, "fmnist_cnn", [16, 32], candidates=[(0, 4), (4, 4)])
     work = root / "coordinator"
     shutil.copytree(root / "model", work / "model")      # the coordinator's own export, made once
     settings = {"service": {"workdir": str(work), "strategy": "fedavg", "profile": str(root / "profile.json"),

@@ -16,7 +16,6 @@ import pytest
 
 from coordinator.broker import EmbeddedBroker
 from coordinator.run_report import write_report
-from edge_runtime.profiler import run_profile
 from fleet_helpers import LocalFleet, fleet_specs, read_metrics, settings
 
 PLOTS = {"accuracy", "memory", "bytes", "timeline", "freezing"}
@@ -49,11 +48,9 @@ def _run(root, broker, profile, specs, strategy, during=None):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A finished progressive run, a FedAvg run beside it, and a report made while the progressive one ran."""
-    from coordinator import export, zoo
+    from coordinator.zoo_profile import measured_profile
     root = tmp_path_factory.mktemp("report")
-    export.export(zoo.build("fmnist_cnn", seed=0), root / "export")
-    run_profile(root / "export" / "manifest.json", [], [32, 64], root / "profiling", verify=False,
-                log=lambda _: None).save(root / "profile.json")
+    measured_profile(root / "measured", "fmnist_cnn", [32, 64])
     specs = fleet_specs(root / "data", samples=3000, alpha=0.5, small=1, big=1)
     live = {}
 
@@ -64,8 +61,8 @@ def runs(tmp_path_factory):
             live["closed"] = (before, len(read_metrics(work)))
 
     with EmbeddedBroker(root / "broker") as broker:
-        progressive = _run(root, broker, root / "profile.json", specs, "progressive", during=report_mid_run)
-        fedavg = _run(root, broker, root / "profile.json", specs, "fedavg")
+        progressive = _run(root, broker, root / "measured" / "profile.json", specs, "progressive", during=report_mid_run)
+        fedavg = _run(root, broker, root / "measured" / "profile.json", specs, "fedavg")
     return {"root": root, "progressive": progressive, "fedavg": fedavg, "live": live}
 
 

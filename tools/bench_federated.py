@@ -234,20 +234,15 @@ def main(argv: list[str] | None = None) -> int:
         args.samples, args.held_out, args.local_epochs, args.fedavg_rounds = 12000, 3000, 1.0, 4
         args.min_rounds_per_block, args.max_rounds_per_block, args.selective_rounds = 1, 2, 3
         args.rounds_per_layer, args.pretrain_epochs, args.finetune_rounds = 1, 1.0, 3
-    from coordinator import export, zoo
     from coordinator.broker import EmbeddedBroker
     from coordinator.fleet_data import shift_exposure, split_pool, write_fleet_data
     from coordinator.local_fleet import DeviceSpec
     from edge_runtime.datasets import LocalDataset, load_fashion_mnist
-    from edge_runtime.profiler import run_profile
+    from coordinator.zoo_profile import measured_profile
     root = (args.workdir or Path(tempfile.mkdtemp(prefix="bench-federated-"))).resolve()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     log(f"workdir {root}")
-    if not (root / "profile.json").exists():
-        export.export(zoo.build("fmnist_cnn", seed=args.seed), root / "model")
-        log("measuring the memory profile of fmnist_cnn (about 20 s)")
-        run_profile(root / "model" / "manifest.json", [], [32, 64], root / "profiling", verify=False,
-                    log=lambda _: None).save(root / "profile.json")
+    measured_profile(root, "fmnist_cnn", [32, 64], args.seed, log=log)
     ids = [f"{tier}-{i}" for tier in TIERS for i in range(args.per_tier)]
     budgets = {d: TIERS[d.rsplit("-", 1)[0]] * 2**20 for d in ids}
     specs, pretrained = {}, None

@@ -421,15 +421,8 @@ def plot(results: list[dict], path: Path) -> None:
 
 def prepare(root: Path, seed: int, log) -> Path:
     """fmnist_cnn exported once and its memory profile measured once (the coordinator plans with it)."""
-    from coordinator import export, zoo
-    from edge_runtime.profiler import run_profile
-    profile = root / "profile.json"
-    if not profile.exists():
-        export.export(zoo.build("fmnist_cnn", seed=seed), root / "model")
-        log("measuring the memory profile of fmnist_cnn (about 20 s)")
-        run_profile(root / "model" / "manifest.json", [], [32, 64], root / "profiling", verify=False,
-                    log=lambda _: None).save(profile)
-    return profile
+    from coordinator.zoo_profile import measured_profile
+    return measured_profile(root, "fmnist_cnn", [32, 64], seed, log=log)
 
 
 def main(argv: list[str] | None = None) -> int:
