@@ -133,9 +133,9 @@ def progress_line(snap: Snapshot, elapsed_s: float) -> str:
     else:
         where = f"round {snap.round} {stage_text(snap.stage)}"
         if snap.round_open:
-            where += f": {snap.accepted}/{snap.tasks} updates"
-            if snap.rejected or snap.failed:
-                where += f", {snap.rejected} rejected, {snap.failed} failed"
+            where += f": {snap.accepted}/{snap.tasks} updates accepted, {snap.rejected} rejected"
+            if snap.failed:
+                where += f", {snap.failed} failed"
     return f"[{_clock(elapsed_s)} {eta_text(snap)}] {where} | online {tiers} | accuracy {acc}"
 
 

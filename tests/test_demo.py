@@ -114,3 +114,16 @@ def test_ctrl_c_stops_every_process_and_the_same_command_resumes(tmp_path):
     assert [m["round"] for m in after] == list(range(1, len(after) + 1)) and len(after) > len(before)
     assert after[-1]["finished"]
     assert not _run_dir_processes(str(work))
+
+
+def test_the_live_line_names_what_the_issue_asks_for():
+    """Round, stage and block, devices online per tier, updates accepted and rejected, accuracy, elapsed, left."""
+    from coordinator.run_status import Snapshot, progress_line
+    snap = Snapshot(strategy="progressive", round=9, round_open=True, stage={"phase": "growing", "block": 1},
+                    tiers={"generic-256mb": [1, 2], "pi-zero-2w": [2, 2]}, accepted=3, rejected=1, tasks=5,
+                    accuracy=0.5859, rounds_left=(4, 6), eta_s=(60.0, 90.0))
+    line = progress_line(snap, 157)
+    assert line.startswith("[2:37 left 1:00-1:30] round 9 growing block 1: 3/5 updates accepted, 1 rejected")
+    assert "online generic-256mb 1/2 pi-zero-2w 2/2" in line and line.endswith("accuracy 58.59%")
+    snap.eta_s, snap.finished = None, False
+    assert "left: after the first round" in progress_line(snap, 5)
