@@ -164,6 +164,11 @@ def test_selective_scores_first_then_trains_the_best_affordable_sets(fmnist_mode
     # as the service calls it: the plan holds only the devices that answered
     lost.advance(replace(asked, assignments=tuple(r.assignment for r in answered)), weights, weights, answered)
     assert "sent no scores" in lost.plan_round(2, FLEET).idle["small"]
+    # a device that scored before and fails a later score job trains on its earlier scores: a task, no Idle
+    lost.scores["small"] = scores["small"]                               # as if it had scored in an earlier round
+    again = lost.plan_round(3, FLEET)
+    assert "small" in lost.unscored
+    assert "small" not in again.idle and "small" in {a.device_id for a in again.assignments}, again
     s.advance(plan, weights, weights, results)
     train = s.plan_round(2, FLEET)
     chosen = {a.device_id: a for a in train.assignments}

@@ -91,12 +91,11 @@ class Selective(Strategy):
 
     def _select(self, fitting, idle) -> list[Assignment]:
         scored = [(d, b) for d, b in fitting if d.device_id in self.scores]
-        for d, _ in fitting:
-            if d.device_id in self.unscored:
-                idle[d.device_id] = "its score job in the last score round sent no scores (the round log says " \
-                                    "why); it scores again in the next score round"
-            elif d.device_id not in self.scores:
-                idle[d.device_id] = "no layer scores from this device yet: it scores in the next score round"
+        for d, _ in fitting:   # a device with earlier scores trains on them, whatever its last score job did
+            if d.device_id not in self.scores:
+                idle[d.device_id] = ("its score job in the last score round sent no scores (the round log says "
+                                     "why); it scores again in the next score round") if d.device_id in self.unscored \
+                    else "no layer scores from this device yet: it scores in the next score round"
         if not scored:
             return []
         table = [[self.scores[d.device_id].get(str(u), 0.0) for u in self.units] for d, _ in scored]
