@@ -139,25 +139,20 @@ def run_fleet(coordinator: dict, work: Path, specs, broker_url: str, fleet_name:
     from .local_fleet import LocalFleet, read_metrics
     from .run_status import progress_line, snapshot
     coordinator["service"].update(workdir=str(work / "coordinator"), min_devices=len(specs))
-    t0, seen = time.monotonic(), len(read_metrics(work / "coordinator"))
+    t0 = time.monotonic()
+
+    def live() -> None:
+        snap = snapshot(work / "coordinator")
+        if snap is not None and not snap.finished:
+            progress.line(progress_line(snap, time.monotonic() - t0))
+
     with LocalFleet(work / "fleet", broker_url, fleet_name) as fleet:
         fleet.start_run(coordinator, specs)
-        proc = fleet.procs["coordinator"]
-        while proc.poll() is None:
-            time.sleep(1.0)
-            metrics = read_metrics(work / "coordinator")
-            for m in metrics[seen:]:
-                progress.event(round_line(m, time.monotonic() - t0))
-            seen = len(metrics)
-            snap = snapshot(work / "coordinator")
-            if snap is not None and not snap.finished:
-                progress.line(progress_line(snap, time.monotonic() - t0))
-        if proc.returncode != 0:
+        code = fleet.follow(work / "coordinator", lambda m: progress.event(round_line(m, time.monotonic() - t0)),
+                            seen=len(read_metrics(work / "coordinator")), on_tick=live)
+        if code != 0:
             raise SystemExit(f"edge-demo: the coordinator failed:\n{fleet.log_tail('coordinator')}")
-    metrics = read_metrics(work / "coordinator")
-    for m in metrics[seen:]:
-        progress.event(round_line(m, time.monotonic() - t0))
-    return metrics
+    return read_metrics(work / "coordinator")
 
 
 def round_line(m: dict, elapsed: float) -> str:

@@ -110,6 +110,23 @@ class LocalFleet:
             raise TimeoutError(f"{name} still running after {timeout_s:.0f} s; log tail:\n{self.log_tail(name)}") \
                 from None
 
+    def follow(self, metrics_dir: Path, on_round, seen: int = 0, every_s: float = 1.0, on_tick=None,
+               name: str = "coordinator") -> int:
+        """Wait for the coordinator to exit; call on_round(m) once per round closed after the first `seen`
+        (and on_tick() between polls); return its exit code. What the demo and the benchmarks watch with."""
+        proc = self.procs[name]
+        while True:
+            exited = proc.poll() is not None
+            metrics = read_metrics(metrics_dir)
+            for m in metrics[seen:]:
+                on_round(m)
+            seen = max(seen, len(metrics))
+            if exited:
+                return proc.returncode
+            if on_tick is not None:
+                on_tick()
+            time.sleep(every_s)
+
     def log_tail(self, name: str, lines: int = 40) -> str:
         path = self.logs / f"{name}.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""

@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 from benchdocs import machine, write_section
+from coordinator.run_status import stage_text
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = REPO / "docs" / "img" / "bench_federated.png"
@@ -112,25 +113,12 @@ def run_strategy(args, root: Path, broker_url: str, specs, run: str) -> list[dic
     t0 = time.monotonic()
     with LocalFleet(work, broker_url, fleet=f"bench-{run}") as fleet:
         fleet.start_run(_settings(args, work / "coordinator", root, run, len(specs)), specs)
-        seen = 0
-        while fleet.procs["coordinator"].poll() is None:
-            time.sleep(2)
-            metrics = read_metrics(work / "coordinator")
-            for m in metrics[seen:]:
-                print(f"  {run} round {m['round']:>2} {_stage(m):<22} accuracy {m['accuracy']:.2%} "
-                      f"({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
-            seen = len(metrics)
-        if fleet.procs["coordinator"].returncode != 0:
+        code = fleet.follow(work / "coordinator", lambda m: print(
+            f"  {run} round {m['round']:>2} {stage_text(m['stage']):<22} accuracy {m['accuracy']:.2%} "
+            f"({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True), every_s=2.0)
+        if code != 0:
             raise SystemExit(f"the {run} coordinator failed:\n{fleet.log_tail('coordinator')}")
     return read_metrics(work / "coordinator")
-
-
-def _stage(m: dict) -> str:
-    st = m["stage"]
-    for key in ("block", "layer"):
-        if key in st:
-            return f"{st.get('phase', '')} {key} {st[key]}".strip()
-    return str(st.get("phase", ""))
 
 
 def summarize(metrics: list[dict], budgets: dict) -> dict:
@@ -338,8 +326,8 @@ def _section(args, summary, results, specs, pretrained, minutes) -> str:
               "Accuracy per round (stage in brackets):", "",
               "| round | " + " | ".join(SCRATCH) + " |", "|---:|" + "---:|" * len(SCRATCH)]
     for i in range(max(len(results[k]) for k in SCRATCH)):
-        cells = [f"{results[k][i]['accuracy']:.2%} ({_stage(results[k][i])})" if i < len(results[k]) else ""
-                 for k in SCRATCH]
+        cells = [f"{results[k][i]['accuracy']:.2%} ({stage_text(results[k][i]['stage'])})"
+                 if i < len(results[k]) else "" for k in SCRATCH]
         lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
     lines += [
         "",
