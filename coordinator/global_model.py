@@ -14,9 +14,9 @@ from typing import Mapping
 
 import numpy as np
 
-from edge_runtime import model_blobs
-from edge_runtime.manifest import Manifest
-from edge_runtime.transfer import BlobStore
+from edge_runtime.wire import model_blobs
+from edge_runtime.wire.manifest import Manifest
+from edge_runtime.wire.transfer import BlobStore
 
 
 class GlobalModel:
@@ -53,5 +53,5 @@ class GlobalModel:
 
     def evaluate(self, weights: Mapping[str, np.ndarray], inputs: np.ndarray, labels: np.ndarray,
                  upto_block: int | None = None) -> dict:
-        from edge_runtime.trainer import evaluate
+        from edge_runtime.train.trainer import evaluate
         return evaluate(self.manifest, weights, inputs, labels, upto_block=upto_block)

@@ -14,14 +14,13 @@ from typing import Mapping
 
 import numpy as np
 
-from edge_runtime import weights as wcodec
+from coordinator.state_store import StateStore
+from coordinator.strategies.aggregation import UpdateCheck, UpdateRejected, validate_update
 from edge_runtime.errors import IntegrityError
-from edge_runtime.manifest import Manifest
-from edge_runtime.protocol import Failed, Scores, Update
-from edge_runtime.transfer import BlobStore
-
-from .aggregation import UpdateCheck, UpdateRejected, validate_update
-from .state_store import StateStore
+from edge_runtime.wire import weights as wcodec
+from edge_runtime.wire.manifest import Manifest
+from edge_runtime.wire.protocol import Failed, Scores, Update
+from edge_runtime.wire.transfer import BlobStore
 
 BLOB_SLACK_BYTES = 64 * 1024     # safetensors header and alignment around the tensors
 
@@ -39,7 +38,7 @@ def _rejected(reason: str, settles: bool = False) -> Verdict:
 
 def expected_shapes(manifest: Manifest, task: dict) -> dict[str, tuple[int, ...]]:
     """The parameters a task's device must send back: its trainable layers and (if it trains) its head."""
-    from .strategies.base import assignment_from_dict
+    from coordinator.strategies.base import assignment_from_dict
     specs = manifest.param_specs()
     return {n: tuple(specs[n].shape) for n in assignment_from_dict(task["spec"]["assignment"]).trained_names(manifest)}
 

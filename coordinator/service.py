@@ -35,22 +35,32 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime import weights as wcodec
-from edge_runtime.layer_scores import scores_from_json
-from edge_runtime.blob_exchange import receive_chunk, serve_fetch
+from coordinator import intake
+from coordinator.global_model import GlobalModel
+from coordinator.state_store import StateStore
+from coordinator.strategies import build as build_strategy
+from coordinator.strategies.aggregation import UpdateCheck
+from coordinator.strategies.base import Device, Result, RoundPlan, assignment_from_dict
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.mqtt_link import MqttLink, Received, security_from_settings
-from edge_runtime.protocol import (Ack, Failed, Hello, Idle, ProtocolError, Scores, Status, Task, Topics, Update,
-                                   decode_any)
 from edge_runtime.store import atomic_write_text, sha256_file
-from edge_runtime.transfer import BlobStore
-
-from . import intake
-from .aggregation import UpdateCheck
-from .global_model import GlobalModel
-from .state_store import StateStore
-from .strategies import build as build_strategy
-from .strategies.base import Device, Result, RoundPlan, assignment_from_dict
+from edge_runtime.train.layer_scores import scores_from_json
+from edge_runtime.wire import weights as wcodec
+from edge_runtime.wire.blob_exchange import receive_chunk, serve_fetch
+from edge_runtime.wire.mqtt_link import MqttLink, Received, security_from_settings
+from edge_runtime.wire.protocol import (
+    Ack,
+    Failed,
+    Hello,
+    Idle,
+    ProtocolError,
+    Scores,
+    Status,
+    Task,
+    Topics,
+    Update,
+    decode_any,
+)
+from edge_runtime.wire.transfer import BlobStore
 
 log = logging.getLogger("edge-coordinator")
 
@@ -147,7 +157,7 @@ class Coordinator:
 
     def _initial_weights(self) -> dict:
         """The export's initial weights, or a pretrained model's (init_weights: a safetensors file)."""
-        from .export import load_weights
+        from coordinator.model.export import load_weights
         weights = load_weights(self.model.manifest)
         given = self.settings["service"]["init_weights"]
         if given:
@@ -521,7 +531,7 @@ def _stage_text(stage: dict) -> str:
 def _test_set(eval_data: str) -> tuple[np.ndarray, np.ndarray]:
     """The data every round's global model is evaluated on: the Fashion-MNIST test set, or
     a LocalDataset directory (inputs.npy, labels.npy) when the fleet's data is of another domain."""
-    from edge_runtime.datasets import LocalDataset, load_fashion_mnist
+    from edge_runtime.train.datasets import LocalDataset, load_fashion_mnist
     if not eval_data:
         return load_fashion_mnist("test")
     data = LocalDataset(Path(eval_data))
@@ -533,7 +543,7 @@ def _test_set(eval_data: str) -> tuple[np.ndarray, np.ndarray]:
 def _ensure_export(model_dir: Path, model: str, seed: int) -> Path:
     """The model's ONNX blocks, exported once per workdir (torch is only needed the first time)."""
     if not (model_dir / "manifest.json").exists():
-        from . import export, zoo
+        from coordinator.model import export, zoo
         log.info("exporting %s to ONNX blocks in %s", model, model_dir)
         export.export(zoo.build(model, seed=seed), model_dir)
     return model_dir
@@ -541,14 +551,14 @@ def _ensure_export(model_dir: Path, model: str, seed: int) -> Path:
 
 def _predictor(settings: dict, work: Path, model: GlobalModel):
     """The memory model the schedules fit parts with: the given profile, or one measured here once."""
-    from edge_runtime.memory_model import Predictor
-    from edge_runtime.profile_file import Profile, ProfileError
+    from edge_runtime.profiling.memory_model import Predictor
+    from edge_runtime.profiling.profile_file import Profile, ProfileError
     given = settings["service"]["profile"]
     path = Path(given) if given else work / "profile.json"
     if not path.exists():
         if given:
             raise SystemExit(f"profile {path} does not exist (make one with `edge-profile measure`)")
-        from edge_runtime.profiler import run_profile
+        from edge_runtime.profiling.profiler import run_profile
         log.info("no profile given: measuring the memory of training each block here (once, about a minute)")
         profile = run_profile(model.manifest_path, [], sorted(settings["train"]["batch_sizes"]), work / "profiling",
                               margin=settings["train"]["margin"], verify=False, log=lambda text: log.info("%s", text))

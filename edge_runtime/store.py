@@ -10,7 +10,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from .errors import IntegrityError
+from edge_runtime.errors import IntegrityError
 
 CHUNK_BYTES = 1 << 20
 

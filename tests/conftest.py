@@ -1,12 +1,11 @@
 """Shared fixtures: real exports of zoo models and real Fashion-MNIST, built once per session."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edge_runtime.datasets import LocalDataset, load_fashion_mnist
+from edge_runtime.train.datasets import LocalDataset, load_fashion_mnist
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +19,7 @@ def fmnist():
 @pytest.fixture(scope="session")
 def fmnist_model(tmp_path_factory):
     """The zoo's Fashion-MNIST CNN exported once: (manifest, initial weights)."""
-    from coordinator import export, zoo
+    from coordinator.model import export, zoo
     m = export.export(zoo.fmnist_cnn(), tmp_path_factory.mktemp("fmnist_cnn"))
     return m, export.load_weights(m)
 

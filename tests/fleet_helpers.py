@@ -4,8 +4,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from coordinator.fleet_data import write_fleet_data
-from coordinator.local_fleet import DeviceSpec, LocalFleet, read_metrics
+from coordinator.local.data import write_fleet_data
+from coordinator.local.fleet import DeviceSpec, LocalFleet, read_metrics
 from coordinator.state_store import StateStore
 
 MB = 1 << 20

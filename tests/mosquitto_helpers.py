@@ -9,10 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from coordinator.broker import find_mosquitto
-from coordinator.broker_acl import write_fleet_acl
-from edge_runtime.mqtt_link import MqttLink, parse_broker_address, security_from_settings
-from edge_runtime.protocol import Topics
+from coordinator.ops.broker import find_mosquitto
+from coordinator.ops.broker_acl import write_fleet_acl
+from edge_runtime.wire.mqtt_link import MqttLink, parse_broker_address, security_from_settings
+from edge_runtime.wire.protocol import Topics
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -1,12 +1,12 @@
 """A device started with only its tier announces that tier's job budget: the agent's share is not taken twice."""
 import time
 
-from coordinator.broker import EmbeddedBroker
-from coordinator.local_fleet import DeviceSpec, LocalFleet
+from coordinator.local.fleet import DeviceSpec, LocalFleet
+from coordinator.ops.broker import EmbeddedBroker
+from edge_runtime.device.tiers import AGENT_RESERVE_MB, find_tier
 from edge_runtime.memory import MIB
-from edge_runtime.mqtt_link import MqttLink, parse_broker_url
-from edge_runtime.protocol import Hello, Topics, decode_any
-from edge_runtime.tiers import AGENT_RESERVE_MB, find_tier
+from edge_runtime.wire.mqtt_link import MqttLink, parse_broker_url
+from edge_runtime.wire.protocol import Hello, Topics, decode_any
 
 
 def test_a_tier_devices_jobs_get_the_tiers_budget(tmp_path, small_dataset):

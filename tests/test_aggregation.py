@@ -4,8 +4,8 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from coordinator.aggregation import UpdateCheck, UpdateRejected, validate_update, weighted_average
-from coordinator.freezing import BlockMovement, FreezeRule, effective_movement
+from coordinator.strategies.aggregation import UpdateCheck, UpdateRejected, validate_update, weighted_average
+from coordinator.strategies.freezing import BlockMovement, FreezeRule, effective_movement
 
 RNG = np.random.default_rng(0)
 GLOBAL = {"a": RNG.standard_normal((4, 3)).astype(np.float32), "b": RNG.standard_normal(3).astype(np.float32)}
@@ -80,12 +80,12 @@ def test_pure_noise_scores_one_over_sqrt_window_and_thresholds_below_it_are_refu
 
 def test_a_round_reads_stored_updates_lazily_and_leaves_out_lost_or_altered_ones(tmp_path, caplog):
     """The close of a round: hash-checked, read a tensor at a time, a damaged update left out with a log line."""
-    from coordinator.aggregation import weighted_average
     from coordinator.service import stored_results
     from coordinator.state_store import UpdateRow
+    from coordinator.strategies.aggregation import weighted_average
     from coordinator.strategies.base import Assignment
-    from edge_runtime import weights as wcodec
-    from edge_runtime.transfer import BlobStore
+    from edge_runtime.wire import weights as wcodec
+    from edge_runtime.wire.transfer import BlobStore
 
     store = BlobStore(tmp_path / "incoming")
     rng = np.random.default_rng(0)

@@ -4,11 +4,11 @@ import threading
 
 import pytest
 
-from coordinator.broker import EmbeddedBroker
-from edge_runtime.blob_exchange import fetch_blob, serve_fetch
-from edge_runtime.mqtt_link import MqttLink
-from edge_runtime.protocol import Topics
-from edge_runtime.transfer import BlobStore, ChunkHeader, chunk_bytes_for
+from coordinator.ops.broker import EmbeddedBroker
+from edge_runtime.wire.blob_exchange import fetch_blob, serve_fetch
+from edge_runtime.wire.mqtt_link import MqttLink
+from edge_runtime.wire.protocol import Topics
+from edge_runtime.wire.transfer import BlobStore, ChunkHeader, chunk_bytes_for
 
 TOPICS = Topics("test")
 
@@ -27,7 +27,7 @@ class Server:
         while not self._stop.is_set():
             msg = self.link.get(timeout_s=0.1)
             if msg:
-                from edge_runtime.protocol import Fetch
+                from edge_runtime.wire.protocol import Fetch
                 self.requests.append(Fetch.decode(msg.payload))
                 self.sent += serve_fetch(self.link, TOPICS, self.store, msg)
 
@@ -80,7 +80,7 @@ def test_an_interrupted_fetch_resumes_with_only_the_missing_chunks(broker, tmp_p
     dev_store = BlobStore(tmp_path / "dev")
     # the first device process gets about half the chunks, then dies
     first = _device_link(broker, "pi-01-run1")
-    from edge_runtime.protocol import Fetch
+    from edge_runtime.wire.protocol import Fetch
     first.publish(TOPICS.device("pi-01", "fetch"), Fetch(sha).encode())
     total = -(-len(data) // chunk_bytes_for(None))
     for _ in range(total // 2):

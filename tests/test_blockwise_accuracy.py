@@ -2,15 +2,15 @@
 import copy
 import json
 
-from coordinator import local_run
+from coordinator.local import blockwise
 
 
 def test_block_by_block_reaches_85_percent_within_budget(tmp_path):
-    settings = copy.deepcopy(local_run.DEFAULTS)
+    settings = copy.deepcopy(blockwise.DEFAULTS)
     settings["run"].update(workdir=str(tmp_path / "run"), samples=30000)
     settings["train"].update(epochs=2.0)
     settings["device"].update(budget_mb=192)
-    summary = local_run.run(settings)
+    summary = blockwise.run(settings)
 
     assert summary["final_test_accuracy"] >= 0.85
     blocks = summary["blocks"]

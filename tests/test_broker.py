@@ -15,7 +15,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from coordinator.broker import BrokerError, EmbeddedBroker, parse_broker_url
+from coordinator.ops.broker import BrokerError, EmbeddedBroker, parse_broker_url
 
 WAIT = 5.0  # the bound on every wait below
 
@@ -175,7 +175,7 @@ def _gone(pid: int) -> bool:
 @pytest.mark.parametrize("how", ["exit", "kill -9"])
 def test_broker_does_not_outlive_its_parent(tmp_path, how):
     """A parent that exits without stop() (atexit) or is killed (PR_SET_PDEATHSIG) takes its broker along."""
-    code = ("import sys, time; from coordinator.broker import EmbeddedBroker\n"
+    code = ("import sys, time; from coordinator.ops.broker import EmbeddedBroker\n"
             "b = EmbeddedBroker(sys.argv[1]).start(); print(b.pid, b.port, flush=True)\n"
             "if sys.argv[2] == 'kill -9': time.sleep(30)\n")
     parent = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), how],

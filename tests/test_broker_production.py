@@ -18,17 +18,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mosquitto_helpers import CONF, DEPLOY, FLEET, WAIT, Broker, connect, make_secrets, settings_for, wait_message
 
-from coordinator.broker_acl import DEVICE_READS, DEVICE_WRITES, AclError, fleet_acl, read_device_ids
-from coordinator.local_fleet import DeviceSpec, LocalFleet
-from edge_runtime import protocol
-from edge_runtime.datasets import LocalDataset
-from edge_runtime.mqtt_link import (BrokerAddress, BrokerRefused, LinkConfigError, MqttLink, parse_broker_address,
-                                    security_from_settings)
-from edge_runtime.protocol import Hello, Idle, Status, Topics
-from edge_runtime.transfer import DEFAULT_CHUNK_BYTES, ChunkHeader, chunk_bytes_for
-from mosquitto_helpers import (CONF, DEPLOY, FLEET, WAIT, Broker, connect, make_secrets, settings_for,
-                               wait_message)
+from coordinator.local.fleet import DeviceSpec, LocalFleet
+from coordinator.ops.broker_acl import DEVICE_READS, DEVICE_WRITES, AclError, fleet_acl, read_device_ids
+from edge_runtime.train.datasets import LocalDataset
+from edge_runtime.wire import protocol
+from edge_runtime.wire.mqtt_link import (
+    BrokerAddress,
+    BrokerRefused,
+    LinkConfigError,
+    MqttLink,
+    parse_broker_address,
+    security_from_settings,
+)
+from edge_runtime.wire.protocol import Hello, Idle, Status, Topics
+from edge_runtime.wire.transfer import DEFAULT_CHUNK_BYTES, ChunkHeader, chunk_bytes_for
 
 T = Topics(FLEET)
 QUIET = 1.0          # how long nothing must arrive where nothing may
@@ -106,11 +111,11 @@ def test_the_acl_generator_refuses_what_cannot_work(tmp_path):
 def test_the_acl_command(tmp_path):
     (tmp_path / "ids.txt").write_text("dev-a\ndev-b\n")
     out = tmp_path / "edgeblock.acl"
-    run = subprocess.run([sys.executable, "-m", "coordinator.service_cli", "acl", "--fleet", FLEET, "--devices",
+    run = subprocess.run([sys.executable, "-m", "coordinator.cli", "acl", "--fleet", FLEET, "--devices",
                           str(tmp_path / "ids.txt"), "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert out.read_text() == fleet_acl(FLEET, ["dev-a", "dev-b"])
-    bad = subprocess.run([sys.executable, "-m", "coordinator.service_cli", "acl", "--fleet", FLEET, "--devices",
+    bad = subprocess.run([sys.executable, "-m", "coordinator.cli", "acl", "--fleet", FLEET, "--devices",
                           str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "missing.txt cannot be read" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -125,7 +130,7 @@ def test_the_coordinator_config_example_loads():
 def test_the_systemd_unit_verifies(tmp_path):
     unit = (DEPLOY / "systemd" / "edge-coordinator.service").read_text()
     assert "--config /etc/edgeblock/coordinator.toml" in unit and "StateDirectory=" in unit
-    # the coordinator exits 130 when stopped mid-schedule (service_cli.main): a clean stop, not a failure
+    # the coordinator exits 130 when stopped mid-schedule (coordinator.cli.main): a clean stop, not a failure
     assert "SuccessExitStatus=130" in unit and "Restart=on-failure" in unit
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed: the unit file is not verified here")
@@ -384,7 +389,7 @@ def test_an_agent_that_cannot_log_in_says_why(broker, tmp_path, device_data, cas
         ca = tmp_path / "nope.crt"
     elif case == "other CA":
         ca = make_secrets(tmp_path / "other", users=()) / "ca.crt"
-    args = [sys.executable, "-m", "edge_runtime.agent", "--id", "dev-a", "--fleet", FLEET, "--broker", broker.url(),
+    args = [sys.executable, "-m", "edge_runtime.device.agent", "--id", "dev-a", "--fleet", FLEET, "--broker", broker.url(),
             "--data", str(device_data), "--state", str(tmp_path / "state"), "--budget-mb", "300",
             *_device_args(broker, "dev-b" if case == "wrong password" else "dev-a", ca)]
     run = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=tmp_path)

@@ -118,7 +118,7 @@ def test_ctrl_c_stops_every_process_and_the_same_command_resumes(tmp_path):
 
 def test_the_live_line_names_what_the_issue_asks_for():
     """Round, stage and block, devices online per tier, updates accepted and rejected, accuracy, elapsed, left."""
-    from coordinator.run_status import Snapshot, progress_line
+    from coordinator.observe.run_status import Snapshot, progress_line
     snap = Snapshot(strategy="progressive", round=9, round_open=True, stage={"phase": "growing", "block": 1},
                     tiers={"generic-256mb": [1, 2], "pi-zero-2w": [2, 2]}, accepted=3, rejected=1, tasks=5,
                     accuracy=0.5859, rounds_left=(4, 6), eta_s=(60.0, 90.0))

@@ -8,24 +8,24 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.artifacts import ArtifactCache, TrainablePart
 from edge_runtime.errors import IntegrityError, ManifestError
-from edge_runtime.graphs import GraphLibrary, compose
-from edge_runtime.ort_backend import InferenceSession
-from edge_runtime.trainer import TrainConfig, _batches, prepare_part, train
-from edge_runtime.worker import JobSpec, run_worker
+from edge_runtime.jobs.worker import JobSpec, run_worker
+from edge_runtime.train.artifacts import ArtifactCache, TrainablePart
+from edge_runtime.train.graphs import GraphLibrary, compose
+from edge_runtime.train.ort_backend import InferenceSession
+from edge_runtime.train.trainer import TrainConfig, _batches, prepare_part, train
 
 
 @pytest.fixture(scope="module")
 def resnet(tmp_path_factory):
-    from coordinator import export, zoo
+    from coordinator.model import export, zoo
     m = export.export(zoo.resnet_small(), tmp_path_factory.mktemp("resnet_small"))
     return m, export.load_weights(m)
 
 
 def _torch_without(weights, skipped):
     """resnet_small in torch with the given layers replaced by identity (their Residual removed)."""
-    from coordinator import zoo
+    from coordinator.model import zoo
     model = zoo.resnet_small()
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.items()})
     for i in skipped:
@@ -160,8 +160,8 @@ def test_a_bad_skip_in_a_job_spec_is_refused_before_building(resnet, tmp_path):
 
 
 def test_a_task_sends_no_weights_for_the_layers_it_skips(resnet, tmp_path):
-    from edge_runtime import model_blobs
-    from edge_runtime.transfer import BlobStore
+    from edge_runtime.wire import model_blobs
+    from edge_runtime.wire.transfer import BlobStore
     m, weights = resnet
     store = BlobStore(tmp_path / "blobs")
     for ref in [l.graph for l in m.layers] + [h.graph for h in m.heads]:

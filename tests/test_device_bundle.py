@@ -25,13 +25,14 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
-from coordinator.broker import EmbeddedBroker
-from coordinator.device_bundle import _parser, check, main, platform_tags
-from edge_runtime.datasets import LocalDataset, load_fashion_mnist
-from edge_runtime.memory import MIB
-from edge_runtime.protocol import Hello, Status, Topics
-from edge_runtime.tiers import find_tier
 from mosquitto_helpers import Broker, connect, make_secrets, wait_message
+
+from coordinator.ops.broker import EmbeddedBroker
+from coordinator.ops.bundle import _parser, check, main, platform_tags
+from edge_runtime.device.tiers import find_tier
+from edge_runtime.memory import MIB
+from edge_runtime.train.datasets import LocalDataset, load_fashion_mnist
+from edge_runtime.wire.protocol import Hello, Status, Topics
 
 REPO = Path(__file__).resolve().parent.parent
 TIER, DEVICE, FLEET = "pi-zero-2w", "board-7", "lab"
@@ -43,7 +44,7 @@ GOOD = {"--tier": TIER, "--device-id": DEVICE, "--broker": "mqtt://10.0.0.2:1883
 def edge_bundle(args: dict, env: dict | None = None) -> subprocess.CompletedProcess:
     """edge-bundle as an operator runs it, in a process of its own."""
     argv = [str(part) for flag, value in args.items() for part in (flag, value)]
-    return subprocess.run([sys.executable, "-m", "coordinator.device_bundle", *argv], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "coordinator.ops.bundle", *argv], cwd=REPO,
                           capture_output=True, text=True, env=env, timeout=900)
 
 

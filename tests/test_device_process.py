@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime import budget
-from edge_runtime import weights as wcodec
-from edge_runtime.artifacts import TrainablePart
 from edge_runtime.errors import BudgetError, IntegrityError, ManifestError, UnsupportedOpError
-from edge_runtime.memory import MIB, device_child_env
-from edge_runtime.worker import JobSpec, run_worker
-
+from edge_runtime.jobs import budget
+from edge_runtime.jobs.child import device_child_env
+from edge_runtime.jobs.worker import JobSpec, run_worker
+from edge_runtime.memory import MIB
+from edge_runtime.train.artifacts import TrainablePart
+from edge_runtime.wire import weights as wcodec
 
 
 def files_under(root: Path) -> list[str]:
@@ -52,10 +52,10 @@ def test_device_path_never_imports_torch(fmnist_model, small_dataset, tmp_path, 
     script = TORCH_BLOCKER + f"""
 import json, numpy as np
 from pathlib import Path
-from edge_runtime.worker import run_job, JobSpec
-from edge_runtime.trainer import evaluate
-from edge_runtime.manifest import Manifest
-from edge_runtime import weights
+from edge_runtime.jobs.worker import run_job, JobSpec
+from edge_runtime.train.trainer import evaluate
+from edge_runtime.wire.manifest import Manifest
+from edge_runtime.wire import weights
 out = run_job(JobSpec.load(Path({str(tmp_path / 'spec.json')!r})))
 m = Manifest.load(Path({str(m.root / 'manifest.json')!r}))
 w = weights.load(m.graph_path(m.weights)); w.update(weights.load(Path(out["update"])))
@@ -80,7 +80,7 @@ def test_kill_9_mid_training_resumes_from_checkpoint(fmnist_model, small_dataset
                  checkpoint=checkpoint)
     spec.update_out = str(tmp_path / "crashy.safetensors")
     spec.save(tmp_path / "crashy.json")
-    proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.worker", str(tmp_path / "crashy.json")],
+    proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.jobs.worker", str(tmp_path / "crashy.json")],
                             env=device_child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = state / "runs" / "crashy" / "progress.json"
     deadline = time.monotonic() + 120
@@ -118,11 +118,10 @@ def test_kill_9_mid_training_resumes_from_checkpoint(fmnist_model, small_dataset
 
 
 def test_unsupported_op_is_named_at_export(tmp_path):
-    import torch
     from torch import nn
 
-    from coordinator import export
-    from coordinator.block_model import BlockModel
+    from coordinator.model import export
+    from coordinator.model.block_model import BlockModel
     model = BlockModel("with_groupnorm", (1, 8, 8), 3,
                        blocks=[[nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU())]],
                        heads=[nn.Sequential(nn.Flatten(), nn.Linear(4 * 8 * 8, 3))])
@@ -134,8 +133,8 @@ def test_unsupported_op_is_named_at_export(tmp_path):
 def test_corrupted_graph_is_rejected_and_nothing_half_written(fmnist_model, small_dataset, tmp_path):
     import shutil
 
-    from edge_runtime.manifest import Manifest
-    from edge_runtime.trainer import TrainConfig, train
+    from edge_runtime.train.trainer import TrainConfig, train
+    from edge_runtime.wire.manifest import Manifest
     m, weights = fmnist_model
     copy = tmp_path / "model"
     shutil.copytree(m.root, copy)
@@ -154,8 +153,8 @@ def test_corrupted_graph_is_rejected_and_nothing_half_written(fmnist_model, smal
 def test_manifest_that_does_not_match_its_graphs_is_rejected(fmnist_model, small_dataset, tmp_path):
     import shutil
 
-    from edge_runtime.manifest import Manifest
-    from edge_runtime.trainer import TrainConfig, train
+    from edge_runtime.train.trainer import TrainConfig, train
+    from edge_runtime.wire.manifest import Manifest
     m, weights = fmnist_model
     copy = tmp_path / "model"
     shutil.copytree(m.root, copy)
@@ -209,7 +208,7 @@ def test_reading_a_large_cache_does_not_grow_resident_memory(tmp_path):
     script = f"""
 import numpy as np
 from pathlib import Path
-from edge_runtime.activation_cache import ArrayReader
+from edge_runtime.train.activation_cache import ArrayReader
 from edge_runtime.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 r = ArrayReader(Path({str(tmp_path / 'big.npy')!r}))
 reset_peak_rss(); before = current_rss_bytes()

@@ -8,9 +8,9 @@ with the big devices only.
 """
 
 import pytest
-
-from coordinator.broker import EmbeddedBroker
 from fleet_helpers import MB, LocalFleet, fleet_specs, read_metrics, settings
+
+from coordinator.ops.broker import EmbeddedBroker
 
 HEADER = 1024
 FLOOR_LAYERWISE = 0.68    # greedy layer-wise from scratch, 2 rounds per layer: measured 72.5 %
@@ -20,7 +20,7 @@ FLOOR_LAYERWISE = 0.68    # greedy layer-wise from scratch, 2 rounds per layer: 
 @pytest.fixture(scope="module")
 def fleet_env(tmp_path_factory):
     """Broker, profile of fmnist_cnn measured on this machine, and the devices' non-IID data."""
-    from coordinator.zoo_profile import measured_profile
+    from coordinator.model.zoo_profile import measured_profile
     root = tmp_path_factory.mktemp("fleet")
     measured_profile(root, "fmnist_cnn", [16, 32, 64])
     broker = EmbeddedBroker(root / "broker").start()
@@ -127,10 +127,10 @@ def test_a_run_can_start_from_another_runs_weights(fleet_env, tmp_path):
     """`edge-coordinator weights` writes a run's global weights; --init-weights starts a new run from them."""
     import numpy as np
 
+    from coordinator.cli import main as cli
     from coordinator.config import load_config
     from coordinator.service import DEFAULTS, Coordinator
-    from coordinator.service_cli import main as cli
-    from edge_runtime import weights as wcodec
+    from edge_runtime.wire import weights as wcodec
     done = fleet_env["root"] / "fedavg" / "coordinator"   # the FedAvg run above, if it ran; else a fresh one
     if not (done / "state.db").exists():
         _run(fleet_env, "fedavg", "fedavg")
@@ -151,9 +151,9 @@ def test_a_run_can_be_evaluated_on_the_fleets_own_domain(fleet_env, tmp_path):
     import numpy as np
 
     from coordinator.config import load_config
-    from coordinator.fleet_data import shift_exposure
+    from coordinator.local.data import shift_exposure
     from coordinator.service import DEFAULTS, Coordinator
-    from edge_runtime.datasets import LocalDataset, load_fashion_mnist
+    from edge_runtime.train.datasets import LocalDataset, load_fashion_mnist
     x, y = load_fashion_mnist("test")
     LocalDataset.write(tmp_path / "shifted", shift_exposure(x[:300]), y[:300])
     s = load_config(DEFAULTS, None, settings(tmp_path / "c", fleet_env["profile"], "fedavg",

@@ -9,22 +9,22 @@ import sqlite3
 
 import numpy as np
 import pytest
-
-from coordinator.broker import EmbeddedBroker
-from coordinator.local_fleet import DeviceSpec
-from edge_runtime import model_blobs
-from edge_runtime import weights as wcodec
-from edge_runtime.blob_exchange import fetch_blob, send_blob
-from edge_runtime.mqtt_link import MqttLink
-from edge_runtime.protocol import Ack, Hello, Status, Task, Topics, Update
-from edge_runtime.transfer import BlobStore
 from fleet_helpers import BIG_MB, LocalFleet, open_round, read_metrics, settings, wait_for
-from coordinator.fleet_data import write_fleet_data
+
+from coordinator.local.data import write_fleet_data
+from coordinator.local.fleet import DeviceSpec
+from coordinator.ops.broker import EmbeddedBroker
+from edge_runtime.wire import model_blobs
+from edge_runtime.wire import weights as wcodec
+from edge_runtime.wire.blob_exchange import fetch_blob, send_blob
+from edge_runtime.wire.mqtt_link import MqttLink
+from edge_runtime.wire.protocol import Ack, Hello, Status, Task, Topics, Update
+from edge_runtime.wire.transfer import BlobStore
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from coordinator.zoo_profile import measured_profile
+    from coordinator.model.zoo_profile import measured_profile
     root = tmp_path_factory.mktemp("faults")
     measured_profile(root, "fmnist_cnn", [32, 64])
     ids = ["d0", "d1", "d2"]
@@ -132,7 +132,7 @@ class Rogue:
             fetch_blob(self.link, self.topics, self.id, self.store, b["sha256"])
         manifest_path, files = model_blobs.materialize(task.manifest["sha256"], task.blobs, self.store,
                                                        self.store.root / "models")
-        from edge_runtime.manifest import Manifest
+        from edge_runtime.wire.manifest import Manifest
         m = Manifest.load(manifest_path)
         names = m.param_names(task.part["trainable_layers"], [task.part["head"]])
         weights = wcodec.WeightFiles(files, names)

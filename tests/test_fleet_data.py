@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from coordinator.fleet_data import dirichlet_split, shift_exposure, split_pool
-from edge_runtime.datasets import FMNIST_MEAN, FMNIST_STD, load_fashion_mnist
+from coordinator.local.data import dirichlet_split, shift_exposure, split_pool
+from edge_runtime.train.datasets import FMNIST_MEAN, FMNIST_STD, load_fashion_mnist
 
 
 def test_the_held_out_pool_never_overlaps_the_fleets_data():

@@ -14,12 +14,13 @@ import sys
 import numpy as np
 import pytest
 
-from coordinator.broker import EmbeddedBroker
-from coordinator.fleet_simulation import SimError, job_budget, main, plan_devices
-from coordinator.local_fleet import LocalFleet, read_metrics
-from edge_runtime import weights as wcodec
-from edge_runtime.memory import MIB, device_child_env
-from edge_runtime.tiers import find_tier
+from coordinator.local.fleet import LocalFleet, read_metrics
+from coordinator.local.simulation import SimError, job_budget, main, plan_devices
+from coordinator.ops.broker import EmbeddedBroker
+from edge_runtime.device.tiers import find_tier
+from edge_runtime.jobs.child import device_child_env
+from edge_runtime.memory import MIB
+from edge_runtime.wire import weights as wcodec
 
 N, PROCESSES, ROUNDS = 40, 2, 2
 
@@ -27,7 +28,7 @@ N, PROCESSES, ROUNDS = 40, 2, 2
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """The coordinator's run over the simulated fleet: its workdir, metrics, exit codes and the shards' summaries."""
-    from coordinator.zoo_profile import measured_profile
+    from coordinator.model.zoo_profile import measured_profile
     root = tmp_path_factory.mktemp("sim")
     # FedAvg plans whole-model parts only; the memory model needs four measurements: two spans at two batches
     measured_profile(root, "fmnist_cnn", [16, 32], candidates=[(0, 4), (4, 4)])
@@ -40,7 +41,7 @@ def run(tmp_path_factory):
     with EmbeddedBroker(root / "broker") as broker, LocalFleet(root, broker.url, fleet="sim") as fleet:
         fleet.start_coordinator(settings)
         with open(root / "logs" / "sim.log", "ab") as out:
-            sim = subprocess.Popen([sys.executable, "-m", "coordinator.fleet_simulation", "--broker", broker.url,
+            sim = subprocess.Popen([sys.executable, "-m", "coordinator.local.simulation", "--broker", broker.url,
                                     "--fleet", "sim", "--devices", str(N), "--processes", str(PROCESSES),
                                     "--compute-s", "1", "--compute-jitter", "0.5", "--workdir", str(root / "sim")],
                                    stdout=out, stderr=subprocess.STDOUT, env=device_child_env(),
@@ -78,9 +79,9 @@ def test_every_simulated_update_is_accepted_and_counted_in_the_round(run):
 
 
 def test_the_global_weights_move_a_little(run, tmp_path):
-    from coordinator import export
-    from coordinator.service_cli import main as coordinator_cli
-    from edge_runtime.manifest import Manifest
+    from coordinator.cli import main as coordinator_cli
+    from coordinator.model import export
+    from edge_runtime.wire.manifest import Manifest
     assert coordinator_cli(["weights", str(run["work"]), str(tmp_path / "w.safetensors")]) == 0
     after = wcodec.load(tmp_path / "w.safetensors")
     before = export.load_weights(Manifest.load(run["work"] / "model" / "manifest.json"))
@@ -96,7 +97,7 @@ def test_the_global_weights_move_a_little(run, tmp_path):
 
 def test_simulated_updates_have_the_real_trained_part_size(run, tmp_path):
     """The bytes a real job's update of the whole model takes: the trainer's writer, the same names and shapes."""
-    from edge_runtime.manifest import Manifest
+    from edge_runtime.wire.manifest import Manifest
     manifest = Manifest.load(run["work"] / "model" / "manifest.json")
     specs = manifest.param_specs()
     names = _fedavg_trained(manifest)

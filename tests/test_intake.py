@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from coordinator import intake
-from coordinator.aggregation import UpdateCheck
 from coordinator.state_store import StateStore
+from coordinator.strategies.aggregation import UpdateCheck
 from coordinator.strategies.base import Assignment
-from edge_runtime import weights as wcodec
-from edge_runtime.protocol import Failed, Hello, Update
-from edge_runtime.transfer import BlobStore
+from edge_runtime.wire import weights as wcodec
+from edge_runtime.wire.protocol import Failed, Hello, Update
+from edge_runtime.wire.transfer import BlobStore
 
 
 @pytest.fixture

@@ -6,8 +6,16 @@ import itertools
 import numpy as np
 import pytest
 
-from coordinator.layer_selection import (MAX_ENUMERATED_SUBSETS, SelectionProblem, TooLargeForExact,
-                                         feasible_sets, objective, solve, solve_approx, solve_exact)
+from coordinator.strategies.layer_selection import (
+    MAX_ENUMERATED_SUBSETS,
+    SelectionProblem,
+    TooLargeForExact,
+    feasible_sets,
+    objective,
+    solve,
+    solve_approx,
+    solve_exact,
+)
 
 MAX_PRODUCT = 60_000      # brute-force combinations per instance, keeps the suite fast
 

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.artifacts import TrainablePart
 from edge_runtime.errors import ManifestError
-from edge_runtime.layer_scores import score_groups, score_layers, scores_from_json
-from edge_runtime.trainer import TrainConfig, _batches, evaluate, train
-from edge_runtime.worker import JobSpec, run_worker
+from edge_runtime.jobs.worker import JobSpec, run_worker
+from edge_runtime.train.artifacts import TrainablePart
+from edge_runtime.train.layer_scores import score_groups, score_layers, scores_from_json
+from edge_runtime.train.trainer import TrainConfig, _batches, evaluate, train
 
 
 def _torch_model(weights):
-    from coordinator import zoo
+    from coordinator.model import zoo
     model = zoo.fmnist_cnn()
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.items()})
     return model

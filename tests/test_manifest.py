@@ -4,7 +4,7 @@ import json
 import pytest
 
 from edge_runtime.errors import ManifestError
-from edge_runtime.manifest import Manifest
+from edge_runtime.wire.manifest import Manifest
 
 
 def _raw(m):
@@ -63,7 +63,7 @@ def test_not_json_is_rejected(tmp_path):
 
 @pytest.mark.parametrize("name, blocks, params_m", [("vgg_cifar", 5, (9.0, 10.0)), ("resnet_small", 4, (0.2, 0.4))])
 def test_zoo_models_export_with_their_structure(tmp_path, name, blocks, params_m):
-    from coordinator import export, zoo
+    from coordinator.model import export, zoo
     m = export.export(zoo.build(name), tmp_path)
     assert len(m.blocks) == blocks
     n = sum(spec.nbytes for spec in m.param_specs().values()) / 4 / 1e6
@@ -77,9 +77,9 @@ def test_zoo_models_export_with_their_structure(tmp_path, name, blocks, params_m
 def test_skipping_a_residual_layer_is_identity_and_non_residual_is_refused(tmp_path):
     import numpy as np
 
-    from coordinator import export, zoo
-    from edge_runtime.graphs import GraphLibrary, compose
-    from edge_runtime.ort_backend import InferenceSession
+    from coordinator.model import export, zoo
+    from edge_runtime.train.graphs import GraphLibrary, compose
+    from edge_runtime.train.ort_backend import InferenceSession
     m = export.export(zoo.resnet_small(), tmp_path)
     w, lib = export.load_weights(m), GraphLibrary(m)
     x = np.random.default_rng(0).standard_normal((4,) + tuple(m.layers[1].input_shape)).astype(np.float32)

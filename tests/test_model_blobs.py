@@ -2,13 +2,13 @@
 import numpy as np
 import pytest
 
-from edge_runtime import model_blobs
-from edge_runtime import weights as wcodec
-from edge_runtime.artifacts import TrainablePart
 from edge_runtime.errors import IntegrityError
-from edge_runtime.protocol import ProtocolError
-from edge_runtime.transfer import BlobStore
-from edge_runtime.worker import JobSpec, run_job
+from edge_runtime.jobs.worker import JobSpec, run_job
+from edge_runtime.train.artifacts import TrainablePart
+from edge_runtime.wire import model_blobs
+from edge_runtime.wire import weights as wcodec
+from edge_runtime.wire.protocol import ProtocolError
+from edge_runtime.wire.transfer import BlobStore
 
 
 def _server(tmp_path, m, w):

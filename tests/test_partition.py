@@ -4,8 +4,8 @@ import itertools
 import numpy as np
 import pytest
 
-from edge_runtime.memory_model import Measurement, fit_candidate, fit_span_model
-from edge_runtime.partition import NoPartition, best_partition, choose_partition
+from edge_runtime.profiling.memory_model import Measurement, fit_candidate, fit_span_model
+from edge_runtime.profiling.partition import NoPartition, best_partition, choose_partition
 
 
 def _brute_force(n, cuts, batch, predict, usable):

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.artifacts import TrainablePart
-from edge_runtime.memory import MIB, device_child_env
-from edge_runtime.memory_model import Predictor, fit_candidate, fit_span_model
-from edge_runtime.profile_file import Profile, ProfileError
-from edge_runtime.profiler import Profiler, run_profile
-from edge_runtime.tiers import Tier
-from edge_runtime.worker import JobSpec, run_worker
+from edge_runtime.device.tiers import Tier
+from edge_runtime.jobs.child import device_child_env
+from edge_runtime.jobs.worker import JobSpec, run_worker
+from edge_runtime.memory import MIB
+from edge_runtime.profiling.memory_model import Predictor, fit_candidate, fit_span_model
+from edge_runtime.profiling.profile_file import Profile, ProfileError
+from edge_runtime.profiling.profiler import Profiler, run_profile
+from edge_runtime.train.artifacts import TrainablePart
 
 BATCHES = [16, 64]
 
@@ -43,7 +44,7 @@ def test_predictions_within_10_percent_on_untried_batch_sizes(profiled):
             measured = prof.measure(first, last, b).peak_bytes
             assert fit.predict(baseline, b) == pytest.approx(measured, rel=0.10), (first, last, b)
     # the span model predicts a span that was never measured: the whole model
-    from edge_runtime.memory_model import Measurement
+    from edge_runtime.profiling.memory_model import Measurement
     points = [Measurement(**p) for p in profile.measurements]
     predictor = Predictor(m, baseline, [], fit_span_model(points, baseline))
     assert (0, 4) not in {(p.first, p.last) for p in points}
@@ -90,12 +91,12 @@ def test_chosen_configuration_trains_to_the_end_under_a_hard_limit(profiled, sma
 
 
 def test_probe_sees_the_cgroup_limit_it_runs_under(tmp_path):
-    script = ("import json; from edge_runtime.device_probe import probe; "
+    script = ("import json; from edge_runtime.device.probe import probe; "
               f"print(json.dumps(probe({str(tmp_path)!r}, 0.1).to_dict()))")
-    from edge_runtime.memory import run_child
+    from edge_runtime.jobs.child import run_child
     child = run_child([sys.executable, "-c", script], env=device_child_env(), memory_limit_bytes=300 * MIB)
     d = json.loads(child.stdout.strip().splitlines()[-1])
-    from edge_runtime.limits import detect_mechanism
+    from edge_runtime.jobs.limits import detect_mechanism
     if detect_mechanism() == "watchdog":
         pytest.skip("no writable cgroup on this machine")
     assert d["cgroup_limit_bytes"] == 300 * MIB
@@ -134,7 +135,7 @@ def test_cli_measures_shows_and_plots(fmnist_model, tmp_path):
     m, _ = fmnist_model
     repo_profiles = Path(__file__).resolve().parent.parent / "profiles"
     out, png = tmp_path / "profile.json", tmp_path / "profile.png"
-    run = subprocess.run([sys.executable, "-m", "edge_runtime.profiler", "measure", "--manifest",
+    run = subprocess.run([sys.executable, "-m", "edge_runtime.profiling.profiler", "measure", "--manifest",
                           str(m.root / "manifest.json"), "--tiers", str(repo_profiles), "--tier", "generic-256mb",
                           "--tier", "pi-zero-2w", "--batches", "16,32", "--workdir", str(tmp_path / "w"),
                           "--out", str(out), "--plot", str(png)], capture_output=True, text=True,
@@ -144,9 +145,9 @@ def test_cli_measures_shows_and_plots(fmnist_model, tmp_path):
     profile = Profile.load(out)
     assert [t.tier for t in profile.tiers] == ["generic-256mb", "pi-zero-2w"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    shown = subprocess.run([sys.executable, "-m", "edge_runtime.profiler", "show", str(out)], capture_output=True,
+    shown = subprocess.run([sys.executable, "-m", "edge_runtime.profiling.profiler", "show", str(out)], capture_output=True,
                            text=True, env=device_child_env())
     assert shown.returncode == 0 and "generic-256mb" in shown.stdout
-    bad = subprocess.run([sys.executable, "-m", "edge_runtime.profiler", "show", str(tmp_path / "missing.json")],
+    bad = subprocess.run([sys.executable, "-m", "edge_runtime.profiling.profiler", "show", str(tmp_path / "missing.json")],
                          capture_output=True, text=True, env=device_child_env())
     assert bad.returncode == 1 and "does not exist" in bad.stderr

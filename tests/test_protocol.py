@@ -3,8 +3,21 @@ import json
 
 import pytest
 
-from edge_runtime.protocol import (MAX_CONTROL_BYTES, Ack, Failed, Fetch, Hello, Idle, ProtocolError, Scores,
-                                   Status, Task, Topics, Update, decode_any)
+from edge_runtime.wire.protocol import (
+    MAX_CONTROL_BYTES,
+    Ack,
+    Failed,
+    Fetch,
+    Hello,
+    Idle,
+    ProtocolError,
+    Scores,
+    Status,
+    Task,
+    Topics,
+    Update,
+    decode_any,
+)
 
 SHA = "ab" * 32
 MESSAGES = [

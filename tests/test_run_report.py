@@ -13,10 +13,10 @@ import time
 from html.parser import HTMLParser
 
 import pytest
-
-from coordinator.broker import EmbeddedBroker
-from coordinator.run_report import write_report
 from fleet_helpers import LocalFleet, fleet_specs, read_metrics, settings
+
+from coordinator.observe.run_report import write_report
+from coordinator.ops.broker import EmbeddedBroker
 
 PLOTS = {"accuracy", "memory", "bytes", "timeline", "freezing"}
 
@@ -48,7 +48,7 @@ def _run(root, broker, profile, specs, strategy, during=None):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A finished progressive run, a FedAvg run beside it, and a report made while the progressive one ran."""
-    from coordinator.zoo_profile import measured_profile
+    from coordinator.model.zoo_profile import measured_profile
     root = tmp_path_factory.mktemp("report")
     measured_profile(root / "measured", "fmnist_cnn", [32, 64])
     specs = fleet_specs(root / "data", samples=3000, alpha=0.5, small=1, big=1)
@@ -140,7 +140,7 @@ def test_report_numbers_match_the_metrics_file(runs):
 
 
 def test_the_freezing_metric_is_the_schedules_and_absent_for_fedavg(runs):
-    from coordinator.run_report import freezing_series, load_run
+    from coordinator.observe.run_report import freezing_series, load_run
     metrics = read_metrics(runs["progressive"])
     kind, series, threshold = freezing_series(load_run(runs["progressive"]))
     logged = {(m["stage"]["block"], m["round"], m["schedule"]["effective_movement"]) for m in metrics}
@@ -190,7 +190,7 @@ def test_a_truncated_last_line_and_a_locked_store_do_not_stop_the_report(runs, t
 
 
 def test_edge_coordinator_report_prints_the_page(runs, tmp_path, capsys):
-    from coordinator.service_cli import main as cli
+    from coordinator.cli import main as cli
     assert cli(["report", str(runs["progressive"]), "--baseline", str(runs["fedavg"]),
                 "--out", str(tmp_path / "r")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "r" / "report.html")

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from coordinator.state_store import StateStore
-from edge_runtime.memory import device_child_env
-from edge_runtime.protocol import Hello, Update
+from edge_runtime.jobs.child import device_child_env
+from edge_runtime.wire.protocol import Hello, Update
 
 SHA = "cd" * 32
 
@@ -48,7 +48,7 @@ def test_kill_9_loses_no_committed_update(tmp_path):
     writer = f"""
 import sys
 from coordinator.state_store import StateStore
-from edge_runtime.protocol import Update
+from edge_runtime.wire.protocol import Update
 s = StateStore({str(db)!r})
 for i in range(2000):
     s.record_update(Update(f"r1-d{{i:04d}}", 1, f"d{{i:04d}}", {SHA!r}, 1, 1, 0.1, 1, 1, 0.1))

@@ -189,7 +189,7 @@ def test_selective_scores_first_then_trains_the_best_affordable_sets(fmnist_mode
 
 @pytest.fixture(scope="module")
 def resnet_manifest(tmp_path_factory):
-    from coordinator import export, zoo
+    from coordinator.model import export, zoo
     return export.export(zoo.resnet_small(), tmp_path_factory.mktemp("resnet_small"))
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from edge_runtime.device.tiers import DEFAULT_PROFILES_DIR, Tier, TierError, find_tier, load_tier, load_tiers
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.tiers import DEFAULT_PROFILES_DIR, Tier, TierError, find_tier, load_tier, load_tiers
 
 PROFILES = Path(__file__).resolve().parent.parent / "profiles"
 MIB = 1 << 20
@@ -161,7 +161,7 @@ def test_find_tier_by_name_or_path(tmp_path):
 
 def test_tiers_import_without_torch_or_onnxruntime():
     code = ("import sys; sys.modules['torch'] = None\n"
-            "from edge_runtime import tiers\n"
+            "from edge_runtime.device import tiers\n"
             "assert tiers.find_tier('pi-4b-2gb').budget_mb > 0\n"
             "assert 'onnxruntime' not in sys.modules, 'tiers must stay light'\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.artifacts import TrainablePart
-from edge_runtime.datasets import LocalDataset
-from edge_runtime.trainer import TrainConfig, train
+from edge_runtime.train.artifacts import TrainablePart
+from edge_runtime.train.datasets import LocalDataset
+from edge_runtime.train.trainer import TrainConfig, train
 
 
 def _torch_one_step(model, weights, block, x, y, optimizer, lr):
@@ -30,7 +30,7 @@ def _torch_one_step(model, weights, block, x, y, optimizer, lr):
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 @pytest.mark.parametrize("block", [0, 2])
 def test_one_step_matches_torch(fmnist_model, fmnist, tmp_path, optimizer, block):
-    from coordinator import zoo
+    from coordinator.model import zoo
     m, weights = fmnist_model
     x, y, _, _ = fmnist
     xb, yb = x[:32], y[:32]

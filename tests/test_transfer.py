@@ -5,8 +5,8 @@ import os
 import pytest
 
 from edge_runtime.errors import IntegrityError
-from edge_runtime.protocol import ProtocolError
-from edge_runtime.transfer import BlobStore, ChunkHeader, chunk_bytes_for, chunks_of
+from edge_runtime.wire.protocol import ProtocolError
+from edge_runtime.wire.transfer import BlobStore, ChunkHeader, chunk_bytes_for, chunks_of
 
 
 @pytest.fixture

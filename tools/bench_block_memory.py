@@ -4,12 +4,12 @@
 Why this exists: the product's promise is that a device too small to train a whole model
 can still train one block of it (from cached activations of the frozen prefix) at a
 fraction of the memory. This script measures that promise and its baseline in one run, on
-the zoo's VGG-style CNN (`coordinator.zoo.vgg_cifar`, 9.2 M parameters, 5 blocks, 3x32x32):
+the zoo's VGG-style CNN (`coordinator.model.zoo.vgg_cifar`, 9.2 M parameters, 5 blocks, 3x32x32):
 
   torch whole     whole-model training in plain torch eager (AdamW, cross-entropy,
                   forward + backward + step): the baseline a user would otherwise run;
   runtime whole   whole-model training with the device runtime (onnxruntime-training,
-                  through edge_runtime.worker.run_job: the code a device runs for a job);
+                  through edge_runtime.jobs.worker.run_job: the code a device runs for a job);
   block b         block b and its head trained alone from the cached activations of the
                   frozen prefix (blocks 0..b-1), same runtime and code path;
   import          a process that only imports the device runtime (its fixed cost);
@@ -20,7 +20,7 @@ the zoo's VGG-style CNN (`coordinator.zoo.vgg_cifar`, 9.2 M parameters, 5 blocks
 Every configuration runs in its own fresh process, so no measurement inherits the memory
 of another. Peaks are the kernel's high-water mark of the measured process (VmHWM, printed
 by the child itself; see edge_runtime/memory.py for why not ru_maxrss). Before a device run is
-measured, a preparatory job (edge_runtime.worker.run_worker, one step) builds its training
+measured, a preparatory job (edge_runtime.jobs.worker.run_worker, one step) builds its training
 artifact and its prefix activation cache, so the measured process neither builds an
 artifact nor runs the prefix (both are checked in its report). Step time is the shortest wall
 time between consecutive optimizer steps inside the measured process (batch fetch included,
@@ -56,7 +56,9 @@ import time
 from pathlib import Path
 
 from benchdocs import DOCS, machine, write_section
-from edge_runtime.memory import MIB, device_child_env, peak_rss_bytes, report_own_peak, run_child
+
+from edge_runtime.jobs.child import device_child_env, report_own_peak, run_child
+from edge_runtime.memory import MIB, peak_rss_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 COMMAND = "python tools/bench_block_memory.py --layerwise --write-docs"
@@ -69,9 +71,9 @@ TARGET_BOUND = 1.3
 TARGET_LAYERWISE = 0.2
 TARGET_IMPORT_MB = 64
 
-IMPORT_ONLY = ("from edge_runtime import ort_backend, trainer, worker; "
+IMPORT_ONLY = ("from edge_runtime.train import ort_backend, trainer; from edge_runtime.jobs import worker; "
                "import json; print(json.dumps(ort_backend.runtime_versions())); "
-               "from edge_runtime.memory import report_own_peak; report_own_peak()")
+               "from edge_runtime.jobs.child import report_own_peak; report_own_peak()")
 
 
 def log(msg: str) -> None:
@@ -86,7 +88,8 @@ def _child_torch(data: Path, batch: int, steps: int) -> dict:
     """Whole-model training in plain torch eager; wall time after every optimizer step."""
     import numpy as np
     import torch
-    from coordinator import zoo
+
+    from coordinator.model import zoo
 
     torch.set_num_threads(THREADS)
     model = zoo.vgg_cifar().train()
@@ -106,14 +109,14 @@ def _child_torch(data: Path, batch: int, steps: int) -> dict:
 
 
 def _child_device(spec_path: Path) -> dict:
-    """One device job through edge_runtime.worker.run_job (the code a device runs), timed per step.
+    """One device job through edge_runtime.jobs.worker.run_job (the code a device runs), timed per step.
 
     run_job's progress callback records the wall time and VmHWM after every optimizer step;
     nothing else about the job changes. (Wrapping trainer.train instead would not do: a
     wrapper's *args keeps the job's weights alive, which train() drops once the session
     holds them.)
     """
-    from edge_runtime import worker
+    from edge_runtime.jobs import worker
 
     stamps, peaks = [], []
 
@@ -165,8 +168,9 @@ class Bench:
     # -- setup ---------------------------------------------------------------------------
     def prepare(self) -> None:
         import numpy as np
-        from coordinator import export, zoo
-        from edge_runtime.datasets import LocalDataset
+
+        from coordinator.model import export, zoo
+        from edge_runtime.train.datasets import LocalDataset
 
         log(f"exporting vgg_cifar to {self.workdir / 'model'}")
         self.manifest = export.export(zoo.vgg_cifar(), self.workdir / "model")
@@ -181,7 +185,7 @@ class Bench:
 
     def parts(self) -> list[tuple[str, dict]]:
         """(name, TrainablePart fields) of the whole model and of every block."""
-        from edge_runtime.artifacts import TrainablePart
+        from edge_runtime.train.artifacts import TrainablePart
         m = self.manifest
         everything = tuple(range(len(m.layers)))
         out = [("runtime whole", TrainablePart(everything, everything, m.final_head.index).to_dict())]
@@ -197,7 +201,7 @@ class Bench:
         return max(1, steps // 2)
 
     def spec(self, task: str, part: dict, batch: int, steps: int):
-        from edge_runtime.worker import JobSpec
+        from edge_runtime.jobs.worker import JobSpec
         config = dict(batch_size=batch, max_steps=steps, epochs=float(steps), optimizer="adamw",
                       learning_rate=LR, checkpoint_every_steps=self.checkpoint_step(steps), threads=THREADS)
         return JobSpec(manifest=str(self.manifest.root / "manifest.json"),
@@ -214,7 +218,7 @@ class Bench:
 
     def prepare_parts(self) -> None:
         """Build every training artifact and prefix activation cache before anything is measured."""
-        from edge_runtime.worker import run_worker
+        from edge_runtime.jobs.worker import run_worker
         for name, part in self.parts():
             log(f"preparing {name}: training artifact and prefix activation cache (not measured)")
             spec = self.spec("prep-" + name.replace(" ", "-"), part, min(self.batches), 1)

@@ -13,7 +13,7 @@ a hard limit of its device's budget) once per schedule on the same devices and d
     layerwise     FLL: one layer (plus a head) at a time, every device
 
   fine-tuning, from one pretrained model, on the same images seen by a differently
-  exposed camera (coordinator.fleet_data.shift_exposure), evaluated on the shifted test set:
+  exposed camera (coordinator.local.data.shift_exposure), evaluated on the shifted test set:
     finetune-fedavg     full-model FedAvg from the pretrained weights
     finetune-selective  selective layer fine-tuning from the same weights, same train rounds
 
@@ -47,7 +47,8 @@ import time
 from pathlib import Path
 
 from benchdocs import machine, write_section
-from coordinator.run_status import stage_text
+
+from coordinator.observe.run_status import stage_text
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = REPO / "docs" / "img" / "bench_federated.png"
@@ -86,11 +87,11 @@ def pretrain(args, root: Path, held_out, log) -> dict:
         return json.loads(info.read_text())
     import numpy as np
 
-    from coordinator import zoo
-    from coordinator.fleet_data import shift_exposure
-    from coordinator.torch_reference import accuracy, train_end_to_end
-    from edge_runtime import weights as wcodec
-    from edge_runtime.datasets import load_fashion_mnist
+    from coordinator.local.data import shift_exposure
+    from coordinator.model import zoo
+    from coordinator.model.torch_reference import accuracy, train_end_to_end
+    from edge_runtime.train.datasets import load_fashion_mnist
+    from edge_runtime.wire import weights as wcodec
     x, y = load_fashion_mnist("train")
     xt, yt = load_fashion_mnist("test")
     log(f"pretraining fmnist_cnn in torch on {len(held_out)} held-out images ({args.pretrain_epochs:g} epochs)")
@@ -108,7 +109,7 @@ def pretrain(args, root: Path, held_out, log) -> dict:
 
 def run_strategy(args, root: Path, broker_url: str, specs, run: str) -> list[dict]:
     """One schedule over the fleet until its coordinator finishes; resumes a run left in `root`."""
-    from coordinator.local_fleet import LocalFleet, read_metrics
+    from coordinator.local.fleet import LocalFleet, read_metrics
     work = root / run
     t0 = time.monotonic()
     with LocalFleet(work, broker_url, fleet=f"bench-{run}") as fleet:
@@ -222,11 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         args.samples, args.held_out, args.local_epochs, args.fedavg_rounds = 12000, 3000, 1.0, 4
         args.min_rounds_per_block, args.max_rounds_per_block, args.selective_rounds = 1, 2, 3
         args.rounds_per_layer, args.pretrain_epochs, args.finetune_rounds = 1, 1.0, 3
-    from coordinator.broker import EmbeddedBroker
-    from coordinator.fleet_data import shift_exposure, split_pool, write_fleet_data
-    from coordinator.local_fleet import DeviceSpec
-    from edge_runtime.datasets import LocalDataset, load_fashion_mnist
-    from coordinator.zoo_profile import measured_profile
+    from coordinator.local.data import shift_exposure, split_pool, write_fleet_data
+    from coordinator.local.fleet import DeviceSpec
+    from coordinator.model.zoo_profile import measured_profile
+    from coordinator.ops.broker import EmbeddedBroker
+    from edge_runtime.train.datasets import LocalDataset, load_fashion_mnist
     root = (args.workdir or Path(tempfile.mkdtemp(prefix="bench-federated-"))).resolve()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     log(f"workdir {root}")

@@ -4,7 +4,7 @@
 One run measures several fleet sizes N (default 25, 50, 100, 200, 400). For each N it
 starts a fresh embedded Mosquitto, the real coordinator service as its own process
 (fedavg or progressive on fmnist_cnn), and N simulated devices (`edge-sim`,
-coordinator/fleet_simulation.py: the real agent and protocol, real blob fetches and
+coordinator/local/simulation.py: the real agent and protocol, real blob fetches and
 real updates of the trained part's size, only the training replaced by --compute-s of
 waiting). The coordinator waits for all N devices and gives every one a task each
 round. R rounds are measured (the coordinator is configured for R + 1 and stopped after
@@ -60,7 +60,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-
 from benchdocs import machine, write_section
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,7 +73,7 @@ CONTROL_KINDS = ("task", "fetch", "update", "ack")
 
 def sys_broker(workdir: Path):
     """The embedded broker, publishing its $SYS counters every second instead of every ten."""
-    from coordinator.broker import EmbeddedBroker
+    from coordinator.ops.broker import EmbeddedBroker
 
     class SysBroker(EmbeddedBroker):
         def _config(self) -> str:
@@ -91,7 +90,8 @@ class Watcher:
 
     def __init__(self, host: str, port: int, fleet: str):
         import paho.mqtt.client as mqtt
-        from edge_runtime.protocol import Topics
+
+        from edge_runtime.wire.protocol import Topics
         self.counters: dict[str, list[tuple[float, float]]] = defaultdict(list)
         self.control: list[tuple[float, str, str, dict]] = []     # (time, kind, device, message)
         self.topics = Topics(fleet)
@@ -141,7 +141,7 @@ def _settings(args, work: Path, profile: Path, n: int) -> dict:
 
 
 def _sim_command(args, broker_url: str, fleet: str, n: int, work: Path) -> list[str]:
-    return [sys.executable, "-m", "coordinator.fleet_simulation", "--broker", broker_url, "--fleet", fleet,
+    return [sys.executable, "-m", "coordinator.local.simulation", "--broker", broker_url, "--fleet", fleet,
             "--devices", str(n), "--tier", args.tier, "--compute-s", str(args.compute_s),
             "--processes", str(args.processes), "--workdir", str(work / "sim"), "--seed", str(args.seed)]
 
@@ -161,6 +161,7 @@ class Processes:
 
     def read(self) -> None:
         import psutil
+
         from edge_runtime.memory import peak_rss_bytes
         for name, pid in self.pids.items():
             try:
@@ -191,8 +192,8 @@ class Processes:
 
 def run_size(args, root: Path, profile: Path, n: int, log) -> dict:
     """One fleet of n simulated devices against a fresh broker and coordinator, until R rounds closed."""
-    from coordinator.local_fleet import LocalFleet, read_metrics
-    from edge_runtime.memory import device_child_env
+    from coordinator.local.fleet import LocalFleet, read_metrics
+    from edge_runtime.jobs.child import device_child_env
     work = root / f"n{n}"
     shutil.rmtree(work, ignore_errors=True)
     fleet_name = f"scale-{n}"
@@ -421,7 +422,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 def prepare(root: Path, seed: int, log) -> Path:
     """fmnist_cnn exported once and its memory profile measured once (the coordinator plans with it)."""
-    from coordinator.zoo_profile import measured_profile
+    from coordinator.model.zoo_profile import measured_profile
     return measured_profile(root, "fmnist_cnn", [32, 64], seed, log=log)
 
 

@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 
 from benchdocs import machine, write_section
+
+from edge_runtime.device.tiers import load_tiers
 from edge_runtime.memory import MIB
-from edge_runtime.profiler import format_profile, run_profile
-from edge_runtime.tiers import load_tiers
+from edge_runtime.profiling.profiler import format_profile, run_profile
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,19 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     batches = sorted(int(b) for b in a.batches.split(","))
     work = a.workdir or Path(tempfile.mkdtemp(prefix="bench-profile-tiers-"))
-    from coordinator import export, zoo
+    from coordinator.model import export, zoo
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     log("exporting vgg_cifar")
     manifest = export.export(zoo.vgg_cifar(), work / "model")
     t0 = time.monotonic()
-    from edge_runtime.tiers import Tier
+    from edge_runtime.device.tiers import Tier
     sweep = [Tier(name=f"sweep-{mb}mb", description="budget sweep", ram_mb=4096, budget_mb=float(mb), storage_gb=8,
                   cores=4, cpu="-", source="benchmark", path=Path("-"))
              for mb in (int(x) for x in a.sweep.split(",") if x.strip())]
     tiers = sorted(load_tiers(REPO / "profiles") + sweep, key=lambda t: t.budget_bytes)
     profile = run_profile(manifest.root / "manifest.json", tiers, batches, work / "profile", log=log)
     profile.save(work / "profile.json")
-    from edge_runtime.profiler import Profiler
+    from edge_runtime.profiling.profiler import Profiler
     whole = {b: Profiler(manifest.root / "manifest.json", work / "whole", max(batches)).measure(0, 9, b)
              for b in batches}
     minutes = (time.monotonic() - t0) / 60

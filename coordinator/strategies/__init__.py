@@ -1,18 +1,18 @@
 """Schedules: who trains what each round. `build` makes one from the coordinator's settings."""
 from __future__ import annotations
 
-from .base import Strategy
+from coordinator.strategies.base import Strategy
 
 NAMES = ("progressive", "fedavg", "selective", "layerwise")
 
 
 def build(settings: dict, manifest, predict) -> Strategy:
     """The strategy named in settings['service']['strategy'], with its own table of settings."""
-    from ..freezing import FreezeRule
-    from .fedavg import FedAvg
-    from .layerwise import LayerWise
-    from .progressive import Progressive
-    from .selective import Selective
+    from coordinator.strategies.fedavg import FedAvg
+    from coordinator.strategies.freezing import FreezeRule
+    from coordinator.strategies.layerwise import LayerWise
+    from coordinator.strategies.progressive import Progressive
+    from coordinator.strategies.selective import Selective
     name, train = settings["service"]["strategy"], settings["train"]
     common = dict(batch_sizes=train["batch_sizes"], margin=train["margin"])
     if name == "fedavg":

@@ -25,9 +25,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from edge_runtime.artifacts import TrainablePart
-
-from ..aggregation import weighted_average
+from coordinator.strategies.aggregation import weighted_average
+from edge_runtime.train.artifacts import TrainablePart
 
 # peak bytes of training layers first..last (head after last) at a batch size
 PeakPredictor = Callable[[int, int, int], float]

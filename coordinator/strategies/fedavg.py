@@ -2,7 +2,7 @@
 budget cannot hold whole-model training are excluded, as a real deployment must."""
 from __future__ import annotations
 
-from .base import Assignment, RoundPlan, Strategy
+from coordinator.strategies.base import Assignment, RoundPlan, Strategy
 
 
 class FedAvg(Strategy):

@@ -25,8 +25,8 @@ import zlib
 
 import numpy as np
 
-from ..freezing import BlockMovement, FreezeRule, restore_movement, round_report
-from .base import Assignment, RoundPlan, Strategy
+from coordinator.strategies.base import Assignment, RoundPlan, Strategy
+from coordinator.strategies.freezing import BlockMovement, FreezeRule, restore_movement, round_report
 
 
 class LayerWise(Strategy):

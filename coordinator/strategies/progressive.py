@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 
-from ..freezing import BlockMovement, FreezeRule, restore_movement, round_report
-from .base import Assignment, RoundPlan, Strategy
+from coordinator.strategies.base import Assignment, RoundPlan, Strategy
+from coordinator.strategies.freezing import BlockMovement, FreezeRule, restore_movement, round_report
 
 
 class Progressive(Strategy):

@@ -22,8 +22,8 @@ the layers it could ever train: those from the lowest layer whose span fits its 
 """
 from __future__ import annotations
 
-from ..layer_selection import SelectionProblem, solve
-from .base import Assignment, RoundPlan, Strategy
+from coordinator.strategies.base import Assignment, RoundPlan, Strategy
+from coordinator.strategies.layer_selection import SelectionProblem, solve
 
 HEAD = "head"
 

@@ -1,0 +1,240 @@
+"""edge-coordinator: run the federated coordinator as an MQTT service, or look at a run's state.
+
+  edge-coordinator run      schedule rounds, collect and aggregate updates (until the schedule ends)
+  edge-coordinator status   fleet, round, stage and accuracy of a run, from its state directory
+  edge-coordinator weights  write a run's current global weights to one safetensors file
+  edge-coordinator report   write a run's report: accuracy, memory, bytes and stages as one HTML page
+  edge-coordinator acl      write the Mosquitto ACL of a fleet for a production broker (docs/broker.md)
+
+Without --broker the coordinator starts its own Mosquitto on a free loopback port (it
+writes the address to WORKDIR/broker.url for the devices) and stops it on exit. Every
+piece of state lives in WORKDIR: kill the coordinator at any moment and run the same
+command again to continue the same round.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from coordinator.config import load_config
+from coordinator.service import DEFAULTS
+
+EPILOG = """examples:
+  edge-coordinator run                                   # progressive fmnist_cnn, embedded broker, runs/coordinator
+  edge-coordinator run --broker mqtt://10.0.0.2:1883 --fleet lab --min-devices 6
+  edge-coordinator run --strategy fedavg --rounds 20     # the full-model FedAvg baseline
+  edge-coordinator run --config coordinator.toml         # [service], [train] and each strategy's table; flags win
+  edge-coordinator status runs/coordinator
+  edge-coordinator report runs/coordinator               # runs/coordinator/report/report.html, while it runs too
+  edge-coordinator weights runs/coordinator trained.safetensors   # then: run --strategy selective --init-weights
+  edge-coordinator run --broker mqtts://broker.lan --fleet lab --username coordinator \
+      --password-file /etc/edgeblock/coordinator.password --tls-ca /etc/edgeblock/ca.crt   # TLS on 8883
+  edge-coordinator acl --fleet lab --devices ids.txt --out /etc/mosquitto/edgeblock.acl
+
+devices connect with:  edge-device --broker mqtt://HOST:PORT --fleet FLEET --id pi-01 --tier pi-zero-2w --data DIR
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-coordinator", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the service", epilog=EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--config", type=Path, help="TOML file with [service], [train], [progressive], [fedavg] tables")
+    run.add_argument("--workdir", help="state directory: model export, SQLite state, weight blobs, metrics.jsonl")
+    run.add_argument("--broker", help="mqtt://host:port or mqtts://host:port (TLS, port 8883) of the broker "
+                                      "(default: start an embedded Mosquitto)")
+    run.add_argument("--username", help="broker user name")
+    run.add_argument("--password-file", help="file whose first line is the broker password (never a flag)")
+    run.add_argument("--tls", action="store_true", default=None, help="TLS even without an mqtts:// address")
+    run.add_argument("--tls-ca", help="CA certificate (PEM) the broker's certificate must chain to")
+    run.add_argument("--tls-cert", help="client certificate (PEM), for a broker that asks for one")
+    run.add_argument("--tls-key", help="the client certificate's unencrypted key (PEM)")
+    run.add_argument("--fleet", help="fleet name: the topic namespace devices and coordinator share")
+    run.add_argument("--model", help="zoo model to train (fmnist_cnn, vgg_cifar, resnet_small)")
+    run.add_argument("--strategy", choices=["progressive", "fedavg", "selective", "layerwise"])
+    run.add_argument("--init-weights", help="start from these weights (safetensors, e.g. a finished run's) "
+                                            "instead of the export's initialisation")
+    run.add_argument("--eval-data", help="evaluate each round on this dataset directory (inputs.npy, labels.npy) "
+                                         "instead of the Fashion-MNIST test set")
+    run.add_argument("--profile", help="profile JSON from `edge-profile measure` (default: measure here once)")
+    run.add_argument("--min-devices", type=int, help="online devices needed before a round opens")
+    run.add_argument("--round-deadline-s", type=float, help="seconds a round waits for updates")
+    run.add_argument("--offline-grace-s", type=float,
+                     help="seconds a round keeps waiting for a device that went offline (it may reconnect)")
+    run.add_argument("--min-updates", type=int, help="accepted updates a round needs to change the global model")
+    run.add_argument("--sample-fraction", type=float, help="fraction of each tier's online devices asked per round")
+    run.add_argument("--max-rounds", type=int, help="stop after this many rounds whatever the schedule says")
+    run.add_argument("--rounds", type=int, help="rounds of the fedavg baseline")
+    run.add_argument("--local-epochs", type=float, help="passes over its local data a device makes per round")
+    run.add_argument("--learning-rate", type=float)
+    run.add_argument("--update-fp16", action="store_true", default=None, help="devices send updates as float16")
+    run.add_argument("--fresh", action="store_true", help="discard the state in --workdir and start over")
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    weights = sub.add_parser("weights", help="write a run's current global weights to one safetensors file")
+    weights.add_argument("workdir", type=Path)
+    weights.add_argument("out", type=Path, help="the safetensors file to write (e.g. for --init-weights)")
+    status = sub.add_parser("status", help="print a run's state")
+    status.add_argument("workdir", type=Path)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    report = sub.add_parser("report", help="write a run's report: one self-contained HTML page with its plots")
+    report.add_argument("workdir", type=Path, help="the run's directory (finished or still running)")
+    report.add_argument("--baseline", type=Path, help="a full-model FedAvg run's directory to compare accuracy with "
+                                                      "(default: a comparable one found beside the run, if any)")
+    report.add_argument("--no-baseline", action="store_true", help="compare with no other run")
+    report.add_argument("--out", type=Path, help="directory for report.html and its PNGs (default: WORKDIR/report)")
+    acl = sub.add_parser("acl", help="write the Mosquitto ACL of a fleet: the coordinator reads and writes the "
+                                     "fleet's topics, each device only its own")
+    acl.add_argument("--fleet", required=True, help="fleet name, as in the coordinator's and devices' --fleet")
+    acl.add_argument("--devices", type=Path, required=True,
+                     help="file of device ids, one a line (each device's broker user name is its id)")
+    acl.add_argument("--coordinator-user", default="coordinator", help="the coordinator's broker user name")
+    acl.add_argument("--out", type=Path, help="the ACL file to write (default: print it)")
+    return p
+
+
+def _settings(args) -> dict:
+    overrides = {
+        "service": {"workdir": args.workdir, "broker": args.broker, "fleet": args.fleet, "model": args.model,
+                    "strategy": args.strategy, "profile": args.profile, "min_devices": args.min_devices,
+                    "round_deadline_s": args.round_deadline_s, "offline_grace_s": args.offline_grace_s,
+                    "min_updates": args.min_updates,
+                    "sample_fraction": args.sample_fraction, "max_rounds": args.max_rounds,
+                    "update_fp16": args.update_fp16, "init_weights": args.init_weights,
+                    "eval_data": args.eval_data, "username": args.username,
+                    "password_file": args.password_file, "tls": args.tls, "tls_ca": args.tls_ca,
+                    "tls_cert": args.tls_cert, "tls_key": args.tls_key},
+        "train": {"local_epochs": args.local_epochs, "learning_rate": args.learning_rate},
+        "fedavg": {"rounds": args.rounds},
+    }
+    return load_config(DEFAULTS, args.config, overrides)
+
+
+def run(settings: dict, stop: threading.Event) -> dict:
+    from coordinator.service import Coordinator
+    from edge_runtime.wire.mqtt_link import parse_broker_url
+    work = Path(settings["service"]["workdir"]).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    broker = None
+    if settings["service"]["broker"]:
+        host, port = parse_broker_url(settings["service"]["broker"])
+    else:
+        from coordinator.ops.broker import EmbeddedBroker
+        url_file = work / "broker.url"
+        previous = parse_broker_url(url_file.read_text())[1] if url_file.exists() else None
+        try:
+            broker = EmbeddedBroker(work / "broker", port=previous).start()
+        except Exception:  # the old port is taken: any free one
+            broker = EmbeddedBroker(work / "broker").start()
+        host, port = broker.host, broker.port
+        url_file.write_text(broker.url + "\n")
+        logging.getLogger("edge-coordinator").info("embedded broker at %s (devices: --broker %s)", broker.url,
+                                                   broker.url)
+    try:
+        return Coordinator(settings, host, port).run(stop)
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+def status(workdir: Path, as_json: bool) -> int:
+    """The run at a glance (coordinator/run_status.py); safe beside a running coordinator."""
+    from coordinator.observe.run_status import snapshot, status_lines
+    from coordinator.state_store import StateStore
+    snap = snapshot(workdir)
+    if snap is None:
+        print(f"edge-coordinator: {workdir} holds no coordinator state (no state.db)", file=sys.stderr)
+        return 2
+    state = StateStore(workdir / "state.db", readonly=True)
+    devices = state.devices()
+    state.close()
+    if as_json:
+        print(json.dumps(dict(snap.to_dict(), devices=devices), indent=1))
+        return 0
+    print("\n".join(status_lines(snap, devices)))
+    return 0
+
+
+def export_weights(workdir: Path, out: Path) -> int:
+    """The weights after the last closed round (the initial ones before any), as one file."""
+    from coordinator.global_model import GlobalModel
+    from coordinator.state_store import StateStore
+    from edge_runtime.wire import weights as wcodec
+    from edge_runtime.wire.transfer import BlobStore
+    if not (workdir / "state.db").exists():
+        print(f"edge-coordinator: {workdir} holds no coordinator state (no state.db)", file=sys.stderr)
+        return 2
+    row = StateStore(workdir / "state.db").current_round()
+    if row is None:
+        print(f"edge-coordinator: {workdir} has no round yet", file=sys.stderr)
+        return 2
+    index = row.weights_after if row.state == "closed" else row.weights_before
+    wcodec.save(out, GlobalModel(workdir / "model", BlobStore(workdir / "blobs")).load(index))
+    print(f"wrote the weights after round {row.round if row.state == 'closed' else row.round - 1} to {out}")
+    return 0
+
+
+def write_report(workdir: Path, baseline: Path | None, no_baseline: bool, out: Path | None) -> int:
+    """The run's HTML report; its path on stdout, so a script can open or mail it."""
+    from coordinator.observe.run_report import write_report as write
+    try:
+        page = write(workdir, out, False if no_baseline else baseline)
+    except FileNotFoundError as exc:
+        print(f"edge-coordinator: {exc}", file=sys.stderr)
+        return 2
+    print(page)
+    return 0
+
+
+def write_acl(fleet: str, devices: Path, coordinator_user: str, out: Path | None) -> int:
+    from coordinator.ops.broker_acl import AclError, fleet_acl, read_device_ids, write_fleet_acl
+    try:
+        ids = read_device_ids(devices)
+        if out is None:
+            print(fleet_acl(fleet, ids, coordinator_user), end="")
+        else:
+            write_fleet_acl(out, fleet, ids, coordinator_user)
+            print(f"wrote the ACL of fleet {fleet} ({len(ids)} devices) to {out}; reload Mosquitto to apply it")
+    except (AclError, OSError) as exc:
+        print(f"edge-coordinator: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "status":
+        return status(args.workdir, args.json)
+    if args.command == "weights":
+        return export_weights(args.workdir, args.out)
+    if args.command == "acl":
+        return write_acl(args.fleet, args.devices, args.coordinator_user, args.out)
+    if args.command == "report":
+        return write_report(args.workdir, args.baseline, args.no_baseline, args.out)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    settings = _settings(args)
+    if args.fresh:
+        import shutil
+        shutil.rmtree(settings["service"]["workdir"], ignore_errors=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    from edge_runtime.errors import EdgeRuntimeError
+    try:
+        summary = run(settings, stop)
+    except (EdgeRuntimeError, ValueError, ConnectionError) as exc:
+        print(f"edge-coordinator: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary))
+    return 0 if summary["finished"] or not stop.is_set() else 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

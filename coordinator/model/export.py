@@ -1,0 +1,179 @@
+"""Export a BlockModel once: one ONNX graph per layer and per head, the block manifest, initial weights.
+
+The recipe is the one that trains correctly with onnxruntime-training 1.19.2: the legacy
+exporter (dynamo=False), opset 17, TrainingMode.TRAINING, no constant folding (folding
+silently turns weights into constants), a dynamic batch axis, on a deep copy of each
+module (the export runs a forward pass). After export every parameter must be a graph
+initializer, or the export is refused.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import shape_inference
+from torch import nn
+
+from coordinator.model.block_model import BlockModel, Residual
+from edge_runtime.errors import ManifestError
+from edge_runtime.store import atomic_write_bytes, sha256_bytes
+from edge_runtime.train import ort_backend
+from edge_runtime.train.graphs import LOGITS, GraphLibrary, act_name, compose, strip_param_values
+from edge_runtime.wire import weights as wcodec
+from edge_runtime.wire.manifest import BlockSpec, GraphRef, HeadSpec, LayerSpec, Manifest, ParamSpec
+
+OPSET = 17
+
+
+class ExportError(ManifestError):
+    """The model cannot be exported in a form the device can train."""
+
+
+def _export_module(module: nn.Module, in_shape, in_name: str, out_name: str, prefix: str,
+                   scope: str) -> tuple[onnx.ModelProto, list[ParamSpec], tuple[int, ...]]:
+    module = copy.deepcopy(module).train()
+    dummy = torch.zeros(2, *in_shape)
+    with torch.no_grad():
+        out_shape = tuple(module(dummy).shape[1:])
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (dummy,), buf, dynamo=False, opset_version=OPSET,
+                          training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False,
+                          input_names=[in_name], output_names=[out_name], export_params=True,
+                          keep_initializers_as_inputs=False,
+                          dynamic_axes={in_name: {0: "N"}, out_name: {0: "N"}})
+    model = onnx.load_from_string(buf.getvalue())
+    local_params = dict(module.named_parameters())
+    init_names = {t.name for t in model.graph.initializer}
+    missing = [n for n in local_params if n not in init_names]
+    if missing:
+        raise ExportError(f"{scope}: parameter(s) {[prefix + '.' + n for n in missing]} did not survive export "
+                          f"as graph initializers (folded or renamed); they would never train")
+    _rename(model, {n: f"{prefix}.{n}" for n in local_params}, keep={in_name, out_name}, scope=scope)
+    params = [ParamSpec(f"{prefix}.{n}", tuple(p.shape)) for n, p in local_params.items()]
+    return model, params, out_shape
+
+
+def _rename(model: onnx.ModelProto, param_map: dict[str, str], keep: set[str], scope: str) -> None:
+    """Give parameters their global names and every other value a scope prefix, so graphs compose."""
+    def new(name: str) -> str:
+        if not name or name in keep:
+            return name
+        return param_map.get(name, f"{scope}/{name}")
+    g = model.graph
+    for t in g.initializer:
+        t.name = new(t.name)
+    for node in g.node:
+        node.name = f"{scope}/{node.name}"
+        node.input[:] = [new(n) for n in node.input]
+        node.output[:] = [new(n) for n in node.output]
+    for vi in g.value_info:
+        vi.name = new(vi.name)
+
+
+def _activation_bytes_per_sample(model: onnx.ModelProto) -> int:
+    """Bytes of every tensor one forward pass produces for one sample (shape inference at batch 1)."""
+    m = copy.deepcopy(model)
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    inferred = shape_inference.infer_shapes(m)
+    total = 0
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if not dims or any(not d.HasField("dim_value") for d in dims):
+            continue
+        elem = 8 if vi.type.tensor_type.elem_type == onnx.TensorProto.INT64 else 4
+        total += int(np.prod([d.dim_value for d in dims])) * elem
+    return total
+
+
+def _write_graph(model: onnx.ModelProto, param_names, graphs_dir: Path) -> GraphRef:
+    data = strip_param_values(model, param_names).SerializeToString()
+    sha = sha256_bytes(data)
+    path = graphs_dir / f"{sha}.onnx"
+    if not path.exists():
+        atomic_write_bytes(path, data)
+    return GraphRef(f"graphs/{sha}.onnx", sha)
+
+
+def export(model: BlockModel, out_dir: Path, check_trainable: bool = True) -> Manifest:
+    """Write `out_dir/manifest.json`, `out_dir/graphs/*.onnx`, `out_dir/weights/*.safetensors`.
+
+    With check_trainable, builds a gradient graph of the whole model and of every head so
+    that an op onnxruntime-training cannot differentiate is reported by name now, not on a board.
+    """
+    out_dir = Path(out_dir)
+    graphs_dir = out_dir / "graphs"
+    graphs_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in model.named_parameters()}
+
+    layers, shape = [], model.input_shape
+    for i, (prefix, module, block) in enumerate(model.layers()):
+        proto, params, out_shape = _export_module(module, shape, act_name(i), act_name(i + 1), prefix, f"L{i}")
+        act_bytes = _activation_bytes_per_sample(proto)
+        ops = tuple(sorted({n.op_type for n in proto.graph.node}))
+        ref = _write_graph(proto, [p.name for p in params], graphs_dir)
+        layers.append(LayerSpec(index=i, name=prefix, block=block, graph=ref, input_shape=tuple(shape),
+                                output_shape=out_shape, params=tuple(params), activation_bytes_per_sample=act_bytes,
+                                ops=ops, skippable=isinstance(module, Residual) and tuple(out_shape) == tuple(shape)))
+        shape = out_shape
+
+    def export_head(module: nn.Module, index: int, name: str, after_layer: int) -> HeadSpec:
+        proto, params, out_shape = _export_module(module, layers[after_layer].output_shape,
+                                                  act_name(after_layer + 1), LOGITS, name, f"H{index}")
+        if out_shape != (model.num_classes,):
+            raise ExportError(f"head {name} outputs {out_shape}, expected ({model.num_classes},)")
+        return HeadSpec(index=index, name=name, attach_after_layer=after_layer,
+                        graph=_write_graph(proto, [p.name for p in params], graphs_dir), params=tuple(params),
+                        activation_bytes_per_sample=_activation_bytes_per_sample(proto),
+                        ops=tuple(sorted({n.op_type for n in proto.graph.node})))
+
+    heads, blocks, first = [], [], 0
+    for b, block in enumerate(model.blocks):
+        last = first + len(block) - 1
+        heads.append(export_head(model.heads[b], b, f"heads.{b}", last))
+        blocks.append(BlockSpec(index=b, layers=tuple(range(first, last + 1)), head=b))
+        first = last + 1
+    for key, module in model.boundary_heads.items():
+        heads.append(export_head(module, len(heads), f"boundary_heads.{key}", int(key)))
+
+    weights_data = wcodec.encode(state)
+    wsha = sha256_bytes(weights_data)
+    atomic_write_bytes(out_dir / "weights" / f"{wsha}.safetensors", weights_data)
+    manifest = Manifest(model=model.name, input_shape=model.input_shape, num_classes=model.num_classes,
+                        opset=OPSET, layers=tuple(layers), heads=tuple(heads), blocks=tuple(blocks),
+                        weights=GraphRef(f"weights/{wsha}.safetensors", wsha), root=out_dir)
+    if check_trainable:
+        check_differentiable(manifest, state)
+    manifest.save(out_dir / "manifest.json")
+    return Manifest.load(out_dir / "manifest.json")
+
+
+def check_differentiable(manifest: Manifest, state: dict[str, np.ndarray]) -> None:
+    """Build gradient graphs for the whole model and for every head; raise UnsupportedOpError by op name."""
+    lib = GraphLibrary(manifest)
+    all_layers = range(len(manifest.layers))
+    spans = [(list(all_layers), manifest.final_head.index)]
+    spans += [([h.attach_after_layer], h.index) for h in manifest.heads if h.index != manifest.final_head.index]
+    tmp = Path(tempfile.mkdtemp(prefix="edgeblock-check-"))
+    try:
+        for k, (span, head) in enumerate(spans):
+            names = manifest.param_names(span, [head])
+            ort_backend.generate_training_artifacts(compose(lib, span, head, state), requires_grad=names,
+                                                    frozen_params=[], optimizer="sgd", out_dir=tmp / str(k))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_weights(manifest: Manifest) -> dict[str, np.ndarray]:
+    """The manifest's initial weights, hash-checked."""
+    from edge_runtime.store import read_verified
+    ref = manifest.weights
+    return wcodec.decode(read_verified(manifest.graph_path(ref), ref.sha256, "initial weights"))

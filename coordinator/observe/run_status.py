@@ -1,0 +1,166 @@
+"""A run at a glance, read from its workdir while the coordinator runs (or after it stopped).
+
+One snapshot serves `edge-coordinator status` and the demo's live progress line: the
+round and what it trains, devices online per tier, this round's updates accepted,
+rejected and failed, the last test accuracy, and the time left estimated from the
+schedule's own bracket of rounds still to come (`Strategy.rounds_left`) times the mean
+round so far. It only reads: the state store is opened read-only, so watching a run can
+never change it.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coordinator.state_store import StateStore
+
+
+@dataclass
+class Snapshot:
+    strategy: str = "?"
+    coordinator_running: bool | None = None   # None: a run from before coordinators said so
+    round: int | None = None          # the open round, or the last closed one
+    round_open: bool = False
+    stage: dict = field(default_factory=dict)
+    tiers: dict = field(default_factory=dict)   # tier -> [online, known]
+    accepted: int = 0                 # in the current round
+    rejected: int = 0
+    failed: int = 0
+    tasks: int = 0
+    accuracy: float | None = None     # after the last closed round
+    rounds_closed: int = 0
+    finished: bool = False
+    rounds_left: tuple[int, int] | None = None
+    eta_s: tuple[float, float] | None = None   # fewest and most seconds left, from the mean round time
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def snapshot(workdir: Path) -> Snapshot | None:
+    """None while the coordinator has not created its state yet."""
+    path = Path(workdir) / "state.db"
+    if not path.exists():
+        return None
+    state = StateStore(path, readonly=True)
+    try:
+        return _read(state)
+    finally:
+        state.close()
+
+
+def _read(state: StateStore) -> Snapshot:
+    snap = Snapshot(strategy=(state.meta("run") or {}).get("strategy", "?"))
+    snap.coordinator_running = _running(state.meta("coordinator"))
+    known, online = Counter(), Counter()
+    for d in state.devices():
+        known[d["tier"]] += 1
+        online[d["tier"]] += bool(d["online"])
+    snap.tiers = {t: [online[t], known[t]] for t in sorted(known)}
+    closed = state.closed_rounds()
+    snap.rounds_closed = len(closed)
+    if closed:
+        last = closed[-1]
+        snap.accuracy, snap.finished = last.get("accuracy"), bool(last.get("finished"))
+        if "rounds_left" in last:
+            snap.rounds_left = tuple(last["rounds_left"])
+    row = state.current_round()
+    if row is not None:
+        snap.round, snap.round_open, snap.stage = row.round, row.state == "open", row.plan.get("stage", {})
+        if snap.round_open:
+            status = Counter(t["status"] for t in state.tasks(row.round))
+            snap.tasks, snap.accepted, snap.failed = sum(status.values()), status["accepted"], status["failed"]
+            snap.rejected = len(state.rejections(since=row.opened_at))
+        else:
+            snap.tasks = len(closed[-1].get("devices", {})) if closed else 0
+    durations = [m["closed_at"] - m["opened_at"] for m in closed if "closed_at" in m and "opened_at" in m]
+    if snap.rounds_left is not None and durations:
+        mean = sum(durations) / len(durations)
+        snap.eta_s = (snap.rounds_left[0] * mean, snap.rounds_left[1] * mean)
+    return snap
+
+
+def _running(who: dict | None) -> bool | None:
+    """Whether the run's coordinator is alive: it says so while it runs; a killed one is told by its pid."""
+    if who is None:
+        return None
+    if not who.get("running"):
+        return False
+    if who.get("host") != socket.gethostname():
+        return True                     # another machine's: take its word
+    try:
+        os.kill(int(who["pid"]), 0)
+    except ProcessLookupError:
+        return False                    # killed without a word
+    except PermissionError:
+        pass                            # alive, another user's
+    return True
+
+
+def stage_text(stage: dict) -> str:
+    """'growing block 2', 'layerwise layer 3', 'score', ... from a round plan's stage."""
+    for key in ("block", "layer"):
+        if key in stage:
+            return f"{stage.get('phase', '')} {key} {stage[key]}".strip()
+    return str(stage.get("phase", "-"))
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def eta_text(snap: Snapshot) -> str:
+    if snap.finished:
+        return "done"
+    if snap.eta_s is None:
+        return "left: after the first round"
+    lo, hi = snap.eta_s
+    return f"left ~{_clock(hi)}" if hi - lo < 30 else f"left {_clock(lo)}-{_clock(hi)}"
+
+
+def progress_line(snap: Snapshot, elapsed_s: float) -> str:
+    """One line: round, stage, devices online per tier, updates, accuracy, elapsed and left."""
+    tiers = " ".join(f"{t} {on}/{n}" for t, (on, n) in snap.tiers.items()) or "none yet"
+    acc = "-" if snap.accuracy is None else f"{snap.accuracy:.2%}"
+    if snap.round is None:
+        where = "waiting for devices"
+    else:
+        where = f"round {snap.round} {stage_text(snap.stage)}"
+        if snap.round_open:
+            where += f": {snap.accepted}/{snap.tasks} updates accepted, {snap.rejected} rejected"
+            if snap.failed:
+                where += f", {snap.failed} failed"
+    return f"[{_clock(elapsed_s)} {eta_text(snap)}] {where} | online {tiers} | accuracy {acc}"
+
+
+def status_lines(snap: Snapshot, devices: list[dict], now: float | None = None) -> list[str]:
+    """What `edge-coordinator status` prints: the run, the round, the fleet per tier and each device."""
+    now = time.time() if now is None else now
+    state = "finished" if snap.finished else ("round open" if snap.round_open else "between rounds")
+    out = [f"run: {snap.strategy}, {snap.rounds_closed} round(s) closed, {state}"]
+    if snap.coordinator_running is False:
+        out.append("coordinator: not running; devices are shown as it last saw them")
+    elif snap.coordinator_running:
+        out.append("coordinator: running")
+    if snap.round is not None:
+        line = f"round {snap.round}: {stage_text(snap.stage)}"
+        if snap.round_open:
+            line += f"; {snap.accepted} of {snap.tasks} updates accepted, {snap.rejected} rejected, {snap.failed} failed"
+        out.append(line)
+    if snap.accuracy is not None:
+        out.append(f"test accuracy: {snap.accuracy:.2%}")
+    if snap.rounds_left is not None and not snap.finished:
+        lo, hi = snap.rounds_left
+        out.append(f"rounds left: {lo}" + (f" to {hi}" if hi != lo else "") + f" ({eta_text(snap)})")
+    out.append("fleet: " + (", ".join(f"{t} {on}/{n} online" for t, (on, n) in snap.tiers.items()) or "no devices yet"))
+    for d in devices:
+        seen = now - d["last_seen"]
+        out.append(f"  {d['device_id']:<20} {d['tier']:<16} jobs budget {d['budget_bytes'] / 2**20:6.0f} MB  "
+                   f"{'online' if d['online'] else 'offline'}  (last heard from {_clock(seen)} ago)")
+    return out

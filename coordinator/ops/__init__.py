@@ -1,0 +1,2 @@
+"""Operator tools: device bundles, the embedded and production Mosquitto, the fleet's ACL.
+"""

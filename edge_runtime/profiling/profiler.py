@@ -1,0 +1,276 @@
+"""edge-profile: measure what this device can train, fit the memory model, cut the model per tier.
+
+Each measurement trains a candidate span of layers (each block, and each pair of
+neighbouring blocks, by default) for a few real steps at one batch size, in a fresh child
+process whose own peak RSS is the number recorded; a preparatory job first builds the
+span's artifact and prefix cache so that the measured process only trains. The runtime's
+baseline (a process that only imports it) is measured apart. From these, a memory model
+predicts every span at every batch (edge_runtime/memory_model.py), and a dynamic program
+over the layer boundaries chooses each tier's stages (edge_runtime/partition.py). With
+verification on (the default), every chosen stage is then measured at its chosen batch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edge_runtime.device.probe import probe
+from edge_runtime.device.tiers import DEFAULT_PROFILES_DIR, find_tier, load_tiers
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.jobs.child import device_child_env, run_child
+from edge_runtime.jobs.worker import JobSpec, run_worker
+from edge_runtime.memory import MIB
+from edge_runtime.profiling.memory_model import Measurement, Predictor, fit_candidate, fit_span_model, span_features
+from edge_runtime.profiling.partition import NoPartition, choose_partition
+from edge_runtime.profiling.profile_file import Profile, StagePlan, TierPlan
+from edge_runtime.store import sha256_file
+from edge_runtime.train.artifacts import TrainablePart
+from edge_runtime.train.datasets import LocalDataset
+from edge_runtime.wire.manifest import Manifest
+
+DEFAULT_BATCHES = (16, 32, 64)
+BASELINE_SCRIPT = ("from edge_runtime.train import ort_backend, trainer; ort_backend._import_onnxruntime(); "
+                   "from edge_runtime.jobs.child import report_own_peak; report_own_peak()")
+
+
+def measure_baseline() -> int:
+    """Peak RSS of a process that only imports the device runtime (its fixed cost)."""
+    child = run_child([sys.executable, "-c", BASELINE_SCRIPT], env=device_child_env())
+    if child.returncode != 0:
+        raise EdgeRuntimeError(f"the runtime does not import: {child.stderr[-500:]}")
+    return child.peak_rss_bytes
+
+
+def default_candidates(manifest: Manifest) -> list[tuple[int, int]]:
+    """Each block and each pair of neighbouring blocks, as (first layer, last layer)."""
+    spans = [(b.layers[0], b.layers[-1]) for b in manifest.blocks]
+    return spans + [(a[0], b[1]) for a, b in zip(spans, spans[1:])]
+
+
+class Profiler:
+    """Measures spans of one manifest on this device, each in a fresh child process."""
+
+    def __init__(self, manifest_path: Path, workdir: Path, max_batch: int, steps: int = 6,
+                 log: Callable[[str], None] = print):
+        self.manifest_path = Path(manifest_path).resolve()
+        self.manifest = Manifest.load(self.manifest_path)
+        if self.manifest.weights is None:
+            raise EdgeRuntimeError("the manifest names no weights file to train from")
+        self.workdir = Path(workdir).resolve()
+        self.steps = max(steps, 4)
+        self.log = log
+        self._cache: dict[tuple[int, int, int], Measurement] = {}
+        # Synthetic local data: memory depends on shapes, not values.
+        rng = np.random.default_rng(0)
+        n = max_batch * 2
+        self.dataset = LocalDataset.write(
+            self.workdir / "data", rng.standard_normal((n,) + tuple(self.manifest.input_shape)).astype(np.float32),
+            rng.integers(0, self.manifest.num_classes, n))
+
+    def _spec(self, task: str, first: int, last: int, batch: int, steps: int) -> JobSpec:
+        part = TrainablePart(span=tuple(range(first, last + 1)), trainable_layers=tuple(range(first, last + 1)),
+                             head=self.manifest.head_for_boundary(last))
+        return JobSpec(manifest=str(self.manifest_path), weights=str(self.manifest.graph_path(self.manifest.weights)),
+                       dataset=str(self.dataset.root), state_dir=str(self.workdir / "state"), task_id=task,
+                       part=part.to_dict(),
+                       config={"batch_size": batch, "max_steps": steps, "epochs": 1000.0,
+                               "checkpoint_every_steps": max(2, steps // 2)})
+
+    def measure(self, first: int, last: int, batch: int) -> Measurement:
+        key = (first, last, batch)
+        if key in self._cache:
+            return self._cache[key]
+        jobs = self.workdir / "jobs"
+        stamp = f"{first}-{last}-b{batch}-{time.monotonic_ns()}"
+        report, child = run_worker(self._spec(f"prep-{stamp}", first, last, batch, 1), jobs)
+        if not report or not report["ok"]:
+            raise EdgeRuntimeError(f"preparing layers {first}-{last} failed: "
+                                   f"{report['error'] if report else child.stderr[-500:]}")
+        report, child = run_worker(self._spec(f"measure-{stamp}", first, last, batch, self.steps), jobs)
+        if not report or not report["ok"]:
+            raise EdgeRuntimeError(f"measuring layers {first}-{last} at batch {batch} failed: "
+                                   f"{report['error'] if report else child.stderr[-500:]}")
+        result = report["result"]
+        if result["prefix_computed"] or result["artifact_built"]:
+            raise EdgeRuntimeError("the measured run had to prepare its artifact or cache; its peak would not be "
+                                   "training alone")
+        params, acts = span_features(self.manifest, first, last)
+        m = Measurement(first, last, self.manifest.head_for_boundary(last), batch, child.peak_rss_bytes,
+                        result["step_seconds"], params, acts)
+        self._cache[key] = m
+        return m
+
+
+def run_profile(manifest_path: Path, tiers: list, batches: list[int], workdir: Path, margin: float = 0.10,
+                candidates: list[tuple[int, int]] | None = None, verify: bool = True, steps: int = 6,
+                log: Callable[[str], None] = print) -> Profile:
+    """Measure, fit, choose a partition per tier, and (with verify) measure the chosen stages."""
+    prof = Profiler(manifest_path, workdir, max(batches), steps, log)
+    m = prof.manifest
+    candidates = candidates or default_candidates(m)
+    log(f"runtime baseline: measuring a process that only imports the runtime")
+    baseline = measure_baseline()
+    log(f"runtime baseline: {baseline / MIB:.0f} MB")
+    points, total, k = [], len(candidates) * len(batches), 0
+    t0 = time.monotonic()
+    for first, last in candidates:
+        for b in batches:
+            k += 1
+            point = prof.measure(first, last, b)
+            points.append(point)
+            eta = (time.monotonic() - t0) / k * (total - k)
+            log(f"[{k}/{total}] layers {first}-{last} batch {b}: peak {point.peak_bytes / MIB:.0f} MB, "
+                f"step {point.step_seconds * 1000:.0f} ms  (about {eta:.0f} s left)")
+    fits = [fit_candidate([p for p in points if (p.first, p.last) == c], baseline) for c in candidates]
+    span_model = fit_span_model(points, baseline)
+    predictor = Predictor(m, baseline, fits, span_model)
+    log(f"memory model: worst fit error {predictor.max_rel_error():.1%} (per-candidate and span model)")
+
+    plans = []
+    for tier in tiers:
+        usable = int(tier.budget_bytes / (1 + margin))
+        if tier.budget_bytes <= baseline:
+            plans.append(TierPlan(tier.name, tier.budget_bytes, usable, False,
+                                  f"budget {tier.budget_bytes / MIB:.0f} MB is below the runtime's own baseline "
+                                  f"of {baseline / MIB:.0f} MB: nothing can train"))
+            continue
+        try:
+            part = choose_partition(len(m.layers), m.cut_points(), batches, predictor.predict, usable)
+        except NoPartition as exc:
+            plans.append(TierPlan(tier.name, tier.budget_bytes, usable, False, str(exc)))
+            continue
+        stages = []
+        for s in part.stages:
+            measured = step = None
+            if verify:
+                point = prof.measure(s.first, s.last, part.batch_size)
+                measured, step = point.peak_bytes, point.step_seconds
+                log(f"{tier.name}: verified layers {s.first}-{s.last} at batch {part.batch_size}: "
+                    f"{measured / MIB:.0f} MB (predicted {s.predicted_peak_bytes / MIB:.0f} MB)")
+            stages.append(StagePlan(s.first, s.last, m.head_for_boundary(s.last), s.predicted_peak_bytes,
+                                    measured, step))
+        plans.append(TierPlan(tier.name, tier.budget_bytes, usable, True, None, part.batch_size, tuple(stages)))
+    return Profile(model=m.model, manifest_sha256=sha256_file(prof.manifest_path),
+                   created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   device=probe(prof.workdir, margin).to_dict(), baseline_bytes=baseline, margin=margin,
+                   measurements=[asdict(p) for p in points], fits=[asdict(f) for f in fits],
+                   span_model=asdict(span_model), tiers=plans)
+
+
+def format_profile(profile: Profile) -> str:
+    """One table per tier: stages, batch, predicted and measured peaks, headroom, step time."""
+    out = [f"model {profile.model}; runtime baseline {profile.baseline_bytes / MIB:.0f} MB; margin {profile.margin:.0%}"]
+    for t in profile.tiers:
+        out.append(f"\n{t.tier}: budget {t.budget_bytes / MIB:.0f} MB")
+        if not t.feasible:
+            out.append(f"  cannot train: {t.reason}")
+            continue
+        out.append(f"  {len(t.stages)} stage(s) at batch {t.batch_size}")
+        out.append(f"  {'stage':>5} {'layers':>7} {'predicted MB':>12} {'measured MB':>11} {'headroom MB':>11} "
+                   f"{'step ms':>7}")
+        for i, s in enumerate(t.stages):
+            measured = s.measured_peak_bytes
+            head = (t.budget_bytes - (measured or s.predicted_peak_bytes)) / MIB
+            out.append(f"  {i:>5} {f'{s.first}-{s.last}':>7} {s.predicted_peak_bytes / MIB:>12.0f} "
+                       f"{(f'{measured / MIB:.0f}' if measured else '-'):>11} {head:>11.0f} "
+                       f"{(f'{s.step_seconds * 1000:.0f}' if s.step_seconds else '-'):>7}")
+    return "\n".join(out)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edge-profile", formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__,
+        epilog="""examples:
+  edge-profile probe                                  # this device's RAM, cgroup limit, swap, disk, usable budget
+  edge-profile measure --model fmnist_cnn             # every tier in profiles/, batches 16,32,64 -> profile.json
+  edge-profile measure --manifest model/manifest.json --tier pi-zero-2w --batches 8,16,32
+  edge-profile show profile.json                      # the tables again
+  edge-profile plot profile.json -o profile.png       # peak vs batch per candidate, tier budgets as lines""")
+    sub = p.add_subparsers(dest="command", required=True)
+    pr = sub.add_parser("probe", help="print this device's memory, storage and usable training budget")
+    pr.add_argument("--cache-dir", type=Path, default=Path("."), help="where the activation cache would live")
+    pr.add_argument("--margin", type=float, default=0.10, help="share of memory kept free (default 0.10)")
+    me = sub.add_parser("measure", help="measure candidate spans, fit the memory model, choose partitions per tier")
+    src = me.add_mutually_exclusive_group(required=True)
+    src.add_argument("--manifest", type=Path, help="an exported model's manifest.json (what a board has)")
+    src.add_argument("--model", help="export this zoo model first (needs the server install: torch)")
+    me.add_argument("--tiers", type=Path, default=DEFAULT_PROFILES_DIR,
+                    help="directory of tier TOML files (default: the repo's profiles/)")
+    me.add_argument("--tier", action="append", help="only this tier (repeatable); default: every tier")
+    me.add_argument("--batches", default=",".join(map(str, DEFAULT_BATCHES)),
+                    help="batch sizes to measure and choose from (default 16,32,64)")
+    me.add_argument("--margin", type=float, default=0.10, help="safety margin over predicted peaks (default 0.10)")
+    me.add_argument("--steps", type=int, default=6, help="training steps per measurement (default 6)")
+    me.add_argument("--no-verify", action="store_true", help="do not measure the chosen stages")
+    me.add_argument("--workdir", type=Path, default=Path("runs/profile"), help="scratch space (default runs/profile)")
+    me.add_argument("--out", type=Path, default=Path("profile.json"), help="the profile the coordinator reads")
+    me.add_argument("--plot", type=Path, help="also save the plot here (needs matplotlib)")
+    sh = sub.add_parser("show", help="print the tables of a profile file")
+    sh.add_argument("profile", type=Path)
+    pl = sub.add_parser("plot", help="plot a profile file to PNG (needs matplotlib)")
+    pl.add_argument("profile", type=Path)
+    pl.add_argument("-o", "--out", type=Path, default=Path("profile.png"))
+    return p
+
+
+def _tiers(args) -> list:
+    if args.tier:
+        return sorted((find_tier(name, args.tiers) for name in args.tier), key=lambda t: t.budget_bytes)
+    return load_tiers(args.tiers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "probe":
+            d = probe(args.cache_dir, args.margin)
+            for key, value in d.to_dict().items():
+                shown = f"{value / MIB:.0f} MB" if key.endswith("_bytes") and value is not None else value
+                print(f"{key:22s} {shown}")
+            return 0
+        if args.command in ("show", "plot"):
+            profile = Profile.load(args.profile)
+            if args.command == "show":
+                print(format_profile(profile))
+            else:
+                from edge_runtime.profiling.profile_plot import plot
+                plot(profile, args.out)
+                print(f"wrote {args.out}")
+            return 0
+        batches = sorted({int(b) for b in args.batches.split(",") if b.strip()})
+        if not batches or batches[0] < 1:
+            raise EdgeRuntimeError(f"--batches needs positive integers, not {args.batches!r}")
+        tiers = _tiers(args)
+        manifest = args.manifest
+        if args.model:
+            from coordinator.model import export, zoo
+            manifest = args.workdir / "model" / "manifest.json"
+            print(f"exporting {args.model} to {manifest.parent}")
+            export.export(zoo.build(args.model), manifest.parent)
+        profile = run_profile(manifest, tiers, batches, args.workdir, args.margin, verify=not args.no_verify,
+                              steps=args.steps, log=lambda s: print(s, file=sys.stderr, flush=True))
+        profile.save(args.out)
+        print(format_profile(profile))
+        print(f"\nwrote {args.out}")
+        if args.plot:
+            from edge_runtime.profiling.profile_plot import plot
+            plot(profile, args.plot)
+            print(f"wrote {args.plot}")
+        return 0
+    except EdgeRuntimeError as exc:
+        print(f"edge-profile: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the reader (head, less) went away: not an error
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

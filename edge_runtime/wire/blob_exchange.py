@@ -1,0 +1,99 @@
+"""Moving blobs over MQTT: the coordinator serves chunks on request, a device fetches what it lacks.
+
+The device asks (Fetch) for a blob, or for only the chunks its partial copy still misses
+after a disconnect or a restart; the server publishes those chunks at QoS 1 in windows,
+so its memory stays at one window whatever the blob's size; the device feeds them into
+its BlobStore and asks again for whatever is still missing when progress stalls.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from edge_runtime.errors import EdgeRuntimeError, IntegrityError
+from edge_runtime.wire.mqtt_link import MqttLink, Received
+from edge_runtime.wire.protocol import Fetch, ProtocolError, Topics
+from edge_runtime.wire.transfer import BlobStore, ChunkHeader, chunk_bytes_for, chunks_of
+
+log = logging.getLogger(__name__)
+WINDOW_CHUNKS = 32
+
+
+def send_blob(link: MqttLink, topic: str, store: BlobStore, sha: str, chunk_bytes: int | None = None,
+              indices=None, ack_timeout_s: float = 60.0) -> int:
+    """Publish a stored blob's chunks (all, or `indices`) to `topic`; return how many were sent."""
+    if not store.has(sha):
+        raise EdgeRuntimeError(f"blob {sha[:12]}… is not in the store")
+    chunk_bytes = chunk_bytes or chunk_bytes_for(link.max_packet_bytes)
+    pending, sent = [], 0
+    for header, data in chunks_of(store.path(sha), chunk_bytes, indices):
+        pending.append(link.publish(topic, data, qos=1, user_properties=header.to_properties()))
+        sent += 1
+        if len(pending) >= WINDOW_CHUNKS:  # bound what paho holds in memory
+            for info in pending:
+                info.wait_for_publish(ack_timeout_s)
+            pending.clear()
+    for info in pending:
+        info.wait_for_publish(ack_timeout_s)
+    return sent
+
+
+def serve_fetch(link: MqttLink, topics: Topics, store: BlobStore, msg: Received) -> int:
+    """Answer one Fetch message from a device; unknown blobs and bad requests are logged and refused."""
+    device_id, kind = topics.parse_device_topic(msg.topic)
+    if kind != "fetch":
+        raise ProtocolError(f"serve_fetch got a {kind} message")
+    fetch = Fetch.decode(msg.payload)
+    if not store.has(fetch.sha256):
+        log.warning("device %s asked for unknown blob %s…", device_id, fetch.sha256[:12])
+        return 0
+    return send_blob(link, topics.device(device_id, "blob"), store, fetch.sha256, indices=fetch.chunks)
+
+
+def receive_chunk(store: BlobStore, msg: Received) -> str | None:
+    """Store one chunk message; the blob's hash once it is complete, else None."""
+    header = ChunkHeader.from_properties(msg.user_properties)
+    return header.blob if store.receive(header, msg.payload) else None
+
+
+def fetch_blob(link: MqttLink, topics: Topics, device_id: str, store: BlobStore, sha: str,
+               timeout_s: float = 300.0, stall_s: float = 5.0, deferred: list | None = None) -> Path:
+    """Device side: get a blob into the store, asking only for the chunks it still lacks.
+
+    Messages on other topics that arrive meanwhile are appended to `deferred` for the
+    caller. A corrupted chunk is dropped and asked for again.
+    """
+    if store.has(sha):
+        return store.path(sha)
+    blob_topic = topics.device(device_id, "blob")
+    deadline = time.monotonic() + timeout_s
+
+    def ask():
+        missing = store.missing_chunks(sha)
+        link.publish(topics.device(device_id, "fetch"), Fetch(sha, missing).encode(), qos=1)
+
+    ask()
+    last_progress = time.monotonic()
+    while time.monotonic() < deadline:
+        msg = link.get(timeout_s=min(stall_s, max(0.05, deadline - time.monotonic())))
+        if msg is None:
+            if time.monotonic() - last_progress >= stall_s:
+                ask()
+                last_progress = time.monotonic()
+            continue
+        if msg.topic != blob_topic:
+            if deferred is not None:
+                deferred.append(msg)
+            continue
+        try:
+            done = receive_chunk(store, msg)
+        except (ProtocolError, IntegrityError) as exc:
+            log.warning("dropped a chunk: %s", exc)
+            continue
+        last_progress = time.monotonic()
+        if done == sha:
+            return store.path(sha)
+    missing = store.missing_chunks(sha)
+    raise EdgeRuntimeError(f"blob {sha[:12]}… not complete after {timeout_s:.0f} s "
+                           f"({len(missing) if missing is not None else 'all'} chunks missing)")

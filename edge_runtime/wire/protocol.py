@@ -1,0 +1,367 @@
+"""The wire protocol: MQTT 5 topics and messages between devices and the coordinator.
+
+One home for the topic layout and every message's fields; both sides import it. Control
+messages are UTF-8 JSON objects, decoded strictly: a missing field, a wrong type, an
+unknown field, a value out of range or an oversize payload is a ProtocolError that says
+which. Large objects (graphs, weights, updates) never travel in a control message; they
+are content-addressed blobs sent in chunks (edge_runtime/transfer.py). Nothing received
+is ever unpickled.
+
+Topics, under `edgeblock/v1/<fleet>/`:
+
+    device/<id>/hello     device -> coordinator   Hello (QoS 1)
+    device/<id>/status    device -> all           Status, retained; the last will says offline
+    device/<id>/task      coordinator -> device   Task (QoS 1), or Idle: nothing this round, and why
+    device/<id>/fetch     device -> coordinator   Fetch: which chunks of which blob it lacks
+    device/<id>/blob      coordinator -> device   blob chunks (binary; metadata in user properties)
+    device/<id>/upload    device -> coordinator   chunks of an update blob
+    device/<id>/update    device -> coordinator   Update: the finished task, naming its blob; Scores for a
+                                                  score task; or Failed: why not
+    device/<id>/ack       coordinator -> device   Ack: the update was stored (or rejected, and why)
+    coordinator/status    coordinator -> all      Status, retained
+    coordinator/metrics   coordinator -> all      the last closed round's metrics (JSON), retained
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+
+from edge_runtime.errors import EdgeRuntimeError
+
+PROTOCOL = "edgeblock/v1"
+MAX_CONTROL_BYTES = 64 * 1024          # control messages are small; anything larger is refused unread
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+DEVICE_KINDS = ("hello", "status", "task", "fetch", "blob", "upload", "update", "ack")
+
+
+class ProtocolError(EdgeRuntimeError):
+    """A message that does not follow the protocol; the message says what is wrong."""
+
+
+def check_id(value: str, what: str) -> str:
+    if not isinstance(value, str) or not _ID.match(value):
+        raise ProtocolError(f"{what} {value!r} is not a valid id (letters, digits, '_', '.', '-'; at most 64)")
+    return value
+
+
+def check_sha(value: str, what: str) -> str:
+    if not isinstance(value, str) or not _SHA.match(value):
+        raise ProtocolError(f"{what} must be a lowercase hex sha256, not {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topic layout of one fleet."""
+    fleet: str
+
+    def __post_init__(self):
+        check_id(self.fleet, "fleet")
+
+    @property
+    def root(self) -> str:
+        return f"{PROTOCOL}/{self.fleet}"
+
+    def device(self, device_id: str, kind: str) -> str:
+        if kind not in DEVICE_KINDS:
+            raise ValueError(f"unknown device topic kind {kind!r}")
+        return f"{self.root}/device/{check_id(device_id, 'device id')}/{kind}"
+
+    def all_devices(self, kind: str) -> str:
+        """Subscription filter for one kind of message from every device."""
+        return f"{self.root}/device/+/{kind}"
+
+    @property
+    def coordinator_status(self) -> str:
+        return f"{self.root}/coordinator/status"
+
+    @property
+    def coordinator_metrics(self) -> str:
+        """The last closed round's metrics (JSON, retained), for dashboards and `status` tools."""
+        return f"{self.root}/coordinator/metrics"
+
+    def parse_device_topic(self, topic: str) -> tuple[str, str]:
+        """(device id, kind) of a device topic of this fleet; ProtocolError for anything else."""
+        prefix = f"{self.root}/device/"
+        if not topic.startswith(prefix):
+            raise ProtocolError(f"topic {topic!r} is not a device topic of fleet {self.fleet!r}")
+        parts = topic[len(prefix):].split("/")
+        if len(parts) != 2 or parts[1] not in DEVICE_KINDS:
+            raise ProtocolError(f"topic {topic!r} is not <device>/<kind> with a known kind")
+        return check_id(parts[0], "device id in topic"), parts[1]
+
+
+# -- messages --------------------------------------------------------------------------
+
+def _expect(value, kind, name: str, msg: str):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise ProtocolError(f"{msg}: field '{name}' must be {'/'.join(k.__name__ for k in kinds)}, not bool")
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kinds):
+        raise ProtocolError(f"{msg}: field '{name}' must be {'/'.join(k.__name__ for k in kinds)}, "
+                            f"not {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ProtocolError(f"{msg}: field '{name}' must be finite, not {value}")
+    return value
+
+
+class Message:
+    """Base of the control messages: strict JSON encode/decode."""
+    TYPE: ClassVar[str] = ""
+    TYPES: ClassVar[dict] = {}      # field -> python type(s)
+    OPTIONAL: ClassVar[tuple] = ()
+
+    def validate(self) -> None:
+        """Range checks beyond types; subclasses extend."""
+
+    def encode(self) -> bytes:
+        self.validate()
+        return json.dumps({"type": self.TYPE, **asdict(self)}, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes):
+        if len(payload) > MAX_CONTROL_BYTES:
+            raise ProtocolError(f"{cls.TYPE}: payload of {len(payload)} bytes exceeds {MAX_CONTROL_BYTES}")
+        try:
+            raw = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProtocolError(f"{cls.TYPE}: not a UTF-8 JSON object ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ProtocolError(f"{cls.TYPE}: payload must be a JSON object")
+        if raw.pop("type", None) != cls.TYPE:
+            raise ProtocolError(f"{cls.TYPE}: 'type' field must be {cls.TYPE!r}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ProtocolError(f"{cls.TYPE}: unknown field(s) {unknown}")
+        values = {}
+        for f in fields(cls):
+            if f.name not in raw:
+                if f.name in cls.OPTIONAL:
+                    continue
+                raise ProtocolError(f"{cls.TYPE}: missing field '{f.name}'")
+            value = raw[f.name]
+            if value is None and f.name in cls.OPTIONAL:
+                values[f.name] = None
+                continue
+            values[f.name] = _expect(value, cls.TYPES[f.name], f.name, cls.TYPE)
+        msg = cls(**values)
+        msg.validate()
+        return msg
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """A device announces itself: who, which tier, and the budget it measured (not guessed)."""
+    TYPE: ClassVar[str] = "hello"
+    TYPES: ClassVar[dict] = {"device_id": str, "tier": str, "budget_bytes": int, "runtime_version": str,
+                             "cores": int, "disk_free_bytes": int}
+    device_id: str
+    tier: str
+    budget_bytes: int
+    runtime_version: str
+    cores: int = 1
+    disk_free_bytes: int = 0
+
+    def validate(self) -> None:
+        check_id(self.device_id, "hello: device_id")
+        check_id(self.tier, "hello: tier")
+        if self.budget_bytes <= 0 or self.cores <= 0 or self.disk_free_bytes < 0:
+            raise ProtocolError("hello: budget_bytes and cores must be positive, disk_free_bytes not negative")
+
+
+@dataclass(frozen=True)
+class Status(Message):
+    """Online/offline, retained; a device's last will publishes offline."""
+    TYPE: ClassVar[str] = "status"
+    TYPES: ClassVar[dict] = {"state": str, "at": float}
+    state: str
+    at: float = 0.0
+
+    def validate(self) -> None:
+        if self.state not in ("online", "offline"):
+            raise ProtocolError(f"status: state must be online or offline, not {self.state!r}")
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """A content-addressed object a task needs: its hash and size."""
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Task(Message):
+    """What a device trains this round; every object it needs is named by content hash."""
+    TYPE: ClassVar[str] = "task"
+    TYPES: ClassVar[dict] = {"task_id": str, "round": int, "manifest": dict, "blobs": list, "part": dict,
+                             "config": dict, "deadline_s": float, "update_fp16": bool, "kind": str}
+    OPTIONAL: ClassVar[tuple] = ("update_fp16", "kind")
+    task_id: str
+    round: int
+    manifest: dict          # {"sha256", "size"} of manifest.json
+    blobs: list             # [{"sha256", "size", "name"}]: graphs and weights, by the name the device stores
+    part: dict              # TrainablePart fields
+    config: dict            # TrainConfig fields
+    deadline_s: float
+    update_fp16: bool = False
+    kind: str = "train"     # "train": send back an Update; "score": send back Scores, change nothing
+
+    def validate(self) -> None:
+        check_id(self.task_id, "task: task_id")
+        if self.kind not in ("train", "score"):
+            raise ProtocolError(f"task: kind must be train or score, not {self.kind!r}")
+        if self.round < 0 or self.deadline_s <= 0:
+            raise ProtocolError("task: round must be >= 0 and deadline_s positive")
+        check_sha(self.manifest.get("sha256"), "task: manifest.sha256")
+        for i, b in enumerate(self.blobs):
+            if not isinstance(b, dict) or set(b) != {"sha256", "size", "name"}:
+                raise ProtocolError(f"task: blobs[{i}] must have exactly sha256, size and name")
+            check_sha(b["sha256"], f"task: blobs[{i}].sha256")
+            if not isinstance(b["size"], int) or b["size"] < 0:
+                raise ProtocolError(f"task: blobs[{i}].size must be a non-negative int")
+
+
+@dataclass(frozen=True)
+class Idle(Message):
+    """Sent on the task topic instead of a Task: this round has nothing for the device, and why."""
+    TYPE: ClassVar[str] = "idle"
+    TYPES: ClassVar[dict] = {"round": int, "reason": str}
+    round: int
+    reason: str
+
+    def validate(self) -> None:
+        if self.round < 0 or len(self.reason) > 2000:
+            raise ProtocolError("idle: round must be >= 0 and the reason at most 2000 characters")
+
+
+@dataclass(frozen=True)
+class Fetch(Message):
+    """A device asks for the chunks of a blob it lacks (all of them, or the listed indices)."""
+    TYPE: ClassVar[str] = "fetch"
+    TYPES: ClassVar[dict] = {"sha256": str, "chunks": list}
+    OPTIONAL: ClassVar[tuple] = ("chunks",)
+    sha256: str
+    chunks: list | None = None
+
+    def validate(self) -> None:
+        check_sha(self.sha256, "fetch: sha256")
+        if self.chunks is not None and not all(isinstance(c, int) and c >= 0 for c in self.chunks):
+            raise ProtocolError("fetch: chunks must be non-negative ints")
+
+
+@dataclass(frozen=True)
+class Update(Message):
+    """A finished task: the update blob's hash and what training it cost, measured."""
+    TYPE: ClassVar[str] = "update"
+    TYPES: ClassVar[dict] = {"task_id": str, "round": int, "device_id": str, "blob_sha256": str,
+                             "blob_size": int, "num_examples": int, "loss": float, "steps": int,
+                             "peak_rss_bytes": int, "seconds": float, "downloaded_bytes": int,
+                             "agent_peak_rss_bytes": int}
+    OPTIONAL: ClassVar[tuple] = ("downloaded_bytes", "agent_peak_rss_bytes")
+    task_id: str
+    round: int
+    device_id: str
+    blob_sha256: str
+    blob_size: int
+    num_examples: int
+    loss: float
+    steps: int
+    peak_rss_bytes: int
+    seconds: float
+    downloaded_bytes: int = 0        # blob bytes the device fetched for this task (only what it lacked)
+    agent_peak_rss_bytes: int = 0    # the agent process's own peak, beside the training job's
+
+    def validate(self) -> None:
+        check_id(self.task_id, "update: task_id")
+        check_id(self.device_id, "update: device_id")
+        check_sha(self.blob_sha256, "update: blob_sha256")
+        if min(self.round, self.blob_size, self.steps, self.downloaded_bytes, self.agent_peak_rss_bytes) < 0 \
+                or self.num_examples <= 0 or self.peak_rss_bytes <= 0:
+            raise ProtocolError("update: round, blob_size, steps, downloaded_bytes, agent_peak_rss_bytes must be "
+                                ">= 0; num_examples, peak_rss_bytes > 0")
+
+
+@dataclass(frozen=True)
+class Failed(Message):
+    """A device could not do its task (it does not fit the budget, its data is missing, ...), and why.
+
+    Sent on the update topic, so the coordinator stops waiting for that device this round.
+    `needed_bytes` is the measured need when the task did not fit the budget.
+    """
+    TYPE: ClassVar[str] = "failed"
+    TYPES: ClassVar[dict] = {"task_id": str, "round": int, "device_id": str, "reason": str, "needed_bytes": int}
+    OPTIONAL: ClassVar[tuple] = ("needed_bytes",)
+    task_id: str
+    round: int
+    device_id: str
+    reason: str
+    needed_bytes: int = 0
+
+    def validate(self) -> None:
+        check_id(self.task_id, "failed: task_id")
+        check_id(self.device_id, "failed: device_id")
+        if self.round < 0 or self.needed_bytes < 0 or len(self.reason) > 2000:
+            raise ProtocolError("failed: round and needed_bytes must be >= 0, reason at most 2000 characters")
+
+
+@dataclass(frozen=True)
+class Scores(Message):
+    """A finished score task: per layer (and "head"), the summed squared gradient norm on local data."""
+    TYPE: ClassVar[str] = "scores"
+    TYPES: ClassVar[dict] = {"task_id": str, "round": int, "device_id": str, "scores": dict, "num_examples": int,
+                             "peak_rss_bytes": int, "seconds": float, "agent_peak_rss_bytes": int}
+    OPTIONAL: ClassVar[tuple] = ("agent_peak_rss_bytes",)
+    task_id: str
+    round: int
+    device_id: str
+    scores: dict            # {"<layer index>" or "head": score}
+    num_examples: int
+    peak_rss_bytes: int
+    seconds: float
+    agent_peak_rss_bytes: int = 0
+
+    def validate(self) -> None:
+        check_id(self.task_id, "scores: task_id")
+        check_id(self.device_id, "scores: device_id")
+        if self.round < 0 or self.num_examples <= 0 or self.peak_rss_bytes <= 0 or len(self.scores) > 1000:
+            raise ProtocolError("scores: round >= 0, num_examples and peak_rss_bytes > 0, at most 1000 scores")
+        for key, value in self.scores.items():
+            if key != "head" and not key.isdigit():
+                raise ProtocolError(f"scores: key {key!r} is neither a layer index nor 'head'")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0:
+                raise ProtocolError(f"scores: the score of {key} must be a finite number >= 0, not {value!r}")
+
+
+@dataclass(frozen=True)
+class Ack(Message):
+    """The coordinator stored an update durably (accepted) or refused it (with the reason)."""
+    TYPE: ClassVar[str] = "ack"
+    TYPES: ClassVar[dict] = {"task_id": str, "accepted": bool, "reason": str}
+    task_id: str
+    accepted: bool
+    reason: str = ""
+
+
+MESSAGES = {cls.TYPE: cls for cls in (Hello, Status, Task, Idle, Fetch, Update, Failed, Scores, Ack)}
+
+
+def decode_any(payload: bytes, allowed: tuple[type, ...]):
+    """Decode a payload that may be any of `allowed` (by its 'type' field); ProtocolError otherwise."""
+    if len(payload) > MAX_CONTROL_BYTES:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_CONTROL_BYTES}")
+    try:
+        kind = json.loads(payload.decode("utf-8")).get("type")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise ProtocolError(f"not a UTF-8 JSON object ({exc})") from None
+    for cls in allowed:
+        if cls.TYPE == kind:
+            return cls.decode(payload)
+    raise ProtocolError(f"message type {kind!r} is not one of {[c.TYPE for c in allowed]} here")
