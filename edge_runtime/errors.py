@@ -25,4 +25,13 @@ class UnsupportedOpError(EdgeRuntimeError):
 
 
 class BudgetError(EdgeRuntimeError):
-    """Nothing fits the memory budget; the message says what would be needed."""
+    """Nothing fits the memory budget; the message says what would be needed.
+
+    needed_bytes is the measured need (with the margin), or the ceiling it was measured
+    under when even that did not suffice; 0 when nothing was measured.
+    """
+
+    def __init__(self, message: str, needed_bytes: int = 0, budget_bytes: int = 0):
+        self.needed_bytes = int(needed_bytes)
+        self.budget_bytes = int(budget_bytes)
+        super().__init__(message)

@@ -5,7 +5,6 @@ never from polling (a step that holds the GIL allocates and frees between two po
 """
 from __future__ import annotations
 
-
 MIB = 1 << 20
 
 
@@ -47,3 +46,8 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def size_text(n: int) -> str:
+    """Bytes for a log line: KB below a MiB, MB above."""
+    return f"{n / 1024:.0f} KB" if n < MIB else f"{n / MIB:.0f} MB"

@@ -1,7 +1,6 @@
 """Shared fixtures: real exports of zoo models and real Fashion-MNIST, built once per session."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 

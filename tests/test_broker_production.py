@@ -389,7 +389,7 @@ def test_an_agent_that_cannot_log_in_says_why(broker, tmp_path, device_data, cas
         ca = tmp_path / "nope.crt"
     elif case == "other CA":
         ca = make_secrets(tmp_path / "other", users=()) / "ca.crt"
-    args = [sys.executable, "-m", "edge_runtime.device.agent", "--id", "dev-a", "--fleet", FLEET, "--broker", broker.url(),
+    args = [sys.executable, "-m", "edge_runtime.device.cli", "--id", "dev-a", "--fleet", FLEET, "--broker", broker.url(),
             "--data", str(device_data), "--state", str(tmp_path / "state"), "--budget-mb", "300",
             *_device_args(broker, "dev-b" if case == "wrong password" else "dev-a", ca)]
     run = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=tmp_path)

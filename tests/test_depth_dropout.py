@@ -10,10 +10,12 @@ import torch
 
 from edge_runtime.errors import IntegrityError, ManifestError
 from edge_runtime.jobs.worker import JobSpec, run_worker
-from edge_runtime.train.artifacts import ArtifactCache, TrainablePart
+from edge_runtime.train.artifacts import ArtifactCache
 from edge_runtime.train.graphs import GraphLibrary, compose
 from edge_runtime.train.ort_backend import InferenceSession
-from edge_runtime.train.trainer import TrainConfig, _batches, prepare_part, train
+from edge_runtime.train.trainer import _batches, prepare_part, train
+from edge_runtime.wire.part import TrainablePart
+from edge_runtime.wire.train_config import TrainConfig
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from edge_runtime.jobs import budget
 from edge_runtime.jobs.child import device_child_env
 from edge_runtime.jobs.worker import JobSpec, run_worker
 from edge_runtime.memory import MIB
-from edge_runtime.train.artifacts import TrainablePart
 from edge_runtime.wire import weights as wcodec
+from edge_runtime.wire.part import TrainablePart
 
 
 def files_under(root: Path) -> list[str]:
@@ -133,8 +133,9 @@ def test_unsupported_op_is_named_at_export(tmp_path):
 def test_corrupted_graph_is_rejected_and_nothing_half_written(fmnist_model, small_dataset, tmp_path):
     import shutil
 
-    from edge_runtime.train.trainer import TrainConfig, train
+    from edge_runtime.train.trainer import train
     from edge_runtime.wire.manifest import Manifest
+    from edge_runtime.wire.train_config import TrainConfig
     m, weights = fmnist_model
     copy = tmp_path / "model"
     shutil.copytree(m.root, copy)
@@ -153,8 +154,9 @@ def test_corrupted_graph_is_rejected_and_nothing_half_written(fmnist_model, smal
 def test_manifest_that_does_not_match_its_graphs_is_rejected(fmnist_model, small_dataset, tmp_path):
     import shutil
 
-    from edge_runtime.train.trainer import TrainConfig, train
+    from edge_runtime.train.trainer import train
     from edge_runtime.wire.manifest import Manifest
+    from edge_runtime.wire.train_config import TrainConfig
     m, weights = fmnist_model
     copy = tmp_path / "model"
     shutil.copytree(m.root, copy)

@@ -10,9 +10,10 @@ import torch
 
 from edge_runtime.errors import ManifestError
 from edge_runtime.jobs.worker import JobSpec, run_worker
-from edge_runtime.train.artifacts import TrainablePart
 from edge_runtime.train.layer_scores import score_groups, score_layers, scores_from_json
-from edge_runtime.train.trainer import TrainConfig, _batches, evaluate, train
+from edge_runtime.train.trainer import _batches, evaluate, train
+from edge_runtime.wire.part import TrainablePart
+from edge_runtime.wire.train_config import TrainConfig
 
 
 def _torch_model(weights):

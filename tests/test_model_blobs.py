@@ -4,9 +4,9 @@ import pytest
 
 from edge_runtime.errors import IntegrityError
 from edge_runtime.jobs.worker import JobSpec, run_job
-from edge_runtime.train.artifacts import TrainablePart
 from edge_runtime.wire import model_blobs
 from edge_runtime.wire import weights as wcodec
+from edge_runtime.wire.part import TrainablePart
 from edge_runtime.wire.protocol import ProtocolError
 from edge_runtime.wire.transfer import BlobStore
 

@@ -13,7 +13,7 @@ from edge_runtime.memory import MIB
 from edge_runtime.profiling.memory_model import Predictor, fit_candidate, fit_span_model
 from edge_runtime.profiling.profile_file import Profile, ProfileError
 from edge_runtime.profiling.profiler import Profiler, run_profile
-from edge_runtime.train.artifacts import TrainablePart
+from edge_runtime.wire.part import TrainablePart
 
 BATCHES = [16, 64]
 

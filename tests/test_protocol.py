@@ -109,7 +109,7 @@ def test_the_update_topic_carries_updates_and_failure_reports_and_nothing_else()
 
 
 def test_score_tasks_and_their_scores():
-    task = Task("r1-x-pi", 1, {"sha256": SHA, "size": 1}, [], {"span": [0]}, {}, 10.0, kind="score")
+    task = Task("r1-x-pi", 1, {"sha256": SHA, "size": 1}, [], {"span": [0], "trainable_layers": [0], "head": 0}, {}, 10.0, kind="score")
     assert Task.decode(task.encode()).kind == "score"
     with pytest.raises(ProtocolError, match="kind must be train or score"):
         Task.decode(task.encode().replace(b'"score"', b'"mine"'))

@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.train.artifacts import TrainablePart
 from edge_runtime.train.datasets import LocalDataset
-from edge_runtime.train.trainer import TrainConfig, train
+from edge_runtime.train.trainer import train
+from edge_runtime.wire.part import TrainablePart
+from edge_runtime.wire.train_config import TrainConfig
 
 
 def _torch_one_step(model, weights, block, x, y, optimizer, lr):

@@ -185,7 +185,7 @@ class Bench:
 
     def parts(self) -> list[tuple[str, dict]]:
         """(name, TrainablePart fields) of the whole model and of every block."""
-        from edge_runtime.train.artifacts import TrainablePart
+        from edge_runtime.wire.part import TrainablePart
         m = self.manifest
         everything = tuple(range(len(m.layers)))
         out = [("runtime whole", TrainablePart(everything, everything, m.final_head.index).to_dict())]

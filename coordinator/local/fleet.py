@@ -77,7 +77,7 @@ class LocalFleet:
     def start_device(self, spec: DeviceSpec, extra: list[str] = ()) -> subprocess.Popen:
         self.devices[spec.device_id] = spec
         return self._spawn(spec.device_id, [
-            sys.executable, "-m", "edge_runtime.device.agent", "--id", spec.device_id, "--tier", spec.tier,
+            sys.executable, "-m", "edge_runtime.device.cli", "--id", spec.device_id, "--tier", spec.tier,
             "--broker", self.broker_url, "--fleet", self.fleet, "--data", str(spec.data_dir),
             "--state", str(self.work / "devices" / spec.device_id),
             *(["--budget-mb", str(spec.budget_mb)] if spec.budget_mb else []), "--threads", "1", *extra])

@@ -1,6 +1,6 @@
 """edge-sim: hundreds of simulated device agents on one machine, to plan a coordinator's and a broker's capacity.
 
-Each simulated device is the real agent (edge_runtime/agent.py) with one thing replaced:
+Each simulated device is the real agent (edge_runtime/device/agent.py) with one thing replaced:
 its training job. It connects to the broker with its own MQTT client, says hello with
 the budget a board of its tier would announce, receives its task, fetches every blob the
 task names that it lacks, sends its update in chunks and waits for the coordinator's
@@ -24,6 +24,7 @@ under) and `agent_peak_rss_bytes` (the process's peak divided by its devices).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -38,7 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.device.agent import AGENT_GROWTH_BYTES, Agent, DeviceConfig, _connect
+from edge_runtime.device.agent import Agent, job_budget_bytes
+from edge_runtime.device.cli import connect
+from edge_runtime.device.settings import DeviceConfig
 from edge_runtime.device.tiers import DEFAULT_PROFILES_DIR, TierError, find_tier
 from edge_runtime.jobs.budget import DEFAULT_MARGIN
 from edge_runtime.jobs.child import ChildResult
@@ -46,13 +49,10 @@ from edge_runtime.jobs.worker import JobSpec
 from edge_runtime.memory import MIB, peak_rss_bytes
 from edge_runtime.wire import weights as wcodec
 from edge_runtime.wire.mqtt_link import parse_broker_url
-from edge_runtime.wire.protocol import ProtocolError, Status, Task, Topics, check_id
+from edge_runtime.wire.protocol import ProtocolError, Status, Topics, check_id
 
 log = logging.getLogger("edge-sim")
 
-# What the real agent measures as its own RSS after start-up (about 39 MB, edge_runtime/agent.py);
-# a simulated device announces the job budget a real board of its tier would: budget less this and room to grow.
-AGENT_STARTUP_RSS_BYTES = 39 * MIB
 DEVICES_PER_PROCESS = 100
 STOP_GRACE_S = 15.0          # devices get this long to finish a send and say offline once stopped
 FIRST_LOSS = 2.3
@@ -80,41 +80,39 @@ class SimDevice:
     disk_free_bytes: int
 
 
-class SimulatedAgent(Agent):
-    """The real agent; only its training job is replaced by a wait and a perturbation of the fetched weights."""
+class SimulatedJobs:
+    """A job runner (edge_runtime.jobs.budget.JobRunner) that waits the simulated compute time, then
+    perturbs the fetched weights of the trained part: the agent around it is the real one."""
 
-    def __init__(self, cfg: DeviceConfig, link, job_budget: int, stop: threading.Event, sim: Simulated,
-                 rng: np.random.Generator, devices_in_process: int):
-        super().__init__(cfg, link, job_budget, stop)
-        self.sim, self.rng, self.devices_in_process = sim, rng, devices_in_process
+    def __init__(self, budget_bytes: int, sim: Simulated, rng: np.random.Generator, stop: threading.Event):
+        self.budget_bytes, self.sim, self.rng, self.stop = budget_bytes, sim, rng, stop
         self.tasks_done = 0
 
-    def _train(self, task: Task, spec: JobSpec) -> tuple[dict, ChildResult]:
+    def run(self, spec: JobSpec) -> tuple[dict, ChildResult]:
         """What the training child would report, after the simulated compute time."""
-        from edge_runtime.train.artifacts import TrainablePart
         from edge_runtime.wire.manifest import Manifest
         t0 = time.monotonic()
         if self.stop.wait(self._compute_time()):
             raise Stopped()
         manifest = Manifest.load(Path(spec.manifest))
-        part = TrainablePart.from_dict(spec.part)
+        part = spec.part
         part.validate(manifest)
         self.tasks_done += 1
-        if task.kind == "score":
+        if spec.mode == "score":
             result = self._scores(manifest, part)
         else:
             write_update(Path(spec.update_out), spec.weights, part.trainable_names(manifest), self.sim.noise, self.rng)
             result = self._trained(spec.config)
-        child = ChildResult(0, self.job_budget, time.monotonic() - t0, "", "")
+        child = ChildResult(0, self.budget_bytes, time.monotonic() - t0, "", "")
         return {"ok": True, "result": result}, child
 
     def _compute_time(self) -> float:
         spread = self.sim.jitter * self.sim.compute_s
         return max(0.0, self.sim.compute_s + (self.rng.uniform(-spread, spread) if spread else 0.0))
 
-    def _trained(self, config: dict) -> dict:
+    def _trained(self, config) -> dict:
         """The training report's fields the agent reads: a plausible step count and a loss that falls per task."""
-        steps = math.ceil(self.sim.examples * float(config.get("epochs", 1.0)) / int(config.get("batch_size", 64)))
+        steps = math.ceil(self.sim.examples * config.epochs / config.batch_size)
         return {"num_examples": self.sim.examples, "loss": FIRST_LOSS / (1 + 0.2 * self.tasks_done),
                 "steps": max(1, steps), "resumed_from_step": 0}
 
@@ -125,9 +123,21 @@ class SimulatedAgent(Agent):
         return {"scores": {str(g): float(self.rng.uniform(0.1, 1.0)) for g in groups},
                 "num_examples": self.sim.examples, "batches": max(1, self.sim.examples // 64)}
 
-    def _own_peak_rss(self) -> int:
-        """This device's share of its process's peak: the process hosts many devices."""
-        return peak_rss_bytes() // max(1, self.devices_in_process)
+
+@functools.cache
+def agent_startup_rss_bytes() -> int:
+    """What a real agent holds once started (its modules and an MQTT client), measured in a fresh process.
+
+    A simulated device announces the job budget a real board of its tier would: its budget
+    less this and the agent's room to grow (edge_runtime.device.agent.job_budget_bytes).
+    """
+    code = ("from edge_runtime.device import cli; from edge_runtime.wire.mqtt_link import MqttLink; "
+            "link = MqttLink('probe', '127.0.0.1', 1, []); "
+            "from edge_runtime.memory import current_rss_bytes; print(current_rss_bytes())")
+    from edge_runtime.jobs.child import device_child_env
+    out = subprocess.run([sys.executable, "-c", code], env=device_child_env(), capture_output=True, text=True,
+                         timeout=60, check=True)
+    return int(out.stdout.split()[-1])
 
 
 def write_update(out: Path, weight_files, names: list[str], noise: float, rng: np.random.Generator) -> None:
@@ -161,19 +171,21 @@ def device_config(dev: SimDevice, topics: Topics, host: str, port: int, workdir:
 
 def job_budget(dev: SimDevice) -> int:
     """What a real agent of this budget announces: the device budget less its own memory and room to grow."""
-    return dev.budget_bytes - AGENT_STARTUP_RSS_BYTES - AGENT_GROWTH_BYTES
+    return job_budget_bytes(dev.budget_bytes, agent_startup_rss_bytes())
 
 
 def run_device(cfg: DeviceConfig, budget: int, sim: Simulated, seed: int, stop: threading.Event,
                devices_in_process: int, outcome: dict) -> None:
     """One device's thread: connect, serve tasks until stopped, leave with a retained offline status."""
     outcome[cfg.device_id] = {"connected": False}
-    link = _connect(cfg, stop)
+    link = connect(cfg, stop)
     if link is None:
         return
     agent = None
     try:
-        agent = SimulatedAgent(cfg, link, budget, stop, sim, np.random.default_rng(seed), devices_in_process)
+        jobs = SimulatedJobs(budget, sim, np.random.default_rng(seed), stop)
+        # the device's share of its process's peak: the process hosts many devices
+        agent = Agent(cfg, link, jobs, stop, own_peak=lambda: peak_rss_bytes() // max(1, devices_in_process))
         outcome[cfg.device_id] = {"connected": True, "agent": agent}
         agent.serve()
     except Stopped:
@@ -263,7 +275,8 @@ def plan_devices(tiers: list[str], devices: int | None, budget_mb: float, prefix
     small = [d for d in out if job_budget(d) <= 0]
     if small:
         raise SimError(f"tier {small[0].tier}: a budget of {small[0].budget_bytes / MIB:.0f} MB leaves nothing for "
-                       f"training beside the agent's own {(AGENT_STARTUP_RSS_BYTES + AGENT_GROWTH_BYTES) / MIB:.0f} MB")
+                       f"training beside the agent's own "
+                       f"{(small[0].budget_bytes - job_budget(small[0])) / MIB:.0f} MB")
     return out
 
 

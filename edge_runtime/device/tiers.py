@@ -24,8 +24,15 @@ from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.memory import MIB
 
 TABLE = "tier"
-# The profiles/ folder of a source checkout. The wheel does not ship it: pass a directory.
-DEFAULT_PROFILES_DIR = Path(__file__).resolve().parents[2] / "profiles"
+
+
+def _profiles_dir() -> Path:
+    """profiles/ of a source checkout, or the copy a wheel installs beside this module."""
+    checkout = Path(__file__).resolve().parents[2] / "profiles"
+    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / "profiles"
+
+
+DEFAULT_PROFILES_DIR = _profiles_dir()
 # What the budget rule (docs/profiles.md) sets aside for the agent process before it gives
 # the rest to training jobs: budget_mb already excludes it.
 AGENT_RESERVE_MB = 48

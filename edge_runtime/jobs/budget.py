@@ -9,14 +9,17 @@ limit.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable, Protocol
 
 from edge_runtime.errors import BudgetError, EdgeRuntimeError
 from edge_runtime.jobs.child import ChildResult
 from edge_runtime.jobs.worker import JobSpec, run_worker
-from edge_runtime.memory import MIB
+from edge_runtime.memory import MIB, size_text
+from edge_runtime.store import atomic_write_text, digest_of, sha256_file
 
 CALIBRATION_STEPS = 3
 DEFAULT_MARGIN = 0.10
@@ -48,8 +51,8 @@ def _candidates(batch_size: int) -> list[int]:
 
 
 def calibrate(spec: JobSpec, micro_batch_size: int, limit_bytes: int | None, job_dir: Path) -> Trial:
-    config = dict(spec.config, micro_batch_size=micro_batch_size, max_steps=CALIBRATION_STEPS,
-                  checkpoint_every_steps=2)
+    config = replace(spec.config, micro_batch_size=micro_batch_size, max_steps=CALIBRATION_STEPS,
+                     checkpoint_every_steps=2)
     task = f"calibrate-{spec.task_id}-m{micro_batch_size}"
     probe = replace(spec, task_id=task, config=config, update_out=None, scores_out=None)
     report, child = run_worker(probe, job_dir, memory_limit_bytes=limit_bytes)
@@ -69,7 +72,7 @@ def plan(spec: JobSpec, budget_bytes: int, job_dir: Path, margin: float = DEFAUL
     """
     usable = int(budget_bytes / (1 + margin))
     trials = []
-    batch = int(spec.config.get("batch_size", 64))
+    batch = spec.config.batch_size
     for m in _candidates(batch):
         trial = calibrate(spec, m, budget_bytes, job_dir)
         trials.append(trial)
@@ -84,21 +87,108 @@ def plan(spec: JobSpec, budget_bytes: int, job_dir: Path, margin: float = DEFAUL
     import psutil
     ceiling = ceiling_bytes or int(psutil.virtual_memory().available * 0.8)
     need = calibrate(spec, 1, ceiling, job_dir)
-    needed = f"{need.peak_rss_bytes * (1 + margin) / MIB:.0f} MB" if need.completed else \
-        f"more than {ceiling / MIB:.0f} MB"
+    needed_bytes = int(need.peak_rss_bytes * (1 + margin)) if need.completed else ceiling
+    needed = f"{needed_bytes / MIB:.0f} MB" if need.completed else f"more than {ceiling / MIB:.0f} MB"
     raise BudgetError(f"job {spec.task_id} does not fit a budget of {budget_bytes / MIB:.0f} MB: even micro-batch 1 "
-                      f"needs {needed} (measured peak {need.peak_rss_bytes / MIB:.0f} MB + {margin:.0%} margin)")
+                      f"needs {needed} (measured peak {need.peak_rss_bytes / MIB:.0f} MB + {margin:.0%} margin)",
+                      needed_bytes=needed_bytes, budget_bytes=budget_bytes)
 
 
 def train_within_budget(spec: JobSpec, budget_bytes: int, job_dir: Path, margin: float = DEFAULT_MARGIN,
                         timeout: float | None = None) -> tuple[dict, ChildResult, BudgetPlan]:
     """Calibrate, then run the job under a hard limit of budget_bytes at the chosen micro-batch."""
     chosen = plan(spec, budget_bytes, job_dir, margin)
-    job = replace(spec, config=dict(spec.config, micro_batch_size=chosen.micro_batch_size))
-    report, child = run_worker(job, job_dir, memory_limit_bytes=budget_bytes, timeout=timeout)
-    if report is None or not report["ok"]:
-        why = report["error"] if report else f"exit code {child.returncode} " + \
-            ("(killed at the memory limit)" if child.killed_by_oom else child.stderr[-500:])
-        raise EdgeRuntimeError(f"job {spec.task_id} failed: {why}")
+    job = replace(spec, config=replace(spec.config, micro_batch_size=chosen.micro_batch_size))
+    report, child = checked(spec, *run_worker(job, job_dir, memory_limit_bytes=budget_bytes, timeout=timeout))
     report["peak_rss_bytes"] = child.peak_rss_bytes
     return report, child, chosen
+
+
+class JobRunner(Protocol):
+    """What runs a device's jobs. The agent takes one: the real one below, or a simulator's.
+
+    run() returns the job's report ({"ok": True, "mode", "result", ...}) and what its child
+    measured, or raises EdgeRuntimeError (BudgetError when nothing fits) saying why not.
+    """
+    budget_bytes: int
+
+    def run(self, spec: JobSpec) -> tuple[dict, ChildResult]: ...
+
+
+# A cached plan serves job budgets this close to the one it was measured for: the agent's RSS,
+# subtracted from the device budget, differs by a few pages from one start to the next.
+PLAN_BUDGET_TOLERANCE = 0.02
+
+
+class BudgetedJobs:
+    """Jobs in children under a hard limit of the budget, at the micro-batch calibration chose.
+
+    The chosen micro-batch is kept per part, batch and margin in plans_file, and stored before
+    the long run, not after: a job killed mid-way then resumes at the same micro-batch, which
+    its checkpoint requires, without calibrating again.
+    """
+
+    def __init__(self, jobs_dir: Path, budget_bytes: int, margin: float = DEFAULT_MARGIN,
+                 plans_file: Path | None = None, log: Callable[[str], None] = lambda text: None):
+        self.jobs_dir, self.budget_bytes, self.margin = Path(jobs_dir), int(budget_bytes), margin
+        self.plans_file = plans_file
+        self.log = log
+        self.plans: dict = {}
+        if plans_file is not None and plans_file.exists():
+            try:
+                self.plans = json.loads(plans_file.read_text())
+            except ValueError:  # a cache: measuring again is the cost of losing it
+                log(f"{plans_file} is unreadable; calibrating again")
+
+    def key(self, spec: JobSpec) -> str:
+        return digest_of(spec.mode, sha256_file(Path(spec.manifest)), json.dumps(spec.part.to_dict(), sort_keys=True),
+                         str(spec.config.batch_size), repr(self.margin))
+
+    def run(self, spec: JobSpec) -> tuple[dict, ChildResult]:
+        """Train at the cached micro-batch when this part was planned before, else calibrate first."""
+        key = self.key(spec)
+        cached = self.plans.get(key)
+        if cached and abs(cached["budget_bytes"] - self.budget_bytes) <= PLAN_BUDGET_TOLERANCE * self.budget_bytes:
+            micro = cached["micro_batch_size"]
+            self.log(f"task {spec.task_id}: training at micro-batch {micro} (plan cached) under a hard limit of "
+                     f"{size_text(self.budget_bytes)}")
+            report, child = self._run_at(spec, micro)
+            if not child.killed_by_oom:
+                return checked(spec, report, child)
+            self.log(f"task {spec.task_id}: killed at the memory limit at cached micro-batch {micro}; "
+                     f"calibrating again")
+        micro = self._plan(spec, key)
+        self.log(f"task {spec.task_id}: training at micro-batch {micro} under a hard limit of "
+                 f"{size_text(self.budget_bytes)}")
+        return checked(spec, *self._run_at(spec, micro))
+
+    def _plan(self, spec: JobSpec, key: str) -> int:
+        self.log(f"task {spec.task_id}: calibrating: which micro-batch fits {size_text(self.budget_bytes)} "
+                 f"with a {self.margin:.0%} margin")
+        self.plans.pop(key, None)
+        chosen = plan(spec, self.budget_bytes, self.jobs_dir, self.margin)
+        self.plans[key] = {"micro_batch_size": chosen.micro_batch_size, "budget_bytes": self.budget_bytes}
+        if self.plans_file is not None:
+            atomic_write_text(self.plans_file, json.dumps(self.plans, indent=1))
+        self.log(f"task {spec.task_id}: micro-batch {chosen.micro_batch_size} fits "
+                 f"(measured peak {size_text(chosen.measured_peak_bytes)})")
+        return chosen.micro_batch_size
+
+    def _run_at(self, spec: JobSpec, micro: int) -> tuple[dict | None, ChildResult]:
+        job = replace(spec, config=replace(spec.config, micro_batch_size=micro))
+        return run_worker(job, self.jobs_dir, memory_limit_bytes=self.budget_bytes)
+
+
+def checked(spec: JobSpec, report: dict | None, child: ChildResult) -> tuple[dict, ChildResult]:
+    """The job's report, or an EdgeRuntimeError saying why it failed."""
+    if report is None or not report["ok"]:
+        raise EdgeRuntimeError(f"job {spec.task_id} failed: {failure_text(report, child)}")
+    return report, child
+
+
+def failure_text(report: dict | None, child: ChildResult) -> str:
+    """Why a job failed: its own error, else how its child ended."""
+    if report is not None:
+        return report["error"]
+    return f"exit code {child.returncode} " + ("(killed at the memory limit)" if child.killed_by_oom
+                                               else child.stderr[-500:])

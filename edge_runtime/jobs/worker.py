@@ -21,6 +21,8 @@ from pathlib import Path
 
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.jobs.child import ChildResult
+from edge_runtime.wire.part import TrainablePart
+from edge_runtime.wire.train_config import TrainConfig
 
 
 @dataclass
@@ -30,13 +32,19 @@ class JobSpec:
     dataset: str                  # LocalDataset directory
     state_dir: str
     task_id: str
-    part: dict                    # TrainablePart fields
-    config: dict                  # TrainConfig fields
+    part: TrainablePart           # a dict of its fields is accepted and converted
+    config: TrainConfig           # likewise
     update_out: str | None = None  # where to copy the trained weights (safetensors)
     progress_file: str | None = None  # where to publish {"phase", "done", "total"} for a watcher
     extra: dict = field(default_factory=dict)
     mode: str = "train"           # "train" | "score" (layer gradient scores, no weight change)
     scores_out: str | None = None  # score mode: where to write the score result (JSON)
+
+    def __post_init__(self):
+        if isinstance(self.part, dict):
+            self.part = TrainablePart.from_dict(self.part)
+        if isinstance(self.config, dict):
+            self.config = TrainConfig.from_dict(self.config)
 
     def save(self, path: Path) -> None:
         from edge_runtime.store import atomic_write_text
@@ -67,18 +75,16 @@ MODES = ("train", "score")
 
 def run_job(spec: JobSpec, progress=None) -> dict:
     """Run one job in this process. progress(phase, done, total) overrides spec.progress_file."""
-    from edge_runtime.train.artifacts import TrainablePart
     from edge_runtime.train.datasets import LocalDataset
-    from edge_runtime.train.trainer import TrainConfig, train
+    from edge_runtime.train.trainer import train
     from edge_runtime.wire import weights as wcodec
     from edge_runtime.wire.manifest import Manifest
 
     if spec.mode not in MODES:
         raise EdgeRuntimeError(f"unknown job mode {spec.mode!r}; choose one of {', '.join(MODES)}")
     manifest = Manifest.load(Path(spec.manifest))
-    part = TrainablePart.from_dict(spec.part)
+    part, config = spec.part, spec.config
     part.validate(manifest)
-    config = TrainConfig.from_dict(spec.config)
     progress = progress or (_progress_writer(spec.progress_file) if spec.progress_file else None)
     # only the prefix, the span and the head: a later block never loads the rest of the model
     weights = wcodec.open_weights(spec.weights, part.required_names(manifest))

@@ -31,9 +31,9 @@ from edge_runtime.profiling.memory_model import Measurement, Predictor, fit_cand
 from edge_runtime.profiling.partition import NoPartition, choose_partition
 from edge_runtime.profiling.profile_file import Profile, StagePlan, TierPlan
 from edge_runtime.store import sha256_file
-from edge_runtime.train.artifacts import TrainablePart
 from edge_runtime.train.datasets import LocalDataset
 from edge_runtime.wire.manifest import Manifest
+from edge_runtime.wire.part import TrainablePart
 
 DEFAULT_BATCHES = (16, 32, 64)
 BASELINE_SCRIPT = ("from edge_runtime.train import ort_backend, trainer; ort_backend._import_onnxruntime(); "
@@ -115,7 +115,7 @@ def run_profile(manifest_path: Path, tiers: list, batches: list[int], workdir: P
     prof = Profiler(manifest_path, workdir, max(batches), steps, log)
     m = prof.manifest
     candidates = candidates or default_candidates(m)
-    log(f"runtime baseline: measuring a process that only imports the runtime")
+    log("runtime baseline: measuring a process that only imports the runtime")
     baseline = measure_baseline()
     log(f"runtime baseline: {baseline / MIB:.0f} MB")
     points, total, k = [], len(candidates) * len(batches), 0
@@ -220,6 +220,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+EXPORTERS = "edgeblock.model_exporters"
+
+
+def export_model(name: str, workdir: Path) -> Path:
+    """The manifest of a model known by name, exported by an installed exporter (entry point group
+    `edgeblock.model_exporters`: the coordinator's zoo). The device side never imports the coordinator:
+    on a board there is none, and the error says to pass --manifest instead."""
+    from importlib.metadata import entry_points
+    exporters = list(entry_points(group=EXPORTERS))
+    if not exporters:
+        raise EdgeRuntimeError(f"--model {name}: no model exporter is installed (exporting needs the coordinator's "
+                               f"install, with torch); pass --manifest of a model exported there")
+    errors = []
+    for exporter in exporters:
+        try:
+            return Path(exporter.load()(name, workdir))
+        except (KeyError, ValueError, ImportError) as exc:
+            errors.append(f"{exporter.name}: {exc}")
+    raise EdgeRuntimeError(f"--model {name}: no exporter could export it ({'; '.join(errors)})")
+
+
 def _tiers(args) -> list:
     if args.tier:
         return sorted((find_tier(name, args.tiers) for name in args.tier), key=lambda t: t.budget_bytes)
@@ -250,10 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         tiers = _tiers(args)
         manifest = args.manifest
         if args.model:
-            from coordinator.model import export, zoo
-            manifest = args.workdir / "model" / "manifest.json"
-            print(f"exporting {args.model} to {manifest.parent}")
-            export.export(zoo.build(args.model), manifest.parent)
+            manifest = export_model(args.model, args.workdir)
         profile = run_profile(manifest, tiers, batches, args.workdir, args.margin, verify=not args.no_verify,
                               steps=args.steps, log=lambda s: print(s, file=sys.stderr, flush=True))
         profile.save(args.out)

@@ -23,12 +23,13 @@ import numpy as np
 
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.memory import peak_rss_bytes, release_free_heap
-from edge_runtime.train.artifacts import TrainablePart
 from edge_runtime.train.datasets import LocalDataset
 from edge_runtime.train.graphs import GraphLibrary
-from edge_runtime.train.trainer import TrainConfig, _batches, prepare_part
+from edge_runtime.train.trainer import _batches, prepare_part
 from edge_runtime.wire import weights as wcodec
 from edge_runtime.wire.manifest import Manifest
+from edge_runtime.wire.part import TrainablePart
+from edge_runtime.wire.train_config import TrainConfig
 
 HEAD = "head"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -20,53 +20,13 @@ from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.memory import peak_rss_bytes, release_free_heap
 from edge_runtime.store import atomic_write_text, digest_of
 from edge_runtime.train.activation_cache import ActivationCache, ArrayReader
-from edge_runtime.train.artifacts import ArtifactCache, TrainablePart
+from edge_runtime.train.artifacts import ArtifactCache
 from edge_runtime.train.datasets import LocalDataset
 from edge_runtime.train.graphs import GraphLibrary, compose
 from edge_runtime.wire import weights as wcodec
 from edge_runtime.wire.manifest import Manifest
-
-
-@dataclass
-class TrainConfig:
-    optimizer: str = "adamw"          # adamw | sgd
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 64              # samples per optimizer step
-    micro_batch_size: int | None = None  # samples per forward/backward; None = batch_size
-    epochs: float = 1.0               # passes over the local data (fractions allowed)
-    max_steps: int | None = None      # stop after this many optimizer steps (overrides epochs)
-    seed: int = 0
-    checkpoint_every_steps: int = 50
-    # "weights": trainable parameters streamed from the session (no extra memory; a resumed
-    # AdamW run restarts its moment estimates). "full": onnxruntime's checkpoint with optimizer
-    # state (bit-exact resume, but it builds the whole checkpoint in memory: +114 MB transient
-    # for vgg_cifar block 3, whose state is 71 MB).
-    checkpoint: str = "weights"
-    cache_fp16: bool = False          # store prefix activations as float16 (halves disk)
-    threads: int = 0                  # onnxruntime intra-op threads (0 = library default)
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise EdgeRuntimeError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
-        cfg = cls(**raw)
-        if cfg.checkpoint not in ("weights", "full"):
-            raise EdgeRuntimeError(f"checkpoint must be 'weights' or 'full', not {cfg.checkpoint!r}")
-        if cfg.optimizer not in ("adamw", "sgd"):
-            raise EdgeRuntimeError(f"optimizer must be adamw or sgd, not {cfg.optimizer!r}")
-        if not (cfg.learning_rate > 0 and math.isfinite(cfg.learning_rate)) or cfg.epochs <= 0:
-            raise EdgeRuntimeError(f"learning_rate and epochs must be positive (got {cfg.learning_rate}, {cfg.epochs})")
-        cfg.micro()
-        return cfg
-
-    def micro(self) -> int:
-        m = self.micro_batch_size or self.batch_size
-        if m < 1 or self.batch_size < 1:
-            raise EdgeRuntimeError("batch_size and micro_batch_size must be at least 1")
-        return min(m, self.batch_size)
+from edge_runtime.wire.part import TrainablePart
+from edge_runtime.wire.train_config import TrainConfig
 
 
 @dataclass

@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.wire.part import TrainablePart
+from edge_runtime.wire.train_config import TrainConfig
 
 PROTOCOL = "edgeblock/v1"
 MAX_CONTROL_BYTES = 64 * 1024          # control messages are small; anything larger is refused unread
@@ -116,6 +118,15 @@ class Message:
     TYPE: ClassVar[str] = ""
     TYPES: ClassVar[dict] = {}      # field -> python type(s)
     OPTIONAL: ClassVar[tuple] = ()
+    # field -> what turns its JSON value into the typed value (raising on a malformed one)
+    CONVERT: ClassVar[dict] = {}
+
+    def __post_init__(self):
+        # a typed field given in its JSON form (a dict) is converted, so both forms make equal messages
+        for name, convert in self.CONVERT.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, convert(value))
 
     def validate(self) -> None:
         """Range checks beyond types; subclasses extend."""
@@ -150,7 +161,13 @@ class Message:
             if value is None and f.name in cls.OPTIONAL:
                 values[f.name] = None
                 continue
-            values[f.name] = _expect(value, cls.TYPES[f.name], f.name, cls.TYPE)
+            value = _expect(value, cls.TYPES[f.name], f.name, cls.TYPE)
+            if f.name in cls.CONVERT:
+                try:
+                    value = cls.CONVERT[f.name](value)
+                except (EdgeRuntimeError, KeyError, TypeError, ValueError) as exc:
+                    raise ProtocolError(f"{cls.TYPE}: field '{f.name}': {exc}") from None
+            values[f.name] = value
         msg = cls(**values)
         msg.validate()
         return msg
@@ -203,12 +220,13 @@ class Task(Message):
     TYPES: ClassVar[dict] = {"task_id": str, "round": int, "manifest": dict, "blobs": list, "part": dict,
                              "config": dict, "deadline_s": float, "update_fp16": bool, "kind": str}
     OPTIONAL: ClassVar[tuple] = ("update_fp16", "kind")
+    CONVERT: ClassVar[dict] = {"part": TrainablePart.from_dict, "config": TrainConfig.from_dict}
     task_id: str
     round: int
     manifest: dict          # {"sha256", "size"} of manifest.json
     blobs: list             # [{"sha256", "size", "name"}]: graphs and weights, by the name the device stores
-    part: dict              # TrainablePart fields
-    config: dict            # TrainConfig fields
+    part: TrainablePart     # what to train (on the wire: its to_dict form)
+    config: TrainConfig     # how to train it
     deadline_s: float
     update_fp16: bool = False
     kind: str = "train"     # "train": send back an Update; "score": send back Scores, change nothing
