@@ -21,6 +21,7 @@ import sys
 import threading
 from pathlib import Path
 
+from coordinator import strategies
 from coordinator.config import load_config
 from coordinator.service import DEFAULTS
 
@@ -46,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the service", epilog=EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--config", type=Path, help="TOML file with [service], [train], [progressive], [fedavg] tables")
+    run.add_argument("--config", type=Path, help="TOML file with [service] and [train] tables, and a table per "
+                                                  f"strategy ({', '.join(f'[{n}]' for n in strategies.names())})")
     run.add_argument("--workdir", help="state directory: model export, SQLite state, weight blobs, metrics.jsonl")
     run.add_argument("--broker", help="mqtt://host:port or mqtts://host:port (TLS, port 8883) of the broker "
                                       "(default: start an embedded Mosquitto)")
@@ -58,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tls-key", help="the client certificate's unencrypted key (PEM)")
     run.add_argument("--fleet", help="fleet name: the topic namespace devices and coordinator share")
     run.add_argument("--model", help="zoo model to train (fmnist_cnn, vgg_cifar, resnet_small)")
-    run.add_argument("--strategy", choices=["progressive", "fedavg", "selective", "layerwise"])
+    run.add_argument("--strategy", choices=strategies.names(),
+                     help="the schedule; each has a table of its own settings in --config (default "
+                          f"{strategies.DEFAULT})")
     run.add_argument("--init-weights", help="start from these weights (safetensors, e.g. a finished run's) "
                                             "instead of the export's initialisation")
     run.add_argument("--eval-data", help="evaluate each round on this dataset directory (inputs.npy, labels.npy) "

@@ -14,7 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
-from coordinator.state_store import StateStore
+from coordinator.state_store import StateStore, TaskRow
 from coordinator.strategies.aggregation import UpdateCheck, UpdateRejected, validate_update
 from edge_runtime.errors import IntegrityError
 from edge_runtime.wire import weights as wcodec
@@ -36,14 +36,14 @@ def _rejected(reason: str, settles: bool = False) -> Verdict:
     return Verdict("rejected", reason, settles)
 
 
-def expected_shapes(manifest: Manifest, task: dict) -> dict[str, tuple[int, ...]]:
+def expected_shapes(manifest: Manifest, task: TaskRow) -> dict[str, tuple[int, ...]]:
     """The parameters a task's device must send back: its trainable layers and (if it trains) its head."""
-    from coordinator.strategies.base import assignment_from_dict
     specs = manifest.param_specs()
-    return {n: tuple(specs[n].shape) for n in assignment_from_dict(task["spec"]["assignment"]).trained_names(manifest)}
+    return {n: tuple(specs[n].shape) for n in task.assignment.trained_names(manifest)}
 
 
-def _check_task(msg: Update | Failed | Scores, sender: str, state: StateStore, open_round: int | None) -> tuple[dict | None, Verdict | None]:
+def _check_task(msg: Update | Failed | Scores, sender: str, state: StateStore,
+                open_round: int | None) -> tuple[TaskRow | None, Verdict | None]:
     """The task a message answers, or the verdict that ends it before any blob is read."""
     if msg.device_id != sender:
         return None, _rejected(f"device {msg.device_id!r} sent on the topic of device {sender!r}")
@@ -52,16 +52,16 @@ def _check_task(msg: Update | Failed | Scores, sender: str, state: StateStore, o
     task = state.task(msg.task_id)
     if task is None:
         return None, _rejected(f"unknown task {msg.task_id!r}")
-    if task["device_id"] != sender:
-        return None, _rejected(f"task {msg.task_id} was scheduled to {task['device_id']}, not {sender}")
-    if msg.round != task["round"]:
-        return None, _rejected(f"says round {msg.round}, but task {msg.task_id} is of round {task['round']}")
-    if task["status"] == "accepted":
+    if task.device_id != sender:
+        return None, _rejected(f"task {msg.task_id} was scheduled to {task.device_id}, not {sender}")
+    if msg.round != task.round:
+        return None, _rejected(f"says round {msg.round}, but task {msg.task_id} is of round {task.round}")
+    if task.status == "accepted":
         return task, Verdict("duplicate", "already stored")
-    if task["status"] != "sent":
-        return None, _rejected(f"task {msg.task_id} is already {task['status']}: {task['reason']}")
-    if open_round != task["round"]:
-        return None, _rejected(f"round {task['round']} is closed: a late or replayed message")
+    if task.status != "sent":
+        return None, _rejected(f"task {msg.task_id} is already {task.status}: {task.reason}")
+    if open_round != task.round:
+        return None, _rejected(f"round {task.round} is closed: a late or replayed message")
     return task, None
 
 
@@ -98,10 +98,10 @@ def judge_scores(msg: Scores, sender: str, state: StateStore, open_round: int | 
     task, verdict = _check_task(msg, sender, state, open_round)
     if verdict is not None:
         return verdict
-    a = task["spec"]["assignment"]
-    if a.get("kind", "train") != "score":
+    a = task.assignment
+    if a.kind != "score":
         return _rejected(f"task {msg.task_id} is a training task: it needs an update, not scores", settles=True)
-    expected = {str(i) for i in a["trainable"]} | ({"head"} if a.get("train_head", True) else set())
+    expected = {str(i) for i in a.trainable} | ({"head"} if a.train_head else set())
     if set(msg.scores) != expected:
         return _rejected(f"scores name {sorted(msg.scores)}, the task asked for {sorted(expected)}", settles=True)
     return Verdict("accepted")

@@ -30,17 +30,18 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from coordinator import intake
+from coordinator import intake, strategies
 from coordinator.global_model import GlobalModel
-from coordinator.state_store import StateStore
-from coordinator.strategies import build as build_strategy
+from coordinator.model.zoo_profile import ensure_export, measured_profile
+from coordinator.round_metrics import DeviceRound, RoundMetrics
+from coordinator.state_store import StateStore, TaskRow, task_spec
 from coordinator.strategies.aggregation import UpdateCheck
-from coordinator.strategies.base import Device, Result, RoundPlan, assignment_from_dict
+from coordinator.strategies.base import Device, Result, RoundPlan, stage_text
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.store import atomic_write_text, sha256_file
 from edge_runtime.train.layer_scores import scores_from_json
@@ -60,13 +61,14 @@ from edge_runtime.wire.protocol import (
     Update,
     decode_any,
 )
+from edge_runtime.wire.train_config import TrainConfig
 from edge_runtime.wire.transfer import BlobStore
 
 log = logging.getLogger("edge-coordinator")
 
 DEFAULTS = {
     "service": {"workdir": "runs/coordinator", "fleet": "default", "broker": "", "model": "fmnist_cnn", "seed": 0,
-                "strategy": "progressive", "profile": "", "min_devices": 1, "round_deadline_s": 600.0,
+                "strategy": strategies.DEFAULT, "profile": "", "min_devices": 1, "round_deadline_s": 600.0,
                 "offline_grace_s": 20.0,
                 "min_updates": 1, "sample_fraction": 1.0, "max_rounds": 200, "eval_samples": 10000,
                 "max_update_relative_change": 10.0, "update_fp16": False, "init_weights": "",
@@ -75,12 +77,8 @@ DEFAULTS = {
                 "username": "", "password_file": "", "tls": False, "tls_ca": "", "tls_cert": "", "tls_key": ""},
     "train": {"optimizer": "adamw", "learning_rate": 2e-3, "local_epochs": 1.0, "batch_sizes": [16, 32, 64],
               "margin": 0.10},
-    "progressive": {"shrink_rounds": 1, "min_rounds_per_block": 2, "max_rounds_per_block": 6, "max_extra_blocks": 1,
-                    "freeze_window": 6, "freeze_threshold": 0.5, "freeze_patience": 2},
-    "fedavg": {"rounds": 10},
-    "selective": {"rounds": 6, "rescore_every": 3, "lam": 0.0, "max_units": 2},
-    "layerwise": {"rounds_per_layer": 3, "min_rounds_per_layer": 1, "dropout": 0.0, "frozen_after": 0,
-                  "min_cache_disk_mb": 256},
+    # and one table per strategy, with its defaults, declared beside its code
+    **strategies.settings_tables(),
 }
 MQTT_KINDS = ("hello", "status", "fetch", "upload", "update")
 TICK_S = 0.2        # how often the loop checks whether to open or close a round
@@ -96,13 +94,13 @@ class Coordinator:
         self.work = Path(s["workdir"]).resolve()
         self.topics = Topics(s["fleet"])
         self.blobs = BlobStore(self.work / "blobs")
-        self.model = GlobalModel(_ensure_export(self.work / "model", s["model"], s["seed"]), self.blobs)
+        self.model = GlobalModel(ensure_export(self.work / "model", s["model"], s["seed"]).parent, self.blobs)
         m = self.model.manifest
         self.incoming = BlobStore(self.work / "incoming",
                                   max_blob_bytes=self.model.param_bytes(m.all_param_names()) + (1 << 20))
         self.state = StateStore(self.work / "state.db")
         self._check_same_run()
-        self.strategy = build_strategy(settings, m, _predictor(settings, self.work, self.model).predict)
+        self.strategy = strategies.build(settings, m, _predictor(settings, self.work, self.model).predict)
         self.check = UpdateCheck(max_relative_change=s["max_update_relative_change"])
         self.pending: dict[str, tuple[str, Update]] = {}   # task id -> (sender, update) whose blob is incomplete
         # device -> when it was last seen going offline; a broker restart takes every device offline
@@ -258,34 +256,34 @@ class Coordinator:
         tasks = []
         for a in plan.assignments:
             part = a.part()
-            task = Task(task_id=_task_id(round_no, self.run_tag, a.device_id), round=round_no, manifest=self.model.manifest_ref(),
-                        blobs=self.model.task_blobs(part, self.weights_sha), part=part.to_dict(),
-                        config={"optimizer": t["optimizer"], "learning_rate": t["learning_rate"],
-                                "batch_size": a.batch_size, "epochs": t["local_epochs"],
-                                "seed": int(s["seed"] * 100003 + round_no)},
-                        deadline_s=s["round_deadline_s"], update_fp16=s["update_fp16"], kind=a.kind)
+            config = TrainConfig(optimizer=t["optimizer"], learning_rate=t["learning_rate"], batch_size=a.batch_size,
+                                 epochs=t["local_epochs"], seed=int(s["seed"] * 100003 + round_no))
+            task = Task(task_id=_task_id(round_no, self.run_tag, a.device_id), round=round_no,
+                        manifest=self.model.manifest_ref(), blobs=self.model.task_blobs(part, self.weights_sha),
+                        part=part, config=config, deadline_s=s["round_deadline_s"], update_fp16=s["update_fp16"],
+                        kind=a.kind)
             task.validate()
-            tasks.append((task.task_id, a.device_id, {"assignment": asdict(a), "task": asdict(task)}))
+            tasks.append((task, a))
         self.state.open_round(round_no, time.time() + s["round_deadline_s"], self.weights_sha, plan.to_dict(),
-                              self.strategy.state(), tasks)
-        for task_id, device_id, spec in tasks:
-            self._publish_task(device_id, spec)
+                              self.strategy.state(), [(t.task_id, a.device_id, task_spec(a, t)) for t, a in tasks])
+        for task, a in tasks:
+            self._publish_task(a.device_id, task)
         who = ", ".join(f"{a.device_id} layers {a.first}-{a.last} batch {a.batch_size}" for a in plan.assignments)
-        log.info("round %d opened (%s): %s", round_no, _stage_text(plan.stage), who)
+        log.info("round %d opened (%s): %s", round_no, stage_text(plan.stage), who)
         for device_id, why in sorted(plan.idle.items()):  # a device that fits nothing is told why
             log.info("round %d: %s idle: %s", round_no, device_id, why)
             self.link.publish(self.topics.device(device_id, "task"), Idle(round_no, why[:2000]).encode(), qos=1)
 
-    def _publish_task(self, device_id: str, spec: dict) -> None:
-        self.link.publish(self.topics.device(device_id, "task"), Task(**spec["task"]).encode(), qos=1)
+    def _publish_task(self, device_id: str, task: Task) -> None:
+        self.link.publish(self.topics.device(device_id, "task"), task.encode(), qos=1)
 
     def _republish_open_tasks(self) -> None:
         row = self.state.current_round()
         if row is None or row.state != "open":
             return
-        unsettled = [t for t in self.state.tasks(row.round) if t["status"] == "sent"]
+        unsettled = [t for t in self.state.tasks(row.round) if t.status == "sent"]
         for t in unsettled:
-            self._publish_task(t["device_id"], t["spec"])
+            self._publish_task(t.device_id, t.task)
         log.info("round %d continues: %d accepted update(s) kept, %d task(s) published again", row.round,
                  len(self.state.updates(row.round)), len(unsettled))
 
@@ -315,8 +313,8 @@ class Coordinator:
         row = self.state.current_round()
         if row is not None and row.state == "open":  # a device that restarted mid-round gets its task again
             for t in self.state.tasks(row.round):
-                if t["device_id"] == device_id and t["status"] == "sent":
-                    self._publish_task(device_id, t["spec"])
+                if t.device_id == device_id and t.status == "sent":
+                    self._publish_task(device_id, t.task)
 
     def _on_status(self, device_id: str, msg: Received) -> None:
         status = Status.decode(msg.payload)
@@ -403,11 +401,11 @@ class Coordinator:
     # -- closing a round --------------------------------------------------------------------
     def _maybe_close(self, row) -> None:
         tasks = self.state.tasks(row.round)
-        waiting = [t for t in tasks if t["status"] == "sent"]
+        waiting = [t for t in tasks if t.status == "sent"]
         online = {d.device_id for d in self._online_devices()}
         grace = self.settings["service"]["offline_grace_s"]
-        gone = [t for t in waiting if t["device_id"] not in online
-                and time.time() - self.offline_since.get(t["device_id"], 0.0) >= grace]
+        gone = [t for t in waiting if t.device_id not in online
+                and time.time() - self.offline_since.get(t.device_id, 0.0) >= grace]
         if not waiting:
             why = "every task settled"
         elif time.time() >= row.deadline_at:
@@ -417,21 +415,21 @@ class Coordinator:
         else:
             return
         for t in waiting:  # settled now, with the reason each one ends
-            self.state.mark_task(t["task_id"], "failed", "device went offline" if t["device_id"] not in online
+            self.state.mark_task(t.task_id, "failed", "device went offline" if t.device_id not in online
                                  else "no update before the deadline")
         self._close(row, self.state.tasks(row.round), why)
 
-    def _close(self, row, tasks: list[dict], why: str) -> None:
+    def _close(self, row, tasks: list[TaskRow], why: str) -> None:
         s = self.settings["service"]
         plan = RoundPlan.from_dict(row.plan)
         updates = {u.task_id: u for u in self.state.updates(row.round)}
-        by_task = {t["task_id"]: t for t in tasks}
+        by_task = {t.task_id: t for t in tasks}
         results = stored_results(row.round, updates.values(), by_task, self.incoming)
         scored = {sc["task_id"]: sc for sc in self.state.scores(row.round)}
         for task_id, sc in scored.items():
-            results.append(Result(assignment_from_dict(by_task[task_id]["spec"]["assignment"]), {}, sc["num_examples"],
-                                  0.0, scores=scores_from_json(sc["scores"])))
-        failures = {t["device_id"]: t["reason"] or "no update" for t in tasks if t["status"] != "accepted"}
+            results.append(Result(by_task[task_id].assignment, {}, sc["num_examples"], 0.0,
+                                  scores=scores_from_json(sc["scores"])))
+        failures = {t.device_id: t.reason or "no update" for t in tasks if t.status != "accepted"}
         before = self.global_weights
         aggregated = len(results) >= s["min_updates"]
         if aggregated:
@@ -444,7 +442,7 @@ class Coordinator:
         else:
             after, weights_after = before, row.weights_before
         ev = self.model.evaluate(after, self.test_x, self.test_y, upto_block=self.eval_block)
-        metrics = self._round_metrics(row, plan, tasks, updates, scored, why, aggregated, ev)
+        metrics = self._round_metrics(row, plan, tasks, updates, scored, why, aggregated, ev).to_dict()
         self.state.close_round(row.round, weights_after, self.strategy.state(), metrics)
         self.global_weights, self.weights_sha, self.next_round = after, weights_after, row.round + 1
         with open(self.metrics_path, "a") as f:
@@ -457,34 +455,35 @@ class Coordinator:
                  len(results), len(tasks), "" if aggregated else f", fewer than {s['min_updates']}: weights kept",
                  100 * ev["accuracy"], self.eval_block)
 
-    def _round_metrics(self, row, plan: RoundPlan, tasks, updates, scored, why, aggregated, ev) -> dict:
+    def _round_metrics(self, row, plan: RoundPlan, tasks: list[TaskRow], updates, scored, why: str,
+                       aggregated: bool, ev: dict) -> RoundMetrics:
         devices = {d["device_id"]: d for d in self.state.devices()}
         per_device = {}
         for t in tasks:
-            a = t["spec"]["assignment"]
-            u, sc = updates.get(t["task_id"]), scored.get(t["task_id"])
-            trained = self.model.param_bytes(assignment_from_dict(a).trained_names(self.model.manifest))
-            entry = {"kind": a.get("kind", "train"), "trainable": list(a["trainable"]),
-                     "train_head": a.get("train_head", True), "tier": devices[t["device_id"]]["tier"], "budget_bytes": devices[t["device_id"]]["budget_bytes"],
-                     "layers": [a["first"], a["last"]], "head": a["head"], "batch_size": a["batch_size"],
-                     "predicted_peak_bytes": a["predicted_peak_bytes"], "status": t["status"], "reason": t["reason"],
-                     "trained_bytes": trained}
+            a = t.assignment
+            u, sc = updates.get(t.task_id), scored.get(t.task_id)
+            answer = {}
             if u is not None:
-                entry.update(num_examples=u.num_examples, loss=u.loss, peak_rss_bytes=u.peak_rss_bytes,
-                             agent_peak_rss_bytes=u.agent_peak_rss_bytes, downloaded_bytes=u.downloaded_bytes,
-                             uploaded_bytes=u.blob_size, seconds=u.seconds)
+                answer = dict(num_examples=u.num_examples, loss=u.loss, peak_rss_bytes=u.peak_rss_bytes,
+                              agent_peak_rss_bytes=u.agent_peak_rss_bytes, downloaded_bytes=u.downloaded_bytes,
+                              uploaded_bytes=u.blob_size, seconds=u.seconds)
             if sc is not None:
-                entry.update(num_examples=sc["num_examples"], scores=sc["scores"], peak_rss_bytes=sc["peak_rss_bytes"],
-                             agent_peak_rss_bytes=sc["agent_peak_rss_bytes"], seconds=sc["seconds"])
-            per_device[t["device_id"]] = entry
-        return {"round": row.round, "strategy": self.settings["service"]["strategy"], "stage": plan.stage,
-                "closed_because": why, "aggregated": aggregated, "accuracy": ev["accuracy"], "loss": ev["loss"],
-                "eval_block": self.eval_block, "opened_at": row.opened_at, "closed_at": time.time(),
-                "updates": len(updates) + len(scored), "rejected": len(self.state.rejections(since=row.opened_at)),
-                "failed": sum(t["status"] == "failed" for t in tasks), "devices": per_device,
-                "idle": dict(plan.idle), "finished": self.strategy.finished,
-                "rounds_left": list(self.strategy.rounds_left()),   # (fewest, most): for progress and ETAs
-                "schedule": self.strategy.round_report(row.round)}
+                answer = dict(num_examples=sc["num_examples"], scores=sc["scores"], peak_rss_bytes=sc["peak_rss_bytes"],
+                              agent_peak_rss_bytes=sc["agent_peak_rss_bytes"], seconds=sc["seconds"])
+            per_device[t.device_id] = DeviceRound(
+                tier=devices[t.device_id]["tier"], budget_bytes=devices[t.device_id]["budget_bytes"], kind=a.kind,
+                trainable=tuple(a.trainable), train_head=a.train_head, layers=(a.first, a.last), head=a.head,
+                batch_size=a.batch_size, predicted_peak_bytes=a.predicted_peak_bytes, status=t.status,
+                reason=t.reason, trained_bytes=self.model.param_bytes(a.trained_names(self.model.manifest)), **answer)
+        return RoundMetrics(round=row.round, strategy=self.settings["service"]["strategy"], stage=plan.stage,
+                            closed_because=why, aggregated=aggregated, accuracy=ev["accuracy"], loss=ev["loss"],
+                            eval_block=self.eval_block, opened_at=row.opened_at, closed_at=time.time(),
+                            updates=len(updates) + len(scored),
+                            rejected=len(self.state.rejections(since=row.opened_at)),
+                            failed=sum(t.status == "failed" for t in tasks), devices=per_device,
+                            idle=dict(plan.idle), finished=self.strategy.finished,
+                            rounds_left=tuple(self.strategy.rounds_left()),   # (fewest, most): progress and ETAs
+                            schedule=self.strategy.round_report(row.round))
 
     def summary(self) -> dict:
         rounds = self.state.closed_rounds()
@@ -510,8 +509,7 @@ def stored_results(round_no: int, updates, by_task: dict, incoming: BlobStore) -
         except (OSError, EdgeRuntimeError) as exc:
             log.error("round %d: the stored update of %s is unreadable, left out: %s", round_no, u.device_id, exc)
             continue
-        results.append(Result(assignment_from_dict(by_task[u.task_id]["spec"]["assignment"]), values,
-                              u.num_examples, u.loss))
+        results.append(Result(by_task[u.task_id].assignment, values, u.num_examples, u.loss))
     return results
 
 
@@ -522,10 +520,6 @@ def _task_id(round_no: int, run_tag: str, device_id: str) -> str:
         import hashlib
         task_id = f"r{round_no}-{run_tag}-{hashlib.sha256(device_id.encode()).hexdigest()[:16]}"
     return task_id
-
-
-def _stage_text(stage: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in stage.items()) or "no stages"
 
 
 def _test_set(eval_data: str) -> tuple[np.ndarray, np.ndarray]:
@@ -540,29 +534,16 @@ def _test_set(eval_data: str) -> tuple[np.ndarray, np.ndarray]:
     return np.load(data.inputs_path, mmap_mode="r"), data.labels()
 
 
-def _ensure_export(model_dir: Path, model: str, seed: int) -> Path:
-    """The model's ONNX blocks, exported once per workdir (torch is only needed the first time)."""
-    if not (model_dir / "manifest.json").exists():
-        from coordinator.model import export, zoo
-        log.info("exporting %s to ONNX blocks in %s", model, model_dir)
-        export.export(zoo.build(model, seed=seed), model_dir)
-    return model_dir
-
-
 def _predictor(settings: dict, work: Path, model: GlobalModel):
     """The memory model the schedules fit parts with: the given profile, or one measured here once."""
     from edge_runtime.profiling.memory_model import Predictor
     from edge_runtime.profiling.profile_file import Profile, ProfileError
     given = settings["service"]["profile"]
-    path = Path(given) if given else work / "profile.json"
-    if not path.exists():
-        if given:
-            raise SystemExit(f"profile {path} does not exist (make one with `edge-profile measure`)")
-        from edge_runtime.profiling.profiler import run_profile
-        log.info("no profile given: measuring the memory of training each block here (once, about a minute)")
-        profile = run_profile(model.manifest_path, [], sorted(settings["train"]["batch_sizes"]), work / "profiling",
-                              margin=settings["train"]["margin"], verify=False, log=lambda text: log.info("%s", text))
-        profile.save(path)
+    if given and not Path(given).exists():
+        raise SystemExit(f"profile {given} does not exist (make one with `edge-profile measure`)")
+    path = Path(given) if given else measured_profile(
+        work, settings["service"]["model"], settings["train"]["batch_sizes"], settings["service"]["seed"],
+        margin=settings["train"]["margin"], log=lambda text: log.info("no profile given: %s", text))
     profile = Profile.load(path)
     if profile.manifest_sha256 != model.manifest_sha:
         raise ProfileError(f"profile {path} was measured for another model export ({profile.model}, manifest "

@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from coordinator.strategies.base import Assignment, assignment_from_dict
+from edge_runtime.wire.protocol import Task
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -53,6 +56,31 @@ class RoundRow:
     weights_after: str | None
     plan: dict
     strategy_state: dict
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """A task as stored: who, which round, how it was settled, and its spec (the plan's assignment and the
+    Task message sent), read back typed on demand."""
+    task_id: str
+    round: int
+    device_id: str
+    spec: dict
+    status: str                      # sent | accepted | rejected | failed
+    reason: str | None = None
+
+    @property
+    def assignment(self) -> Assignment:
+        return assignment_from_dict(self.spec["assignment"])
+
+    @property
+    def task(self) -> Task:
+        return Task.decode(json.dumps(self.spec["task"]).encode())
+
+
+def task_spec(assignment: Assignment, task: Task) -> dict:
+    """What the store keeps of a task: the assignment the strategy planned and the message the device gets."""
+    return {"assignment": asdict(assignment), "task": json.loads(task.encode())}
 
 
 @dataclass(frozen=True)
@@ -145,19 +173,15 @@ class StateStore:
             return None
         return RoundRow(*row[:6], json.loads(row[6]), json.loads(row[7]))
 
-    def task(self, task_id: str) -> dict | None:
+    def task(self, task_id: str) -> TaskRow | None:
         row = self._db.execute("SELECT task_id, round, device_id, spec, status, reason FROM tasks WHERE task_id = ?",
                                (task_id,)).fetchone()
-        if row is None:
-            return None
-        return {"task_id": row[0], "round": row[1], "device_id": row[2], "spec": json.loads(row[3]), "status": row[4],
-                "reason": row[5]}
+        return None if row is None else TaskRow(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5])
 
-    def tasks(self, round_no: int) -> list[dict]:
+    def tasks(self, round_no: int) -> list[TaskRow]:
         rows = self._db.execute("SELECT task_id, round, device_id, spec, status, reason FROM tasks WHERE round = ? "
                                 "ORDER BY task_id", (round_no,)).fetchall()
-        return [{"task_id": r[0], "round": r[1], "device_id": r[2], "spec": json.loads(r[3]), "status": r[4],
-                 "reason": r[5]} for r in rows]
+        return [TaskRow(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5]) for r in rows]
 
     def record_update(self, update) -> bool:
         """Durably record an accepted update; False (and nothing changes) if this task's update is already in."""

@@ -81,7 +81,7 @@ def test_pure_noise_scores_one_over_sqrt_window_and_thresholds_below_it_are_refu
 def test_a_round_reads_stored_updates_lazily_and_leaves_out_lost_or_altered_ones(tmp_path, caplog):
     """The close of a round: hash-checked, read a tensor at a time, a damaged update left out with a log line."""
     from coordinator.service import stored_results
-    from coordinator.state_store import UpdateRow
+    from coordinator.state_store import TaskRow, UpdateRow
     from coordinator.strategies.aggregation import weighted_average
     from coordinator.strategies.base import Assignment
     from edge_runtime.wire import weights as wcodec
@@ -96,7 +96,8 @@ def test_a_round_reads_stored_updates_lazily_and_leaves_out_lost_or_altered_ones
         wcodec.save(tmp_path / f"{device}.safetensors", values)
         sha = store.put_file(tmp_path / f"{device}.safetensors")
         rows.append(UpdateRow(f"t-{device}", 1, device, sha, 10 * (i + 1), 0.5, 1, 1.0, 0.0))
-        by_task[f"t-{device}"] = {"spec": {"assignment": asdict(Assignment(device, 0, 1, (0, 1), 0, 32, 1))}}
+        by_task[f"t-{device}"] = TaskRow(f"t-{device}", 1, device,
+                                         {"assignment": asdict(Assignment(device, 0, 1, (0, 1), 0, 32, 1))}, "accepted")
     raw = bytearray(store.path(rows[1].blob_sha256).read_bytes())
     raw[-1] ^= 0xFF                                         # b's update altered on disk
     store.path(rows[1].blob_sha256).write_bytes(bytes(raw))

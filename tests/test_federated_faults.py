@@ -134,7 +134,7 @@ class Rogue:
                                                        self.store.root / "models")
         from edge_runtime.wire.manifest import Manifest
         m = Manifest.load(manifest_path)
-        names = m.param_names(task.part["trainable_layers"], [task.part["head"]])
+        names = m.param_names(task.part.trainable_layers, [task.part.head])
         weights = wcodec.WeightFiles(files, names)
         return {n: weights[n] for n in names}
 

@@ -28,7 +28,7 @@ def test_round_tasks_updates_and_duplicates(tmp_path):
     assert s.record_update(_update("r1-pi-01")) is True
     assert s.record_update(_update("r1-pi-01")) is False          # a duplicate delivery changes nothing
     assert [u.task_id for u in s.updates(1)] == ["r1-pi-01"]
-    assert s.task("r1-pi-01")["status"] == "accepted" and s.task("r1-pi-02")["status"] == "sent"
+    assert s.task("r1-pi-01").status == "accepted" and s.task("r1-pi-02").status == "sent"
     with pytest.raises(Exception):
         s.record_update(_update("r9-unknown"))                      # not a task of any round
     s.close_round(1, weights_after="ef" * 32, strategy_state={"t": 1})

@@ -1,39 +1,48 @@
-"""Schedules: who trains what each round. `build` makes one from the coordinator's settings."""
+"""Schedules: who trains what each round. One module per published method, each stating only what differs.
+
+A strategy registers itself by being a `Strategy` subclass with a `name` in a module of this
+package: adding a method is adding one file. The service, the CLIs, the demo and the
+benchmarks read the registry, never a list of names of their own.
+"""
 from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import asdict
 
 from coordinator.strategies.base import Strategy
 
-NAMES = ("progressive", "fedavg", "selective", "layerwise")
+DEFAULT = "progressive"
+
+
+def registry() -> dict[str, type[Strategy]]:
+    """Every strategy of this package, by name."""
+    found: dict[str, type[Strategy]] = {}
+    for info in pkgutil.iter_modules(__path__, __name__ + "."):
+        module = importlib.import_module(info.name)
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, Strategy) and value.name \
+                    and value.__module__ == module.__name__:
+                if value.name in found:
+                    raise RuntimeError(f"two strategies are named {value.name!r}: {found[value.name]} and {value}")
+                found[value.name] = value
+    return dict(sorted(found.items()))
+
+
+def names() -> list[str]:
+    return list(registry())
+
+
+def settings_tables() -> dict[str, dict]:
+    """Each strategy's table of settings with its defaults, as the coordinator's config holds them."""
+    return {name: asdict(cls.Settings()) for name, cls in registry().items()}
 
 
 def build(settings: dict, manifest, predict) -> Strategy:
-    """The strategy named in settings['service']['strategy'], with its own table of settings."""
-    from coordinator.strategies.fedavg import FedAvg
-    from coordinator.strategies.freezing import FreezeRule
-    from coordinator.strategies.layerwise import LayerWise
-    from coordinator.strategies.progressive import Progressive
-    from coordinator.strategies.selective import Selective
+    """The strategy named in settings['service']['strategy'], configured from its own table."""
     name, train = settings["service"]["strategy"], settings["train"]
-    common = dict(batch_sizes=train["batch_sizes"], margin=train["margin"])
-    if name == "fedavg":
-        return FedAvg(manifest, predict, rounds=settings["fedavg"]["rounds"], **common)
-    if name == "progressive":
-        p = settings["progressive"]
-        rule = FreezeRule(window=p["freeze_window"], threshold=p["freeze_threshold"], patience=p["freeze_patience"])
-        return Progressive(manifest, predict, shrink_rounds=p["shrink_rounds"],
-                           min_rounds_per_block=p["min_rounds_per_block"],
-                           max_rounds_per_block=p["max_rounds_per_block"], max_extra_blocks=p["max_extra_blocks"],
-                           freeze_rule=rule, **common)
-    if name == "layerwise":
-        lw, p = settings["layerwise"], settings["progressive"]
-        rule = FreezeRule(window=p["freeze_window"], threshold=p["freeze_threshold"], patience=p["freeze_patience"])
-        return LayerWise(manifest, predict, rounds_per_layer=lw["rounds_per_layer"],
-                         min_rounds_per_layer=lw["min_rounds_per_layer"], dropout=lw["dropout"],
-                         frozen_after=lw["frozen_after"],
-                         min_cache_disk_bytes=int(lw["min_cache_disk_mb"] * 2**20), freeze_rule=rule,
-                         seed=settings["service"]["seed"], **common)
-    if name == "selective":
-        sel = settings["selective"]
-        return Selective(manifest, predict, rounds=sel["rounds"], rescore_every=sel["rescore_every"], lam=sel["lam"],
-                         max_units=sel["max_units"], **common)
-    raise ValueError(f"unknown strategy {name!r}; known: {', '.join(NAMES)}")
+    known = registry()
+    if name not in known:
+        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(known)}")
+    return known[name].from_settings(manifest, predict, settings.get(name, {}), batch_sizes=train["batch_sizes"],
+                                     margin=train["margin"], seed=settings["service"]["seed"])

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
 from coordinator.strategies.aggregation import weighted_average
-from edge_runtime.train.artifacts import TrainablePart
+from edge_runtime.wire.part import TrainablePart
 
 # peak bytes of training layers first..last (head after last) at a batch size
 PeakPredictor = Callable[[int, int, int], float]
@@ -86,6 +86,25 @@ class RoundPlan:
                    dict(raw.get("idle", {})), dict(raw.get("stage", {})))
 
 
+def stage_text(stage: Mapping, short: bool = False) -> str:
+    """What a round's schedule was doing: 'growing block 2', 'layerwise layer 3', 'score'.
+
+    short: a few characters for a timeline cell ('grow b2', 'layer 3', 'score').
+    """
+    phase = str(stage.get("phase", ""))
+    if short:
+        phase = {"shrinking": "shrink", "growing": "grow", "layerwise": "layer"}.get(phase, phase)
+        if "block" in stage:
+            return f"{phase} b{stage['block']}"
+        if "layer" in stage:
+            return f"layer {stage['layer']}"
+        return phase or "-"
+    for key in ("block", "layer"):
+        if key in stage:
+            return f"{phase} {key} {stage[key]}".strip()
+    return phase or "-"
+
+
 def assignment_from_dict(raw: Mapping) -> Assignment:
     return Assignment(raw["device_id"], int(raw["first"]), int(raw["last"]), tuple(raw["trainable"]), int(raw["head"]),
                       int(raw["batch_size"]), int(raw["predicted_peak_bytes"]), bool(raw.get("train_head", True)),
@@ -101,14 +120,35 @@ class Result:
     scores: Mapping | None = None      # a score task's answer: {layer index or "head": score}
 
 
+@dataclass(frozen=True)
+class NoSettings:
+    """A schedule with no settings of its own."""
+
+
 class Strategy(ABC):
-    name: str = ""
+    """One published schedule. A subclass in a module of this package registers itself: it names
+    itself (`name`, also its table in the coordinator's settings) and declares its settings and
+    their defaults in `Settings`, a frozen dataclass beside its code."""
+    name: ClassVar[str] = ""
+    Settings: ClassVar[type] = NoSettings
 
     def __init__(self, manifest, predict: PeakPredictor, batch_sizes: Sequence[int], margin: float = 0.10):
         self.manifest = manifest
         self.predict = predict
         self.batch_sizes = sorted(set(batch_sizes), reverse=True)
         self.margin = margin
+
+    @classmethod
+    def from_settings(cls, manifest, predict: PeakPredictor, table: Mapping, batch_sizes: Sequence[int],
+                      margin: float, seed: int) -> "Strategy":
+        """The strategy configured from its own table of the coordinator's settings."""
+        return cls(manifest, predict, batch_sizes=batch_sizes, margin=margin,
+                   **cls.constructor_args(cls.Settings(**table), seed))
+
+    @classmethod
+    def constructor_args(cls, settings, seed: int) -> dict:
+        """The constructor's keyword arguments for a table of settings (by default: the same names)."""
+        return asdict(settings)
 
     # -- the contract ---------------------------------------------------------------------
     @abstractmethod

@@ -2,13 +2,22 @@
 budget cannot hold whole-model training are excluded, as a real deployment must."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from coordinator.strategies.base import Assignment, RoundPlan, Strategy
+
+
+@dataclass(frozen=True)
+class FedAvgSettings:
+    """[fedavg]"""
+    rounds: int = 10
 
 
 class FedAvg(Strategy):
     name = "fedavg"
+    Settings = FedAvgSettings
 
-    def __init__(self, *args, rounds: int = 10, **kwargs):
+    def __init__(self, *args, rounds: int = FedAvgSettings.rounds, **kwargs):
         super().__init__(*args, **kwargs)
         self.rounds = rounds
         self.rounds_done = 0

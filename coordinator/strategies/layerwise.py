@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,12 +30,36 @@ from coordinator.strategies.base import Assignment, RoundPlan, Strategy
 from coordinator.strategies.freezing import BlockMovement, FreezeRule, restore_movement, round_report
 
 
+@dataclass(frozen=True)
+class LayerWiseSettings:
+    """[layerwise]: rounds per layer, depth dropout, and its own freezing rule."""
+    rounds_per_layer: int = 3
+    min_rounds_per_layer: int = 1
+    dropout: float = 0.0
+    frozen_after: int = 0
+    min_cache_disk_mb: float = 256.0
+    freeze_window: int = 6
+    freeze_threshold: float = 0.5
+    freeze_patience: int = 2
+
+
 class LayerWise(Strategy):
     name = "layerwise"
+    Settings = LayerWiseSettings
 
-    def __init__(self, *args, rounds_per_layer: int = 3, min_rounds_per_layer: int = 1, dropout: float = 0.0,
-                 frozen_after: int = 0, min_cache_disk_bytes: int = 256 << 20, freeze_rule: FreezeRule = FreezeRule(),
-                 seed: int = 0, **kwargs):
+    @classmethod
+    def constructor_args(cls, settings: LayerWiseSettings, seed: int) -> dict:
+        return dict(rounds_per_layer=settings.rounds_per_layer, min_rounds_per_layer=settings.min_rounds_per_layer,
+                    dropout=settings.dropout, frozen_after=settings.frozen_after,
+                    min_cache_disk_bytes=int(settings.min_cache_disk_mb * 2**20), seed=seed,
+                    freeze_rule=FreezeRule(window=settings.freeze_window, threshold=settings.freeze_threshold,
+                                           patience=settings.freeze_patience))
+
+    def __init__(self, *args, rounds_per_layer: int = LayerWiseSettings.rounds_per_layer,
+                 min_rounds_per_layer: int = LayerWiseSettings.min_rounds_per_layer,
+                 dropout: float = LayerWiseSettings.dropout, frozen_after: int = LayerWiseSettings.frozen_after,
+                 min_cache_disk_bytes: int = int(LayerWiseSettings.min_cache_disk_mb * 2**20),
+                 freeze_rule: FreezeRule = FreezeRule(), seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         if not 1 <= min_rounds_per_layer <= rounds_per_layer or not 0 <= dropout < 1 or frozen_after < -1:
             raise ValueError("need 1 <= min_rounds_per_layer <= rounds_per_layer, 0 <= dropout < 1 and "

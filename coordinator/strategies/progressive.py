@@ -18,16 +18,40 @@ of the frozen blocks before it, so a device needs the memory of that block, not 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from coordinator.strategies.base import Assignment, RoundPlan, Strategy
 from coordinator.strategies.freezing import BlockMovement, FreezeRule, restore_movement, round_report
 
 
+@dataclass(frozen=True)
+class ProgressiveSettings:
+    """[progressive]: the stages' round bounds and the effective-movement freezing rule."""
+    shrink_rounds: int = 1
+    min_rounds_per_block: int = 2
+    max_rounds_per_block: int = 6
+    max_extra_blocks: int = 1
+    freeze_window: int = 6
+    freeze_threshold: float = 0.5
+    freeze_patience: int = 2
+
+
 class Progressive(Strategy):
     name = "progressive"
+    Settings = ProgressiveSettings
 
-    def __init__(self, *args, shrink_rounds: int = 1, min_rounds_per_block: int = 3, max_rounds_per_block: int = 10,
-                 max_extra_blocks: int = 1, freeze_rule: FreezeRule = FreezeRule(), **kwargs):
+    @classmethod
+    def constructor_args(cls, settings: ProgressiveSettings, seed: int) -> dict:
+        return dict(shrink_rounds=settings.shrink_rounds, min_rounds_per_block=settings.min_rounds_per_block,
+                    max_rounds_per_block=settings.max_rounds_per_block, max_extra_blocks=settings.max_extra_blocks,
+                    freeze_rule=FreezeRule(window=settings.freeze_window, threshold=settings.freeze_threshold,
+                                           patience=settings.freeze_patience))
+
+    def __init__(self, *args, shrink_rounds: int = ProgressiveSettings.shrink_rounds,
+                 min_rounds_per_block: int = ProgressiveSettings.min_rounds_per_block,
+                 max_rounds_per_block: int = ProgressiveSettings.max_rounds_per_block,
+                 max_extra_blocks: int = ProgressiveSettings.max_extra_blocks, freeze_rule: FreezeRule = FreezeRule(),
+                 **kwargs):
         super().__init__(*args, **kwargs)
         if not 1 <= min_rounds_per_block <= max_rounds_per_block:
             raise ValueError("need 1 <= min_rounds_per_block <= max_rounds_per_block")

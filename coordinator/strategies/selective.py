@@ -22,17 +22,29 @@ the layers it could ever train: those from the lowest layer whose span fits its 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from coordinator.strategies.base import Assignment, RoundPlan, Strategy
 from coordinator.strategies.layer_selection import SelectionProblem, solve
 
 HEAD = "head"
 
 
+@dataclass(frozen=True)
+class SelectiveSettings:
+    """[selective]: train rounds, how often to score again, the disagreement weight and the unit budget."""
+    rounds: int = 6
+    rescore_every: int = 3
+    lam: float = 0.0
+    max_units: int = 2
+
+
 class Selective(Strategy):
     name = "selective"
+    Settings = SelectiveSettings
 
-    def __init__(self, *args, rounds: int = 6, rescore_every: int = 3, lam: float = 0.0, max_units: int = 2,
-                 **kwargs):
+    def __init__(self, *args, rounds: int = SelectiveSettings.rounds, rescore_every: int = SelectiveSettings.rescore_every,
+                 lam: float = SelectiveSettings.lam, max_units: int = SelectiveSettings.max_units, **kwargs):
         super().__init__(*args, **kwargs)
         if rounds < 1 or rescore_every < 1 or lam < 0 or max_units < 1:
             raise ValueError("need rounds >= 1, rescore_every >= 1, lam >= 0 and max_units >= 1")
