@@ -28,7 +28,8 @@ except ModuleNotFoundError:  # Python < 3.11
 from mosquitto_helpers import Broker, connect, make_secrets, wait_message
 
 from coordinator.ops.broker import EmbeddedBroker
-from coordinator.ops.bundle import _parser, check, main, platform_tags
+from coordinator.ops.bundle import _parser, check, main
+from coordinator.ops.wheels import platform_tags
 from edge_runtime.device.tiers import find_tier
 from edge_runtime.memory import MIB
 from edge_runtime.train.datasets import LocalDataset, load_fashion_mnist

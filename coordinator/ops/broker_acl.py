@@ -1,7 +1,7 @@
 """The Mosquitto ACL of a fleet: the coordinator reads and writes the fleet's tree, a device only its own.
 
 A device's MQTT user name is its id. The rights follow the protocol
-(edge_runtime/protocol.py) and what the agent does with it (edge_runtime/agent.py): a
+(edge_runtime/wire/protocol.py) and what the agent does with it (edge_runtime/device/agent.py): a
 device writes hello, status (also its last will), fetch, upload and update on its own
 topics; it reads task, blob and ack on its own topics, and the coordinator's status,
 nothing else. Its own topics are Mosquitto `pattern` lines with `%u`, which hold for every
