@@ -140,7 +140,7 @@ def test_report_numbers_match_the_metrics_file(runs):
 
 
 def test_the_freezing_metric_is_the_schedules_and_absent_for_fedavg(runs):
-    from coordinator.observe.run_report import freezing_series, load_run
+    from coordinator.observe.run_data import freezing_series, load_run
     metrics = read_metrics(runs["progressive"])
     kind, series, threshold = freezing_series(load_run(runs["progressive"]))
     logged = {(m["stage"]["block"], m["round"], m["schedule"]["effective_movement"]) for m in metrics}

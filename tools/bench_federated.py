@@ -48,7 +48,9 @@ from pathlib import Path
 
 from benchdocs import machine, write_section
 
-from coordinator.observe.run_status import stage_text
+from coordinator.observe.run_data import round_bytes
+from coordinator.round_metrics import DeviceRound, RoundMetrics
+from coordinator.strategies.base import stage_text
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = REPO / "docs" / "img" / "bench_federated.png"
@@ -107,51 +109,53 @@ def pretrain(args, root: Path, held_out, log) -> dict:
     return result
 
 
-def run_strategy(args, root: Path, broker_url: str, specs, run: str) -> list[dict]:
+def run_strategy(args, root: Path, broker_url: str, specs, run: str) -> list[RoundMetrics]:
     """One schedule over the fleet until its coordinator finishes; resumes a run left in `root`."""
     from coordinator.local.fleet import LocalFleet, read_metrics
     work = root / run
     t0 = time.monotonic()
+
+    def closed(raw) -> None:
+        m = RoundMetrics.from_dict(raw)
+        print(f"  {run} round {m.round:>2} {stage_text(m.stage):<22} accuracy {m.accuracy:.2%} "
+              f"({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
+
     with LocalFleet(work, broker_url, fleet=f"bench-{run}") as fleet:
         fleet.start_run(_settings(args, work / "coordinator", root, run, len(specs)), specs)
-        code = fleet.follow(work / "coordinator", lambda m: print(
-            f"  {run} round {m['round']:>2} {stage_text(m['stage']):<22} accuracy {m['accuracy']:.2%} "
-            f"({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True), every_s=2.0)
+        code = fleet.follow(work / "coordinator", closed, every_s=2.0)
         if code != 0:
             raise SystemExit(f"the {run} coordinator failed:\n{fleet.log_tail('coordinator')}")
-    return read_metrics(work / "coordinator")
+    return [RoundMetrics.from_dict(m) for m in read_metrics(work / "coordinator")]
 
 
-def summarize(metrics: list[dict], budgets: dict) -> dict:
-    rows = [(m, d, r) for m in metrics for d, r in m["devices"].items() if r["status"] == "accepted"]
-    train = [(m, d, r) for m, d, r in rows if r.get("kind", "train") == "train"]
+def summarize(metrics: list[RoundMetrics], budgets: dict) -> dict:
+    rows = [(m, d, r) for m in metrics for d, r in m.accepted().items()]
+    train = [(m, d, r) for m, d, r in rows if r.kind == "train"]
     peaks = {}
     for _, d, r in rows:   # score jobs count too: a device runs them
         job, agent = peaks.get(d, (0, 0))
-        peaks[d] = (max(job, r["peak_rss_bytes"]), max(agent, r["agent_peak_rss_bytes"]))
-    up_ratio = max((r["uploaded_bytes"] / r["trained_bytes"] for _, _, r in train), default=0)
+        peaks[d] = (max(job, r.peak_rss_bytes), max(agent, r.agent_peak_rss_bytes))
+    up_ratio = max((r.uploaded_bytes / r.trained_bytes for _, _, r in train), default=0)
     # the safetensors header (names, shapes, offsets) is a fixed cost: large next to a 2.6 KB part
-    up_overhead = max((r["uploaded_bytes"] - r["trained_bytes"] for _, _, r in train), default=0)
+    up_overhead = max((r.uploaded_bytes - r.trained_bytes for _, _, r in train), default=0)
     repeat_down = []  # download in a round that trains the same part as the device's previous round
     last = {}
     for m, d, r in train:
-        part = (tuple(r["trainable"]), r["head"], r.get("train_head", True))
-        if last.get(d) == (m["round"] - 1, part):
-            repeat_down.append(r["downloaded_bytes"] / r["trained_bytes"])
-        last[d] = (m["round"], part)
-    per_round_up = [sum(r.get("uploaded_bytes", 0) for r in m["devices"].values()) for m in metrics]
-    per_round_down = [sum(r.get("downloaded_bytes", 0) for r in m["devices"].values()) for m in metrics]
-    return {"final_accuracy": metrics[-1]["accuracy"], "best_accuracy": max(m["accuracy"] for m in metrics),
+        part = (tuple(r.trained_layers()), r.head, r.train_head)
+        if last.get(d) == (m.round - 1, part):
+            repeat_down.append(r.downloaded_bytes / r.trained_bytes)
+        last[d] = (m.round, part)
+    total_bytes = sum(sum(round_bytes(m)) for m in metrics)   # sent and received, all devices
+    return {"final_accuracy": metrics[-1].accuracy, "best_accuracy": max(m.accuracy for m in metrics),
             "rounds": len(metrics), "device_rounds": len(train),
-            "score_rounds": sum(1 for m in metrics if m["stage"].get("phase") == "score"),
+            "score_rounds": sum(1 for m in metrics if m.stage.get("phase") == "score"),
             "devices_used": sorted({d for _, d, _ in train}), "peaks": peaks,
             "over_budget": [d for d, (job, agent) in peaks.items() if job + agent > budgets[d]],
             "max_upload_over_trained": up_ratio, "max_upload_overhead_bytes": up_overhead,
             "max_repeat_download_over_trained": max(repeat_down, default=None),
-            "mean_up_kb": sum(r["uploaded_bytes"] for _, _, r in train) / max(1, len(train)) / 1024,
-            "mean_down_kb": sum(r["downloaded_bytes"] for _, _, r in train) / max(1, len(train)) / 1024,
-            "total_mb": (sum(per_round_up) + sum(per_round_down)) / 2**20,
-            "mean_round_mb": (sum(per_round_up) + sum(per_round_down)) / max(1, len(metrics)) / 2**20}
+            "mean_up_kb": sum(r.uploaded_bytes for _, _, r in train) / max(1, len(train)) / 1024,
+            "mean_down_kb": sum(r.downloaded_bytes for _, _, r in train) / max(1, len(train)) / 1024,
+            "total_mb": total_bytes / 2**20, "mean_round_mb": total_bytes / max(1, len(metrics)) / 2**20}
 
 
 def plot(results: dict, specs, budgets: dict, path: Path, start_accuracy: float | None = None) -> None:
@@ -161,7 +165,7 @@ def plot(results: dict, specs, budgets: dict, path: Path, start_accuracy: float 
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.4))
     for name, metrics in results.items():
-        ax[0].plot([m["round"] for m in metrics], [100 * m["accuracy"] for m in metrics], marker=".", label=name)
+        ax[0].plot([m.round for m in metrics], [100 * m.accuracy for m in metrics], marker=".", label=name)
     if start_accuracy is not None:
         ax[0].axhline(100 * start_accuracy, color="grey", linestyle=":", label="pretrained start")
     ax[0].set(xlabel="round", ylabel="test accuracy (%)", title="accuracy per round",
@@ -169,9 +173,8 @@ def plot(results: dict, specs, budgets: dict, path: Path, start_accuracy: float 
     ax[0].grid(alpha=0.3)
     ax[0].legend(fontsize=8)
     for name, metrics in results.items():
-        total = [sum(r.get("uploaded_bytes", 0) + r.get("downloaded_bytes", 0) for r in m["devices"].values())
-                 / 2**20 for m in metrics]
-        ax[1].plot([m["round"] for m in metrics], total, marker=".", label=name)
+        total = [sum(round_bytes(m)) / 2**20 for m in metrics]
+        ax[1].plot([m.round for m in metrics], total, marker=".", label=name)
     ax[1].set(xlabel="round", ylabel="MB sent + received, all devices", title="bytes per round", yscale="log")
     ax[1].grid(alpha=0.3)
     ax[1].legend(fontsize=8)
@@ -252,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             group = "finetune" if run in FINETUNE else "scratch"
             results[run] = run_strategy(args, root, broker.url, specs[group], run)
             # the run's own span (first round opened to last closed): right for a run read back, too
-            minutes[run] = (results[run][-1]["closed_at"] - results[run][0]["opened_at"]) / 60
+            minutes[run] = (results[run][-1].closed_at - results[run][0].opened_at) / 60
     summary = {k: summarize(v, budgets) for k, v in results.items()}
     (root / "summary.json").write_text(json.dumps({"runs": summary, "pretrained": pretrained, "minutes": minutes},
                                                   indent=1))
@@ -327,7 +330,7 @@ def _section(args, summary, results, specs, pretrained, minutes) -> str:
               "Accuracy per round (stage in brackets):", "",
               "| round | " + " | ".join(SCRATCH) + " |", "|---:|" + "---:|" * len(SCRATCH)]
     for i in range(max(len(results[k]) for k in SCRATCH)):
-        cells = [f"{results[k][i]['accuracy']:.2%} ({stage_text(results[k][i]['stage'])})"
+        cells = [f"{results[k][i].accuracy:.2%} ({stage_text(results[k][i].stage)})"
                  if i < len(results[k]) else "" for k in SCRATCH]
         lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
     lines += [
@@ -362,16 +365,16 @@ def _section(args, summary, results, specs, pretrained, minutes) -> str:
         "",
     ]
     for m in results["finetune-selective"]:
-        if m["stage"].get("phase") != "train":
+        if m.stage.get("phase") != "train":
             continue
-        picks = ", ".join(f"{d} {_picked(r)}" for d, r in sorted(m["devices"].items()) if r["status"] == "accepted")
-        lines.append(f"- round {m['round']}: {picks}")
+        picks = ", ".join(f"{d} {_picked(r)}" for d, r in sorted(m.accepted().items()))
+        lines.append(f"- round {m.round}: {picks}")
     lines += ["", "![accuracy, bytes and peaks per device, fine-tuning](img/bench_federated_finetune.png)", ""]
     return "\n".join(lines)
 
 
-def _picked(r: dict) -> str:
-    return "[" + " ".join([str(i) for i in r["trainable"]] + (["h"] if r.get("train_head", True) else [])) + "]"
+def _picked(r: DeviceRound) -> str:
+    return "[" + " ".join([str(i) for i in r.trained_layers()] + (["h"] if r.train_head else [])) + "]"
 
 
 def _ratio(x) -> str:

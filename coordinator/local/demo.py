@@ -19,8 +19,10 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Mapping, Sequence
 
 from coordinator.config import ConfigError, load_config
+from coordinator.round_metrics import RoundMetrics
 
 DEFAULTS = {
     "demo": {"workdir": "runs/demo", "model": "fmnist_cnn", "samples": 16000, "alpha": 0.5, "seed": 0,
@@ -155,28 +157,31 @@ def run_fleet(coordinator: dict, work: Path, specs, broker_url: str, fleet_name:
     return read_metrics(work / "coordinator")
 
 
-def round_line(m: dict, elapsed: float) -> str:
-    from coordinator.observe.run_status import stage_text
-    trained = [r for r in m["devices"].values() if r["status"] == "accepted"]
-    worst = max((r["peak_rss_bytes"] + r["agent_peak_rss_bytes"]) / 2**20 for r in trained) if trained else 0
-    idle = f", {len(m['idle'])} idle" if m.get("idle") else ""
-    return (f"round {m['round']:>3} closed  {stage_text(m['stage']):<20} updates {m['updates']}/{len(m['devices'])}"
-            f"{idle}, rejected {m['rejected']}  accuracy {m['accuracy']:6.2%}  largest device peak {worst:4.0f} MB  "
+def round_line(m: RoundMetrics | Mapping, elapsed: float) -> str:
+    """The line a closed round leaves above the live one: its stage, updates, accuracy and largest device peak."""
+    from coordinator.observe.run_data import MB
+    from coordinator.strategies.base import stage_text
+    m = m if isinstance(m, RoundMetrics) else RoundMetrics.from_dict(m)
+    trained = list(m.accepted().values())
+    worst_mb = max(r.device_peak_bytes for r in trained) / MB if trained else 0
+    idle = f", {len(m.idle)} idle" if m.idle else ""
+    return (f"round {m.round:>3} closed  {stage_text(m.stage):<20} updates {m.updates}/{len(m.devices)}"
+            f"{idle}, rejected {m.rejected}  accuracy {m.accuracy:6.2%}  largest device peak {worst_mb:4.0f} MB  "
             f"({elapsed:.0f} s)")
 
 
-def summarize(metrics: list[dict], specs) -> dict:
-    budgets = {s.device_id: s.budget_bytes / 2**20 for s in specs}
-    worst: dict[str, float] = {}
-    for m in metrics:
-        for device, r in m["devices"].items():
-            if r["status"] == "accepted":
-                peak = (r["peak_rss_bytes"] + r["agent_peak_rss_bytes"]) / 2**20
-                worst[device] = max(worst.get(device, 0), peak)
-    return {"rounds": len(metrics), "finished": bool(metrics and metrics[-1]["finished"]),
-            "final_test_accuracy": metrics[-1]["accuracy"] if metrics else None,
-            "peak_mb": worst, "budget_mb": budgets,
-            "over_budget": sorted(d for d, p in worst.items() if p > budgets[d])}
+def summarize(metrics: Sequence[RoundMetrics | Mapping], specs) -> dict:
+    """What summary.json holds; a device's worst peak (job + agent) is held against its whole budget, not the job's."""
+    from coordinator.observe.run_data import MB, tally_devices
+    rounds = [m if isinstance(m, RoundMetrics) else RoundMetrics.from_dict(m) for m in metrics]
+    rows = tally_devices(rounds)
+    answered = dict.fromkeys(d for m in rounds for d in m.accepted())     # in the order the devices first answered
+    peak_mb = {d: rows[d].device_peak_bytes / MB for d in answered}
+    budget_mb = {s.device_id: s.budget_bytes / MB for s in specs}
+    return {"rounds": len(rounds), "finished": bool(rounds and rounds[-1].finished),
+            "final_test_accuracy": rounds[-1].accuracy if rounds else None,
+            "peak_mb": peak_mb, "budget_mb": budget_mb,
+            "over_budget": sorted(d for d, p in peak_mb.items() if p > budget_mb[d])}
 
 
 def run(settings: dict) -> dict:

@@ -16,7 +16,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coordinator.observe.run_data import parse_round
 from coordinator.state_store import StateStore
+from coordinator.strategies.base import stage_text
 
 
 @dataclass
@@ -63,21 +65,20 @@ def _read(state: StateStore) -> Snapshot:
     snap.tiers = {t: [online[t], known[t]] for t in sorted(known)}
     closed = state.closed_rounds()
     snap.rounds_closed = len(closed)
-    if closed:
-        last = closed[-1]
-        snap.accuracy, snap.finished = last.get("accuracy"), bool(last.get("finished"))
-        if "rounds_left" in last:
-            snap.rounds_left = tuple(last["rounds_left"])
+    rounds = [m for m in map(parse_round, closed) if m is not None]   # a round closed without metrics has none
+    last = parse_round(closed[-1]) if closed else None
+    if last is not None:
+        snap.accuracy, snap.finished, snap.rounds_left = last.accuracy, bool(last.finished), last.rounds_left
     row = state.current_round()
     if row is not None:
         snap.round, snap.round_open, snap.stage = row.round, row.state == "open", row.plan.get("stage", {})
         if snap.round_open:
-            status = Counter(t["status"] for t in state.tasks(row.round))
+            status = Counter(t.status for t in state.tasks(row.round))
             snap.tasks, snap.accepted, snap.failed = sum(status.values()), status["accepted"], status["failed"]
             snap.rejected = len(state.rejections(since=row.opened_at))
         else:
-            snap.tasks = len(closed[-1].get("devices", {})) if closed else 0
-    durations = [m["closed_at"] - m["opened_at"] for m in closed if "closed_at" in m and "opened_at" in m]
+            snap.tasks = len(last.devices) if last is not None else 0
+    durations = [m.seconds for m in rounds if m.seconds is not None]
     if snap.rounds_left is not None and durations:
         mean = sum(durations) / len(durations)
         snap.eta_s = (snap.rounds_left[0] * mean, snap.rounds_left[1] * mean)
@@ -99,14 +100,6 @@ def _running(who: dict | None) -> bool | None:
     except PermissionError:
         pass                            # alive, another user's
     return True
-
-
-def stage_text(stage: dict) -> str:
-    """'growing block 2', 'layerwise layer 3', 'score', ... from a round plan's stage."""
-    for key in ("block", "layer"):
-        if key in stage:
-            return f"{stage.get('phase', '')} {key} {stage[key]}".strip()
-    return str(stage.get("phase", "-"))
 
 
 def _clock(seconds: float) -> str:
