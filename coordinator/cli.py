@@ -148,7 +148,7 @@ def run(settings: dict, stop: threading.Event) -> dict:
 
 
 def status(workdir: Path, as_json: bool) -> int:
-    """The run at a glance (coordinator/run_status.py); safe beside a running coordinator."""
+    """The run at a glance (coordinator/observe/run_status.py); safe beside a running coordinator."""
     from coordinator.observe.run_status import snapshot, status_lines
     from coordinator.state_store import StateStore
     snap = snapshot(workdir)

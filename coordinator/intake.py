@@ -2,7 +2,7 @@
 
 Cheap checks that need no blob come first (identity, registration, task, round), then the
 blob (declared size, completeness, format), then the tensors (names, dtypes, shapes,
-finite values, norm of the change; coordinator/aggregation.py). A rejection carries its
+finite values, norm of the change; coordinator/strategies/aggregation.py). A rejection carries its
 reason: the service logs it, counts it in the state store and sends it back in the Ack,
 and a rejected update never touches the global model. A second copy of an accepted
 update is a duplicate: acknowledged again, counted once.

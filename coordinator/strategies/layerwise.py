@@ -6,7 +6,7 @@ the layer and its head, with the frozen layers before it read from its activatio
 cache, so its memory is one layer's. `frozen_after` keeps that many frozen layers after
 the trainable one in the graph (they run forward and pass gradients back; -1 keeps all of
 them, up to the final head). A layer advances after `rounds_per_layer` rounds, or earlier
-once the effective-movement rule (coordinator/freezing.py) says it has converged.
+once the effective-movement rule (coordinator/strategies/freezing.py) says it has converged.
 
 Depth dropout: each frozen skippable (residual) layer in a device's graph is skipped for
 that device in a round with probability `dropout`; the device neither computes it nor

@@ -8,7 +8,7 @@ of the frozen blocks before it, so a device needs the memory of that block, not 
   head starting parameters shaped by the position they will hold. (Block 0 is skipped: it
   is the growing stage's first step anyway.) shrink_rounds=0 turns the stage off.
 - Growing stage, front to back: block t trains with its head on top of the trained,
-  frozen prefix until the effective-movement rule (coordinator/freezing.py) says it has
+  frozen prefix until the effective-movement rule (coordinator/strategies/freezing.py) says it has
   converged (after `min_rounds_per_block`) or `max_rounds_per_block` is reached; then it
   freezes and block t+1 starts. The last block's head is the real classifier.
 - A device takes part in a stage only if the stage's sub-model is predicted to fit its

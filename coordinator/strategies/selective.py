@@ -2,10 +2,10 @@
 
 Rounds alternate between scoring and training. A score round asks each device for its
 layers' gradient scores on its local data (forward and backward only; no weight
-changes; edge_runtime/layer_scores.py). The `rescore_every` train rounds after it give
+changes; edge_runtime/train/layer_scores.py). The `rescore_every` train rounds after it give
 each device the set of at most `max_units` units (layers with parameters, and the final
 head as one more unit; the paper's per-client layer budget) chosen by
-coordinator/layer_selection.py: the largest total score minus `lam` times the
+coordinator/strategies/layer_selection.py: the largest total score minus `lam` times the
 disagreement between devices, with every set inside its device's measured memory budget.
 A device that can hold the whole model may train twice `max_units`. A device without
 scores of its own (it joined after the score round, or its score job did not fit) waits

@@ -5,8 +5,8 @@ neighbouring blocks, by default) for a few real steps at one batch size, in a fr
 process whose own peak RSS is the number recorded; a preparatory job first builds the
 span's artifact and prefix cache so that the measured process only trains. The runtime's
 baseline (a process that only imports it) is measured apart. From these, a memory model
-predicts every span at every batch (edge_runtime/memory_model.py), and a dynamic program
-over the layer boundaries chooses each tier's stages (edge_runtime/partition.py). With
+predicts every span at every batch (edge_runtime/profiling/memory_model.py), and a dynamic program
+over the layer boundaries chooses each tier's stages (edge_runtime/profiling/partition.py). With
 verification on (the default), every chosen stage is then measured at its chosen batch.
 """
 from __future__ import annotations

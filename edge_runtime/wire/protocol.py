@@ -4,7 +4,7 @@ One home for the topic layout and every message's fields; both sides import it. 
 messages are UTF-8 JSON objects, decoded strictly: a missing field, a wrong type, an
 unknown field, a value out of range or an oversize payload is a ProtocolError that says
 which. Large objects (graphs, weights, updates) never travel in a control message; they
-are content-addressed blobs sent in chunks (edge_runtime/transfer.py). Nothing received
+are content-addressed blobs sent in chunks (edge_runtime/wire/transfer.py). Nothing received
 is ever unpickled.
 
 Topics, under `edgeblock/v1/<fleet>/`:
