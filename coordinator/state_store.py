@@ -99,12 +99,13 @@ class UpdateRow:
 
 
 class StateStore:
-    def __init__(self, path: Path, readonly: bool = False):
-        """readonly: for status tools beside a running coordinator; they must never write its state."""
+    def __init__(self, path: Path, readonly: bool = False, timeout_s: float = 10.0):
+        """readonly: for status tools beside a running coordinator; they must never write its state.
+        timeout_s: how long a read waits for the coordinator's write lock."""
         self.path = Path(path)
         if readonly:
             self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
-                                       check_same_thread=False, timeout=10.0)
+                                       check_same_thread=False, timeout=timeout_s)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)

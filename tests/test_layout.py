@@ -148,3 +148,29 @@ def test_the_wheel_lists_every_package_of_the_tree():
     on_disk = {name for name, path in modules().items() if path.name == "__init__.py"}
     assert on_disk <= listed, sorted(on_disk - listed)
     assert listed - on_disk == {"edge_runtime.device.profiles"}   # profiles/, mapped into the device package
+
+
+def test_a_wheel_install_finds_its_tiers_and_templates(tmp_path):
+    """What a wheel installs runs as a checkout does: the tier files and the template files are in it."""
+    import subprocess
+    import sys
+    import zipfile
+
+    from coordinator.ops.wheels import project_wheel
+    wheel = project_wheel(tmp_path / "wheel")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    tiers = sorted(p.name for p in (REPO / "profiles").glob("*.toml"))
+    assert tiers and {f"edge_runtime/device/profiles/{t}" for t in tiers} <= names
+    for package in ("ops", "observe"):
+        shipped = {p.name for p in (REPO / "coordinator" / package / "templates").iterdir()}
+        assert shipped and {f"coordinator/{package}/templates/{t}" for t in shipped} <= names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    # -S: no site-packages, so the checkout's editable install cannot answer instead of the wheel
+    code = ("from edge_runtime.device.tiers import DEFAULT_PROFILES_DIR, find_tier; print(DEFAULT_PROFILES_DIR); "
+            "print(find_tier('generic-256mb').name)")
+    out = subprocess.run([sys.executable, "-S", "-c", code], env={"PYTHONPATH": str(site)}, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    where, name = out.stdout.split()
+    assert Path(where) == site / "edge_runtime" / "device" / "profiles" and name == "generic-256mb"

@@ -48,6 +48,7 @@ from pathlib import Path
 
 from benchdocs import machine, write_section
 
+from coordinator import strategies
 from coordinator.observe.run_data import round_bytes
 from coordinator.round_metrics import DeviceRound, RoundMetrics
 from coordinator.strategies.base import stage_text
@@ -56,7 +57,7 @@ REPO = Path(__file__).resolve().parent.parent
 IMAGE = REPO / "docs" / "img" / "bench_federated.png"
 IMAGE_FINETUNE = REPO / "docs" / "img" / "bench_federated_finetune.png"
 TIERS = {"tiny": 134, "small": 150, "big": 296}
-SCRATCH = ("fedavg", "progressive", "selective", "layerwise")
+SCRATCH = tuple(strategies.names())          # every registered schedule, from scratch
 FINETUNE = ("finetune-fedavg", "finetune-selective")
 
 
@@ -69,15 +70,18 @@ def _settings(args, work: Path, root: Path, run: str, n_devices: int) -> dict:
     if finetune:
         service.update(init_weights=str(root / "pretrained.safetensors"), eval_data=str(root / "eval-shifted"))
     rounds = args.finetune_rounds if finetune else None
+    # the benchmark's own round budgets; a schedule not named here runs with its defaults
+    tables = strategies.settings_tables()
+    tables["progressive"].update(shrink_rounds=1, min_rounds_per_block=args.min_rounds_per_block,
+                                 max_rounds_per_block=args.max_rounds_per_block, max_extra_blocks=1)
+    tables["fedavg"].update(rounds=rounds or args.fedavg_rounds)
+    tables["selective"].update(rounds=rounds or args.selective_rounds, rescore_every=3, lam=0.0, max_units=2)
+    tables["layerwise"].update(rounds_per_layer=args.rounds_per_layer, min_rounds_per_layer=1)
     return {
         "service": service,
         "train": {"learning_rate": args.finetune_learning_rate if finetune else args.learning_rate,
                   "local_epochs": args.finetune_epochs if finetune else args.local_epochs, "batch_sizes": [32, 64]},
-        "progressive": {"shrink_rounds": 1, "min_rounds_per_block": args.min_rounds_per_block,
-                        "max_rounds_per_block": args.max_rounds_per_block, "max_extra_blocks": 1},
-        "fedavg": {"rounds": rounds or args.fedavg_rounds},
-        "selective": {"rounds": rounds or args.selective_rounds, "rescore_every": 3, "lam": 0.0, "max_units": 2},
-        "layerwise": {"rounds_per_layer": args.rounds_per_layer, "min_rounds_per_layer": 1},
+        **tables,
     }
 
 
@@ -115,8 +119,7 @@ def run_strategy(args, root: Path, broker_url: str, specs, run: str) -> list[Rou
     work = root / run
     t0 = time.monotonic()
 
-    def closed(raw) -> None:
-        m = RoundMetrics.from_dict(raw)
+    def closed(m: RoundMetrics) -> None:
         print(f"  {run} round {m.round:>2} {stage_text(m.stage):<22} accuracy {m.accuracy:.2%} "
               f"({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
 

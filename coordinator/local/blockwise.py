@@ -91,10 +91,10 @@ def run(settings: dict) -> dict:
     from edge_runtime.jobs.worker import JobSpec
     from edge_runtime.memory import MIB
     from edge_runtime.store import atomic_write_text
-    from edge_runtime.wire.part import TrainablePart
     from edge_runtime.train.datasets import LocalDataset, load_fashion_mnist
     from edge_runtime.train.trainer import evaluate
     from edge_runtime.wire import weights as wcodec
+    from edge_runtime.wire.part import TrainablePart
 
     r, t, d = settings["run"], settings["train"], settings["device"]
     work = Path(r["workdir"]).resolve()

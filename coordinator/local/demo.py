@@ -19,20 +19,29 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
+from coordinator import strategies
 from coordinator.config import ConfigError, load_config
 from coordinator.round_metrics import RoundMetrics
 
-DEFAULTS = {
-    "demo": {"workdir": "runs/demo", "model": "fmnist_cnn", "samples": 16000, "alpha": 0.5, "seed": 0,
-             "strategy": "progressive", "baseline": False, "baseline_rounds": 6,
-             # TIER:COUNT with a tier of profiles/ (its budget_mb), or NAME:COUNT:BUDGET_MB
-             "fleet": ["generic-256mb:2", "pi-zero-2w:2", "pi-3b-plus:1"]},
-    "train": {"learning_rate": 2e-3, "local_epochs": 1.0, "batch_sizes": [32, 64]},
-    "progressive": {"shrink_rounds": 1, "min_rounds_per_block": 2, "max_rounds_per_block": 3, "max_extra_blocks": 1},
-    "fedavg": {"rounds": 6},
-}
+
+def _defaults() -> dict:
+    """The demo's settings: its own table, training, and every strategy's table (shorter stages than a service's)."""
+    tables = strategies.settings_tables()
+    tables["progressive"].update(min_rounds_per_block=2, max_rounds_per_block=3)
+    tables["fedavg"].update(rounds=6)
+    return {
+        "demo": {"workdir": "runs/demo", "model": "fmnist_cnn", "samples": 16000, "alpha": 0.5, "seed": 0,
+                 "strategy": strategies.DEFAULT, "baseline": False, "baseline_rounds": 6,
+                 # TIER:COUNT with a tier of profiles/ (its budget_mb), or NAME:COUNT:BUDGET_MB
+                 "fleet": ["generic-256mb:2", "pi-zero-2w:2", "pi-3b-plus:1"]},
+        "train": {"learning_rate": 2e-3, "local_epochs": 1.0, "batch_sizes": [32, 64]},
+        **tables,
+    }
+
+
+DEFAULTS = _defaults()
 # --quick: the CI-sized run (about a minute on 2 cores): the same fleet on less data, shorter stages
 QUICK = {"demo": {"samples": 5000, "baseline_rounds": 2},
          "progressive": {"min_rounds_per_block": 1, "max_rounds_per_block": 1}}
@@ -46,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
   edge-demo --baseline                       # then full-model FedAvg on the same fleet, for the report's comparison
   edge-demo --samples 60000 --alpha 100      # more data, nearly IID
   edge-demo --fleet generic-256mb:3 --fleet pi-4b-2gb:1 --fleet lab-board:2:180
-  edge-demo --config demo.toml               # [demo], [train], [progressive], [fedavg]; flags win
+  edge-demo --config demo.toml               # [demo], [train] and a table per strategy; flags win
 
 Tiers are the files in profiles/ (docs/profiles.md); a device of a tier gets
 that tier's budget_mb for its training jobs. A budget that fits no block leaves the device
@@ -54,12 +63,14 @@ idle, and the coordinator tells it why.
 
 Results: WORKDIR/report/report.html, WORKDIR/coordinator/metrics.jsonl (one line per round);
 logs: WORKDIR/fleet/logs/; status from another terminal: edge-coordinator status WORKDIR/coordinator""")
-    p.add_argument("--config", type=Path, help="TOML file with [demo], [train], [progressive], [fedavg] tables")
+    p.add_argument("--config", type=Path, help="TOML file with [demo] and [train] tables and a table per strategy "
+                                                  f"({', '.join(f'[{n}]' for n in strategies.names())})")
     p.add_argument("--workdir", help="where the broker, coordinator, devices and results live (resumable)")
     p.add_argument("--model", help="zoo model (fmnist_cnn, resnet_small)")
     p.add_argument("--samples", type=int, help="Fashion-MNIST training images split across the fleet")
     p.add_argument("--alpha", type=float, help="Dirichlet concentration: 0.5 is strongly non-IID, 100 nearly IID")
-    p.add_argument("--strategy", choices=["progressive", "fedavg", "selective", "layerwise"])
+    p.add_argument("--strategy", choices=strategies.names(),
+                   help=f"the schedule the fleet runs (default {strategies.DEFAULT})")
     p.add_argument("--fleet", action="append", metavar="TIER:COUNT[:BUDGET_MB]",
                    help="devices of a tier (repeat the flag for each tier)")
     p.add_argument("--local-epochs", type=float, help="passes over its local data a device makes per round")
@@ -136,7 +147,7 @@ def _profile(settings: dict, work: Path) -> Path:
 
 
 def run_fleet(coordinator: dict, work: Path, specs, broker_url: str, fleet_name: str,
-              progress: Progress) -> list[dict]:
+              progress: Progress) -> list[RoundMetrics]:
     """One run of the coordinator and the fleet until the schedule finishes; resumes a stopped one."""
     from coordinator.local.fleet import LocalFleet, read_metrics
     from coordinator.observe.run_status import progress_line, snapshot
@@ -154,14 +165,13 @@ def run_fleet(coordinator: dict, work: Path, specs, broker_url: str, fleet_name:
                             seen=len(read_metrics(work / "coordinator")), on_tick=live)
         if code != 0:
             raise SystemExit(f"edge-demo: the coordinator failed:\n{fleet.log_tail('coordinator')}")
-    return read_metrics(work / "coordinator")
+    return [RoundMetrics.from_dict(m) for m in read_metrics(work / "coordinator")]
 
 
-def round_line(m: RoundMetrics | Mapping, elapsed: float) -> str:
+def round_line(m: RoundMetrics, elapsed: float) -> str:
     """The line a closed round leaves above the live one: its stage, updates, accuracy and largest device peak."""
     from coordinator.observe.run_data import MB
     from coordinator.strategies.base import stage_text
-    m = m if isinstance(m, RoundMetrics) else RoundMetrics.from_dict(m)
     trained = list(m.accepted().values())
     worst_mb = max(r.device_peak_bytes for r in trained) / MB if trained else 0
     idle = f", {len(m.idle)} idle" if m.idle else ""
@@ -170,10 +180,9 @@ def round_line(m: RoundMetrics | Mapping, elapsed: float) -> str:
             f"({elapsed:.0f} s)")
 
 
-def summarize(metrics: Sequence[RoundMetrics | Mapping], specs) -> dict:
+def summarize(rounds: Sequence[RoundMetrics], specs) -> dict:
     """What summary.json holds; a device's worst peak (job + agent) is held against its whole budget, not the job's."""
     from coordinator.observe.run_data import MB, tally_devices
-    rounds = [m if isinstance(m, RoundMetrics) else RoundMetrics.from_dict(m) for m in metrics]
     rows = tally_devices(rounds)
     answered = dict.fromkeys(d for m in rounds for d in m.accepted())     # in the order the devices first answered
     peak_mb = {d: rows[d].device_peak_bytes / MB for d in answered}
@@ -201,7 +210,7 @@ def run(settings: dict) -> dict:
     def coordinator(strategy: str, **fedavg) -> dict:
         return {"service": {"model": d["model"], "seed": d["seed"], "strategy": strategy, "profile": str(profile),
                             "round_deadline_s": 300.0, "offline_grace_s": 10.0},
-                "train": dict(settings["train"]), "progressive": dict(settings["progressive"]),
+                "train": dict(settings["train"]), **{name: dict(settings[name]) for name in strategies.names()},
                 "fedavg": dict(settings["fedavg"], **fedavg)}
 
     with EmbeddedBroker(work / "broker") as broker:

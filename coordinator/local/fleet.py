@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator.round_metrics import RoundMetrics
 from edge_runtime.jobs.child import device_child_env
 
 
@@ -112,14 +113,15 @@ class LocalFleet:
 
     def follow(self, metrics_dir: Path, on_round, seen: int = 0, every_s: float = 1.0, on_tick=None,
                name: str = "coordinator") -> int:
-        """Wait for the coordinator to exit; call on_round(m) once per round closed after the first `seen`
-        (and on_tick() between polls); return its exit code. What the demo and the benchmarks watch with."""
+        """Wait for the coordinator to exit; call on_round(m) with the RoundMetrics of each round closed after
+        the first `seen` (and on_tick() between polls); return its exit code. What the demo and the benchmarks
+        watch with."""
         proc = self.procs[name]
         while True:
             exited = proc.poll() is not None
             metrics = read_metrics(metrics_dir)
             for m in metrics[seen:]:
-                on_round(m)
+                on_round(RoundMetrics.from_dict(m))
             seen = max(seen, len(metrics))
             if exited:
                 return proc.returncode
@@ -156,5 +158,6 @@ class LocalFleet:
 
 
 def read_metrics(workdir: Path) -> list[dict]:
+    """metrics.jsonl as JSON objects, one per closed round (RoundMetrics.from_dict reads one typed)."""
     path = Path(workdir) / "metrics.jsonl"
     return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []

@@ -96,7 +96,7 @@ def read_store(path: Path) -> dict:
     if not path.exists():
         return {}
     try:
-        state = StateStore(path, readonly=True)
+        state = StateStore(path, readonly=True, timeout_s=0.5)   # a report must not wait on a busy store
     except sqlite3.Error:
         return {}
     try:

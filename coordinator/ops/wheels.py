@@ -112,7 +112,7 @@ def pinned(name: str) -> str:
 
 def gather(wheels: Path, arch: str, extra_wheels: tuple[Path, ...]) -> Path:
     """Every wheel the board installs, put in `wheels`; returns the project's own wheel."""
-    project = _project_wheel(wheels)
+    project = project_wheel(wheels)
     for extra in extra_wheels:
         shutil.copy2(extra, wheels)
     _download(project, wheels, arch)
@@ -120,7 +120,7 @@ def gather(wheels: Path, arch: str, extra_wheels: tuple[Path, ...]) -> Path:
     return project
 
 
-def _project_wheel(dest: Path) -> Path:
+def project_wheel(dest: Path) -> Path:
     """The project's wheel, built from a copy of its sources: an in-tree build would leave build/ in
     the checkout, and a module deleted from the sources could linger in the wheel from there."""
     print("edge-bundle: building the edgeblock wheel", flush=True)
