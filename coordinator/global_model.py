@@ -14,6 +14,8 @@ from typing import Mapping
 
 import numpy as np
 
+from coordinator.model.graphs import evaluate
+from coordinator.model.part_graphs import ensure_part_graphs
 from edge_runtime.wire import model_blobs
 from edge_runtime.wire.manifest import Manifest
 from edge_runtime.wire.transfer import BlobStore
@@ -25,8 +27,6 @@ class GlobalModel:
         self.manifest = Manifest.load(self.manifest_path)
         self.store = store
         self.manifest_sha = store.put_file(self.manifest_path)
-        for ref in [l.graph for l in self.manifest.layers] + [h.graph for h in self.manifest.heads]:
-            store.put_file(self.manifest.graph_path(ref))
 
     # -- weights by index ---------------------------------------------------------------------
     def save(self, weights: Mapping[str, np.ndarray]) -> str:
@@ -44,8 +44,17 @@ class GlobalModel:
     def manifest_ref(self) -> dict:
         return {"sha256": self.manifest_sha, "size": self.store.path(self.manifest_sha).stat().st_size}
 
+    def prepare_parts(self, parts) -> None:
+        """Build the graphs of parts not trained before (one builder child for all of a round's parts)."""
+        ensure_part_graphs(self.manifest, parts)
+
     def task_blobs(self, part, index_sha: str) -> list[dict]:
-        return model_blobs.task_blobs(self.manifest, part, self.index(index_sha), self.store)
+        """Every blob a task for `part` names: its graphs (stored as blobs here) and its weight groups."""
+        step, prefix = model_blobs.part_graph_paths(self.manifest, part)
+        graphs = {model_blobs.STEP_GRAPH: self.store.put_file(step)}
+        if prefix is not None:
+            graphs[model_blobs.PREFIX_GRAPH] = self.store.put_file(prefix)
+        return model_blobs.task_blobs(self.manifest, part, self.index(index_sha), self.store, graphs)
 
     def param_bytes(self, names) -> int:
         specs = self.manifest.param_specs()
@@ -53,5 +62,4 @@ class GlobalModel:
 
     def evaluate(self, weights: Mapping[str, np.ndarray], inputs: np.ndarray, labels: np.ndarray,
                  upto_block: int | None = None) -> dict:
-        from edge_runtime.train.trainer import evaluate
         return evaluate(self.manifest, weights, inputs, labels, upto_block=upto_block)

@@ -253,6 +253,7 @@ class Coordinator:
             return
         self._idle_note = ""
         s, t = self.settings["service"], self.settings["train"]
+        self.model.prepare_parts([a.part() for a in plan.assignments])
         tasks = []
         for a in plan.assignments:
             part = a.part()

@@ -1,6 +1,6 @@
 """Files addressed by content: sha256 hashing, atomic writes, verified reads.
 
-Everything the device keeps on disk (graphs, weights, artifacts, caches) is written to
+Everything the device keeps on disk (graphs, weights, checkpoints, caches) is written to
 a temporary name and renamed into place, so a crash never leaves a half-written file
 under a real name.
 """

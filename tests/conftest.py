@@ -17,10 +17,20 @@ def fmnist():
 
 @pytest.fixture(scope="session")
 def fmnist_model(tmp_path_factory):
-    """The zoo's Fashion-MNIST CNN exported once: (manifest, initial weights)."""
+    """The zoo's Fashion-MNIST CNN exported once: (manifest, initial weights), with the step graphs of every
+    block and every run of neighbouring blocks built (a test of another part builds its own: build_graphs)."""
     from coordinator.model import export, zoo
+    from edge_runtime.wire.part import TrainablePart
     m = export.export(zoo.fmnist_cnn(), tmp_path_factory.mktemp("fmnist_cnn"))
+    n = len(m.blocks)
+    build_graphs(m, *[TrainablePart.blocks(m, a, b) for a in range(n) for b in range(a, n)])
     return m, export.load_weights(m)
+
+
+def build_graphs(manifest, *parts) -> None:
+    """What the coordinator does before it sends a task: build the parts' step and prefix graphs."""
+    from coordinator.model.part_graphs import ensure_part_graphs
+    ensure_part_graphs(manifest, parts)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """Depth dropout in training: frozen skippable layers of a part replaced by identity, on real
-onnxruntime training and Fashion-MNIST (resnet_small, whose residual layers are skippable).
+step graphs and Fashion-MNIST (resnet_small, whose residual layers are skippable).
 
 resnet_small's layers: 0 conv, 1-2 residual (32 ch), 3 strided conv, 4-6 residual (64 ch);
 layer i is `model.layers()[i]` in torch.
@@ -7,12 +7,12 @@ layer i is `model.layers()[i]` in torch.
 import numpy as np
 import pytest
 import torch
+from conftest import build_graphs
 
+from coordinator.model.graphs import GraphLibrary, forward_graph
 from edge_runtime.errors import IntegrityError, ManifestError
 from edge_runtime.jobs.worker import JobSpec, run_worker
-from edge_runtime.train.artifacts import ArtifactCache
-from edge_runtime.train.graphs import GraphLibrary, compose
-from edge_runtime.train.ort_backend import InferenceSession
+from edge_runtime.train.ort_backend import ForwardSession
 from edge_runtime.train.trainer import _batches, prepare_part, train
 from edge_runtime.wire.part import TrainablePart
 from edge_runtime.wire.train_config import TrainConfig
@@ -53,24 +53,24 @@ def test_training_with_a_skipped_frozen_layer(resnet, small_dataset, tmp_path):
 
     state = tmp_path / "state"
     partial = _lacking(m, weights, [5])  # the skipped layer's weights are not needed at all
+    others = [TrainablePart.for_layers(m, {1}, skip={4, 5}), TrainablePart.for_layers(m, {1})]
+    build_graphs(m, part, *others)
+    assert len({p.key(m) for p in [part, *others]}) == 3     # each skip set is a step graph of its own
     trained, res = train(m, partial, small_dataset, part, TrainConfig(batch_size=64, learning_rate=3e-3, epochs=2),
                          state, "dd")
-    assert res.artifact_built
     assert sorted(trained) == sorted(part.trainable_names(m))
     for name in trained:
         assert not np.allclose(trained[name], weights[name]), name
     first, last = np.mean(res.losses[:5]), np.mean(res.losses[-5:])
     assert last < first - 0.2, res.losses
 
-    # the same skip set reuses the artifact; another skip set (or none) is another artifact
+    # the prefix cache is not affected by skip
     _, again = train(m, partial, small_dataset, part, TrainConfig(batch_size=64, max_steps=1), state, "dd2")
-    assert not again.artifact_built and not again.prefix_computed  # the prefix cache is not affected by skip
-    _, other = train(m, weights, small_dataset, TrainablePart.for_layers(m, {1}, skip={4, 5}),
-                     TrainConfig(batch_size=64, max_steps=1), state, "dd3")
-    assert other.artifact_built and not other.prefix_computed
-    _, none = train(m, weights, small_dataset, TrainablePart.for_layers(m, {1}), TrainConfig(batch_size=64, max_steps=1),
-                    state, "dd4")
-    assert none.artifact_built
+    assert not again.prefix_computed
+    _, other = train(m, weights, small_dataset, others[0], TrainConfig(batch_size=64, max_steps=1), state, "dd3")
+    assert not other.prefix_computed
+    _, none = train(m, weights, small_dataset, others[1], TrainConfig(batch_size=64, max_steps=1), state, "dd4")
+    assert none.steps == 1
     # without skipping, the layer's weights are needed
     with pytest.raises(IntegrityError, match="lack"):
         train(m, partial, small_dataset, TrainablePart.for_layers(m, {1}), TrainConfig(max_steps=1), state, "dd5")
@@ -86,12 +86,14 @@ def test_the_skipped_graph_is_the_model_without_that_residual(resnet, small_data
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
         full = _torch_without(weights, []).eval()(torch.from_numpy(x)).numpy()
-    out = InferenceSession(compose(GraphLibrary(m), range(len(m.layers)), final, partial, skip=[2, 5])).run(x)
+    graph = forward_graph(GraphLibrary(m), range(len(m.layers)), final, skip=[2, 5])
+    out = ForwardSession(graph.SerializeToString()).run(x, partial)
     np.testing.assert_allclose(out, ref, atol=1e-4)
     assert not np.allclose(out, full, atol=1e-2)  # the branches really were removed
 
     # the training graph too: one SGD step of layer 1 with 2 and 5 skipped equals torch's on the model without them
     part = TrainablePart.for_layers(m, {1}, skip=[5, 2])
+    build_graphs(m, part)
     cfg = TrainConfig(optimizer="sgd", learning_rate=0.05, batch_size=32, max_steps=2, seed=3)
     trained, res = train(m, partial, small_dataset, part, cfg, tmp_path / "state", "sgd")
     xs, ys = np.load(small_dataset.inputs_path), small_dataset.labels()
@@ -122,16 +124,16 @@ def test_skipping_does_not_need_more_memory(resnet, small_dataset, tmp_path):
     for label, skip in [("no skip", ()), ("skip 2,4,5", (2, 4, 5))]:
         part = TrainablePart.for_layers(m, {1}, skip=skip)  # layers 2..6 frozen after the trainable one
         state = tmp_path / label.replace(" ", "_").replace(",", "")
-        # build the artifact and the prefix cache here, so the child measures training alone
-        _, _, inputs, _, _ = prepare_part(GraphLibrary(m), part, weights, small_dataset,
-                                          TrainConfig.from_dict(config), state)
+        # build the graphs and the prefix cache here, so the child measures training alone
+        build_graphs(m, part)
+        _, inputs, _, _ = prepare_part(m, part, weights, small_dataset, TrainConfig.from_dict(config), state)
         inputs.close()
         spec = JobSpec(manifest=str(m.root / "manifest.json"), weights=str(m.graph_path(m.weights)),
                        dataset=str(small_dataset.root), state_dir=str(state), task_id="mem",
                        part=part.to_dict(), config=config)
         report, child = run_worker(spec, tmp_path / "jobs" / state.name)
         assert report is not None and report["ok"], (report, child.stderr[-2000:])
-        assert not report["result"]["artifact_built"] and not report["result"]["prefix_computed"]
+        assert not report["result"]["prefix_computed"]
         peaks[label] = child.peak_rss_bytes
     print("\npeak RSS of training resnet_small layer 1 (batch 256): "
           + ", ".join(f"{k}: {v / 2**20:.1f} MiB" for k, v in peaks.items()))
@@ -158,7 +160,7 @@ def test_a_bad_skip_in_a_job_spec_is_refused_before_building(resnet, tmp_path):
     with pytest.raises(ManifestError, match="trainable layer"):
         part.validate(m)
     with pytest.raises(ManifestError, match="trainable layer"):
-        ArtifactCache(tmp_path).get_or_build(GraphLibrary(m), part, weights, "adamw")
+        build_graphs(m, part)
 
 
 def test_a_task_sends_no_weights_for_the_layers_it_skips(resnet, tmp_path):
@@ -166,10 +168,11 @@ def test_a_task_sends_no_weights_for_the_layers_it_skips(resnet, tmp_path):
     from edge_runtime.wire.transfer import BlobStore
     m, weights = resnet
     store = BlobStore(tmp_path / "blobs")
-    for ref in [l.graph for l in m.layers] + [h.graph for h in m.heads]:
-        store.put_file(m.graph_path(ref))
     index = model_blobs.publish_weights(m, weights, store)
     part = TrainablePart.for_layers(m, [1], skip=[2, 5])
-    names = [b["name"] for b in model_blobs.task_blobs(m, part, index, store)]
+    build_graphs(m, part)
+    step, prefix = model_blobs.part_graph_paths(m, part)
+    graphs = {"step.onnx": store.put_file(step), "prefix.onnx": store.put_file(prefix)}
+    names = [b["name"] for b in model_blobs.task_blobs(m, part, index, store, graphs)]
     assert "weights/layer.1" in names and "weights/layer.2" not in names and "weights/layer.5" not in names
     assert "weights/layer.4" in names                                  # frozen, not skipped: still needed

@@ -30,44 +30,46 @@ def _spec(m, dataset, state_dir, task_id, part, **config) -> JobSpec:
                    part=part.to_dict(), config=cfg)
 
 
-TORCH_BLOCKER = """
+# What a board does not have: importing any of them fails in the child below.
+NOT_ON_A_BOARD = ("torch", "onnx", "onnxruntime.training")
+BOARD_BLOCKER = f"""
 import importlib.abc, sys
-class _NoTorch(importlib.abc.MetaPathFinder):
+class _NotOnABoard(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is not installed on this board")
-sys.meta_path.insert(0, _NoTorch())
+        if any(name == m or name.startswith(m + ".") for m in {NOT_ON_A_BOARD!r}):
+            raise ImportError(name + " is not installed on this board")
+sys.meta_path.insert(0, _NotOnABoard())
 """
 
 
-def test_device_path_never_imports_torch(fmnist_model, small_dataset, tmp_path, fmnist):
-    """Train a block from the cache, evaluate, read/write weights, in a process where torch cannot import."""
-    m, _ = fmnist_model
-    spec = _spec(m, small_dataset, tmp_path / "state", "notorch", TrainablePart.block(m, 2), max_steps=3)
+def test_the_device_path_needs_no_torch_onnx_or_onnxruntime_training(fmnist_model, small_dataset, tmp_path, fmnist):
+    """Train a block from the cache, score layers, read and write weights in a process where torch, the onnx
+    package and onnxruntime-training cannot import; the update then scores on the coordinator."""
+    from coordinator.model.graphs import evaluate
+    m, weights = fmnist_model
+    spec = _spec(m, small_dataset, tmp_path / "state", "board", TrainablePart.block(m, 2), max_steps=3)
     spec.update_out = str(tmp_path / "update.safetensors")
     spec.save(tmp_path / "spec.json")
-    _, _, xt, yt = fmnist
-    np.save(tmp_path / "xt.npy", xt[:500])
-    np.save(tmp_path / "yt.npy", yt[:500])
-    script = TORCH_BLOCKER + f"""
-import json, numpy as np
+    score = _spec(m, small_dataset, tmp_path / "state", "board-score", TrainablePart.block(m, 2), max_steps=2)
+    score.mode = "score"
+    score.save(tmp_path / "score.json")
+    script = BOARD_BLOCKER + f"""
+import json
 from pathlib import Path
 from edge_runtime.jobs.worker import run_job, JobSpec
-from edge_runtime.train.trainer import evaluate
-from edge_runtime.wire.manifest import Manifest
-from edge_runtime.wire import weights
-out = run_job(JobSpec.load(Path({str(tmp_path / 'spec.json')!r})))
-m = Manifest.load(Path({str(m.root / 'manifest.json')!r}))
-w = weights.load(m.graph_path(m.weights)); w.update(weights.load(Path(out["update"])))
-acc = evaluate(m, w, np.load({str(tmp_path / 'xt.npy')!r}), np.load({str(tmp_path / 'yt.npy')!r}))
-print(json.dumps({{"ok": out["ok"], "torch_loaded": "torch" in sys.modules, "acc": acc["accuracy"]}}))
+trained = run_job(JobSpec.load(Path({str(tmp_path / 'spec.json')!r})))
+scored = run_job(JobSpec.load(Path({str(tmp_path / 'score.json')!r})))
+loaded = sorted(m for m in {NOT_ON_A_BOARD!r} if m in sys.modules)
+print(json.dumps({{"ok": trained["ok"] and scored["ok"], "loaded": loaded, "scores": len(scored["result"]["scores"])}}))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=device_child_env(),
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report == {"ok": True, "torch_loaded": False, "acc": report["acc"]}
-    assert 0.0 <= report["acc"] <= 1.0
+    assert report == {"ok": True, "loaded": [], "scores": 2}
+    _, _, xt, yt = fmnist
+    trained = {**weights, **wcodec.load(tmp_path / "update.safetensors")}
+    assert 0.0 <= evaluate(m, trained, xt[:500], yt[:500])["accuracy"] <= 1.0
 
 
 @pytest.mark.parametrize("checkpoint", ["weights", "full"])
@@ -140,14 +142,15 @@ def test_corrupted_graph_is_rejected_and_nothing_half_written(fmnist_model, smal
     copy = tmp_path / "model"
     shutil.copytree(m.root, copy)
     broken = Manifest.load(copy / "manifest.json")
-    graph = broken.graph_path(broken.layers[2].graph)
+    part = TrainablePart.block(broken, 1)
+    graph = broken.file(f"parts/{part.key(broken)}/step.onnx")   # the graph a device trains with
     data = bytearray(graph.read_bytes())
     data[len(data) // 2] ^= 0xFF
     graph.write_bytes(bytes(data))
     state = tmp_path / "state"
     with pytest.raises(IntegrityError, match="sha256"):
-        train(broken, weights, small_dataset, TrainablePart.block(broken, 1), TrainConfig(max_steps=1), state, "x")
-    assert [f for f in files_under(state) if not f.startswith("runs")] in ([], ["artifacts"])
+        train(broken, weights, small_dataset, part, TrainConfig(max_steps=1), state, "x")
+    assert [f for f in files_under(state) if not f.startswith("runs")] == []
     assert not list(state.rglob("*.onnx")) and not list(state.rglob("*.npy")) and not list(state.rglob("result.json"))
 
 

@@ -1,4 +1,4 @@
-"""Arbitrary trainable layer sets and layer gradient scores, on real onnxruntime training and Fashion-MNIST."""
+"""Arbitrary trainable layer sets and layer gradient scores, on real step graphs and Fashion-MNIST."""
 import hashlib
 import json
 import math
@@ -7,11 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import build_graphs
 
+from coordinator.model.graphs import evaluate
 from edge_runtime.errors import ManifestError
 from edge_runtime.jobs.worker import JobSpec, run_worker
 from edge_runtime.train.layer_scores import score_groups, score_layers, scores_from_json
-from edge_runtime.train.trainer import _batches, evaluate, train
+from edge_runtime.train.trainer import _batches, train
 from edge_runtime.wire.part import TrainablePart
 from edge_runtime.wire.train_config import TrainConfig
 
@@ -76,10 +78,13 @@ def test_a_layer_set_trains_with_frozen_layers_between_and_after(fmnist_model, s
     m, weights = fmnist_model
     _, _, xt, yt = fmnist
     part = TrainablePart.for_layers(m, {1, 3})  # layer 2 frozen in between, layer 4 frozen after, final head
+    build_graphs(m, part)
+    step = m.file(f"parts/{part.key(m)}/step.onnx")
+    built_at = step.stat().st_mtime_ns
     state = tmp_path / "state"
     before = evaluate(m, weights, xt[:500], yt[:500])
     trained, first = train(m, weights, small_dataset, part, TrainConfig(batch_size=64, epochs=1), state, "r1")
-    assert first.artifact_built and first.prefix_computed
+    assert first.prefix_computed
     # the update is exactly the trainable parameters: frozen layers are not in it at all
     assert sorted(trained) == sorted(part.trainable_names(m))
     assert not set(trained) & set(part.frozen_names(m))
@@ -89,15 +94,18 @@ def test_a_layer_set_trains_with_frozen_layers_between_and_after(fmnist_model, s
     assert after["loss"] < before["loss"] - 0.5, (before, after)
     assert after["accuracy"] > before["accuracy"] + 0.3, (before, after)
 
-    # same set, new weights: the cached artifact is reused (weights load by name), the prefix too
+    # same set, new weights: the step graph is the same file (weights are fed by name), the prefix cache too
+    build_graphs(m, part)
+    assert step.stat().st_mtime_ns == built_at
     _, second = train(m, {**weights, **trained}, small_dataset, part, TrainConfig(batch_size=64, max_steps=2),
                       state, "r2")
-    assert not second.artifact_built and not second.prefix_computed
-    # a different set is a different artifact
-    _, third = train(m, weights, small_dataset, TrainablePart.for_layers(m, {2, 4}),
-                     TrainConfig(batch_size=64, max_steps=2), state, "r3")
-    assert third.artifact_built
-    assert len([p for p in (state / "artifacts").iterdir() if not p.name.startswith(".")]) == 2
+    assert not second.prefix_computed
+    # a different set is a different step graph
+    other = TrainablePart.for_layers(m, {2, 4})
+    assert other.key(m) != part.key(m)
+    build_graphs(m, other)
+    _, third = train(m, weights, small_dataset, other, TrainConfig(batch_size=64, max_steps=2), state, "r3")
+    assert third.steps == 2
 
 
 def test_a_layer_set_takes_torchs_sgd_steps(fmnist_model, small_dataset, tmp_path):
@@ -105,6 +113,7 @@ def test_a_layer_set_takes_torchs_sgd_steps(fmnist_model, small_dataset, tmp_pat
     frozen layers 2 and 4 stay put inside the session (the second step runs through them)."""
     m, weights = fmnist_model
     part = TrainablePart.for_layers(m, {1, 3})
+    build_graphs(m, part)
     cfg = TrainConfig(optimizer="sgd", learning_rate=0.05, batch_size=32, max_steps=2, seed=3)
     trained, result = train(m, weights, small_dataset, part, cfg, tmp_path / "state", "sgd")
 
@@ -147,6 +156,7 @@ def test_scores_equal_torch_autograd(fmnist_model, small_dataset, tmp_path, laye
     m, weights = fmnist_model
     head = None if head_after is None else next(h.index for h in m.heads if h.attach_after_layer == head_after)
     part = TrainablePart.for_layers(m, layers, head=head, train_head=train_head)
+    build_graphs(m, part)
     cfg = TrainConfig(optimizer="sgd", batch_size=64, micro_batch_size=24, max_steps=3, seed=5)
     snapshot = {k: v.copy() for k, v in weights.items()}
     out = score_layers(m, weights, small_dataset, part, cfg, tmp_path / "state")
@@ -169,6 +179,7 @@ def test_scoring_through_the_worker_child(fmnist_model, small_dataset, tmp_path)
     weights_file = m.graph_path(m.weights)
     sha_before = hashlib.sha256(weights_file.read_bytes()).hexdigest()
     part = TrainablePart.for_layers(m, {2, 4})  # layer 3 frozen in between
+    build_graphs(m, part)
     state = tmp_path / "state"
     config = {"batch_size": 250, "micro_batch_size": 125, "threads": 1}
     spec = JobSpec(manifest=str(m.root / "manifest.json"), weights=str(weights_file), dataset=str(small_dataset.root),
@@ -188,6 +199,6 @@ def test_scoring_through_the_worker_child(fmnist_model, small_dataset, tmp_path)
     assert not list(state.rglob("*.safetensors"))
     # the child computes what this process computes
     here = score_layers(m, weights, small_dataset, part, TrainConfig.from_dict(config), state)
-    assert not here["artifact_built"]  # the child's artifact is reused
+    assert not here["prefix_computed"]  # the child's prefix cache is reused
     for key, value in here["scores"].items():
         assert scores[key] == pytest.approx(value, rel=1e-4), key

@@ -78,14 +78,15 @@ def test_skipping_a_residual_layer_is_identity_and_non_residual_is_refused(tmp_p
     import numpy as np
 
     from coordinator.model import export, zoo
-    from edge_runtime.train.graphs import GraphLibrary, compose
-    from edge_runtime.train.ort_backend import InferenceSession
+    from coordinator.model.graphs import GraphLibrary, compose, forward_graph
+    from edge_runtime.train.ort_backend import ForwardSession
     m = export.export(zoo.resnet_small(), tmp_path)
     w, lib = export.load_weights(m), GraphLibrary(m)
     x = np.random.default_rng(0).standard_normal((4,) + tuple(m.layers[1].input_shape)).astype(np.float32)
-    skipped = InferenceSession(compose(lib, [1, 2], None, w, skip=[1])).run(x)
-    only_second = InferenceSession(compose(lib, [2], None, w)).run(x)
-    both = InferenceSession(compose(lib, [1, 2], None, w)).run(x)
+
+    def run(layers, skip=()):
+        return ForwardSession(forward_graph(lib, layers, None, skip=skip).SerializeToString()).run(x, w)
+    skipped, only_second, both = run([1, 2], skip=[1]), run([2]), run([1, 2])
     np.testing.assert_allclose(skipped, only_second, atol=1e-6)
     assert not np.allclose(skipped, both)
     with pytest.raises(ManifestError, match="cannot be skipped"):

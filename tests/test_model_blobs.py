@@ -14,9 +14,14 @@ from edge_runtime.wire.transfer import BlobStore
 def _server(tmp_path, m, w):
     store = BlobStore(tmp_path / "server")
     store.put_file(m.root / "manifest.json")
-    for ref in [l.graph for l in m.layers] + [h.graph for h in m.heads]:
-        store.put_file(m.graph_path(ref))
     return store
+
+
+def _task_blobs(m, part, index, store):
+    """What the coordinator names in a task: the part's graphs (as blobs), then its weight groups."""
+    step, prefix = model_blobs.part_graph_paths(m, part)
+    graphs = {"step.onnx": store.put_file(step)} | ({"prefix.onnx": store.put_file(prefix)} if prefix else {})
+    return model_blobs.task_blobs(m, part, index, store, graphs)
 
 
 def test_only_changed_groups_get_new_blobs_and_a_task_names_only_its_part(tmp_path, fmnist_model):
@@ -29,12 +34,14 @@ def test_only_changed_groups_get_new_blobs_and_a_task_names_only_its_part(tmp_pa
     after = model_blobs.publish_weights(m, changed, store)
     differs = sorted(g for g in before if before[g] != after[g])
     assert differs == sorted([f"layer.{i}" for i in part.span if m.layers[i].params] + [f"head.{part.head}"])
-    blobs = model_blobs.task_blobs(m, part, after, store)
+    blobs = _task_blobs(m, part, after, store)
     names = [b["name"] for b in blobs]
     # the frozen prefix, the span and its head: nothing after the span, no other head
     assert [n for n in names if n.startswith("weights/")] == [f"weights/{g}" for g in model_blobs.part_groups(m, part)]
     assert f"weights/layer.{part.span[-1] + 1}" not in names
-    assert len([n for n in names if n.startswith("graphs/")]) == part.span[-1] + 2
+    # two graphs, composed for this part: its step graph and its prefix's forward graph
+    assert [n for n in names if n.startswith("parts/")] == [f"parts/{part.key(m)}/prefix.onnx",
+                                                             f"parts/{part.key(m)}/step.onnx"]
     back = model_blobs.load_index(after, store)
     assert all(np.array_equal(back[n], changed[n]) for n in changed)
 
@@ -44,12 +51,12 @@ def test_a_device_trains_from_the_laid_out_blobs(tmp_path, fmnist_model, small_d
     server = _server(tmp_path, m, w)
     index = model_blobs.publish_weights(m, w, server)
     part = TrainablePart.block(m, 2)
-    blobs = model_blobs.task_blobs(m, part, index, server)
+    blobs = _task_blobs(m, part, index, server)
     device = BlobStore(tmp_path / "device")
     manifest_sha = device.put_file(server.path(server.put_file(m.root / "manifest.json")))
     for b in blobs:
         device.put_file(server.path(b["sha256"]))
-    manifest_path, files = model_blobs.materialize(manifest_sha, blobs, device, tmp_path / "models")
+    manifest_path, files = model_blobs.materialize(manifest_sha, blobs, device, tmp_path / "models", part=part)
     spec = JobSpec(manifest=str(manifest_path), weights=files, dataset=str(small_dataset.root),
                    state_dir=str(tmp_path / "state"), task_id="t1", part=part.to_dict(),
                    config={"max_steps": 3, "batch_size": 32}, update_out=str(tmp_path / "update.safetensors"))
@@ -57,23 +64,24 @@ def test_a_device_trains_from_the_laid_out_blobs(tmp_path, fmnist_model, small_d
     assert out["ok"] and out["result"]["steps"] == 3
     update = wcodec.load(tmp_path / "update.safetensors")
     assert sorted(update) == sorted(part.trainable_names(m))
+    assert not list((tmp_path / "models").rglob("graphs"))   # the per-layer graphs stay on the coordinator
 
 
 def test_bad_task_layouts_are_refused(tmp_path, fmnist_model):
     m, w = fmnist_model
     server = _server(tmp_path, m, w)
     index = model_blobs.publish_weights(m, w, server)
-    blobs = model_blobs.task_blobs(m, TrainablePart.block(m, 0), index, server)
+    part = TrainablePart.block(m, 0)
+    blobs = _task_blobs(m, part, index, server)
     manifest_sha = server.put_file(m.root / "manifest.json")
-    for name in ("../../etc/passwd", "graphs/../x.onnx", "weights/layer.1/../../x"):
+    for name in ("../../etc/passwd", "graphs/../x.onnx", "weights/layer.1/../../x", f"parts/{'0' * 32}/../x.onnx",
+                 f"parts/{'0' * 32}/optimizer.onnx", f"graphs/{'0' * 64}.onnx"):
         with pytest.raises(ProtocolError, match="neither"):
             model_blobs.check_blob_names([dict(blobs[0], name=name)])
-    with pytest.raises(ProtocolError, match="not named by its hash"):
-        model_blobs.check_blob_names([dict(blobs[0], name=f"graphs/{'0' * 64}.onnx")])
-    other = server.put_bytes(b"not a graph of this manifest")
-    with pytest.raises(IntegrityError, match="does not name"):
-        model_blobs.materialize(manifest_sha, [{"sha256": other, "size": 10, "name": f"graphs/{other}.onnx"}],
-                                server, tmp_path / "models")
+    other = TrainablePart.block(m, 1)   # another part's step graph, sent for this part
+    with pytest.raises(IntegrityError, match="not of its part"):
+        model_blobs.materialize(manifest_sha, [dict(blobs[0], name=f"parts/{other.key(m)}/step.onnx")],
+                                server, tmp_path / "models", part=part)
     layer0 = server.path(index["layer.0"])
     copy = tmp_path / "copy.safetensors"
     copy.write_bytes(layer0.read_bytes())

@@ -1,4 +1,4 @@
-"""Training a part with onnxruntime-training: parity with torch, caches, micro-batches."""
+"""Training a part with its step graph and the numpy optimizers: parity with torch, caches, micro-batches."""
 import numpy as np
 import pytest
 import torch
@@ -9,7 +9,7 @@ from edge_runtime.wire.part import TrainablePart
 from edge_runtime.wire.train_config import TrainConfig
 
 
-def _torch_one_step(model, weights, block, x, y, optimizer, lr):
+def _torch_one_step(model, weights, block, x, y, optimizer, lr, eps):
     """One torch step of blocks[0..block] -> heads[block], training only block `block` and its head."""
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.items()})
     params = list(model.blocks[block].parameters()) + list(model.heads[block].parameters())
@@ -17,10 +17,8 @@ def _torch_one_step(model, weights, block, x, y, optimizer, lr):
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    # onnxruntime's AdamW adds eps to sqrt(v) before bias correction: at step t it is torch's
-    # AdamW with eps / sqrt(1 - beta2**t) (docs/architecture.md, "Optimizers").
     opt = torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else \
-        torch.optim.AdamW(params, lr=lr, eps=1e-6 / (1 - 0.999) ** 0.5, weight_decay=0.0)
+        torch.optim.AdamW(params, lr=lr, eps=eps, weight_decay=0.0)
     loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x), upto_block=block), torch.from_numpy(y))
     opt.zero_grad()
     loss.backward()
@@ -37,10 +35,13 @@ def test_one_step_matches_torch(fmnist_model, fmnist, tmp_path, optimizer, block
     xb, yb = x[:32], y[:32]
     ds = LocalDataset.write(tmp_path / "data", xb, yb)
     part = TrainablePart.block(m, block)
+    # AdamW's first step is about lr * sign(gradient) where |gradient| >> eps: an eps above float32's
+    # noise in the smallest gradients keeps the comparison about the mechanism, not rounding.
     cfg = TrainConfig(optimizer=optimizer, learning_rate=0.05 if optimizer == "sgd" else 1e-3,
-                      batch_size=32, max_steps=1)
+                      batch_size=32, max_steps=1, adam_eps=1e-5)
     trained, result = train(m, weights, ds, part, cfg, tmp_path / "state", "parity")
-    ref_loss, ref = _torch_one_step(zoo.fmnist_cnn(), weights, block, xb, yb, optimizer, cfg.learning_rate)
+    ref_loss, ref = _torch_one_step(zoo.fmnist_cnn(), weights, block, xb, yb, optimizer, cfg.learning_rate,
+                                    cfg.adam_eps)
     assert result.losses[0] == pytest.approx(ref_loss, abs=1e-4)
     assert set(trained) == set(part.trainable_names(m))
     for name, value in trained.items():
@@ -71,10 +72,9 @@ def test_prefix_runs_once_per_prefix_version(fmnist_model, small_dataset, tmp_pa
     _, first = train(m, weights, small_dataset, part, cfg, state, "r1")
     trained, second = train(m, weights, small_dataset, part, cfg, state, "r2")
     assert first.prefix_computed and not second.prefix_computed
-    assert first.artifact_built and not second.artifact_built  # new weights load by name into the cached artifact
     # the block's own weights changing does not touch the prefix: still a hit
     _, third = train(m, {**weights, **trained}, small_dataset, part, cfg, state, "r3")
-    assert not third.prefix_computed and not third.artifact_built
+    assert not third.prefix_computed
     # changing a prefix weight invalidates the cache, and the old version is dropped
     changed = dict(weights)
     first_prefix_param = m.layers[0].params[0].name

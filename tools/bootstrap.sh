@@ -27,5 +27,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch first and pinned exactly: an unpinned torch resolves to a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
+# an environment made before the device moved to the maintained onnxruntime: both packages own onnxruntime/
+if .venv/bin/python -m pip show -q onnxruntime-training-cpu >/dev/null 2>&1; then
+    .venv/bin/python -m pip uninstall -q -y onnxruntime-training-cpu onnxruntime
+fi
 .venv/bin/python -m pip install -q -e ".[server,test]"
+# The coordinator's gradient builder, in a folder of its own (coordinator/model/part_graphs.py).
+BUILDER=.venv/gradient-builder
+[ -d "$BUILDER/onnxruntime/training" ] || \
+    .venv/bin/python -m pip install -q --no-deps --target "$BUILDER" "onnxruntime-training-cpu==1.19.2"
 echo "bootstrap: ready ($(.venv/bin/python --version), $(.venv/bin/python -c 'import onnxruntime; print("onnxruntime", onnxruntime.__version__)' 2>/dev/null))"

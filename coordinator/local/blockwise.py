@@ -87,12 +87,13 @@ def _watch(progress_file: Path, label: str, stop: threading.Event) -> None:
 
 def run(settings: dict) -> dict:
     from coordinator.model import export, zoo
+    from coordinator.model.graphs import evaluate
+    from coordinator.model.part_graphs import ensure_part_graphs
     from edge_runtime.jobs import budget
     from edge_runtime.jobs.worker import JobSpec
     from edge_runtime.memory import MIB
     from edge_runtime.store import atomic_write_text
     from edge_runtime.train.datasets import LocalDataset, load_fashion_mnist
-    from edge_runtime.train.trainer import evaluate
     from edge_runtime.wire import weights as wcodec
     from edge_runtime.wire.part import TrainablePart
 
@@ -132,6 +133,7 @@ def run(settings: dict) -> dict:
     t_start = time.monotonic()
     for b in range(len(done), len(m.blocks)):
         part = TrainablePart.block(m, b)
+        ensure_part_graphs(m, [part])
         jobs = work / "jobs"
         jobs.mkdir(exist_ok=True)
         wcodec.save(work / "job_weights.safetensors", weights)

@@ -101,7 +101,7 @@ class SimulatedJobs:
         if spec.mode == "score":
             result = self._scores(manifest, part)
         else:
-            write_update(Path(spec.update_out), spec.weights, part.trainable_names(manifest), self.sim.noise, self.rng)
+            write_update(Path(spec.update_out), spec.weights, part.update_names(manifest), self.sim.noise, self.rng)
             result = self._trained(spec.config)
         child = ChildResult(0, self.budget_bytes, time.monotonic() - t0, "", "")
         return {"ok": True, "result": result}, child

@@ -1,17 +1,15 @@
 """Export a BlockModel once: one ONNX graph per layer and per head, the block manifest, initial weights.
 
-The recipe is the one that trains correctly with onnxruntime-training 1.19.2: the legacy
-exporter (dynamo=False), opset 17, TrainingMode.TRAINING, no constant folding (folding
-silently turns weights into constants), a dynamic batch axis, on a deep copy of each
-module (the export runs a forward pass). After export every parameter must be a graph
-initializer, or the export is refused.
+The recipe is the one whose graphs onnxruntime-training's gradient builder differentiates
+correctly: the legacy exporter (dynamo=False), opset 17, TrainingMode.TRAINING, no constant
+folding (folding silently turns weights into constants), a dynamic batch axis, on a deep
+copy of each module (the export runs a forward pass). After export every parameter must
+be a graph initializer, or the export is refused.
 """
 from __future__ import annotations
 
 import copy
 import io
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,10 +20,9 @@ from onnx import shape_inference
 from torch import nn
 
 from coordinator.model.block_model import BlockModel, Residual
+from coordinator.model.graphs import LOGITS, act_name, strip_param_values
 from edge_runtime.errors import ManifestError
 from edge_runtime.store import atomic_write_bytes, sha256_bytes
-from edge_runtime.train import ort_backend
-from edge_runtime.train.graphs import LOGITS, GraphLibrary, act_name, compose, strip_param_values
 from edge_runtime.wire import weights as wcodec
 from edge_runtime.wire.manifest import BlockSpec, GraphRef, HeadSpec, LayerSpec, Manifest, ParamSpec
 
@@ -106,8 +103,9 @@ def _write_graph(model: onnx.ModelProto, param_names, graphs_dir: Path) -> Graph
 def export(model: BlockModel, out_dir: Path, check_trainable: bool = True) -> Manifest:
     """Write `out_dir/manifest.json`, `out_dir/graphs/*.onnx`, `out_dir/weights/*.safetensors`.
 
-    With check_trainable, builds a gradient graph of the whole model and of every head so
-    that an op onnxruntime-training cannot differentiate is reported by name now, not on a board.
+    With check_trainable, builds the step graphs of the whole model and of every head
+    (coordinator/model/part_graphs.py, kept in out_dir/parts/) so that an operator a device
+    cannot train is reported by name now, not on a board.
     """
     out_dir = Path(out_dir)
     graphs_dir = out_dir / "graphs"
@@ -150,26 +148,26 @@ def export(model: BlockModel, out_dir: Path, check_trainable: bool = True) -> Ma
     manifest = Manifest(model=model.name, input_shape=model.input_shape, num_classes=model.num_classes,
                         opset=OPSET, layers=tuple(layers), heads=tuple(heads), blocks=tuple(blocks),
                         weights=GraphRef(f"weights/{wsha}.safetensors", wsha), root=out_dir)
-    if check_trainable:
-        check_differentiable(manifest, state)
     manifest.save(out_dir / "manifest.json")
-    return Manifest.load(out_dir / "manifest.json")
+    manifest = Manifest.load(out_dir / "manifest.json")
+    if check_trainable:
+        try:
+            check_differentiable(manifest)
+        except BaseException:
+            (out_dir / "manifest.json").unlink()   # an export that cannot train is not an export
+            raise
+    return manifest
 
 
-def check_differentiable(manifest: Manifest, state: dict[str, np.ndarray]) -> None:
-    """Build gradient graphs for the whole model and for every head; raise UnsupportedOpError by op name."""
-    lib = GraphLibrary(manifest)
-    all_layers = range(len(manifest.layers))
-    spans = [(list(all_layers), manifest.final_head.index)]
-    spans += [([h.attach_after_layer], h.index) for h in manifest.heads if h.index != manifest.final_head.index]
-    tmp = Path(tempfile.mkdtemp(prefix="edgeblock-check-"))
-    try:
-        for k, (span, head) in enumerate(spans):
-            names = manifest.param_names(span, [head])
-            ort_backend.generate_training_artifacts(compose(lib, span, head, state), requires_grad=names,
-                                                    frozen_params=[], optimizer="sgd", out_dir=tmp / str(k))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def check_differentiable(manifest: Manifest) -> None:
+    """Build the step graphs of the whole model and of every head; raise UnsupportedOpError by op name."""
+    from coordinator.model.part_graphs import ensure_part_graphs
+    from edge_runtime.wire.part import TrainablePart
+    every_layer = range(len(manifest.layers))
+    parts = [TrainablePart.for_layers(manifest, every_layer)]
+    parts += [TrainablePart.for_layers(manifest, [h.attach_after_layer], head=h.index) for h in manifest.heads
+              if h.index != manifest.final_head.index]
+    ensure_part_graphs(manifest, parts)
 
 
 def load_weights(manifest: Manifest) -> dict[str, np.ndarray]:

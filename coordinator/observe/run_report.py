@@ -22,8 +22,18 @@ from pathlib import Path
 from string import Template
 
 from coordinator.observe.plots import PLOT_NAMES, draw_plots
-from coordinator.observe.run_data import (MB, DeviceRow, Run, device_rows, find_baseline, freezing_note, load_run,
-                                          ranges_text, round_notes, summary_items)
+from coordinator.observe.run_data import (
+    MB,
+    DeviceRow,
+    Run,
+    device_rows,
+    find_baseline,
+    freezing_note,
+    load_run,
+    ranges_text,
+    round_notes,
+    summary_items,
+)
 from edge_runtime.store import atomic_write_bytes, atomic_write_text
 
 REPORT = "report.html"

@@ -25,7 +25,6 @@ from coordinator.ops.bundle_request import DATA_DIR, STATE_DIR, UNIT, Bundle, ch
 from coordinator.ops.wheels import ARCHES, PYTHON, gather
 from edge_runtime.device.tiers import DEFAULT_PROFILES_DIR
 
-
 # -- building ---------------------------------------------------------------------------------
 
 def build(bundle: Bundle, out: Path) -> tuple[Path, Path]:

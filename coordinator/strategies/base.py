@@ -59,10 +59,10 @@ class Assignment:
                              head=self.head, train_head=self.train_head, skip=self.skip)
 
     def trained_names(self, manifest) -> list[str]:
-        """The parameters this assignment's update must hold (none for a score task)."""
+        """The tensors this assignment's update must hold (none for a score task): TrainablePart.update_names."""
         if self.kind == "score":
             return []
-        return manifest.param_names(self.trainable, [self.head] if self.train_head else [])
+        return self.part().update_names(manifest)
 
 
 @dataclass(frozen=True)

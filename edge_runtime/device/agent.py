@@ -192,7 +192,8 @@ class Agent:
         """Fetch, lay out, train within the budget; the update is stored in uploads/ and described on disk."""
         downloaded = downloaded_before + self._fetch(task)
         self._save_current(task, downloaded)
-        manifest_path, weight_files = materialize(task.manifest["sha256"], task.blobs, self.blobs, self.models)
+        manifest_path, weight_files = materialize(task.manifest["sha256"], task.blobs, self.blobs, self.models,
+                                                  part=task.part)
         spec = self._spec(task, manifest_path, weight_files)
         report, child = self.jobs.run(spec)
         if task.kind == "score":

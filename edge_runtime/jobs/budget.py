@@ -1,6 +1,6 @@
 """Fit training into a memory budget by measuring, never guessing.
 
-Before a job trains, short calibration runs of the real job (same code path: artifact,
+Before a job trains, short calibration runs of the real job (same code path: step graph,
 prefix cache, a few optimizer steps, a checkpoint) run in child processes at decreasing
 micro-batch sizes; the largest that fits under the budget with a safety margin wins.
 Each calibration child runs under a hard limit equal to the budget, so calibrating on a
@@ -30,7 +30,7 @@ class Trial:
     micro_batch_size: int
     peak_rss_bytes: int
     completed: bool       # False: killed at the limit or failed
-    prepared: bool = False  # this run also built the artifact or the prefix cache
+    prepared: bool = False  # this run also built the prefix cache
 
 
 @dataclass
@@ -60,7 +60,7 @@ def calibrate(spec: JobSpec, micro_batch_size: int, limit_bytes: int | None, job
     if report and not report["ok"] and report.get("kind") not in (None, "InternalError"):
         raise EdgeRuntimeError(report["error"])  # a bad input, not a memory problem: say so
     ok = bool(report and report["ok"])
-    prepared = ok and (report["result"]["prefix_computed"] or report["result"]["artifact_built"])
+    prepared = ok and report["result"]["prefix_computed"]
     return Trial(micro_batch_size, child.peak_rss_bytes, completed=ok, prepared=prepared)
 
 

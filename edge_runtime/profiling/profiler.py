@@ -3,7 +3,7 @@
 Each measurement trains a candidate span of layers (each block, and each pair of
 neighbouring blocks, by default) for a few real steps at one batch size, in a fresh child
 process whose own peak RSS is the number recorded; a preparatory job first builds the
-span's artifact and prefix cache so that the measured process only trains. The runtime's
+span's prefix cache so that the measured process only trains. The runtime's
 baseline (a process that only imports it) is measured apart. From these, a memory model
 predicts every span at every batch (edge_runtime/profiling/memory_model.py), and a dynamic program
 over the layer boundaries chooses each tier's stages (edge_runtime/profiling/partition.py). With
@@ -54,11 +54,24 @@ def default_candidates(manifest: Manifest) -> list[tuple[int, int]]:
     return spans + [(a[0], b[1]) for a, b in zip(spans, spans[1:])]
 
 
+PART_GRAPH_BUILDERS = "edgeblock.part_graphs"
+
+
+def part_graph_builder() -> Callable | None:
+    """The coordinator's builder of a part's graphs (entry point group `edgeblock.part_graphs`) when it is
+    installed here; None on a board, which profiles with the graphs its export came with."""
+    from importlib.metadata import entry_points
+    for found in entry_points(group=PART_GRAPH_BUILDERS):
+        return found.load()
+    return None
+
+
 class Profiler:
     """Measures spans of one manifest on this device, each in a fresh child process."""
 
     def __init__(self, manifest_path: Path, workdir: Path, max_batch: int, steps: int = 6,
                  log: Callable[[str], None] = print):
+        self.build_graphs = part_graph_builder()
         self.manifest_path = Path(manifest_path).resolve()
         self.manifest = Manifest.load(self.manifest_path)
         if self.manifest.weights is None:
@@ -74,9 +87,12 @@ class Profiler:
             self.workdir / "data", rng.standard_normal((n,) + tuple(self.manifest.input_shape)).astype(np.float32),
             rng.integers(0, self.manifest.num_classes, n))
 
-    def _spec(self, task: str, first: int, last: int, batch: int, steps: int) -> JobSpec:
-        part = TrainablePart(span=tuple(range(first, last + 1)), trainable_layers=tuple(range(first, last + 1)),
+    def _part(self, first: int, last: int) -> TrainablePart:
+        return TrainablePart(span=tuple(range(first, last + 1)), trainable_layers=tuple(range(first, last + 1)),
                              head=self.manifest.head_for_boundary(last))
+
+    def _spec(self, task: str, first: int, last: int, batch: int, steps: int) -> JobSpec:
+        part = self._part(first, last)
         return JobSpec(manifest=str(self.manifest_path), weights=str(self.manifest.graph_path(self.manifest.weights)),
                        dataset=str(self.dataset.root), state_dir=str(self.workdir / "state"), task_id=task,
                        part=part.to_dict(),
@@ -88,6 +104,8 @@ class Profiler:
         if key in self._cache:
             return self._cache[key]
         jobs = self.workdir / "jobs"
+        if self.build_graphs is not None:
+            self.build_graphs(self.manifest, [self._part(first, last)])
         stamp = f"{first}-{last}-b{batch}-{time.monotonic_ns()}"
         report, child = run_worker(self._spec(f"prep-{stamp}", first, last, batch, 1), jobs)
         if not report or not report["ok"]:
@@ -98,8 +116,8 @@ class Profiler:
             raise EdgeRuntimeError(f"measuring layers {first}-{last} at batch {batch} failed: "
                                    f"{report['error'] if report else child.stderr[-500:]}")
         result = report["result"]
-        if result["prefix_computed"] or result["artifact_built"]:
-            raise EdgeRuntimeError("the measured run had to prepare its artifact or cache; its peak would not be "
+        if result["prefix_computed"]:
+            raise EdgeRuntimeError("the measured run had to compute its prefix cache; its peak would not be "
                                    "training alone")
         params, acts = span_features(self.manifest, first, last)
         m = Measurement(first, last, self.manifest.head_for_boundary(last), batch, child.peak_rss_bytes,

@@ -1,7 +1,8 @@
 """Frozen-prefix activations, computed once per prefix version and read back from disk.
 
-A cache file holds the output of layers [0, boundary) for every local sample. Its key
-hashes the prefix graphs, the prefix weights and the data, so a changed prefix or new
+A cache file holds the output of layers [0, boundary) for every local sample, computed
+with the prefix's forward graph (the coordinator composes it; BatchNorm in inference mode).
+Its key hashes that graph, the prefix weights and the data, so a changed prefix or new
 data is a miss and the prefix runs again; anything else is a hit and the prefix never
 runs. Reads copy just the rows of a batch (see ArrayReader), so reading a cache larger
 than the budget costs one batch of resident memory.
@@ -15,10 +16,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from edge_runtime.store import digest_of
+from edge_runtime.store import digest_of, sha256_file
 from edge_runtime.train.datasets import LocalDataset
-from edge_runtime.train.graphs import GraphLibrary, compose
 from edge_runtime.wire import weights as wcodec
+from edge_runtime.wire.manifest import Manifest
+from edge_runtime.wire.model_blobs import read_part_graph
 
 FLUSH_BYTES = 8 << 20
 
@@ -119,36 +121,36 @@ class ActivationCache:
         self.root = Path(root)
         self.prefix_runs = 0  # how often this object actually ran a prefix (for tests and logs)
 
-    def key(self, lib: GraphLibrary, boundary: int, weights: dict, dataset: LocalDataset, fp16: bool) -> str:
-        m = lib.manifest
-        prefix_weights = wcodec.weights_hash(weights, m.param_names(range(boundary)))
-        graphs = [m.layers[i].graph.sha256 for i in range(boundary)]
-        return digest_of(*graphs, prefix_weights, dataset.fingerprint(), "fp16" if fp16 else "fp32")
+    def key(self, manifest: Manifest, boundary: int, prefix_graph: Path, weights, dataset: LocalDataset,
+            fp16: bool) -> str:
+        prefix_weights = wcodec.weights_hash(weights, manifest.param_names(range(boundary)))
+        return digest_of(sha256_file(prefix_graph), prefix_weights, dataset.fingerprint(), "fp16" if fp16 else "fp32")
 
     def path_for(self, boundary: int, key: str) -> Path:
         return self.root / f"L{boundary}-{key[:24]}.npy"
 
-    def get_or_build(self, lib: GraphLibrary, boundary: int, weights: dict, dataset: LocalDataset,
-                     batch_size: int, fp16: bool = False, threads: int = 0,
+    def get_or_build(self, manifest: Manifest, boundary: int, prefix_graph: Path | None, weights,
+                     dataset: LocalDataset, batch_size: int, fp16: bool = False, threads: int = 0,
                      progress: Callable[[int, int], None] | None = None) -> tuple[Path, bool]:
         """Path of the activations entering layer `boundary`, and whether the prefix had to run."""
         if boundary == 0:
             return dataset.inputs_path, False
-        key = self.key(lib, boundary, weights, dataset, fp16)
+        key = self.key(manifest, boundary, prefix_graph, weights, dataset, fp16)
         path = self.path_for(boundary, key)
         if path.exists():
             return path, False
-        from edge_runtime.train.ort_backend import InferenceSession
-        session = InferenceSession(compose(lib, range(boundary), None, weights), threads=threads)
+        from edge_runtime.train.ort_backend import ForwardSession
+        session = ForwardSession(read_part_graph(Path(prefix_graph)), threads=threads)
+        params = {n: np.ascontiguousarray(weights[n], dtype=np.float32) for n in session.param_names}
         source = ArrayReader(dataset.inputs_path)
         n = len(source)
-        out_shape = (n,) + tuple(lib.manifest.layers[boundary].input_shape)
+        out_shape = (n,) + tuple(manifest.layers[boundary].input_shape)
 
         def chunks():
             t0 = time.monotonic()
             for start in range(0, n, batch_size):
                 idx = np.arange(start, min(n, start + batch_size))
-                yield session.run(source.take(idx))
+                yield session.run(source.take(idx), params)
                 if progress:
                     progress(min(n, start + batch_size), n)
             self.last_build_seconds = time.monotonic() - t0

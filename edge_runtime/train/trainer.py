@@ -1,9 +1,11 @@
 """Train a part of a model on local data from cached prefix activations, resumable after a crash.
 
-One training run is identified by a task id. Its directory holds numbered checkpoints
-(parameters and optimizer state) and a progress file naming the newest; a process killed
-at any point restarts from that checkpoint, replaying the same data order, and a
-finished run is never trained twice.
+The step graph the coordinator built for the part gives the loss and every gradient
+(ort_backend.StepSession); the optimizer steps the trainer's own weight arrays in numpy,
+in place (optimizers.py). One training run is identified by a task id. Its directory
+holds numbered checkpoints (the trained tensors and the optimizer's state) and a progress
+file naming the newest; a process killed at any point restarts from that checkpoint,
+replaying the same data order, and a finished run is never trained twice.
 """
 from __future__ import annotations
 
@@ -12,21 +14,23 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
-from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.errors import EdgeRuntimeError, ManifestError
 from edge_runtime.memory import peak_rss_bytes, release_free_heap
 from edge_runtime.store import atomic_write_text, digest_of
 from edge_runtime.train.activation_cache import ActivationCache, ArrayReader
-from edge_runtime.train.artifacts import ArtifactCache
 from edge_runtime.train.datasets import LocalDataset
-from edge_runtime.train.graphs import GraphLibrary, compose
+from edge_runtime.train.optimizers import make_optimizer
 from edge_runtime.wire import weights as wcodec
 from edge_runtime.wire.manifest import Manifest
+from edge_runtime.wire.model_blobs import part_graph_paths, read_part_graph
 from edge_runtime.wire.part import TrainablePart
 from edge_runtime.wire.train_config import TrainConfig
+
+OPTIMIZER_PREFIX = "optimizer/"     # the optimizer's state in a checkpoint, beside the tensors
 
 
 @dataclass
@@ -39,7 +43,6 @@ class TrainResult:
     seconds: float
     peak_rss_bytes: int
     prefix_computed: bool
-    artifact_built: bool
     resumed_from_step: int = 0
     micro_batch_size: int = 0
     step_seconds: float = 0.0         # median wall time of an optimizer step (first step excluded)
@@ -87,45 +90,112 @@ def _batches(n: int, batch_size: int, total_steps: int, seed: int, start: int = 
         yield step, perm[k * batch_size:(k + 1) * batch_size].copy()
 
 
-def prepare_part(lib: GraphLibrary, part: TrainablePart, weights, dataset: LocalDataset, config: TrainConfig,
+def prepare_part(manifest: Manifest, part: TrainablePart, weights, dataset: LocalDataset, config: TrainConfig,
                  state_dir: Path, progress: Callable[[str, int, int], None] | None = None):
-    """What training (or scoring) a part needs before its first batch: the artifact and the prefix's activations.
+    """What training (or scoring) a part needs before its first batch: its step graph and the prefix's activations.
 
-    Returns (artifact cache, artifact dir, reader of the span's input activations, labels,
-    whether the prefix had to run). The artifact comes from the cache under state_dir/artifacts
-    (built only for a new structure); the activations from state_dir/activations (computed
-    only for a new prefix version or new data).
+    Returns (the step graph, hash-checked, reader of the span's input activations, labels, whether
+    the prefix had to run). The graph is checked first, so a corrupted one costs no prefix run. The
+    activations come from state_dir/activations, computed only for a new prefix version or new data.
     """
-    state_dir = Path(state_dir)
-    artifacts = ArtifactCache(state_dir / "artifacts")
-    artifact_dir = artifacts.get_or_build(lib, part, weights, config.optimizer, config.weight_decay)
-    cache = ActivationCache(state_dir / "activations")
+    step_path, prefix_graph = part_graph_paths(manifest, part)
+    step_graph = read_part_graph(step_path)
+    cache = ActivationCache(Path(state_dir) / "activations")
     act_path, prefix_computed = cache.get_or_build(
-        lib, part.span[0], weights, dataset, batch_size=config.micro(), fp16=config.cache_fp16,
+        manifest, part.span[0], prefix_graph, weights, dataset, batch_size=config.micro(), fp16=config.cache_fp16,
         threads=config.threads, progress=(lambda i, n: progress("prefix", i, n)) if progress else None)
     inputs = ArrayReader(act_path)
     labels = dataset.labels()
     if len(inputs) != len(labels):
         inputs.close()
         raise EdgeRuntimeError(f"activation cache {act_path} has {len(inputs)} rows for {len(labels)} labels")
-    return artifacts, artifact_dir, inputs, labels, prefix_computed
+    return step_graph, inputs, labels, prefix_computed
 
 
-def train(manifest: Manifest, weights: dict[str, np.ndarray], dataset: LocalDataset, part: TrainablePart,
+class PartTensors:
+    """The tensors a part's step graph reads (parameters and running statistics) and the gradients it writes,
+    as numpy arrays this process owns: the optimizer updates them in place and the next step reads them."""
+
+    def __init__(self, session, manifest: Manifest, part: TrainablePart, weights: Mapping[str, np.ndarray]):
+        itf = session.interface
+        _check_graph_matches(session, manifest, part)
+        self.session = session
+        self.tensors: dict[str, np.ndarray] = {}
+        read_into = getattr(weights, "read_into", None)
+        specs = manifest.param_specs()
+        for name in itf.param_inputs + itf.stat_inputs:
+            buffer = np.empty(specs[name].shape, np.float32)
+            if read_into is None or not read_into(name, buffer):   # a lazy weight file reads straight in
+                buffer[...] = weights[name]
+            self.tensors[name] = buffer
+        self.grads = {n: np.zeros_like(self.tensors[n]) for n in itf.trainable}
+        self._scratch: dict[str, np.ndarray] | None = None
+
+    def forward_backward(self, inputs: np.ndarray, labels: np.ndarray, loss_scale: float, accumulate: bool) -> float:
+        """One micro-batch: its scaled loss; the gradients replace (or, accumulating, add to) self.grads.
+
+        Accumulating needs a second gradient buffer: it is allocated the first time a batch is split.
+        """
+        if not accumulate:
+            loss, stats = self.session.run(inputs, labels, loss_scale, self.tensors, self.grads)
+        else:
+            if self._scratch is None:
+                self._scratch = {n: np.empty_like(g) for n, g in self.grads.items()}
+            loss, stats = self.session.run(inputs, labels, loss_scale, self.tensors, self._scratch)
+            for name, g in self.grads.items():
+                g += self._scratch[name]
+        for name, value in stats.items():
+            self.tensors[name][...] = value
+        return loss
+
+    def batch(self, reader: ArrayReader, labels: np.ndarray, idx: np.ndarray, micro: int) -> float:
+        """The gradient of the mean loss of one batch (each micro-batch scaled by 1/batch); its mean loss."""
+        loss = 0.0
+        for k, start in enumerate(range(0, len(idx), micro)):
+            chunk = idx[start:start + micro]
+            loss += self.forward_backward(reader.take(chunk), labels[chunk], 1.0 / len(idx), accumulate=k > 0)
+        return loss
+
+
+def _check_graph_matches(session, manifest: Manifest, part: TrainablePart) -> None:
+    """ManifestError unless the step graph trains exactly the part's parameters, with the manifest's shapes."""
+    itf, specs = session.interface, manifest.param_specs()
+    what = f"the step graph of layers {part.span[0]}-{part.span[-1]} + head {part.head}"
+    for name in part.trainable_names(manifest) + part.frozen_names(manifest):
+        if name not in session.input_shapes:
+            raise ManifestError(f"manifest parameter {name} is not in the graph ({what})")
+    for name in itf.param_inputs + itf.stat_inputs:
+        if name not in specs:
+            raise ManifestError(f"{what} reads {name}, which the manifest does not name")
+        if tuple(session.input_shapes[name]) != tuple(specs[name].shape):
+            raise ManifestError(f"parameter {name} has shape {tuple(session.input_shapes[name])} in {what}, "
+                                f"{tuple(specs[name].shape)} in the manifest")
+    if set(itf.trainable) != set(part.trainable_names(manifest)):
+        raise ManifestError(f"{what} trains other parameters than its part: "
+                            f"{sorted(set(itf.trainable) ^ set(part.trainable_names(manifest)))[:3]}")
+
+
+def _check_finite(loss: float, step: int, config: TrainConfig) -> None:
+    if not math.isfinite(loss):
+        raise EdgeRuntimeError(f"training diverged at step {step}: loss is {loss}; "
+                               f"lower the learning rate (now {config.learning_rate})")
+
+
+def train(manifest: Manifest, weights: Mapping[str, np.ndarray], dataset: LocalDataset, part: TrainablePart,
           config: TrainConfig, state_dir: Path, task_id: str,
           progress: Callable[[str, int, int], None] | None = None,
           return_weights: bool = True) -> tuple[dict[str, np.ndarray], TrainResult]:
-    """Train `part` from `weights` on `dataset`; return the trained parameters and what it cost.
+    """Train `part` from `weights` on `dataset`; return the trained tensors and what it cost.
 
-    Only the trainable parameters are returned; they are also in
-    state_dir/runs/<task_id>/update.safetensors (a device job passes return_weights=False
-    and ships that file instead of holding a copy in memory). state_dir holds the device's
-    caches (artifacts, activations) and run directories; it survives restarts.
+    The trained tensors (the part's update_names: its trainable parameters and their layers'
+    running statistics) are returned and written to state_dir/runs/<task_id>/update.safetensors
+    (a device job passes return_weights=False and ships that file instead of holding a copy in
+    memory). state_dir holds the device's caches (activations) and run directories; it survives
+    restarts.
     """
     t0 = time.monotonic()
     state_dir = Path(state_dir)
     part.validate(manifest)
-    lib = GraphLibrary(manifest)
     needed = part.required_names(manifest)
     wcodec.require(weights, needed)  # every weight the part and its prefix need is present
     run_dir = state_dir / "runs" / task_id
@@ -139,48 +209,39 @@ def train(manifest: Manifest, weights: dict[str, np.ndarray], dataset: LocalData
             result = TrainResult(**saved["result"])
             return (wcodec.load(run_dir / "update.safetensors") if return_weights else {}), result
 
-    artifacts, artifact_dir, inputs, labels, prefix_computed = prepare_part(
-        lib, part, weights, dataset, config, state_dir, progress)
+    step_graph, inputs, labels, prefix_computed = prepare_part(manifest, part, weights, dataset, config, state_dir,
+                                                               progress)
     micro = config.micro()
     n = len(labels)
 
-    from edge_runtime.train.ort_backend import TrainingSession
+    from edge_runtime.train.ort_backend import StepSession
+    session = StepSession(step_graph, threads=config.threads)
+    tensors = PartTensors(session, manifest, part, weights)
+    trainable = session.interface.trainable
+    optimizer = make_optimizer(config.optimizer, {name: tensors.tensors[name] for name in trainable},
+                               **config.optimizer_settings())
     state = _Progress(run_dir, fingerprint)
-    if state.checkpoint and config.checkpoint == "full":
-        session = TrainingSession(artifact_dir, run_dir / state.checkpoint, threads=config.threads)
-    else:
-        session = TrainingSession(artifact_dir, threads=config.threads)
-        session.set_weights(weights, part.all_names(manifest))
-        if state.checkpoint:
-            session.set_weights(wcodec.WeightFile(run_dir / state.checkpoint))
-    weights = None  # the session holds its own copy; drop ours before training (a whole block's worth)
+    if state.checkpoint:
+        _restore(run_dir / state.checkpoint, tensors.tensors, optimizer)
+    weights = None  # the arrays above hold the part; drop the mapping before training
     release_free_heap()  # and hand the heap that loading used back to the kernel
     resumed_from = state.step
+    kept = list(trainable) + [s for _, s in session.interface.stat_updates]   # what a checkpoint holds
 
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = _total_steps(n, config)
-    trainable = part.trainable_names(manifest)
     step_times = []
     for step, idx in _batches(n, config.batch_size, total, config.seed, start=state.step):
         t_step = time.monotonic()
-        chunks = [idx[i:i + micro] for i in range(0, len(idx), micro)]
-        loss = 0.0
-        for chunk in chunks:
-            loss += session.forward_backward(inputs.take(chunk), labels[chunk], loss_scale=1.0 / len(idx))
-        if not math.isfinite(loss):
-            raise EdgeRuntimeError(f"training diverged at step {step}: loss is {loss}; "
-                                   f"lower the learning rate (now {config.learning_rate})")
-        session.step(config.learning_rate)
+        loss = tensors.batch(inputs, labels, idx, micro)
+        _check_finite(loss, step, config)
+        optimizer.step(tensors.grads)
         step_times.append(time.monotonic() - t_step)  # batch read + forward/backward + step; no checkpoint
         state.losses.append(loss)
         done = step + 1
         if done % config.checkpoint_every_steps == 0 and done < total:
-            name = f"ckpt-{done:06d}"
-            if config.checkpoint == "full":
-                session.save_checkpoint(run_dir / name)
-            else:
-                name += ".safetensors"
-                wcodec.save_streaming(run_dir / name, trainable, session.weight_view)
+            name = f"ckpt-{done:06d}.safetensors"
+            _checkpoint(run_dir / name, tensors.tensors, kept, optimizer if config.checkpoint == "full" else None)
             old = state.checkpoint
             state.commit(done, name)
             if old and old != name:
@@ -190,37 +251,39 @@ def train(manifest: Manifest, weights: dict[str, np.ndarray], dataset: LocalData
     inputs.close()
 
     samples = sum(min(config.batch_size, n - (s % steps_per_epoch) * config.batch_size) for s in range(total))
-    # Written straight from the session's live views, one tensor at a time: no second copy.
-    wcodec.save_streaming(run_dir / "update.safetensors", trainable, session.weight_view)
-    del session
+    # Written straight from the trainer's arrays, one tensor at a time: no second copy.
+    wcodec.save_streaming(run_dir / "update.safetensors", part.update_names(manifest), tensors.tensors.__getitem__)
+    del session, tensors, optimizer
     trained = wcodec.load(run_dir / "update.safetensors") if return_weights else {}
     last_epoch = state.losses[-min(len(state.losses), steps_per_epoch):] or [float("nan")]
     result = TrainResult(task_id=task_id, steps=total, samples=samples, num_examples=n,
                          loss=float(np.mean(last_epoch)), seconds=time.monotonic() - t0,
                          peak_rss_bytes=peak_rss_bytes(), prefix_computed=prefix_computed,
-                         artifact_built=artifacts.builds > 0, resumed_from_step=resumed_from,
-                         micro_batch_size=micro,
-                         step_seconds=float(np.median(step_times[1:] or step_times or [0.0])), losses=[float(x) for x in state.losses])
+                         resumed_from_step=resumed_from, micro_batch_size=micro,
+                         step_seconds=float(np.median(step_times[1:] or step_times or [0.0])),
+                         losses=[float(x) for x in state.losses])
     atomic_write_text(done_file, json.dumps({"fingerprint": fingerprint, "result": asdict(result)}))
     for ckpt in run_dir.glob("ckpt-*"):
         ckpt.unlink(missing_ok=True)
     return trained, result
 
 
-def evaluate(manifest: Manifest, weights: dict[str, np.ndarray], inputs: np.ndarray, labels: np.ndarray,
-             upto_block: int | None = None, batch_size: int = 500, threads: int = 0) -> dict:
-    """Accuracy and mean loss of blocks[0..upto_block] -> its head (default: the whole model)."""
-    from edge_runtime.train.ort_backend import InferenceSession
-    b = len(manifest.blocks) - 1 if upto_block is None else upto_block
-    last_layer = manifest.blocks[b].layers[-1]
-    session = InferenceSession(compose(GraphLibrary(manifest), range(last_layer + 1), manifest.blocks[b].head,
-                                       weights), threads=threads)
-    correct, loss_sum = 0, 0.0
-    for start in range(0, len(labels), batch_size):
-        logits = session.run(inputs[start:start + batch_size]).astype(np.float64)
-        y = labels[start:start + batch_size]
-        z = logits - logits.max(axis=1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        loss_sum += float(-logp[np.arange(len(y)), y].sum())
-        correct += int((logits.argmax(axis=1) == y).sum())
-    return {"accuracy": correct / len(labels), "loss": loss_sum / len(labels), "samples": int(len(labels))}
+def _checkpoint(path: Path, tensors: Mapping[str, np.ndarray], names, optimizer) -> None:
+    """The trained tensors and (with an optimizer) its state, streamed into one safetensors file."""
+    state = {OPTIMIZER_PREFIX + k: v for k, v in optimizer.state_dict().items()} if optimizer is not None else {}
+    wcodec.save_streaming(path, list(names) + list(state), lambda n: state[n] if n in state else tensors[n])
+
+
+def _restore(path: Path, tensors: Mapping[str, np.ndarray], optimizer) -> None:
+    """Put a checkpoint's tensors back into the part's arrays and its optimizer state (if it has one)."""
+    saved = wcodec.WeightFile(path)
+    state = {}
+    for name in saved:
+        if name.startswith(OPTIMIZER_PREFIX):
+            state[name[len(OPTIMIZER_PREFIX):]] = saved[name]
+        elif not saved.read_into(name, tensors[name]):
+            tensors[name][...] = saved[name]
+    if state:
+        optimizer.load_state_dict(state)
+
+

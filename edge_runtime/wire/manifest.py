@@ -24,9 +24,12 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "int64": 8}
 
 @dataclass(frozen=True)
 class ParamSpec:
+    """A tensor of a layer that travels with its weights: a parameter, or a running statistic
+    (kind "stat": BatchNorm's mean and variance, updated by training but never by a gradient)."""
     name: str
     shape: tuple[int, ...]
     dtype: str = "float32"
+    kind: str = "param"     # "param" | "stat"
 
     @property
     def nbytes(self) -> int:
@@ -109,9 +112,10 @@ class Manifest:
     def block_output_shape(self, block: int) -> tuple[int, ...]:
         return self.layers[self.blocks[block].layers[-1]].output_shape
 
-    def param_names(self, layers=(), heads=()) -> list[str]:
-        names = [p.name for i in layers for p in self.layers[i].params]
-        return names + [p.name for h in heads for p in self.heads[h].params]
+    def param_names(self, layers=(), heads=(), kind: str | None = None) -> list[str]:
+        """Names of the tensors of these layers and heads: all of them, or only one kind ("param", "stat")."""
+        specs = [p for i in layers for p in self.layers[i].params] + [p for h in heads for p in self.heads[h].params]
+        return [p.name for p in specs if kind is None or p.kind == kind]
 
     def all_param_names(self) -> list[str]:
         return self.param_names(range(len(self.layers)), range(len(self.heads)))
@@ -137,9 +141,13 @@ class Manifest:
         return sorted({h.attach_after_layer for h in self.heads})
 
     def graph_path(self, ref: GraphRef) -> Path:
+        return self.file(ref.file)
+
+    def file(self, relative: str) -> Path:
+        """A file of the model's directory (graphs, weights, part graphs)."""
         if self.root is None:
-            raise ManifestError("manifest was not loaded from a directory; graph files cannot be found")
-        return self.root / ref.file
+            raise ManifestError("manifest was not loaded from a directory; its files cannot be found")
+        return self.root / relative
 
     # -- (de)serialisation ---------------------------------------------------------
     def to_json(self) -> str:
@@ -171,9 +179,12 @@ class Manifest:
 def _params(raw) -> tuple[ParamSpec, ...]:
     out = []
     for p in raw:
-        spec = ParamSpec(str(p["name"]), tuple(int(d) for d in p["shape"]), str(p.get("dtype", "float32")))
+        spec = ParamSpec(str(p["name"]), tuple(int(d) for d in p["shape"]), str(p.get("dtype", "float32")),
+                         str(p.get("kind", "param")))
         if spec.dtype not in DTYPE_BYTES:
             raise ManifestError(f"parameter {spec.name} has unsupported dtype {spec.dtype}")
+        if spec.kind not in ("param", "stat"):
+            raise ManifestError(f"tensor {spec.name} has unknown kind {spec.kind!r} (param or stat)")
         out.append(spec)
     return tuple(out)
 

@@ -9,6 +9,7 @@ import numbers
 from dataclasses import dataclass
 
 from edge_runtime.errors import ManifestError
+from edge_runtime.store import digest_of
 
 
 @dataclass(frozen=True)
@@ -127,12 +128,26 @@ class TrainablePart:
                                     f"{[l.index for l in manifest.layers if l.skippable]})")
 
     def trainable_names(self, manifest) -> list[str]:
-        return manifest.param_names(sorted(self.trainable_layers), [self.head] if self.train_head else [])
+        """The parameters that get a gradient and an optimizer step."""
+        return manifest.param_names(sorted(self.trainable_layers), [self.head] if self.train_head else [], kind="param")
+
+    def update_names(self, manifest) -> list[str]:
+        """What an update of this part holds: its trainable parameters and the running statistics of the
+        layers they belong to (training moves them too)."""
+        heads = [self.head] if self.train_head else []
+        return manifest.param_names(sorted(self.trainable_layers), heads)
 
     def frozen_names(self, manifest) -> list[str]:
         """Parameters of the training graph that stay fixed (skipped layers have none in it)."""
         frozen = [i for i in self.span if i not in self.trainable_layers and i not in self.skip]
-        return manifest.param_names(frozen, [] if self.train_head else [self.head])
+        return manifest.param_names(frozen, [] if self.train_head else [self.head], kind="param")
+
+    def key(self, manifest) -> str:
+        """Names this part's graphs (the coordinator builds them, the device finds them by it): the graphs of its
+        layers and head, which layers train, whether the head trains, which are skipped."""
+        graphs = [manifest.layers[i].graph.sha256 for i in self.span] + [manifest.heads[self.head].graph.sha256]
+        return digest_of(*graphs, "train:" + ",".join(map(str, self.trainable_layers)),
+                         f"head:{self.train_head}", "skip:" + ",".join(map(str, self.skip)))[:32]
 
     def all_names(self, manifest) -> list[str]:
         """Every parameter of the training graph: the span less skipped layers, and the head."""
@@ -140,7 +155,7 @@ class TrainablePart:
 
 
 def _index_tuple(values, what: str) -> tuple:
-    """Layer indices as a sorted tuple without repeats (so equal sets are equal parts and one artifact)."""
+    """Layer indices as a sorted tuple without repeats (so equal sets are equal parts, with one key)."""
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
         raise ManifestError(f"{what} must be a collection of layer indices, got {values!r}")
     raw = list(values)

@@ -13,20 +13,22 @@ from edge_runtime.errors import EdgeRuntimeError
 
 @dataclass
 class TrainConfig:
-    optimizer: str = "adamw"          # adamw | sgd
+    optimizer: str = "adamw"          # adamw (torch.optim.AdamW's form) | sgd
     learning_rate: float = 1e-3
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0         # decoupled for adamw, added to the gradient for sgd (as torch does)
+    momentum: float = 0.0             # sgd only
+    nesterov: bool = False            # sgd only, with momentum
+    adam_eps: float = 1e-8
     batch_size: int = 64              # samples per optimizer step
     micro_batch_size: int | None = None  # samples per forward/backward; None = batch_size
     epochs: float = 1.0               # passes over the local data (fractions allowed)
     max_steps: int | None = None      # stop after this many optimizer steps (overrides epochs)
     seed: int = 0
     checkpoint_every_steps: int = 50
-    # "weights": trainable parameters streamed from the session (no extra memory; a resumed
-    # AdamW run restarts its moment estimates). "full": onnxruntime's checkpoint with optimizer
-    # state (bit-exact resume, but it builds the whole checkpoint in memory: +114 MB transient
-    # for vgg_cifar block 3, whose state is 71 MB).
-    checkpoint: str = "weights"
+    # "full": the trained tensors and the optimizer's state (a resumed run continues exactly where it
+    # stopped); "weights": the tensors only (half the disk for AdamW; a resumed run restarts its moments).
+    # Both are streamed to disk a tensor at a time: no extra memory either way.
+    checkpoint: str = "full"
     cache_fp16: bool = False          # store prefix activations as float16 (halves disk)
     threads: int = 0                  # onnxruntime intra-op threads (0 = library default)
 
@@ -55,6 +57,9 @@ class TrainConfig:
             raise EdgeRuntimeError(f"checkpoint must be 'weights' or 'full', not {cfg.checkpoint!r}")
         if cfg.optimizer not in ("adamw", "sgd"):
             raise EdgeRuntimeError(f"optimizer must be adamw or sgd, not {cfg.optimizer!r}")
+        if cfg.momentum < 0 or cfg.weight_decay < 0 or cfg.adam_eps <= 0 or (cfg.nesterov and cfg.momentum <= 0):
+            raise EdgeRuntimeError("momentum and weight_decay must not be negative, adam_eps must be positive, and "
+                                   "nesterov needs a momentum")
         if not (cfg.learning_rate > 0 and math.isfinite(cfg.learning_rate)) or cfg.epochs <= 0:
             raise EdgeRuntimeError(f"learning_rate and epochs must be positive (got {cfg.learning_rate}, {cfg.epochs})")
         cfg.micro()
@@ -67,6 +72,13 @@ class TrainConfig:
         return min(m, self.batch_size)
 
 
+    def optimizer_settings(self) -> dict:
+        """The optimizer's own settings (edge_runtime/train/optimizers.make_optimizer)."""
+        if self.optimizer == "sgd":
+            return {"lr": self.learning_rate, "momentum": self.momentum, "nesterov": self.nesterov,
+                    "weight_decay": self.weight_decay}
+        return {"lr": self.learning_rate, "eps": self.adam_eps, "weight_decay": self.weight_decay}
+
     def to_dict(self) -> dict:
         """The JSON form a task and a job spec carry."""
         return asdict(self)
@@ -74,7 +86,8 @@ class TrainConfig:
 
 _NONE = type(None)
 _KINDS: dict[str, tuple[type, ...]] = {
-    "optimizer": (str,), "learning_rate": (float,), "weight_decay": (float,), "batch_size": (int,),
+    "optimizer": (str,), "learning_rate": (float,), "weight_decay": (float,), "momentum": (float,),
+    "nesterov": (bool,), "adam_eps": (float,), "batch_size": (int,),
     "micro_batch_size": (int, _NONE), "epochs": (float,), "max_steps": (int, _NONE), "seed": (int,),
     "checkpoint_every_steps": (int,), "checkpoint": (str,), "cache_fp16": (bool,), "threads": (int,),
 }

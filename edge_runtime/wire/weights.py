@@ -41,7 +41,8 @@ def load(path: Path) -> Weights:
 
 
 def save_streaming(path: Path, names, get_tensor) -> None:
-    """Write float32 tensors to a safetensors file one at a time, atomically.
+    """Write tensors to a safetensors file one at a time, atomically: float32, or int64 as int64
+    (an optimizer's step counters).
 
     get_tensor(name) may return a live view (e.g. into a training session): each tensor is
     written straight from it, so the file costs no second copy of the weights in memory.
@@ -49,12 +50,15 @@ def save_streaming(path: Path, names, get_tensor) -> None:
     import json
     import os
     names = sorted(names)
-    header, offset, shapes = {}, 0, {}
+    header, offset, layout = {}, 0, {}
     for name in names:
-        shape = tuple(int(d) for d in np.shape(get_tensor(name)))
-        size = int(np.prod(shape, dtype=np.int64)) * 4
-        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
-        shapes[name], offset = shape, offset + size
+        tensor = get_tensor(name)
+        dtype = np.dtype(np.int64) if np.asarray(tensor).dtype == np.int64 else np.dtype(np.float32)
+        shape = tuple(int(d) for d in np.shape(tensor))
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {"dtype": "I64" if dtype == np.int64 else "F32", "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        layout[name], offset = (shape, dtype), offset + size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     path = Path(path)
@@ -62,10 +66,11 @@ def save_streaming(path: Path, names, get_tensor) -> None:
     with open(tmp, "wb") as f:
         f.write(len(head).to_bytes(8, "little") + head)
         for name in names:
-            arr = np.ascontiguousarray(get_tensor(name), dtype=np.float32)
-            if arr.shape != shapes[name]:
+            shape, dtype = layout[name]
+            arr = np.asarray(get_tensor(name), dtype=dtype, order="C")   # (ascontiguousarray turns 0-d into 1-d)
+            if arr.shape != shape:
                 raise IntegrityError(f"{name} changed shape while being written")
-            f.write(memoryview(arr).cast("B"))
+            f.write(memoryview(arr.reshape(-1)).cast("B"))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -85,7 +90,7 @@ def weights_hash(weights: Mapping[str, np.ndarray], names=None) -> str:
     return h.hexdigest()
 
 
-_DTYPES = {"F32": np.float32, "F16": np.float16}
+_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
 
 
 class WeightFile(Mapping):
@@ -135,7 +140,7 @@ class WeightFile(Mapping):
         dtype, shape, _ = self._entries[name]
         out = np.empty(shape, dtype=dtype)
         self._read(name, out)
-        return out if dtype == np.float32 else out.astype(np.float32)
+        return out.astype(np.float32) if dtype == np.float16 else out
 
     def read_into(self, name: str, out: np.ndarray) -> bool:
         """Read a float32 tensor straight into `out` (e.g. a session's live parameter buffer).

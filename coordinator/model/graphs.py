@@ -3,6 +3,10 @@
 Composition is concatenation thanks to the manifest's naming contract (layer i reads
 `act_{i}`, writes `act_{i+1}`; a head writes `logits`). Parameter values are filled in
 from a weights mapping at composition time, so graph files stay weight-free.
+
+A device never composes: it runs graphs the coordinator composed for it (forward_graph,
+and the step graphs of coordinator/model/part_graphs.py), whose parameters are inputs,
+so it needs onnxruntime and nothing of the onnx package.
 """
 from __future__ import annotations
 
@@ -79,12 +83,13 @@ def strip_param_values(model: onnx.ModelProto, param_names) -> onnx.ModelProto:
     return model
 
 
-def compose(lib: GraphLibrary, layers: Sequence[int], head: int | None, weights: Mapping[str, np.ndarray],
+def compose(lib: GraphLibrary, layers: Sequence[int], head: int | None, weights: Mapping[str, np.ndarray] | None,
             skip: Sequence[int] = ()) -> onnx.ModelProto:
     """One forward model over a contiguous span of layers, optionally ending in a head.
 
-    Every parameter of the span gets its value from `weights`. Layers in `skip` are replaced
-    by identity (depth dropout; only layers the manifest marks skippable).
+    Every parameter of the span gets its value from `weights`, or, with weights None, becomes
+    a graph input after the activation input (fed by name at run time). Layers in `skip` are
+    replaced by identity (depth dropout; only layers the manifest marks skippable).
     """
     m = lib.manifest
     layers = list(layers)
@@ -96,7 +101,8 @@ def compose(lib: GraphLibrary, layers: Sequence[int], head: int | None, weights:
         raise ManifestError(f"head {head} attaches after layer {m.heads[head].attach_after_layer}, "
                             f"not after layer {layers[-1]}")
     parts = []  # in forward order, so the nodes are topologically sorted (training artifacts need that)
-    nodes, inits, value_info = [], [], []
+    nodes, inits, value_info, param_inputs = [], [], [], []
+    params = set(m.param_names([i for i in layers if i not in skip], [head] if head is not None else []))
     for i in layers:
         if i in skip:
             if not m.layers[i].skippable:
@@ -116,7 +122,9 @@ def compose(lib: GraphLibrary, layers: Sequence[int], head: int | None, weights:
         nodes.extend(part.graph.node)
         value_info.extend(part.graph.value_info)
         for t in part.graph.initializer:
-            if t.name in weights:
+            if weights is None and t.name in params:
+                param_inputs.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+            elif weights is not None and t.name in weights:
                 inits.append(numpy_helper.from_array(np.asarray(weights[t.name], dtype=np.float32), t.name))
             elif t.raw_data or t.float_data or t.int64_data or t.int32_data:
                 inits.append(t)  # a constant of the graph, not a parameter
@@ -125,7 +133,45 @@ def compose(lib: GraphLibrary, layers: Sequence[int], head: int | None, weights:
         for op in part.opset_import:
             opsets[op.domain] = max(opsets.get(op.domain, 0), op.version)
     graph = helper.make_graph(nodes, f"{m.model}_L{layers[0]}-{layers[-1]}" + (f"_H{head}" if head is not None else ""),
-                              [first_graph.input[0]], [last_graph.output[0]], initializer=inits, value_info=value_info)
+                              [first_graph.input[0], *param_inputs], [last_graph.output[0]], initializer=inits,
+                              value_info=value_info)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
     model.ir_version = lib.layer(layers[0]).ir_version
     return model
+
+
+def forward_graph(lib: GraphLibrary, layers: Sequence[int], head: int | None, skip: Sequence[int] = ()) -> onnx.ModelProto:
+    """An inference graph of a span (optionally ending in a head) whose parameters are graph inputs.
+
+    What a device runs for its frozen prefix and what evaluation runs: weights are fed by
+    name, so one graph serves every round's weights. BatchNorm runs in inference mode
+    (running statistics, no batch statistics), as it must for a frozen layer.
+    """
+    model = compose(lib, layers, head, None, skip=skip)
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization":
+            del node.output[1:]
+            kept = [a for a in node.attribute if a.name != "training_mode"]
+            node.ClearField("attribute")
+            node.attribute.extend(kept)
+    return model
+
+
+def evaluate(manifest: Manifest, weights, inputs: np.ndarray, labels: np.ndarray, upto_block: int | None = None,
+             batch_size: int = 500, threads: int = 0) -> dict:
+    """Accuracy and mean loss of blocks[0..upto_block] -> its head (default: the whole model)."""
+    from edge_runtime.train.ort_backend import ForwardSession
+    b = len(manifest.blocks) - 1 if upto_block is None else upto_block
+    last_layer = manifest.blocks[b].layers[-1]
+    graph = forward_graph(GraphLibrary(manifest), range(last_layer + 1), manifest.blocks[b].head)
+    session = ForwardSession(graph.SerializeToString(), threads=threads)
+    params = {n: np.ascontiguousarray(weights[n], dtype=np.float32) for n in session.param_names}
+    correct, loss_sum = 0, 0.0
+    for start in range(0, len(labels), batch_size):
+        logits = session.run(inputs[start:start + batch_size], params).astype(np.float64)
+        y = labels[start:start + batch_size]
+        z = logits - logits.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        loss_sum += float(-logp[np.arange(len(y)), y].sum())
+        correct += int((logits.argmax(axis=1) == y).sum())
+    return {"accuracy": correct / len(labels), "loss": loss_sum / len(labels), "samples": int(len(labels))}
