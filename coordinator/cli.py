@@ -5,6 +5,7 @@
   edge-coordinator weights  write a run's current global weights to one safetensors file
   edge-coordinator report   write a run's report: accuracy, memory, bytes and stages as one HTML page
   edge-coordinator acl      write the Mosquitto ACL of a fleet for a production broker (docs/broker.md)
+  edge-coordinator export   export a zoo model with the graphs a board's profiler trains (edge-profile --manifest)
 
 Without --broker the coordinator starts its own Mosquitto on a free loopback port (it
 writes the address to WORKDIR/broker.url for the devices) and stops it on exit. Every
@@ -36,6 +37,8 @@ EPILOG = """examples:
   edge-coordinator run --broker mqtts://broker.lan --fleet lab --username coordinator \
       --password-file /etc/edgeblock/coordinator.password --tls-ca /etc/edgeblock/ca.crt   # TLS on 8883
   edge-coordinator acl --fleet lab --devices ids.txt --out /etc/mosquitto/edgeblock.acl
+  edge-coordinator export fmnist_cnn exported/        # then copy exported/ to a board: edge-profile measure
+                                                      #   --manifest exported/manifest.json
 
 devices connect with:  edge-device --broker mqtt://HOST:PORT --fleet FLEET --id pi-01 --tier pi-zero-2w --data DIR
 """
@@ -100,6 +103,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="file of device ids, one a line (each device's broker user name is its id)")
     acl.add_argument("--coordinator-user", default="coordinator", help="the coordinator's broker user name")
     acl.add_argument("--out", type=Path, help="the ACL file to write (default: print it)")
+    exp = sub.add_parser("export", help="export a zoo model and build the step graphs of every part a board's "
+                                        "profiler may train (a board cannot build them)")
+    exp.add_argument("model", help="zoo model name (fmnist_cnn, resnet_small, vgg_cifar, ...)")
+    exp.add_argument("out", type=Path, help="directory to write (manifest.json, graphs/, weights/, parts/)")
+    exp.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     return p
 
 
@@ -211,6 +219,19 @@ def write_acl(fleet: str, devices: Path, coordinator_user: str, out: Path | None
     return 0
 
 
+def export_model(model: str, out: Path, seed: int) -> int:
+    """An export a board profiles from; its path on stdout."""
+    from coordinator.model.zoo_profile import export_for_boards
+    from edge_runtime.errors import EdgeRuntimeError
+    try:
+        manifest = export_for_boards(model, out, seed)
+    except (EdgeRuntimeError, ValueError) as exc:
+        print(f"edge-coordinator: {exc}", file=sys.stderr)
+        return 2
+    print(manifest)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "status":
@@ -221,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         return write_acl(args.fleet, args.devices, args.coordinator_user, args.out)
     if args.command == "report":
         return write_report(args.workdir, args.baseline, args.no_baseline, args.out)
+    if args.command == "export":
+        return export_model(args.model, args.out, args.seed)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     settings = _settings(args)

@@ -131,12 +131,28 @@ def test_malformed_profile_is_rejected_with_the_reason(profiled, tmp_path, break
         Profile.load(tmp_path / "p.json")
 
 
-def test_cli_measures_shows_and_plots(fmnist_model, tmp_path):
-    m, _ = fmnist_model
+# A board has none of these: the profiler there runs on the graphs its export came with.
+BOARD = ("import importlib.abc, runpy, sys\n"
+         "class NotOnABoard(importlib.abc.MetaPathFinder):\n"
+         "    def find_spec(self, name, path=None, target=None):\n"
+         "        if name.split('.')[0] in ('coordinator', 'torch', 'onnx'):\n"
+         "            raise ImportError(name + ' is not on this board')\n"
+         "sys.meta_path.insert(0, NotOnABoard())\n"
+         "sys.argv[0] = 'edge-profile'\n"
+         "runpy.run_module('edge_runtime.profiling.profiler', run_name='__main__')\n")
+
+
+def test_cli_measures_shows_and_plots_on_a_board(tmp_path):
+    """`edge-coordinator export` on the coordinator, then `edge-profile measure --manifest` where neither the
+    coordinator nor torch nor onnx can import: every part it trains came with the export."""
+    exported = tmp_path / "exported"
+    made = subprocess.run([sys.executable, "-m", "coordinator.cli", "export", "fmnist_cnn", str(exported)],
+                          capture_output=True, text=True, env=device_child_env(), timeout=600)
+    assert made.returncode == 0, made.stderr[-2000:]
     repo_profiles = Path(__file__).resolve().parent.parent / "profiles"
     out, png = tmp_path / "profile.json", tmp_path / "profile.png"
-    run = subprocess.run([sys.executable, "-m", "edge_runtime.profiling.profiler", "measure", "--manifest",
-                          str(m.root / "manifest.json"), "--tiers", str(repo_profiles), "--tier", "generic-256mb",
+    run = subprocess.run([sys.executable, "-c", BOARD, "measure", "--manifest",
+                          str(exported / "manifest.json"), "--tiers", str(repo_profiles), "--tier", "generic-256mb",
                           "--tier", "pi-zero-2w", "--batches", "16,32", "--workdir", str(tmp_path / "w"),
                           "--out", str(out), "--plot", str(png)], capture_output=True, text=True,
                          env=device_child_env(), timeout=600)

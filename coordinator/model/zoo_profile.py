@@ -30,6 +30,26 @@ def export_zoo_model(name: str, directory: Path) -> Path:
     return ensure_export(Path(directory) / "model", name)
 
 
+def profile_parts(manifest) -> list:
+    """Every part a profiler may train on a board: each span that starts at the model's input or after a cut
+    point and ends at a cut point, all of it trainable, with the head there (candidates and chosen stages)."""
+    from edge_runtime.wire.part import TrainablePart
+    cuts = manifest.cut_points()
+    starts = [0] + [c + 1 for c in cuts if c + 1 < len(manifest.layers)]
+    return [TrainablePart(tuple(range(a, b + 1)), tuple(range(a, b + 1)), manifest.head_for_boundary(b))
+            for a in starts for b in cuts if b >= a]
+
+
+def export_for_boards(model: str, model_dir: Path, seed: int = 0) -> Path:
+    """An export a board can profile: the model and the graphs of every part its profiler may train."""
+    from coordinator.model.part_graphs import ensure_part_graphs
+    from edge_runtime.wire.manifest import Manifest
+    manifest_path = ensure_export(model_dir, model, seed)
+    manifest = Manifest.load(manifest_path)
+    ensure_part_graphs(manifest, profile_parts(manifest))
+    return manifest_path
+
+
 def measured_profile(root: Path, model: str = "fmnist_cnn", batch_sizes=(32, 64), seed: int = 0,
                      candidates=None, margin: float = 0.10, log=None) -> Path:
     """root/profile.json for `model` (exported to root/model), measured now if it is not there yet."""

@@ -62,7 +62,10 @@ def part_graph_builder() -> Callable | None:
     installed here; None on a board, which profiles with the graphs its export came with."""
     from importlib.metadata import entry_points
     for found in entry_points(group=PART_GRAPH_BUILDERS):
-        return found.load()
+        try:
+            return found.load()
+        except ImportError:     # named by the package metadata, but its code is not importable here
+            return None
     return None
 
 
