@@ -49,6 +49,15 @@ def shift_exposure(x: np.ndarray, contrast: float = 0.5, brightness: float = 0.3
     return ((shifted - FMNIST_MEAN) / FMNIST_STD).astype(np.float32)
 
 
+def as_rgb32(x: np.ndarray) -> np.ndarray:
+    """Normalised N x 1 x 28 x 28 images as N x 3 x 32 x 32: padded by 2 pixels of background, the channel
+    repeated, so a model made for 32x32 colour input (vgg_cifar, mobilenet_v2) trains on Fashion-MNIST."""
+    from edge_runtime.train.datasets import FMNIST_MEAN, FMNIST_STD
+    x = np.asarray(x, np.float32)
+    padded = np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)), constant_values=np.float32(-FMNIST_MEAN / FMNIST_STD))
+    return np.ascontiguousarray(np.repeat(padded, 3, axis=1))
+
+
 def split_pool(samples: int, held_out: int = 0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Indices into the Fashion-MNIST training set: the fleet's `samples`, and `held_out` others.
 

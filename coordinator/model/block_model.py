@@ -15,14 +15,19 @@ from torch import nn
 
 
 class Residual(nn.Module):
-    """y = relu(x + body(x)). Shape-preserving, so depth dropout may skip it as identity."""
+    """y = relu(x + body(x)), or x + body(x) with relu=False (MobileNetV2's linear bottleneck).
 
-    def __init__(self, body: nn.Module):
+    Shape-preserving, so depth dropout may skip it as identity.
+    """
+
+    def __init__(self, body: nn.Module, relu: bool = True):
         super().__init__()
         self.body = body
+        self.relu = relu
 
     def forward(self, x):
-        return torch.relu(x + self.body(x))
+        y = x + self.body(x)
+        return torch.relu(y) if self.relu else y
 
 
 class BlockModel(nn.Module):

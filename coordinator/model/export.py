@@ -5,6 +5,12 @@ correctly: the legacy exporter (dynamo=False), opset 17, TrainingMode.TRAINING, 
 folding (folding silently turns weights into constants), a dynamic batch axis, on a deep
 copy of each module (the export runs a forward pass). After export every parameter must
 be a graph initializer, or the export is refused.
+
+BatchNorm's running mean and variance travel like parameters: each is a ParamSpec of kind
+"stat" named by its state-dict name, its value is stripped from the graph and written to
+the initial weights, and training updates it through the step graph (never by a gradient).
+`num_batches_tracked` stays behind: it only matters to a BatchNorm whose momentum is None
+(a cumulative average), which is refused.
 """
 from __future__ import annotations
 
@@ -33,8 +39,31 @@ class ExportError(ManifestError):
     """The model cannot be exported in a form the device can train."""
 
 
+def _running_stat_names(module: nn.Module, scope: str) -> list[str]:
+    """The module's BatchNorm running statistics (running_mean, running_var) by state-dict name.
+
+    Raises ExportError for a BatchNorm the device could not keep in step with torch: one whose
+    momentum is None (its update averages over num_batches_tracked, which is not exported), or
+    one without running statistics (it would normalize with batch statistics at inference too).
+    """
+    names = []
+    for sub_name, sub in module.named_modules():
+        if not isinstance(sub, nn.modules.batchnorm._BatchNorm):
+            continue
+        where = f"{scope}: BatchNorm {sub_name or type(module).__name__}"
+        if not sub.track_running_stats or sub.running_mean is None:
+            raise ExportError(f"{where} keeps no running statistics (track_running_stats=False); "
+                              f"devices evaluate with running statistics, so give it track_running_stats=True")
+        if sub.momentum is None:
+            raise ExportError(f"{where} has momentum None (a cumulative average over num_batches_tracked, "
+                              f"which is not exported); give it a momentum, e.g. the default 0.1")
+        names += [f"{sub_name}.{stat}" if sub_name else stat for stat in ("running_mean", "running_var")]
+    return names
+
+
 def _export_module(module: nn.Module, in_shape, in_name: str, out_name: str, prefix: str,
                    scope: str) -> tuple[onnx.ModelProto, list[ParamSpec], tuple[int, ...]]:
+    stat_names = _running_stat_names(module, scope)
     module = copy.deepcopy(module).train()
     dummy = torch.zeros(2, *in_shape)
     with torch.no_grad():
@@ -49,13 +78,21 @@ def _export_module(module: nn.Module, in_shape, in_name: str, out_name: str, pre
                           dynamic_axes={in_name: {0: "N"}, out_name: {0: "N"}})
     model = onnx.load_from_string(buf.getvalue())
     local_params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers(remove_duplicate=False))
+    local_stats = {n: buffers[n] for n in stat_names}
     init_names = {t.name for t in model.graph.initializer}
     missing = [n for n in local_params if n not in init_names]
     if missing:
         raise ExportError(f"{scope}: parameter(s) {[prefix + '.' + n for n in missing]} did not survive export "
                           f"as graph initializers (folded or renamed); they would never train")
-    _rename(model, {n: f"{prefix}.{n}" for n in local_params}, keep={in_name, out_name}, scope=scope)
+    missing = [n for n in local_stats if n not in init_names]
+    if missing:
+        raise ExportError(f"{scope}: running statistic(s) {[prefix + '.' + n for n in missing]} did not survive "
+                          f"export as graph initializers (folded, shared or renamed); they would never be updated")
+    _rename(model, {n: f"{prefix}.{n}" for n in [*local_params, *local_stats]}, keep={in_name, out_name},
+            scope=scope)
     params = [ParamSpec(f"{prefix}.{n}", tuple(p.shape)) for n, p in local_params.items()]
+    params += [ParamSpec(f"{prefix}.{n}", tuple(b.shape), kind="stat") for n, b in local_stats.items()]
     return model, params, out_shape
 
 
@@ -142,6 +179,10 @@ def export(model: BlockModel, out_dir: Path, check_trainable: bool = True) -> Ma
     for key, module in model.boundary_heads.items():
         heads.append(export_head(module, len(heads), f"boundary_heads.{key}", int(key)))
 
+    # the running statistics' initial values, from the model itself (each export ran on a copy)
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    state.update({p.name: buffers[p.name].detach().cpu().numpy().astype(np.float32)
+                  for spec in [*layers, *heads] for p in spec.params if p.kind == "stat"})
     weights_data = wcodec.encode(state)
     wsha = sha256_bytes(weights_data)
     atomic_write_bytes(out_dir / "weights" / f"{wsha}.safetensors", weights_data)

@@ -76,10 +76,53 @@ def resnet_small(num_classes: int = 10, seed: int = 0) -> BlockModel:
     return BlockModel("resnet_small", (1, 28, 28), num_classes, blocks, heads, _any_boundary_head(num_classes))
 
 
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, relu6: bool = True) -> list:
+    """Convolution without bias, BatchNorm, and (unless it is a linear bottleneck) ReLU6."""
+    layers = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return layers + [nn.ReLU6()] if relu6 else layers
+
+
+def _inverted_residual(cin: int, cout: int, stride: int, expand: int) -> nn.Module:
+    """MobileNetV2's layer: 1x1 expand (unless expand is 1), 3x3 depthwise, 1x1 linear projection;
+    x + body(x) where the shape is kept (a skippable Residual), the body alone where it changes."""
+    hidden = cin * expand
+    body = _conv_bn(cin, hidden, 1) if expand != 1 else []
+    body = nn.Sequential(*body, *_conv_bn(hidden, hidden, 3, stride, groups=hidden),
+                         *_conv_bn(hidden, cout, 1, relu6=False))
+    return Residual(body, relu=False) if stride == 1 and cin == cout else body
+
+
+# MobileNetV2's stages (expansion t, output channels c, layers n, first stride s), with the strides of the
+# stem and the 24-channel stage at 1 and 2 for 32x32 input (ImageNet's 2 and 2 would leave 1x1 maps).
+MOBILENET_V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                       (6, 160, 3, 2), (6, 320, 1, 1))
+
+
+def mobilenet_v2(num_classes: int = 10, seed: int = 0) -> BlockModel:
+    """MobileNetV2 for 3x32x32 input: about 2.2 M parameters, 19 layers in 7 blocks, BatchNorm throughout.
+
+    A layer is one inverted residual (the stem and the final 1x1 convolution are layers of their
+    own); a block is one stage (the stem joins the first, the 1x1 convolution the last), each with
+    a GAP + linear head. Inverted residuals that keep their shape are skippable.
+    """
+    torch.manual_seed(seed)
+    stem = nn.Sequential(*_conv_bn(3, 32, 3))                        # 32x32x32
+    blocks, cin = [], 32
+    for t, c, n, s in MOBILENET_V2_STAGES:
+        blocks.append([_inverted_residual(cin if i == 0 else c, c, s if i == 0 else 1, t) for i in range(n)])
+        cin = c
+    blocks[0].insert(0, stem)                                         # 16x32x32
+    blocks[-1].append(nn.Sequential(*_conv_bn(cin, 1280, 1)))         # 1280x2x2
+    channels = [c for _, c, _, _ in MOBILENET_V2_STAGES[:-1]] + [1280]
+    heads = [_gap_head(c, num_classes) for c in channels]
+    return BlockModel("mobilenet_v2", (3, 32, 32), num_classes, blocks, heads, _any_boundary_head(num_classes))
+
+
 ZOO: dict[str, Callable[..., BlockModel]] = {
     "fmnist_cnn": fmnist_cnn,
     "vgg_cifar": vgg_cifar,
     "resnet_small": resnet_small,
+    "mobilenet_v2": mobilenet_v2,
 }
 
 
