@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tls-cert", help="client certificate (PEM), for a broker that asks for one")
     run.add_argument("--tls-key", help="the client certificate's unencrypted key (PEM)")
     run.add_argument("--fleet", help="fleet name: the topic namespace devices and coordinator share")
-    run.add_argument("--model", help="zoo model to train (fmnist_cnn, vgg_cifar, resnet_small)")
+    run.add_argument("--model", help="zoo model to train, e.g. fmnist_cnn, vgg_cifar, resnet_small, mobilenet_v2 "
+                                     "(coordinator/model/zoo.py)")
     run.add_argument("--strategy", choices=strategies.names(),
                      help="the schedule; each has a table of its own settings in --config (default "
                           f"{strategies.DEFAULT})")

@@ -66,7 +66,7 @@ logs: WORKDIR/fleet/logs/; status from another terminal: edge-coordinator status
     p.add_argument("--config", type=Path, help="TOML file with [demo] and [train] tables and a table per strategy "
                                                   f"({', '.join(f'[{n}]' for n in strategies.names())})")
     p.add_argument("--workdir", help="where the broker, coordinator, devices and results live (resumable)")
-    p.add_argument("--model", help="zoo model (fmnist_cnn, resnet_small)")
+    p.add_argument("--model", help="zoo model trained on Fashion-MNIST (fmnist_cnn, resnet_small)")
     p.add_argument("--samples", type=int, help="Fashion-MNIST training images split across the fleet")
     p.add_argument("--alpha", type=float, help="Dirichlet concentration: 0.5 is strongly non-IID, 100 nearly IID")
     p.add_argument("--strategy", choices=strategies.names(),

@@ -118,7 +118,7 @@ class LayerWise(Strategy):
         if self.finished or not plan.assignments:
             return
         self.rounds_in_stage += 1
-        names = self.manifest.param_names([self.layer])
+        names = self.manifest.param_names([self.layer], kind="param")
         em = self.movement.observe({k: before[k] for k in names}, {k: after[k] for k in names})
         self.em_log.append({"round": plan.round, "layer": self.layer,
                             "effective_movement": em if math.isfinite(em) else None})
@@ -157,5 +157,5 @@ class LayerWise(Strategy):
         mine = [(b, a) for stage, b, a in history if stage.get("layer") == self.layer][-self.rounds_in_stage:]
         changes = ((load(b), load(a)) for b, a in mine[-self.rule.window:])
         ems = [e["effective_movement"] for e in self.em_log if e["layer"] == self.layer]
-        self.movement = restore_movement(self.rule, self.manifest.param_names([self.layer]), changes, ems,
+        self.movement = restore_movement(self.rule, self.manifest.param_names([self.layer], kind="param"), changes, ems,
                                          self.rounds_in_stage)

@@ -105,7 +105,7 @@ class Progressive(Strategy):
             if self.rounds_in_stage >= self.shrink_rounds:
                 self._next_stage()
             return
-        names = self.manifest.param_names(self.manifest.blocks[self.block].layers)
+        names = self.manifest.param_names(self.manifest.blocks[self.block].layers, kind="param")
         em = self.movement.observe({k: before[k] for k in names}, {k: after[k] for k in names})
         # None until the window is full (the rule's own NaN is not valid JSON)
         self.em_log.append({"round": plan.round, "block": self.block,
@@ -161,7 +161,7 @@ class Progressive(Strategy):
         """Refill the movement window with the current block's last changes, as if never restarted."""
         if self.phase != "growing" or self.rounds_in_stage == 0:
             return
-        names = self.manifest.param_names(self.manifest.blocks[self.block].layers)
+        names = self.manifest.param_names(self.manifest.blocks[self.block].layers, kind="param")
         mine = [(b, a) for stage, b, a in history
                 if stage.get("phase") == "growing" and stage.get("block") == self.block][-self.rounds_in_stage:]
         changes = ((load(b), load(a)) for b, a in mine[-self.rule.window:])
