@@ -199,49 +199,73 @@ def test_hf_form_equals_torch_with_scaled_eps(t, wd):
         assert max(float(np.max(np.abs(plain[n] - params[n]))) for n in SHAPES) > 1e-5
 
 
-def test_hf_form_reproduces_onnxruntime_training_adamw(tmp_path):
-    """eps_before_bias_correction=True reproduces the AdamW the project uses today:
-    onnxruntime-training's onnxblock.optim.AdamW (adam_mode=1), 20 steps, changing lr."""
-    pytest.importorskip("onnxruntime.training.api")
-    pytest.importorskip("onnx")
-    from onnx import TensorProto, helper, numpy_helper
-    from onnxruntime.training import api, artifacts, onnxblock
+# Runs in a child with onnxruntime-training first on its path (it cannot share a process with the
+# maintained onnxruntime): 20 AdamW steps of its onnxblock.optim.AdamW on the gradients given.
+_ORT_TRAINING_ADAMW = """
+import sys, types
+sys.modules["torch"] = None
+for name in ("onnxruntime.training.amp", "onnxruntime.training.optim"):
+    sys.modules[name] = types.ModuleType(name)
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.training import api, artifacts, onnxblock
+work = sys.argv[1]
+data = np.load(work + "/in.npz")
+names = ["w0", "w1"]
+nodes, inputs = [], []
+for n in names:   # loss = sum_i sum(w_i * x_i): the gradient of w_i is exactly the input x_i
+    inputs.append(helper.make_tensor_value_info("x_" + n, TensorProto.FLOAT, list(data[n].shape)))
+    nodes += [helper.make_node("Mul", [n, "x_" + n], ["m_" + n]),
+              helper.make_node("ReduceSum", ["m_" + n], ["s_" + n], keepdims=0)]
+nodes.append(helper.make_node("Add", ["s_w0", "s_w1"], ["loss"]))
+graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])],
+                          [numpy_helper.from_array(data[n], n) for n in names])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+artifacts.generate_artifacts(model, requires_grad=names, frozen_params=[], loss=None,
+                             optimizer=onnxblock.optim.AdamW(eps=float(data["eps"]), weight_decay=float(data["wd"])),
+                             artifact_directory=work)
+state = api.CheckpointState.load_checkpoint(work + "/checkpoint")
+module = api.Module(work + "/training_model.onnx", state, work + "/eval_model.onnx", device="cpu")
+opt = api.Optimizer(work + "/optimizer_model.onnx", module)
+module.train()
+for k, lr in enumerate(data["lrs"]):
+    module(*[data[f"g{k}_{n}"] for n in names])
+    opt.set_learning_rate(float(lr))
+    opt.step()
+    module.lazy_reset_grad()
+np.savez(work + "/out.npz", **{n: state.parameters[n].data for n in names})
+"""
 
+
+def test_hf_form_reproduces_onnxruntime_training_adamw(tmp_path):
+    """eps_before_bias_correction=True reproduces the AdamW devices used before the move to the maintained
+    onnxruntime: onnxruntime-training's onnxblock.optim.AdamW (adam_mode=1), 20 steps, changing lr."""
+    import os
+    import subprocess
+    import sys
+
+    from coordinator.model.part_graphs import REPO, builder_dir
+    assert (builder_dir() / "onnxruntime" / "training").is_dir(), \
+        f"the gradient builder is not installed in {builder_dir()}: run tools/bootstrap.sh"
     shapes = {"w0": (16, 9), "w1": (9,)}
     rng = np.random.default_rng(0)
     init = {n: (rng.uniform(-1, 1, s) / 3).astype(np.float32) for n, s in shapes.items()}
-    # loss = sum_i sum(w_i * x_i), so the gradient of w_i is exactly the input x_i.
-    nodes, inputs = [], []
-    for n, s in shapes.items():
-        inputs.append(helper.make_tensor_value_info(f"x_{n}", TensorProto.FLOAT, list(s)))
-        nodes += [helper.make_node("Mul", [n, f"x_{n}"], [f"m_{n}"]),
-                  helper.make_node("ReduceSum", [f"m_{n}"], [f"s_{n}"], keepdims=0)]
-    nodes.append(helper.make_node("Add", ["s_w0", "s_w1"], ["loss"]))
-    graph = helper.make_graph(nodes, "g", inputs,
-                              [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])],
-                              [numpy_helper.from_array(init[n], n) for n in shapes])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     eps, wd, lr0 = 1e-6, 0.1, 1e-2
-    artifacts.generate_artifacts(model, requires_grad=list(shapes), frozen_params=[], loss=None,
-                                 optimizer=onnxblock.optim.AdamW(eps=eps, weight_decay=wd),
-                                 artifact_directory=str(tmp_path))
-    state = api.CheckpointState.load_checkpoint(str(tmp_path / "checkpoint"))
-    module = api.Module(str(tmp_path / "training_model.onnx"), state,
-                        str(tmp_path / "eval_model.onnx"), device="cpu")
-    ort_opt = api.Optimizer(str(tmp_path / "optimizer_model.onnx"), module)
-    module.train()
+    lrs = [lr0 * (1 + 0.5 * math.cos(k)) for k in range(STEPS)]
+    grads = [{n: (rng.standard_normal(s) * 10.0 ** rng.uniform(-8, 0, s)).astype(np.float32)
+              for n, s in shapes.items()} for _ in range(STEPS)]
+    np.savez(tmp_path / "in.npz", eps=eps, wd=wd, lrs=np.array(lrs), **init,
+             **{f"g{k}_{n}": g[n] for k, g in enumerate(grads) for n in shapes})
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(builder_dir()), str(REPO)]))
+    done = subprocess.run([sys.executable, "-c", _ORT_TRAINING_ADAMW, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    theirs = dict(np.load(tmp_path / "out.npz"))
     ours = {n: w.copy() for n, w in init.items()}
     opt = AdamW(ours, lr=lr0, eps=eps, weight_decay=wd, eps_before_bias_correction=True)
     for k in range(STEPS):
-        lr = lr0 * (1 + 0.5 * math.cos(k))
-        grads = {n: (rng.standard_normal(s) * 10.0 ** rng.uniform(-8, 0, s)).astype(np.float32)
-                 for n, s in shapes.items()}
-        module(*grads.values())
-        ort_opt.set_learning_rate(lr)
-        ort_opt.step()
-        module.lazy_reset_grad()
-        opt.step(grads, lr=lr)
-    assert_close(ours, {n: state.parameters[n].data for n in shapes})
+        opt.step(grads[k], lr=lrs[k])
+    assert_close(ours, theirs)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
