@@ -37,6 +37,17 @@ class FreezeRule:
                              f"what pure noise scores: a converged block would never freeze")
 
 
+@dataclass(frozen=True)
+class FreezeSettings:
+    """The rule's settings, as a schedule that freezes declares them in its table."""
+    freeze_window: int = 6
+    freeze_threshold: float = 0.5
+    freeze_patience: int = 2
+
+    def freeze_rule(self) -> FreezeRule:
+        return FreezeRule(window=self.freeze_window, threshold=self.freeze_threshold, patience=self.freeze_patience)
+
+
 def effective_movement(deltas: list[Mapping[str, np.ndarray]]) -> float:
     """Mean over scalars of |net movement| / path length across the given rounds' changes."""
     if not deltas:

@@ -27,20 +27,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from coordinator.strategies.base import Assignment, RoundPlan, Strategy
-from coordinator.strategies.freezing import BlockMovement, FreezeRule, restore_movement, round_report
+from coordinator.strategies.freezing import BlockMovement, FreezeRule, FreezeSettings, restore_movement, round_report
 
 
 @dataclass(frozen=True)
-class LayerWiseSettings:
+class LayerWiseSettings(FreezeSettings):
     """[layerwise]: rounds per layer, depth dropout, and its own freezing rule."""
     rounds_per_layer: int = 3
     min_rounds_per_layer: int = 1
     dropout: float = 0.0
     frozen_after: int = 0
     min_cache_disk_mb: float = 256.0
-    freeze_window: int = 6
-    freeze_threshold: float = 0.5
-    freeze_patience: int = 2
 
 
 class LayerWise(Strategy):
@@ -52,8 +49,7 @@ class LayerWise(Strategy):
         return dict(rounds_per_layer=settings.rounds_per_layer, min_rounds_per_layer=settings.min_rounds_per_layer,
                     dropout=settings.dropout, frozen_after=settings.frozen_after,
                     min_cache_disk_bytes=int(settings.min_cache_disk_mb * 2**20), seed=seed,
-                    freeze_rule=FreezeRule(window=settings.freeze_window, threshold=settings.freeze_threshold,
-                                           patience=settings.freeze_patience))
+                    freeze_rule=settings.freeze_rule())
 
     def __init__(self, *args, rounds_per_layer: int = LayerWiseSettings.rounds_per_layer,
                  min_rounds_per_layer: int = LayerWiseSettings.min_rounds_per_layer,

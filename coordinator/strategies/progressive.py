@@ -21,19 +21,16 @@ import math
 from dataclasses import dataclass
 
 from coordinator.strategies.base import Assignment, RoundPlan, Strategy
-from coordinator.strategies.freezing import BlockMovement, FreezeRule, restore_movement, round_report
+from coordinator.strategies.freezing import BlockMovement, FreezeRule, FreezeSettings, restore_movement, round_report
 
 
 @dataclass(frozen=True)
-class ProgressiveSettings:
+class ProgressiveSettings(FreezeSettings):
     """[progressive]: the stages' round bounds and the effective-movement freezing rule."""
     shrink_rounds: int = 1
     min_rounds_per_block: int = 2
     max_rounds_per_block: int = 6
     max_extra_blocks: int = 1
-    freeze_window: int = 6
-    freeze_threshold: float = 0.5
-    freeze_patience: int = 2
 
 
 class Progressive(Strategy):
@@ -44,8 +41,7 @@ class Progressive(Strategy):
     def constructor_args(cls, settings: ProgressiveSettings, seed: int) -> dict:
         return dict(shrink_rounds=settings.shrink_rounds, min_rounds_per_block=settings.min_rounds_per_block,
                     max_rounds_per_block=settings.max_rounds_per_block, max_extra_blocks=settings.max_extra_blocks,
-                    freeze_rule=FreezeRule(window=settings.freeze_window, threshold=settings.freeze_threshold,
-                                           patience=settings.freeze_patience))
+                    freeze_rule=settings.freeze_rule())
 
     def __init__(self, *args, shrink_rounds: int = ProgressiveSettings.shrink_rounds,
                  min_rounds_per_block: int = ProgressiveSettings.min_rounds_per_block,
