@@ -66,10 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edge-bundle", formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__,
         epilog=f"""examples:
-  # a Raspberry Pi Zero 2 W (64-bit Raspberry Pi OS) in fleet "lab"; aarch64 needs an
-  # onnxruntime-training-cpu wheel built from source (docs/flashing.md):
+  # a Raspberry Pi Zero 2 W (64-bit Raspberry Pi OS) in fleet "lab":
   edge-bundle --tier pi-zero-2w --device-id board-7 --broker mqtt://10.0.0.2:1883 --fleet lab \\
-      --platform aarch64 --extra-wheel onnxruntime_training_cpu-1.19.2-cp311-cp311-linux_aarch64.whl
+      --platform aarch64
 
   # an x86_64 box standing in for a 256 MB board:
   edge-bundle --tier generic-256mb --device-id box-1 --broker 10.0.0.2 --platform x86_64
@@ -100,8 +99,8 @@ Exit codes: 0 built, 1 the build failed (pip, network), 2 bad arguments.""")
                    help="the board's CPU: aarch64 for 64-bit Raspberry Pi OS and other arm64 boards, x86_64 for PCs")
     p.add_argument("--out", default="bundles", metavar="DIR", help="where to write the bundle (default: bundles)")
     p.add_argument("--extra-wheel", action="append", default=[], metavar="WHEEL",
-                   help="a wheel to bundle as well, e.g. onnxruntime-training-cpu built from source for "
-                        "aarch64, where PyPI has none; repeatable")
+                   help="a wheel to bundle as well, for the board's platform and CPython, e.g. a build of a "
+                        "dependency that the package index lacks; repeatable")
     p.add_argument("--data-dir", default=DATA_DIR, metavar="DIR",
                    help=f"the training data's directory on the board (default: {DATA_DIR})")
     p.add_argument("--state-dir", default=STATE_DIR, metavar="DIR",

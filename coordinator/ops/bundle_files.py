@@ -11,7 +11,7 @@ from pathlib import Path
 from coordinator.ops.bundle_credentials import BROKER_FILES, write_broker_files
 from coordinator.ops.bundle_request import CONFIG_DIR, SERVICE_USER, UNIT, VENV, Bundle
 from coordinator.ops.template_files import fill
-from coordinator.ops.wheels import GLIBC, NO_PYPI_WHEEL, PYTHON, build_steps
+from coordinator.ops.wheels import GLIBC, PYTHON
 
 # What device.toml says of each broker file's setting, and README.txt of the file.
 _SETTING_COMMENTS = {"tls_ca": "the CA the broker's certificate must chain to",
@@ -84,8 +84,4 @@ def readme(b: Bundle, project: Path, wheels: list[Path]) -> str:
     text = fill("README.txt", facts)
     if b.secret:
         text += fill("README-secret.txt", facts)
-    missing = NO_PYPI_WHEEL.get(b.arch)
-    if missing:
-        text += fill("README-source-build.txt",
-                     {**facts, "package": missing.package, "build_steps": build_steps(missing)})
     return text

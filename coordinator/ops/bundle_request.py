@@ -11,7 +11,7 @@ from coordinator.ops.bundle_errors import BundleError, warn
 from coordinator.ops.wheels import REPO, check_extra_wheels
 from edge_runtime.device.tiers import Tier, TierError, find_tier
 from edge_runtime.memory import MIB
-from edge_runtime.wire.mqtt_link import parse_broker_address
+from edge_runtime.wire.mqtt_link import is_loopback, parse_broker_address
 from edge_runtime.wire.protocol import ProtocolError, Topics, check_id
 
 # The board's layout: install.sh's defaults, which it can move with --venv and --config-dir.
@@ -86,13 +86,9 @@ def _broker_url(text: str) -> str:
         host = parse_broker_address(text).host
     except ValueError as exc:
         raise BundleError(f"--broker: {exc}") from None
-    if _loopback(host):
+    if is_loopback(host):
         warn(f"--broker {text} is a loopback address: on a board it names the board itself")
     return text.strip()
-
-
-def _loopback(host: str) -> bool:
-    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 def _username(given: str | None, device_id: str, files: Carried) -> str:
@@ -112,6 +108,6 @@ def _warn_login(broker: str, username: str, device_id: str, files: Carried) -> N
         warn(f"--password-file {password} is {password.name}'s (make-secrets.sh names each user's file after "
              f"it), but the login is {username}")
     address = parse_broker_address(broker)
-    if password is not None and not address.tls and not _loopback(address.host):
+    if password is not None and not address.tls and not is_loopback(address.host):
         warn(f"--broker {broker} is plain MQTT: {username}'s password would cross the network in clear text; "
              f"use mqtts://{address.host}:8883 with --tls-ca")

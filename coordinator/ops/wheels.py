@@ -1,5 +1,6 @@
-"""Which wheels a board needs, and getting them: the project's own, its device dependencies from
-PyPI for the board's platform (never torch), and the ones PyPI lacks, which the operator brings.
+"""Which wheels a board needs, and getting them: the project's own, and its device dependencies from
+PyPI for the board's platform (never torch). Every device dependency has wheels for linux x86_64 and
+aarch64 there; a wheel an index lacks (a fork, a private build) the operator brings with --extra-wheel.
 
 Boards rarely have a compiler or a quick way to PyPI, and a pip resolve on a 512 MB board can
 fail for memory alone: so pip resolves here, for the board's platform tags and CPython, and the
@@ -14,23 +15,16 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python < 3.11
-    import tomli as tomllib
-
 from coordinator.ops.bundle_errors import BundleError, warn
-from coordinator.ops.template_files import fill
 
 REPO = Path(__file__).resolve().parents[2]
 # What the project's wheel is built from: pyproject.toml, its readme, and the folders of its packages,
 # profiles/ among them (its package-dir for edge_runtime.device.profiles, the tier files).
 WHEEL_SOURCES = ("pyproject.toml", "README.md", "edge_runtime", "coordinator", "profiles")
 PYTHON = "3.11"          # the boards' CPython: Raspberry Pi OS and Debian 12 ship 3.11
-# The oldest glibc the bundled wheels may need. onnxruntime-training-cpu's x86_64 wheel needs 2.28.
+# The oldest glibc the bundled wheels may need: onnxruntime's wheels (x86_64 and aarch64) need 2.28.
 GLIBC = (2, 28)
 ARCHES = ("x86_64", "aarch64")
 # What pip prints (in its retry warnings) when it fails for want of the network rather than of a wheel.
@@ -40,24 +34,10 @@ NETWORK_TROUBLE = re.compile(r"NewConnectionError|Failed to establish a new conn
 PYPI = "https://pypi.org/simple/"
 
 
-@dataclass(frozen=True)
-class MissingWheel:
-    """A device dependency PyPI has no wheel of for one platform: a bundle for it needs the operator's
-    own build, passed with --extra-wheel, and says how to make one."""
-    package: str      # as pyproject.toml's dependencies name it; pinned there (name==version)
-    pypi_has: str     # what PyPI has instead, as the refusal says it
-    steps: str        # the template (in templates/) of the source build, filled with @@version and @@python
-
-
-# The one place that says which platform lacks which wheel: a dependency that gains a wheel leaves it.
-NO_PYPI_WHEEL = {"aarch64": MissingWheel("onnxruntime-training-cpu", "its wheels are x86_64 only",
-                                         "build-onnxruntime-training-cpu-aarch64.txt")}
-
-
 # -- checking the operator's wheels ---------------------------------------------------------------
 
 def check_extra_wheels(paths: list[str], arch: str) -> tuple[Path, ...]:
-    """The --extra-wheel files; where PyPI lacks a dependency's wheel, one of them must be it."""
+    """The --extra-wheel files, each for CPython PYTHON (or pure Python) and for linux `arch` (or any)."""
     wheels = tuple(Path(p).expanduser().resolve() for p in paths)
     nodot = PYTHON.replace(".", "")
     for wheel in wheels:
@@ -69,21 +49,7 @@ def check_extra_wheels(paths: list[str], arch: str) -> tuple[Path, ...]:
                               f"build it with Python {PYTHON}")
         if not any(p == "any" or p.endswith(f"_{arch}") for p in platforms):
             raise BundleError(f"--extra-wheel {wheel.name} is for {'.'.join(platforms)}, not linux {arch}")
-    missing = NO_PYPI_WHEEL.get(arch)
-    if missing:
-        version = pinned(missing.package)
-        if not any(wheel_tags(w)[:2] == (_normalise(missing.package), version) for w in wheels):
-            given = ", ".join(w.name for w in wheels) or "none"
-            raise BundleError(f"PyPI has no linux-{arch} wheel of {missing.package}=={version} ({missing.pypi_has}), "
-                              f"which the device runtime needs, and no --extra-wheel is one (given: {given})."
-                              f"\n\n" + build_steps(missing))
     return wheels
-
-
-def build_steps(missing: MissingWheel) -> str:
-    """How to build the wheel PyPI lacks, for the version pyproject.toml pins; no final newline, so
-    that it can end an error message as well as stand in the bundle's README."""
-    return fill(missing.steps, {"version": pinned(missing.package), "python": PYTHON}).removesuffix("\n")
 
 
 def wheel_tags(path: Path) -> tuple[str, str, list[str], list[str]]:
@@ -96,16 +62,6 @@ def wheel_tags(path: Path) -> tuple[str, str, list[str], list[str]]:
 
 def _normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "_", name).lower()
-
-
-def pinned(name: str) -> str:
-    """The version pyproject.toml pins a device dependency to (`name==X`)."""
-    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    for dependency in dependencies:
-        found = re.fullmatch(rf"{re.escape(name)}\s*==\s*([^\s;]+)\s*(;.*)?", dependency.strip())
-        if found:
-            return found.group(1)
-    raise BundleError(f"pyproject.toml does not pin {name} ({name}==VERSION in [project] dependencies)")
 
 
 # -- getting the wheels -------------------------------------------------------------------------

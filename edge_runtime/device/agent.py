@@ -57,7 +57,7 @@ def job_budget_bytes(device_budget_bytes: int, agent_rss_bytes: int) -> int:
 def budgeted_jobs(cfg: DeviceConfig, job_budget: int) -> BudgetedJobs:
     """The real job runner of a device: children under a hard limit, micro-batch plans kept in its state."""
     return BudgetedJobs(cfg.state / "jobs", job_budget, cfg.margin, plans_file=cfg.state / "plans.json",
-                        log=lambda text: log.info("%s", text))
+                        log=lambda text: log.info("%s", text), python=cfg.job_python)
 
 
 class Agent:

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
+from edge_runtime import logs
 from edge_runtime.device.agent import Agent, budgeted_jobs, job_budget_bytes
 from edge_runtime.device.settings import DEFAULTS, ConfigError, DeviceConfig, load_settings, resolve
 from edge_runtime.memory import current_rss_bytes, size_text
@@ -98,7 +100,10 @@ def run_agent(settings: dict, stop: threading.Event | None = None) -> int:
             return 2
         log.info("device %s (tier %s): budget %s = jobs %s + agent %s; state in %s", cfg.device_id, cfg.tier,
                  size_text(cfg.budget_bytes), size_text(job_budget), size_text(agent_share), cfg.state)
-        Agent(cfg, link, budgeted_jobs(cfg, job_budget), stop).serve()
+        jobs = budgeted_jobs(cfg, job_budget)
+        if cfg.job_python:
+            log.info("training jobs start with: %s", shlex.join(cfg.job_python))
+        Agent(cfg, link, jobs, stop).serve()
         return 0
     except ConfigError as exc:
         log.error("%s", exc)
@@ -166,6 +171,11 @@ its certificate is not trusted, 2 bad settings.""")
     p.add_argument("--tls-ca", metavar="FILE", help="CA certificate (PEM) the broker's certificate must chain to")
     p.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM), for a broker that asks for one")
     p.add_argument("--tls-key", metavar="FILE", help="the client certificate's unencrypted key (PEM)")
+    p.add_argument("--job-python", metavar="COMMAND",
+                   help="the command that starts a training job's interpreter, split like a shell's words "
+                        "(default: the interpreter running this agent); for a board whose Python must be "
+                        "started through a wrapper, e.g. an aarch64 userland under qemu user mode "
+                        "without binfmt_misc: --job-python /opt/a64/venv/bin/python (a launcher script)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -183,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-device: {exc}", file=sys.stderr)
         return 2
     name = str(settings["id"] or "?").replace("%", "%%")
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s edge-device[{name}] %(levelname)s %(message)s")
+    logs.configure(args.log_level.upper(), f"%(asctime)s edge-device[{name}] %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, _raise_terminated)
     return run_agent(settings)
 

@@ -6,6 +6,8 @@ directories, and the device's whole memory budget (given, the tier's, or measure
 from __future__ import annotations
 
 import logging
+import shlex
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,7 @@ DEFAULTS = {
     "tls_ca": "",             # CA file the broker's certificate must chain to ("" = the system's)
     "tls_cert": "",           # client certificate, for a broker that asks for one
     "tls_key": "",
+    "job_python": "",         # the command that starts a job's interpreter ("" = the agent's own)
 }
 
 
@@ -103,6 +106,8 @@ class DeviceConfig:
     cores: int
     disk_free_bytes: int
     security: LinkSecurity = LinkSecurity()   # broker login and TLS
+    # the command that starts a training job's interpreter, as argv words; () = the agent's own (sys.executable)
+    job_python: tuple[str, ...] = ()
 
 
 def resolve(settings: dict) -> DeviceConfig:
@@ -142,12 +147,28 @@ def resolve(settings: dict) -> DeviceConfig:
     except OSError as exc:
         raise ConfigError(f"--state {state}: cannot create it ({exc})") from None
     tier, tier_budget = _tier(s["tier"])
+    job_python = _job_python(s["job_python"])
     found = probe(state)
     return DeviceConfig(device_id=device_id, tier=tier, topics=topics, host=host, port=port, data=data.root,
                         state=state, budget_bytes=_device_budget(s["budget_mb"], tier, tier_budget, found),
                         margin=s["margin"], threads=s["threads"], ack_timeout_s=s["ack_timeout_s"],
                         connect_timeout_s=s["connect_timeout_s"], cores=found.cores,
-                        disk_free_bytes=found.disk_free_bytes, security=security)
+                        disk_free_bytes=found.disk_free_bytes, security=security, job_python=job_python)
+
+
+def _job_python(command: str) -> tuple[str, ...]:
+    """The job_python setting as argv words (split as a shell would; no shell runs it); () = the agent's own.
+
+    For boards whose interpreter must be started through a wrapper: a venv launcher, or an aarch64
+    userland under qemu user mode without binfmt_misc, where a child started as sys.executable fails."""
+    try:
+        words = tuple(shlex.split(command))
+    except ValueError as exc:
+        raise ConfigError(f"--job-python {command!r}: {exc}") from None
+    if words and shutil.which(words[0]) is None:
+        raise ConfigError(f"--job-python {command!r}: {words[0]} is not an executable file"
+                          + ("" if "/" in words[0] else " on PATH"))
+    return words
 
 
 def _tier(name_or_path: str) -> tuple[str, int | None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Protocol
@@ -50,12 +51,13 @@ def _candidates(batch_size: int) -> list[int]:
     return out
 
 
-def calibrate(spec: JobSpec, micro_batch_size: int, limit_bytes: int | None, job_dir: Path) -> Trial:
+def calibrate(spec: JobSpec, micro_batch_size: int, limit_bytes: int | None, job_dir: Path,
+              python: Sequence[str] = ()) -> Trial:
     config = replace(spec.config, micro_batch_size=micro_batch_size, max_steps=CALIBRATION_STEPS,
                      checkpoint_every_steps=2)
     task = f"calibrate-{spec.task_id}-m{micro_batch_size}"
     probe = replace(spec, task_id=task, config=config, update_out=None, scores_out=None)
-    report, child = run_worker(probe, job_dir, memory_limit_bytes=limit_bytes)
+    report, child = run_worker(probe, job_dir, memory_limit_bytes=limit_bytes, python=python)
     shutil.rmtree(Path(spec.state_dir) / "runs" / task, ignore_errors=True)
     if report and not report["ok"] and report.get("kind") not in (None, "InternalError"):
         raise EdgeRuntimeError(report["error"])  # a bad input, not a memory problem: say so
@@ -65,28 +67,29 @@ def calibrate(spec: JobSpec, micro_batch_size: int, limit_bytes: int | None, job
 
 
 def plan(spec: JobSpec, budget_bytes: int, job_dir: Path, margin: float = DEFAULT_MARGIN,
-         ceiling_bytes: int | None = None) -> BudgetPlan:
+         ceiling_bytes: int | None = None, python: Sequence[str] = ()) -> BudgetPlan:
     """The largest micro-batch whose measured peak, plus margin, fits the budget.
 
     Raises BudgetError with the measured need when even a micro-batch of 1 does not fit.
+    python: the command that starts a job's interpreter (child.python_child_args); () = this one.
     """
     usable = int(budget_bytes / (1 + margin))
     trials = []
     batch = spec.config.batch_size
     for m in _candidates(batch):
-        trial = calibrate(spec, m, budget_bytes, job_dir)
+        trial = calibrate(spec, m, budget_bytes, job_dir, python)
         trials.append(trial)
         if trial.prepared:
             # Building the cache/artifact is a phase of its own; it fitted under the limit.
             # Measure training again with them in place, as the real job will run.
-            trial = calibrate(spec, m, budget_bytes, job_dir)
+            trial = calibrate(spec, m, budget_bytes, job_dir, python)
             trials.append(trial)
         if trial.completed and trial.peak_rss_bytes <= usable:
             return BudgetPlan(budget_bytes, margin, m, trial.peak_rss_bytes, trials)
     # Nothing fits: measure micro-batch 1 without the budget's limit (under a ceiling) to say what it needs.
     import psutil
     ceiling = ceiling_bytes or int(psutil.virtual_memory().available * 0.8)
-    need = calibrate(spec, 1, ceiling, job_dir)
+    need = calibrate(spec, 1, ceiling, job_dir, python)
     needed_bytes = int(need.peak_rss_bytes * (1 + margin)) if need.completed else ceiling
     needed = f"{needed_bytes / MIB:.0f} MB" if need.completed else f"more than {ceiling / MIB:.0f} MB"
     raise BudgetError(f"job {spec.task_id} does not fit a budget of {budget_bytes / MIB:.0f} MB: even micro-batch 1 "
@@ -129,9 +132,12 @@ class BudgetedJobs:
     """
 
     def __init__(self, jobs_dir: Path, budget_bytes: int, margin: float = DEFAULT_MARGIN,
-                 plans_file: Path | None = None, log: Callable[[str], None] = lambda text: None):
+                 plans_file: Path | None = None, log: Callable[[str], None] = lambda text: None,
+                 python: Sequence[str] = ()):
         self.jobs_dir, self.budget_bytes, self.margin = Path(jobs_dir), int(budget_bytes), margin
         self.plans_file = plans_file
+        # the command that starts a job's interpreter (the device's job_python setting); () = this one
+        self.python: tuple[str, ...] = tuple(python)
         self.log = log
         self.plans: dict = {}
         if plans_file is not None and plans_file.exists():
@@ -166,7 +172,7 @@ class BudgetedJobs:
         self.log(f"task {spec.task_id}: calibrating: which micro-batch fits {size_text(self.budget_bytes)} "
                  f"with a {self.margin:.0%} margin")
         self.plans.pop(key, None)
-        chosen = plan(spec, self.budget_bytes, self.jobs_dir, self.margin)
+        chosen = plan(spec, self.budget_bytes, self.jobs_dir, self.margin, python=self.python)
         self.plans[key] = {"micro_batch_size": chosen.micro_batch_size, "budget_bytes": self.budget_bytes}
         if self.plans_file is not None:
             atomic_write_text(self.plans_file, json.dumps(self.plans, indent=1))
@@ -176,7 +182,7 @@ class BudgetedJobs:
 
     def _run_at(self, spec: JobSpec, micro: int) -> tuple[dict | None, ChildResult]:
         job = replace(spec, config=replace(spec.config, micro_batch_size=micro))
-        return run_worker(job, self.jobs_dir, memory_limit_bytes=self.budget_bytes)
+        return run_worker(job, self.jobs_dir, memory_limit_bytes=self.budget_bytes, python=self.python)
 
 
 def checked(spec: JobSpec, report: dict | None, child: ChildResult) -> tuple[dict, ChildResult]:

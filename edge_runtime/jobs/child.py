@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,8 +86,13 @@ def run_child(args: list[str], env: dict | None = None, timeout: float | None = 
                            group_peak_bytes=guard.group_peak_bytes if guard else None)
 
 
-def python_child_args(module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", module, *args]
+def python_child_args(module: str, *args: str, python: Sequence[str] = ()) -> list[str]:
+    """argv of `python -m module args...`: started with `python`, the command that starts a job's interpreter
+    (a device's job_python setting), or with this interpreter when it is empty.
+
+    A wrapper is needed where this interpreter cannot be executed directly: an aarch64 userland run under
+    qemu user mode without binfmt_misc (tools/aarch64_root.py), whose children must go through qemu again."""
+    return [*(python or (sys.executable,)), "-m", module, *args]
 
 
 def device_child_env(extra: dict | None = None) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -108,14 +109,16 @@ def run_job(spec: JobSpec, progress=None) -> dict:
 
 
 def run_worker(spec: JobSpec, job_dir: Path, memory_limit_bytes: int | None = None,
-               timeout: float | None = None) -> tuple[dict | None, ChildResult]:
-    """Run one job in a fresh child; return its JSON report (None if it died) and its measurements."""
+               timeout: float | None = None, python: Sequence[str] = ()) -> tuple[dict | None, ChildResult]:
+    """Run one job in a fresh child; return its JSON report (None if it died) and its measurements.
+
+    python: the command that starts the child's interpreter (child.python_child_args); () = this one."""
     from edge_runtime.jobs.child import device_child_env, python_child_args, run_child
     job_dir.mkdir(parents=True, exist_ok=True)
     spec_path = job_dir / f"{spec.task_id}.json"
     spec.save(spec_path)
-    child = run_child(python_child_args("edge_runtime.jobs.worker", str(spec_path)), env=device_child_env(),
-                      memory_limit_bytes=memory_limit_bytes, timeout=timeout)
+    child = run_child(python_child_args("edge_runtime.jobs.worker", str(spec_path), python=python),
+                      env=device_child_env(), memory_limit_bytes=memory_limit_bytes, timeout=timeout)
     report = None
     lines = [l for l in child.stdout.strip().splitlines() if l.startswith("{")]
     if lines:
