@@ -25,6 +25,7 @@ from pathlib import Path
 from coordinator import strategies
 from coordinator.config import load_config
 from coordinator.service import DEFAULTS
+from edge_runtime import logs
 
 EPILOG = """examples:
   edge-coordinator run                                   # progressive fmnist_cnn, embedded broker, runs/coordinator
@@ -131,12 +132,18 @@ def _settings(args) -> dict:
 
 def run(settings: dict, stop: threading.Event) -> dict:
     from coordinator.service import Coordinator
-    from edge_runtime.wire.mqtt_link import parse_broker_url
+    from edge_runtime.wire.mqtt_link import is_loopback, parse_broker_url
     work = Path(settings["service"]["workdir"]).resolve()
     work.mkdir(parents=True, exist_ok=True)
     broker = None
-    if settings["service"]["broker"]:
-        host, port = parse_broker_url(settings["service"]["broker"])
+    s = settings["service"]
+    if s["broker"]:
+        host, port = parse_broker_url(s["broker"])
+        if not is_loopback(host) and not (s["username"] or s["tls_cert"]):
+            raise ValueError(f"broker {s['broker']} is not on this machine and the coordinator logs in with no "
+                             f"name: anyone who reaches it could read every task and send updates for any "
+                             f"device. Give --username and --password-file (or a client certificate), as "
+                             f"docs/broker.md sets up")
     else:
         from coordinator.ops.broker import EmbeddedBroker
         url_file = work / "broker.url"
@@ -245,8 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         return write_report(args.workdir, args.baseline, args.no_baseline, args.out)
     if args.command == "export":
         return export_model(args.model, args.out, args.seed)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    logs.configure(args.log_level, "%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = _settings(args)
     if args.fresh:
         import shutil

@@ -42,6 +42,11 @@ def expected_shapes(manifest: Manifest, task: TaskRow) -> dict[str, tuple[int, .
     return {n: tuple(specs[n].shape) for n in task.assignment.trained_names(manifest)}
 
 
+def update_limit_bytes(manifest: Manifest, task: TaskRow) -> int:
+    """The most bytes a task's update blob can take: its tensors in float32 and the safetensors header."""
+    return sum(int(np.prod(s)) * 4 for s in expected_shapes(manifest, task).values()) + BLOB_SLACK_BYTES
+
+
 def _check_task(msg: Update | Failed | Scores, sender: str, state: StateStore,
                 open_round: int | None) -> tuple[TaskRow | None, Verdict | None]:
     """The task a message answers, or the verdict that ends it before any blob is read."""
@@ -72,7 +77,7 @@ def judge_update(update: Update, sender: str, state: StateStore, open_round: int
     if verdict is not None:
         return verdict
     expected = expected_shapes(manifest, task)
-    limit = sum(int(np.prod(s)) * 4 for s in expected.values()) + BLOB_SLACK_BYTES
+    limit = update_limit_bytes(manifest, task)
     if update.blob_size > limit:
         return _rejected(f"declared update size {update.blob_size} bytes exceeds the {limit} bytes its "
                          f"parameters can take", settles=True)

@@ -30,27 +30,30 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
 
 from coordinator import intake, strategies
 from coordinator.global_model import GlobalModel
+from coordinator.guards import Admission, Fetches, GuardSettings, RateLimit, Uploads, benched_devices
 from coordinator.model.zoo_profile import ensure_export, measured_profile
 from coordinator.round_metrics import DeviceRound, RoundMetrics
 from coordinator.state_store import StateStore, TaskRow, task_spec
 from coordinator.strategies.aggregation import UpdateCheck
 from coordinator.strategies.base import Device, Result, RoundPlan, stage_text
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.logs import printable
 from edge_runtime.store import atomic_write_text, sha256_file
 from edge_runtime.train.layer_scores import scores_from_json
 from edge_runtime.wire import weights as wcodec
-from edge_runtime.wire.blob_exchange import receive_chunk, serve_fetch
+from edge_runtime.wire.blob_exchange import serve_fetch
 from edge_runtime.wire.mqtt_link import MqttLink, Received, security_from_settings
 from edge_runtime.wire.protocol import (
     Ack,
     Failed,
+    Fetch,
     Hello,
     Idle,
     ProtocolError,
@@ -62,7 +65,7 @@ from edge_runtime.wire.protocol import (
     decode_any,
 )
 from edge_runtime.wire.train_config import TrainConfig
-from edge_runtime.wire.transfer import BlobStore
+from edge_runtime.wire.transfer import BlobStore, ChunkHeader
 
 log = logging.getLogger("edge-coordinator")
 
@@ -74,7 +77,12 @@ DEFAULTS = {
                 "max_update_relative_change": 10.0, "update_fp16": False, "init_weights": "",
                 "eval_data": "",
                 # the broker login and TLS (docs/broker.md, "Production broker"); mqtts:// turns TLS on
-                "username": "", "password_file": "", "tls": False, "tls_ca": "", "tls_cert": "", "tls_key": ""},
+                "username": "", "password_file": "", "tls": False, "tls_ca": "", "tls_cert": "", "tls_key": "",
+                # admission: the fleet's device list (one id a line, the file `edge-coordinator acl` reads);
+                # "" takes any id up to max_devices
+                "devices_file": "", "max_tasks_per_round": 1000,
+                # what one device may cost the coordinator (coordinator/guards.py)
+                **asdict(GuardSettings())},
     "train": {"optimizer": "adamw", "learning_rate": 2e-3, "local_epochs": 1.0, "batch_sizes": [16, 32, 64],
               "margin": 0.10},
     # and one table per strategy, with its defaults, declared beside its code
@@ -114,6 +122,14 @@ class Coordinator:
         self._write_metrics_file()
         self.link: MqttLink | None = None
         self._idle_note = ""
+        guard = GuardSettings(**{f.name: s[f.name] for f in fields(GuardSettings)})
+        self.guard = guard
+        self.admission = Admission(guard, _device_list(s["devices_file"]) if s["devices_file"] else None)
+        self.uploads, self.fetches = Uploads(guard), Fetches(guard)
+        self._rejections: list[tuple[float, str | None, str | None, str]] = []   # written once per tick
+        self._loud = RateLimit(1)     # a device's refusals are logged once a minute; all are counted
+        self._unpublished: dict[str, tuple[str, Task]] = {}   # task id -> (device, task) the link had no room for
+        self.incoming.expire_partials(guard.partial_upload_ttl_s)   # uploads a previous run left half-done
 
     # -- start-up -------------------------------------------------------------------------
     def _check_same_run(self) -> None:
@@ -213,6 +229,10 @@ class Coordinator:
 
     def _tick(self) -> bool:
         """Open, watch or close the round; True when the run is over."""
+        self._flush_rejections()
+        for blob in self.uploads.expired():
+            self.incoming.discard(blob)
+        self._publish_leftovers()
         row = self.state.current_round()
         if row is not None and row.state == "open":
             self._maybe_close(row)
@@ -231,8 +251,9 @@ class Coordinator:
 
     # -- opening a round ---------------------------------------------------------------------
     def _sample(self, devices: list[Device]) -> list[Device]:
-        """Per tier, a fraction of the online devices (at least one per tier)."""
-        fraction = self.settings["service"]["sample_fraction"]
+        """Per tier, a fraction of the online devices (at least one per tier), at most max_tasks_per_round."""
+        s = self.settings["service"]
+        fraction = min(s["sample_fraction"], s["max_tasks_per_round"] / max(1, len(devices)))
         if fraction >= 1:
             return devices
         chosen = []
@@ -240,11 +261,15 @@ class Coordinator:
             members = [d for d in devices if d.tier == tier]
             k = max(1, round(fraction * len(members)))
             chosen += [members[i] for i in sorted(self.rng.choice(len(members), k, replace=False))]
-        return chosen
+        return chosen[:s["max_tasks_per_round"]]
 
     def _open_round(self, online: list[Device]) -> None:
         round_no = self.next_round
-        plan = self.strategy.plan_round(round_no, self._sample(online))
+        benched = benched_devices(self.state.recent_outcomes(self.guard.max_bench_rounds + 8), round_no, self.guard)
+        plan = self.strategy.plan_round(round_no, self._sample([d for d in online if d.device_id not in benched]))
+        if benched:
+            plan = replace(plan, idle={**plan.idle, **{d: why for d, why in benched.items()
+                                                       if d in {o.device_id for o in online}}})
         if not plan.assignments:
             note = "; ".join(f"{d}: {why}" for d, why in sorted(plan.idle.items()))
             if note != self._idle_note:
@@ -276,14 +301,31 @@ class Coordinator:
             self.link.publish(self.topics.device(device_id, "task"), Idle(round_no, why[:2000]).encode(), qos=1)
 
     def _publish_task(self, device_id: str, task: Task) -> None:
-        self.link.publish(self.topics.device(device_id, "task"), task.encode(), qos=1)
+        """Send a task, waiting briefly for room on the link; one that finds none is sent from the next ticks."""
+        try:
+            self.link.publish_when_room(self.topics.device(device_id, "task"), task.encode(), timeout_s=2.0)
+            self._unpublished.pop(task.task_id, None)
+        except (BufferError, RuntimeError, ValueError) as exc:   # paho: queue full, not connected
+            if task.task_id not in self._unpublished:
+                log.warning("task %s for %s waits for room on the link (%s)", task.task_id, device_id, exc)
+            self._unpublished[task.task_id] = (device_id, task)
+
+    def _publish_leftovers(self) -> None:
+        for task_id, (device_id, task) in list(self._unpublished.items())[:200]:
+            row = self.state.task(task_id)
+            if row is None or row.status != "sent":
+                self._unpublished.pop(task_id, None)
+                continue
+            self._publish_task(device_id, task)
+            if task_id in self._unpublished:
+                return                      # still no room: try again next tick
 
     def _republish_open_tasks(self) -> None:
         row = self.state.current_round()
         if row is None or row.state != "open":
             return
         unsettled = [t for t in self.state.tasks(row.round) if t.status == "sent"]
-        for t in unsettled:
+        for t in unsettled:   # never raises: a task the link has no room for is sent from the next ticks
             self._publish_task(t.device_id, t.task)
         log.info("round %d continues: %d accepted update(s) kept, %d task(s) published again", row.round,
                  len(self.state.updates(row.round)), len(unsettled))
@@ -297,8 +339,7 @@ class Coordinator:
                 raise ProtocolError(f"devices do not publish {kind} messages")
             getattr(self, f"_on_{kind}")(device_id, msg)
         except (ProtocolError, EdgeRuntimeError) as exc:
-            log.warning("rejected a message on %s: %s", msg.topic, exc)
-            self.state.record_rejection(None, None, f"{msg.topic}: {exc}")
+            self._rejected(None, None, f"{printable(msg.topic, 120)}: {exc}", key=msg.topic)
         except Exception:  # a bug must not take the fleet's coordinator down
             log.exception("error while handling a message on %s", msg.topic)
         finally:
@@ -308,9 +349,13 @@ class Coordinator:
         hello = Hello.decode(msg.payload)
         if hello.device_id != device_id:
             raise ProtocolError(f"hello from {hello.device_id!r} on the topic of {device_id!r}")
+        known = self.state.has_device(device_id)
+        refused = self.admission.refuse_hello(device_id, known, 0 if known else self.state.device_count())
+        if refused:
+            raise ProtocolError(refused)
         self.state.upsert_device(hello)
         log.info("device %s online: tier %s, budget %.0f MB, runtime %s", device_id, hello.tier,
-                 hello.budget_bytes / 2**20, hello.runtime_version)
+                 hello.budget_bytes / 2**20, printable(hello.runtime_version, 64))
         row = self.state.current_round()
         if row is not None and row.state == "open":  # a device that restarted mid-round gets its task again
             for t in self.state.tasks(row.round):
@@ -329,6 +374,13 @@ class Coordinator:
             log.info("device %s is %s", device_id, status.state)
 
     def _on_fetch(self, device_id: str, msg: Received) -> None:
+        blob = Fetch.decode(msg.payload).sha256
+        task = self._open_task(device_id)
+        named = [] if task is None else [task.task.manifest["sha256"]] + [b["sha256"] for b in task.task.blobs]
+        refused = self.fetches.refuse(device_id, blob, named)
+        if refused:
+            raise ProtocolError(refused)
+
         def serve():
             try:
                 serve_fetch(self.link, self.topics, self.blobs, msg)
@@ -337,8 +389,21 @@ class Coordinator:
         self.pool.submit(serve)
 
     def _on_upload(self, device_id: str, msg: Received) -> None:
-        done = receive_chunk(self.incoming, msg)
+        header = ChunkHeader.from_properties(msg.user_properties)
+        task = self._open_task(device_id)
+        allowed = None if task is None or task.status != "sent" or task.assignment.kind != "train" else \
+            intake.update_limit_bytes(self.model.manifest, task)
+        refused = self.uploads.refuse_chunk(device_id, header.blob, header.size, allowed)
+        if refused:
+            raise ProtocolError(refused)
+        try:
+            done = self.incoming.receive(header, msg.payload)
+        except (ProtocolError, EdgeRuntimeError):
+            self.uploads.done(header.blob)      # a blob that failed its hash is discarded: a new upload may start
+            raise
+        done = header.blob if done else None
         if done:
+            self.uploads.done(done)
             for task_id, (sender, update) in list(self.pending.items()):
                 if update.blob_sha256 == done:
                     del self.pending[task_id]
@@ -385,15 +450,30 @@ class Coordinator:
         verdict = intake.judge_failure(failed, sender, self.state, self._open_round_no())
         if verdict.status == "accepted":
             self.state.mark_task(failed.task_id, "failed", f"device reported: {failed.reason}")
-            log.warning("round %d: %s could not train: %s", failed.round, sender, failed.reason)
+            log.warning("round %d: %s could not train: %s", failed.round, sender, printable(failed.reason))
         else:
             self._reject(sender, failed.task_id, verdict)
 
     def _reject(self, sender: str, task_id: str, verdict: intake.Verdict) -> None:
-        log.warning("rejected a message from %s (task %s): %s", sender, task_id, verdict.reason)
-        self.state.record_rejection(sender, task_id, verdict.reason)
+        self._rejected(sender, task_id, verdict.reason)
         if verdict.settles_task:
             self.state.mark_task(task_id, "rejected", verdict.reason)
+
+    def _rejected(self, sender: str | None, task_id: str | None, reason: str, key: str | None = None) -> None:
+        """Count a rejection (stored with the next tick, in one transaction) and log it, once a minute per sender."""
+        self._rejections.append((time.time(), sender, task_id, reason[:1000]))
+        if self._loud.allow(sender or key or ""):
+            log.warning("rejected a message from %s (task %s): %s", sender or "?", task_id or "-", printable(reason))
+
+    def _flush_rejections(self) -> None:
+        if self._rejections:
+            batch, self._rejections = self._rejections, []
+            self.state.record_rejections(batch)
+
+    def _open_task(self, device_id: str) -> TaskRow | None:
+        """The device's task in the open round, if it has one."""
+        number = self._open_round_no()
+        return None if number is None else self.state.task_of(number, device_id)
 
     def _ack(self, device_id: str, task_id: str, verdict: intake.Verdict) -> None:
         ack = Ack(task_id, verdict.status in ("accepted", "duplicate"), verdict.reason)
@@ -512,6 +592,15 @@ def stored_results(round_no: int, updates, by_task: dict, incoming: BlobStore) -
             continue
         results.append(Result(by_task[u.task_id].assignment, values, u.num_examples, u.loss))
     return results
+
+
+def _device_list(path: str) -> list[str]:
+    """The fleet's device ids, from the file the broker's ACL is made from (coordinator/ops/broker_acl.py)."""
+    from coordinator.ops.broker_acl import AclError, read_device_ids
+    try:
+        return read_device_ids(Path(path))
+    except (AclError, OSError) as exc:
+        raise SystemExit(f"devices_file: {exc}") from None
 
 
 def _task_id(round_no: int, run_tag: str, device_id: str) -> str:

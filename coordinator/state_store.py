@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS scores (
     task_id TEXT PRIMARY KEY REFERENCES tasks(task_id), round INTEGER NOT NULL, device_id TEXT NOT NULL,
     scores TEXT NOT NULL, num_examples INTEGER NOT NULL, peak_rss_bytes INTEGER NOT NULL,
     agent_peak_rss_bytes INTEGER NOT NULL, seconds REAL NOT NULL, received_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS tasks_by_device ON tasks (round, device_id);
 CREATE TABLE IF NOT EXISTS rejections (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, device_id TEXT, task_id TEXT, reason TEXT NOT NULL);
 """
@@ -149,6 +150,9 @@ class StateStore:
         """Whether a device ever said hello (one indexed lookup, not a scan of the registry)."""
         return self._db.execute("SELECT 1 FROM devices WHERE device_id = ?", (device_id,)).fetchone() is not None
 
+    def device_count(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM devices").fetchone()[0]
+
     def devices(self, online_only: bool = False) -> list[dict]:
         cur = self._db.execute("SELECT * FROM devices" + (" WHERE online = 1" if online_only else "")
                                + " ORDER BY device_id")
@@ -178,6 +182,25 @@ class StateStore:
         row = self._db.execute("SELECT task_id, round, device_id, spec, status, reason FROM tasks WHERE task_id = ?",
                                (task_id,)).fetchone()
         return None if row is None else TaskRow(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5])
+
+    def task_of(self, round_no: int, device_id: str) -> TaskRow | None:
+        """A device's task in a round (a device has at most one per round)."""
+        row = self._db.execute("SELECT task_id, round, device_id, spec, status, reason FROM tasks "
+                               "WHERE round = ? AND device_id = ?", (round_no, device_id)).fetchone()
+        return None if row is None else TaskRow(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5])
+
+    def recent_outcomes(self, rounds: int) -> dict[str, list[tuple[int, str | None]]]:
+        """{device: [(round, the miss when it did not answer in time, else None)]} over the last closed rounds,
+        oldest first: what benching stragglers is decided from (coordinator/guards.py)."""
+        from coordinator.guards import missed
+        rows = self._db.execute("SELECT t.round, t.device_id, t.status, t.reason FROM tasks t JOIN rounds r "
+                                "ON r.round = t.round WHERE r.state = 'closed' AND t.round > "
+                                "(SELECT COALESCE(MAX(round), 0) FROM rounds) - ? ORDER BY t.round",
+                                (rounds,)).fetchall()
+        out: dict[str, list] = {}
+        for round_no, device, status, reason in rows:
+            out.setdefault(device, []).append((round_no, missed(status, reason)))
+        return out
 
     def tasks(self, round_no: int) -> list[TaskRow]:
         rows = self._db.execute("SELECT task_id, round, device_id, spec, status, reason FROM tasks WHERE round = ? "
@@ -256,8 +279,13 @@ class StateStore:
         return [RoundRow(*r[:6], json.loads(r[6]), json.loads(r[7])) for r in rows]
 
     def record_rejection(self, device_id: str | None, task_id: str | None, reason: str) -> None:
-        self._tx("INSERT INTO rejections (at, device_id, task_id, reason) VALUES (?, ?, ?, ?)",
-                 (time.time(), device_id, task_id, reason))
+        self.record_rejections([(time.time(), device_id, task_id, reason)])
+
+    def record_rejections(self, rows: list[tuple[float, str | None, str | None, str]]) -> None:
+        """Many rejections in one transaction: a flood of garbage costs one write per tick, not one each."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("INSERT INTO rejections (at, device_id, task_id, reason) VALUES (?, ?, ?, ?)", rows)
 
     def rejections(self, since: float = 0.0) -> list[dict]:
         cur = self._db.execute("SELECT at, device_id, task_id, reason FROM rejections WHERE at >= ? ORDER BY id",

@@ -119,3 +119,27 @@ def test_score_tasks_and_their_scores():
                         ({"0": True}, ">= 0")):
         with pytest.raises(ProtocolError, match=reason):
             Scores.decode(json.dumps(dict(json.loads(scores.encode()), scores=bad)).encode())
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (b'{"type": "hello", "device_id": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested deeper"),
+    (b'{"type": "update", "round": ' + b"9" * 5000 + b"}", "not a UTF-8 JSON object"),
+    (json.dumps(dict(json.loads(MESSAGES[5].encode()), num_examples=2 ** 63)).encode(), "num_examples"),
+    (json.dumps(dict(json.loads(MESSAGES[5].encode()), loss=1e300)).encode(), "loss"),
+    (json.dumps(dict(json.loads(MESSAGES[7].encode()), reason="x" * 5000)).encode(), "reason"),
+    (json.dumps(dict(json.loads(MESSAGES[5].encode()), task_id="x" * 100)).encode(), "not a valid id"),
+])
+def test_deep_huge_and_long_values_are_protocol_errors_before_they_reach_anything(payload, reason):
+    """Nesting is refused before parsing; every integer, float, string and list is bounded (what SQLite,
+    a log line and arithmetic downstream can take): each is a ProtocolError, never another exception."""
+    with pytest.raises(ProtocolError, match=reason):
+        decode_any(payload, (Hello, Update, Failed))
+
+
+def test_untrusted_text_is_one_log_line():
+    from edge_runtime.wire.protocol import printable
+    forged = "disk full\n2026-12-03 12:00:00 edge-coordinator INFO round 9 closed\r\x1b[2K"
+    shown = printable(forged)
+    assert "\n" not in shown and "\r" not in shown and "\x1b" not in shown
+    assert shown.startswith("disk full\\n2026")
+    assert len(printable("y" * 10_000)) < 400

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_runtime import logs
 from edge_runtime.device.agent import Agent, job_budget_bytes
 from edge_runtime.device.cli import connect
 from edge_runtime.device.settings import DeviceConfig
@@ -420,8 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir = args.workdir.expanduser().resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     name = f"edge-sim[{args.shard}]" if args.shard else "edge-sim"
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s {name} %(threadName)s %(levelname)s %(message)s")
+    logs.configure(args.log_level.upper(), f"%(asctime)s {name} %(threadName)s %(levelname)s %(message)s")
     stop = threading.Event()
     _stop_on_signals(stop)
     if args.duration_s:

@@ -36,11 +36,16 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.logs import printable
 
 log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 7 * 24 * 3600
 MAX_QUEUED_OUTGOING = 2000
+# What waits in the inbox at most: a flood of messages (oversize ones first) is dropped, counted and
+# acknowledged, instead of growing the process until the board or the coordinator runs out of memory.
+MAX_INBOX_BYTES = 64 << 20
+MAX_PAYLOAD_BYTES = 1 << 20        # a chunk is at most 120 KB, a control message 64 KB
 DEFAULT_MQTT_PORT = 1883
 DEFAULT_MQTTS_PORT = 8883
 _SCHEMES = {"mqtt": (DEFAULT_MQTT_PORT, False), "mqtts": (DEFAULT_MQTTS_PORT, True)}
@@ -152,7 +157,7 @@ def security_from_settings(settings: dict, broker_url: str) -> LinkSecurity:
     security = LinkSecurity(username, password, tls, files["tls_ca"], files["tls_cert"], files["tls_key"])
     if tls:
         security.ssl_context()   # a bad PEM or a key that does not match its cert fails now, not at connect
-    elif password and address is not None and not _is_loopback(address.host):
+    elif password and address is not None and not is_loopback(address.host):
         log.warning("the password for %s goes to %s:%d unencrypted: use mqtts://", username, address.host,
                     address.port)
     return security
@@ -177,7 +182,8 @@ def _read_password(path: str, username: str) -> str:
     return password
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """A host name or address of this machine only (127.0.0.0/8, ::1, localhost)."""
     if host == "localhost":
         return True
     try:
@@ -237,12 +243,17 @@ class MqttLink:
     def __init__(self, client_id: str, host: str, port: int, subscriptions: list[tuple[str, int]],
                  will: tuple[str, bytes] | None = None, manual_ack: bool = False,
                  session_expiry_s: int = SESSION_EXPIRY_S, keepalive_s: int = 30,
-                 security: LinkSecurity | None = None):
+                 security: LinkSecurity | None = None, max_inbox_bytes: int = MAX_INBOX_BYTES,
+                 max_payload_bytes: int = MAX_PAYLOAD_BYTES):
         self.client_id, self.host, self.port = client_id, host, port
         self.security = security or LinkSecurity()
         self.subscriptions = list(subscriptions)
         self.manual_ack = manual_ack
         self.inbox: "queue.Queue[Received]" = queue.Queue()
+        self.max_inbox_bytes, self.max_payload_bytes = max_inbox_bytes, max_payload_bytes
+        self.inbox_bytes = 0
+        self.dropped = 0             # messages dropped: oversize, or the inbox was full
+        self._inbox_lock = threading.Lock()
         self.connected = threading.Event()
         self.max_packet_bytes: int | None = None
         self.connects = 0
@@ -291,6 +302,20 @@ class MqttLink:
         log.info("%s: disconnected (%s); paho reconnects", self.client_id, reason_code)
 
     def _on_message(self, client, userdata, message):
+        size = len(message.payload)
+        with self._inbox_lock:
+            room = size <= self.max_payload_bytes and self.inbox_bytes + size <= self.max_inbox_bytes
+            if room:
+                self.inbox_bytes += size
+            else:
+                self.dropped += 1
+        if not room:
+            if self.manual_ack and message.qos > 0:   # else the broker keeps it in flight and stops delivering
+                client.ack(message.mid, message.qos)
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("%s: dropped %d message(s) so far (one of %d bytes on %s): oversize or inbox full",
+                            self.client_id, self.dropped, size, printable(message.topic, 120))
+            return
         props = getattr(message.properties, "UserProperty", None) or []
         self.inbox.put(Received(message.topic, bytes(message.payload), list(props), message.mid, message.qos))
 
@@ -359,11 +384,27 @@ class MqttLink:
         if self.manual_ack and msg.qos > 0:
             self._client.ack(msg.mid, msg.qos)
 
+    def publish_when_room(self, topic: str, payload: bytes, qos: int = 1, timeout_s: float = 30.0,
+                          stop: threading.Event | None = None):
+        """publish, waiting (up to timeout_s) while paho's outgoing queue is full: a burst of a round's
+        tasks drains at the broker's pace instead of failing."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.publish(topic, payload, qos=qos)
+            except BufferError:
+                if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
+                    raise
+                time.sleep(0.05)
+
     def get(self, timeout_s: float | None = None) -> Received | None:
         try:
-            return self.inbox.get(timeout=timeout_s)
+            msg = self.inbox.get(timeout=timeout_s)
         except queue.Empty:
             return None
+        with self._inbox_lock:
+            self.inbox_bytes -= len(msg.payload)
+        return msg
 
     def stop(self, final: tuple[str, bytes] | None = None) -> None:
         """Disconnect cleanly; `final` (topic, payload) is published retained first (e.g. offline status)."""

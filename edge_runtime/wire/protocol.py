@@ -30,11 +30,17 @@ from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.logs import printable
 from edge_runtime.wire.part import TrainablePart
 from edge_runtime.wire.train_config import TrainConfig
 
 PROTOCOL = "edgeblock/v1"
 MAX_CONTROL_BYTES = 64 * 1024          # control messages are small; anything larger is refused unread
+MAX_DEPTH = 8                          # JSON nesting a message may have, checked before it is parsed
+MAX_INT = 2 ** 53                      # every integer field: exact in a float and in SQLite's INTEGER
+MAX_FLOAT = 1e15
+MAX_TEXT = 256                         # characters of a string field, unless the field says otherwise
+MAX_ITEMS = 10_000                     # elements of a list or an object field
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 DEVICE_KINDS = ("hello", "status", "task", "fetch", "blob", "upload", "update", "ack")
@@ -99,6 +105,67 @@ class Topics:
 
 # -- messages --------------------------------------------------------------------------
 
+def _nesting(payload: bytes) -> int:
+    """The deepest nesting of JSON arrays and objects, brackets inside strings not counted."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in payload:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:      # backslash
+                escaped = True
+            elif byte == 0x22:      # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def parse_json(payload: bytes, what: str):
+    """A control payload as JSON, or ProtocolError: too large, nested too deep (checked before parsing), not
+    UTF-8, not JSON, or a number Python will not parse (4300+ digits)."""
+    if len(payload) > MAX_CONTROL_BYTES:
+        raise ProtocolError(f"{what}: payload of {len(payload)} bytes exceeds {MAX_CONTROL_BYTES}")
+    if _nesting(payload) > MAX_DEPTH:
+        raise ProtocolError(f"{what}: JSON nested deeper than {MAX_DEPTH} levels")
+    try:
+        return json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:   # JSONDecodeError is a ValueError
+        raise ProtocolError(f"{what}: not a UTF-8 JSON object ({printable(exc, 120)})") from None
+
+
+def _bounded(value, name: str, msg: str, limits: dict):
+    """Every number, string and collection in range before it reaches SQLite, a log or arithmetic."""
+    lo, hi = limits.get(name, (None, None))
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        lo, hi = (0 if lo is None else lo), (MAX_INT if hi is None else hi)
+        if value < lo:
+            floor = {0: "must not be negative", 1: "must be positive"}.get(lo, f"must be at least {lo}")
+            raise ProtocolError(f"{msg}: field '{name}' {floor}, not {printable(value, 40)}")
+        if value > hi:
+            raise ProtocolError(f"{msg}: field '{name}' must be at most {hi}, not {printable(value, 40)}")
+    elif isinstance(value, float):
+        if abs(value) > MAX_FLOAT:
+            raise ProtocolError(f"{msg}: field '{name}' must be at most {MAX_FLOAT:g} in magnitude")
+    elif isinstance(value, str):
+        hi = MAX_TEXT if hi is None else hi
+        if len(value) > hi:
+            raise ProtocolError(f"{msg}: field '{name}' holds {len(value)} characters; at most {hi}")
+    elif isinstance(value, (list, dict)):
+        hi = MAX_ITEMS if hi is None else hi
+        if len(value) > hi:
+            raise ProtocolError(f"{msg}: field '{name}' holds {len(value)} items; at most {hi}")
+    return value
+
+
 def _expect(value, kind, name: str, msg: str):
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if isinstance(value, bool) and bool not in kinds:
@@ -120,6 +187,9 @@ class Message:
     OPTIONAL: ClassVar[tuple] = ()
     # field -> what turns its JSON value into the typed value (raising on a malformed one)
     CONVERT: ClassVar[dict] = {}
+    # field -> (lowest, highest) of a number, (None, most characters or items) of a string or collection;
+    # a field not named here gets the defaults (0..MAX_INT, MAX_TEXT, MAX_ITEMS)
+    LIMITS: ClassVar[dict] = {}
 
     def __post_init__(self):
         # a typed field given in its JSON form (a dict) is converted, so both forms make equal messages
@@ -133,16 +203,15 @@ class Message:
 
     def encode(self) -> bytes:
         self.validate()
-        return json.dumps({"type": self.TYPE, **asdict(self)}, separators=(",", ":")).encode()
+        raw = asdict(self)
+        for f in fields(self):
+            if f.name not in self.CONVERT:
+                _bounded(raw[f.name], f.name, self.TYPE, self.LIMITS)
+        return json.dumps({"type": self.TYPE, **raw}, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, payload: bytes):
-        if len(payload) > MAX_CONTROL_BYTES:
-            raise ProtocolError(f"{cls.TYPE}: payload of {len(payload)} bytes exceeds {MAX_CONTROL_BYTES}")
-        try:
-            raw = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ProtocolError(f"{cls.TYPE}: not a UTF-8 JSON object ({exc})") from None
+        raw = parse_json(payload, cls.TYPE)
         if not isinstance(raw, dict):
             raise ProtocolError(f"{cls.TYPE}: payload must be a JSON object")
         if raw.pop("type", None) != cls.TYPE:
@@ -161,7 +230,7 @@ class Message:
             if value is None and f.name in cls.OPTIONAL:
                 values[f.name] = None
                 continue
-            value = _expect(value, cls.TYPES[f.name], f.name, cls.TYPE)
+            value = _bounded(_expect(value, cls.TYPES[f.name], f.name, cls.TYPE), f.name, cls.TYPE, cls.LIMITS)
             if f.name in cls.CONVERT:
                 try:
                     value = cls.CONVERT[f.name](value)
@@ -179,6 +248,8 @@ class Hello(Message):
     TYPE: ClassVar[str] = "hello"
     TYPES: ClassVar[dict] = {"device_id": str, "tier": str, "budget_bytes": int, "runtime_version": str,
                              "cores": int, "disk_free_bytes": int}
+    LIMITS: ClassVar[dict] = {"budget_bytes": (1, 2 ** 44), "cores": (1, 4096), "disk_free_bytes": (0, 2 ** 50),
+                             "runtime_version": (None, 64)}
     device_id: str
     tier: str
     budget_bytes: int
@@ -219,6 +290,7 @@ class Task(Message):
     TYPE: ClassVar[str] = "task"
     TYPES: ClassVar[dict] = {"task_id": str, "round": int, "manifest": dict, "blobs": list, "part": dict,
                              "config": dict, "deadline_s": float, "update_fp16": bool, "kind": str}
+    LIMITS: ClassVar[dict] = {"round": (0, 10 ** 9), "blobs": (None, 10_000)}
     OPTIONAL: ClassVar[tuple] = ("update_fp16", "kind")
     CONVERT: ClassVar[dict] = {"part": TrainablePart.from_dict, "config": TrainConfig.from_dict}
     task_id: str
@@ -237,13 +309,20 @@ class Task(Message):
             raise ProtocolError(f"task: kind must be train or score, not {self.kind!r}")
         if self.round < 0 or self.deadline_s <= 0:
             raise ProtocolError("task: round must be >= 0 and deadline_s positive")
+        if set(self.manifest) - {"sha256", "size"}:
+            raise ProtocolError("task: manifest holds only sha256 and size")
         check_sha(self.manifest.get("sha256"), "task: manifest.sha256")
+        size = self.manifest.get("size", 0)
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= 2 ** 40:
+            raise ProtocolError("task: manifest.size must be an int in [0, 2**40]")
         for i, b in enumerate(self.blobs):
             if not isinstance(b, dict) or set(b) != {"sha256", "size", "name"}:
                 raise ProtocolError(f"task: blobs[{i}] must have exactly sha256, size and name")
             check_sha(b["sha256"], f"task: blobs[{i}].sha256")
-            if not isinstance(b["size"], int) or b["size"] < 0:
-                raise ProtocolError(f"task: blobs[{i}].size must be a non-negative int")
+            if isinstance(b["size"], bool) or not isinstance(b["size"], int) or not 0 <= b["size"] <= 2 ** 40:
+                raise ProtocolError(f"task: blobs[{i}].size must be an int in [0, 2**40]")
+            if not isinstance(b["name"], str) or len(b["name"]) > 200:
+                raise ProtocolError(f"task: blobs[{i}].name must be a string of at most 200 characters")
 
 
 @dataclass(frozen=True)
@@ -251,6 +330,7 @@ class Idle(Message):
     """Sent on the task topic instead of a Task: this round has nothing for the device, and why."""
     TYPE: ClassVar[str] = "idle"
     TYPES: ClassVar[dict] = {"round": int, "reason": str}
+    LIMITS: ClassVar[dict] = {"round": (0, 10 ** 9), "reason": (None, 2000)}
     round: int
     reason: str
 
@@ -264,14 +344,16 @@ class Fetch(Message):
     """A device asks for the chunks of a blob it lacks (all of them, or the listed indices)."""
     TYPE: ClassVar[str] = "fetch"
     TYPES: ClassVar[dict] = {"sha256": str, "chunks": list}
+    LIMITS: ClassVar[dict] = {"chunks": (None, 100_000)}
     OPTIONAL: ClassVar[tuple] = ("chunks",)
     sha256: str
     chunks: list | None = None
 
     def validate(self) -> None:
         check_sha(self.sha256, "fetch: sha256")
-        if self.chunks is not None and not all(isinstance(c, int) and c >= 0 for c in self.chunks):
-            raise ProtocolError("fetch: chunks must be non-negative ints")
+        if self.chunks is not None and not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 10 ** 7
+                                               for c in self.chunks):
+            raise ProtocolError("fetch: chunks must be ints in [0, 10**7)")
 
 
 @dataclass(frozen=True)
@@ -282,6 +364,9 @@ class Update(Message):
                              "blob_size": int, "num_examples": int, "loss": float, "steps": int,
                              "peak_rss_bytes": int, "seconds": float, "downloaded_bytes": int,
                              "agent_peak_rss_bytes": int}
+    LIMITS: ClassVar[dict] = {"round": (0, 10 ** 9), "blob_size": (0, 2 ** 40), "num_examples": (1, 10 ** 9),
+                              "steps": (0, 10 ** 9), "peak_rss_bytes": (1, 2 ** 44), "downloaded_bytes": (0, 2 ** 50),
+                              "agent_peak_rss_bytes": (0, 2 ** 44)}
     OPTIONAL: ClassVar[tuple] = ("downloaded_bytes", "agent_peak_rss_bytes")
     task_id: str
     round: int
@@ -315,6 +400,7 @@ class Failed(Message):
     """
     TYPE: ClassVar[str] = "failed"
     TYPES: ClassVar[dict] = {"task_id": str, "round": int, "device_id": str, "reason": str, "needed_bytes": int}
+    LIMITS: ClassVar[dict] = {"round": (0, 10 ** 9), "reason": (None, 2000), "needed_bytes": (0, 2 ** 50)}
     OPTIONAL: ClassVar[tuple] = ("needed_bytes",)
     task_id: str
     round: int
@@ -335,6 +421,8 @@ class Scores(Message):
     TYPE: ClassVar[str] = "scores"
     TYPES: ClassVar[dict] = {"task_id": str, "round": int, "device_id": str, "scores": dict, "num_examples": int,
                              "peak_rss_bytes": int, "seconds": float, "agent_peak_rss_bytes": int}
+    LIMITS: ClassVar[dict] = {"round": (0, 10 ** 9), "scores": (None, 1000), "num_examples": (1, 10 ** 9),
+                              "peak_rss_bytes": (1, 2 ** 44), "agent_peak_rss_bytes": (0, 2 ** 44)}
     OPTIONAL: ClassVar[tuple] = ("agent_peak_rss_bytes",)
     task_id: str
     round: int
@@ -351,10 +439,10 @@ class Scores(Message):
         if self.round < 0 or self.num_examples <= 0 or self.peak_rss_bytes <= 0 or len(self.scores) > 1000:
             raise ProtocolError("scores: round >= 0, num_examples and peak_rss_bytes > 0, at most 1000 scores")
         for key, value in self.scores.items():
-            if key != "head" and not key.isdigit():
+            if key != "head" and not (key.isdigit() and len(key) <= 5):
                 raise ProtocolError(f"scores: key {key!r} is neither a layer index nor 'head'")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0:
+                    or not 0 <= value <= MAX_FLOAT:
                 raise ProtocolError(f"scores: the score of {key} must be a finite number >= 0, not {value!r}")
 
 
@@ -363,6 +451,7 @@ class Ack(Message):
     """The coordinator stored an update durably (accepted) or refused it (with the reason)."""
     TYPE: ClassVar[str] = "ack"
     TYPES: ClassVar[dict] = {"task_id": str, "accepted": bool, "reason": str}
+    LIMITS: ClassVar[dict] = {"reason": (None, 2000)}
     task_id: str
     accepted: bool
     reason: str = ""
@@ -373,13 +462,9 @@ MESSAGES = {cls.TYPE: cls for cls in (Hello, Status, Task, Idle, Fetch, Update, 
 
 def decode_any(payload: bytes, allowed: tuple[type, ...]):
     """Decode a payload that may be any of `allowed` (by its 'type' field); ProtocolError otherwise."""
-    if len(payload) > MAX_CONTROL_BYTES:
-        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_CONTROL_BYTES}")
-    try:
-        kind = json.loads(payload.decode("utf-8")).get("type")
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-        raise ProtocolError(f"not a UTF-8 JSON object ({exc})") from None
+    raw = parse_json(payload, "message")
+    kind = raw.get("type") if isinstance(raw, dict) else None
     for cls in allowed:
         if cls.TYPE == kind:
             return cls.decode(payload)
-    raise ProtocolError(f"message type {kind!r} is not one of {[c.TYPE for c in allowed]} here")
+    raise ProtocolError(f"message type {printable(repr(kind), 40)} is not one of {[c.TYPE for c in allowed]} here")

@@ -54,14 +54,18 @@ class ChunkHeader:
     @classmethod
     def from_properties(cls, pairs) -> "ChunkHeader":
         """From MQTT 5 user properties; ProtocolError names what is missing or malformed."""
-        props = dict(pairs or [])
+        try:
+            props = dict(pairs or [])
+        except (TypeError, ValueError):
+            raise ProtocolError("chunk: user properties must be name/value pairs") from None
         missing = [k for k in ("blob", "index", "count", "offset", "size", "chunk_sha256") if k not in props]
         if missing:
             raise ProtocolError(f"chunk: missing user properties {missing}")
-        try:
-            index, count, offset, size = (int(props[k]) for k in ("index", "count", "offset", "size"))
-        except ValueError:
-            raise ProtocolError("chunk: index, count, offset and size must be integers") from None
+        numbers = [props[k] for k in ("index", "count", "offset", "size")]
+        if not all(isinstance(n, str) and n.isdigit() and len(n) <= 13 for n in numbers):  # 13 digits: < 2**44
+            raise ProtocolError("chunk: index, count, offset and size must be non-negative integers of at most "
+                                "13 digits")
+        index, count, offset, size = (int(n) for n in numbers)
         h = cls(check_sha(props["blob"], "chunk: blob"), index, count, offset, size,
                 check_sha(props["chunk_sha256"], "chunk: chunk_sha256"))
         if not (0 <= h.index < h.count) or h.offset < 0 or h.size < 0 or h.offset > h.size:
@@ -188,3 +192,17 @@ class BlobStore:
     def discard(self, sha: str) -> None:
         for p in self._state(sha):
             p.unlink(missing_ok=True)
+
+    def expire_partials(self, older_than_s: float) -> int:
+        """Delete partial blobs no chunk has reached for older_than_s (by the files' times); how many."""
+        import time
+        now, stale = time.time(), set()
+        for path in self.partial.iterdir():
+            try:
+                if now - path.stat().st_mtime >= older_than_s:
+                    stale.add(path.name.split(".")[0])
+            except FileNotFoundError:
+                continue
+        for sha in stale:
+            self.discard(sha)
+        return len(stale)

@@ -1,0 +1,190 @@
+"""What one device may cost the coordinator: the bounds a hostile or broken device runs into.
+
+Pure decisions over plain state, the service applies them (coordinator/service.py):
+
+- Admission: who may join the fleet at all (an allow-list, or anyone up to a registry bound),
+  and how often one id may say hello.
+- Uploads: a device uploads only while it owes an update, a bounded number of blobs at once,
+  each no larger than its task's update can be; a partial upload left untouched expires.
+- Fetches: a device fetches only blobs its own open task names, at a bounded rate.
+- Stragglers: a device that missed its last deadlines sits out a growing number of rounds.
+
+Every refusal is a reason string the service logs (once per device and minute at most),
+counts as a rejection and, where the device can act on it, sends back.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+MISSED = ("no update before the deadline", "device went offline")   # how a task ends when its device did not answer
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """[service] bounds; each has a default that lets an honest fleet of a few thousand devices through."""
+    max_devices: int = 10_000            # devices the registry holds; a hello from one more new id is refused
+    hellos_per_minute: int = 12          # per device id; a reconnecting board says hello a few times a minute
+    max_partial_uploads: int = 2         # blobs one device may be uploading at once
+    partial_upload_ttl_s: float = 900.0  # a partial upload with no chunk for this long is deleted
+    fetches_per_minute: int = 600        # Fetch requests per device (a blob of N chunks is one request, or a
+                                         # few more when chunks are lost)
+    bench_after_misses: int = 2          # consecutive missed deadlines before a device sits rounds out
+    max_bench_rounds: int = 32
+
+
+class RateLimit:
+    """At most `per_minute` events per key in any 60 s; remembers at most `max_keys` keys (oldest forgotten)."""
+
+    def __init__(self, per_minute: int, max_keys: int = 100_000):
+        self.per_minute, self.max_keys = per_minute, max_keys
+        self._seen: OrderedDict[str, deque] = OrderedDict()
+
+    def allow(self, key: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        times = self._seen.pop(key, None) or deque()
+        while times and now - times[0] >= 60.0:
+            times.popleft()
+        allowed = len(times) < self.per_minute
+        if allowed:
+            times.append(now)
+        self._seen[key] = times
+        while len(self._seen) > self.max_keys:
+            self._seen.popitem(last=False)
+        return allowed
+
+
+class Admission:
+    """Who may join: the listed ids (an allow-list, e.g. the file the broker's ACL is made from), or, with no
+    list, any id while the registry has room; and at most hellos_per_minute hellos per id."""
+
+    def __init__(self, settings: GuardSettings, listed: Iterable[str] | None = None):
+        self.settings = settings
+        self.listed = frozenset(listed) if listed is not None else None
+        self._hellos = RateLimit(settings.hellos_per_minute)
+
+    def refuse_hello(self, device_id: str, known: bool, registered: int, now: float | None = None) -> str | None:
+        """Why this hello is refused, or None to take it."""
+        if self.listed is not None and device_id not in self.listed:
+            return f"device {device_id} is not on the fleet's device list"
+        if not known and registered >= self.settings.max_devices:
+            return f"the registry is full ({self.settings.max_devices} devices; max_devices)"
+        if not self._hellos.allow(device_id, now):
+            return f"more than {self.settings.hellos_per_minute} hellos a minute from {device_id}"
+        return None
+
+
+@dataclass
+class _Upload:
+    device_id: str
+    size: int
+    last_chunk_at: float
+
+
+class Uploads:
+    """The update blobs being uploaded: by whom, how large, when a chunk last arrived."""
+
+    def __init__(self, settings: GuardSettings):
+        self.settings = settings
+        self._open: dict[str, _Upload] = {}
+
+    def refuse_chunk(self, device_id: str, blob: str, size: int, allowed_bytes: int | None,
+                     now: float | None = None) -> str | None:
+        """Why a chunk is refused: the device owes no update (allowed_bytes None), the blob is larger than its
+        update can be, or it already uploads as many blobs as it may. None: take it."""
+        now = time.monotonic() if now is None else now
+        if allowed_bytes is None:
+            return f"{device_id} owes no update this round: upload refused"
+        if size > allowed_bytes:
+            return f"an upload of {size} bytes from {device_id} exceeds the {allowed_bytes} bytes its update can be"
+        known = self._open.get(blob)
+        if known is None:
+            mine = sum(1 for u in self._open.values() if u.device_id == device_id)
+            if mine >= self.settings.max_partial_uploads:
+                return f"{device_id} already uploads {mine} blob(s) (max_partial_uploads)"
+            self._open[blob] = _Upload(device_id, size, now)
+        else:
+            known.last_chunk_at = now
+        return None
+
+    def done(self, blob: str) -> None:
+        self._open.pop(blob, None)
+
+    def expired(self, now: float | None = None) -> list[str]:
+        """Blobs whose upload stalled past the time to live; they are forgotten here, the caller discards them."""
+        now = time.monotonic() if now is None else now
+        stale = [b for b, u in self._open.items() if now - u.last_chunk_at >= self.settings.partial_upload_ttl_s]
+        for blob in stale:
+            del self._open[blob]
+        return stale
+
+    def open_bytes(self) -> int:
+        return sum(u.size for u in self._open.values())
+
+
+class Fetches:
+    """A device fetches only what its open task names, at a bounded rate."""
+
+    def __init__(self, settings: GuardSettings):
+        self._rate = RateLimit(settings.fetches_per_minute)
+        self.per_minute = settings.fetches_per_minute
+
+    def refuse(self, device_id: str, blob: str, named: Iterable[str], now: float | None = None) -> str | None:
+        if blob not in set(named):
+            return f"{device_id} asked for blob {blob[:12]}…, which no open task of its names"
+        if not self._rate.allow(device_id, now):
+            return f"more than {self.per_minute} fetches a minute from {device_id}"
+        return None
+
+
+def benched_rounds(outcomes: Sequence[str | None], after_misses: int, most: int) -> int:
+    """Rounds a device sits out, from how its recent tasks ended (newest last; None: it answered).
+
+    After `after_misses` consecutive missed deadlines it sits out 1 round, then 2, 4, ... for each further
+    miss in a row, at most `most`; one answered task clears the record.
+    """
+    misses = 0
+    for outcome in reversed(outcomes):
+        if outcome is None:
+            break
+        misses += 1
+    if misses < after_misses:
+        return 0
+    return min(most, 2 ** (misses - after_misses))
+
+
+def benched_devices(history: Mapping[str, Sequence[tuple[int, str | None]]], round_no: int,
+                    settings: GuardSettings) -> dict[str, str]:
+    """{device: why it sits this round out}, from each device's recent (round, outcome) pairs, oldest first.
+
+    A device is benched for benched_rounds(...) rounds after its last missed round.
+    """
+    out = {}
+    for device, rounds in history.items():
+        if not rounds:
+            continue
+        sit_out = benched_rounds([outcome for _, outcome in rounds], settings.bench_after_misses,
+                                 settings.max_bench_rounds)
+        last_round = rounds[-1][0]
+        if sit_out and round_no <= last_round + sit_out:
+            misses = sum(1 for _ in _trailing_misses([o for _, o in rounds]))
+            out[device] = (f"benched until round {last_round + sit_out + 1}: missed its last {misses} deadline(s) "
+                           f"(a device that answers again is scheduled again)")
+    return out
+
+
+def _trailing_misses(outcomes: Sequence[str | None]):
+    for outcome in reversed(outcomes):
+        if outcome is None:
+            return
+        yield outcome
+
+
+def missed(status: str, reason: str | None) -> str | None:
+    """A task's outcome for benching: the miss (why) when its device did not answer in time, else None."""
+    if status == "failed" and reason in MISSED:
+        return reason
+    return None
+
