@@ -29,6 +29,7 @@ from edge_runtime.errors import BudgetError, EdgeRuntimeError
 from edge_runtime.jobs.budget import BudgetedJobs, JobRunner
 from edge_runtime.jobs.child import ChildResult
 from edge_runtime.jobs.worker import JobSpec
+from edge_runtime.logs import printable
 from edge_runtime.memory import MIB, peak_rss_bytes, release_free_heap, size_text
 from edge_runtime.store import atomic_write_text
 from edge_runtime.wire import weights as wcodec
@@ -134,7 +135,9 @@ class Agent:
             else:
                 log.debug("ignored a %s message outside a transfer", kind)
         except ProtocolError as exc:
-            log.warning("ignored a malformed %s message: %s", kind, exc)
+            log.warning("ignored a malformed %s message: %s", printable(kind, 40), exc)
+        except Exception:   # a decoder's bug: logged, and the agent serves on (the message may be retained)
+            log.exception("ignored a %s message the agent could not read", printable(kind, 40))
         return None
 
     def _on_coordinator_status(self, status: Status) -> None:
