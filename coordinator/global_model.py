@@ -56,6 +56,23 @@ class GlobalModel:
             graphs[model_blobs.PREFIX_GRAPH] = self.store.put_file(prefix)
         return model_blobs.task_blobs(self.manifest, part, self.index(index_sha), self.store, graphs)
 
+    def collect_garbage(self, keep_indexes) -> int:
+        """Delete every blob but the manifest, the given weight indexes and the groups they name; how many.
+
+        Each round stores the weight groups it changed, so a long run would fill the disk with weights no
+        one can ask for any more. Part graphs are stored again from the export when a task names them.
+        """
+        keep = {self.manifest_sha}
+        for index in keep_indexes:
+            keep.add(index)
+            keep.update(self.index(index).values())
+        removed = 0
+        for path in self.store.root.iterdir():
+            if path.is_file() and len(path.name) == 64 and path.name not in keep:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
     def param_bytes(self, names) -> int:
         specs = self.manifest.param_specs()
         return sum(specs[n].nbytes for n in names)

@@ -532,9 +532,20 @@ class Coordinator:
         for u in updates.values():  # folded into the global weights (or never will be): free the disk
             self.incoming.path(u.blob_sha256).unlink(missing_ok=True)
         self.pending.clear()
+        self._collect_garbage()
         log.info("round %d closed (%s): %d of %d update(s)%s; test accuracy %.2f%% (blocks 0-%d)", row.round, why,
                  len(results), len(tasks), "" if aggregated else f", fewer than {s['min_updates']}: weights kept",
                  100 * ev["accuracy"], self.eval_block)
+
+    def _collect_garbage(self) -> None:
+        """Keep the weights of the last rounds a restart may replay (and the current ones); delete older blobs."""
+        keep = 1 + self.strategy.history_rounds()
+        # replay reads the rounds that changed the weights (_restore's history): the last `keep` of those
+        changed = [r for r in self.state.closed_round_rows() if r.weights_after != r.weights_before][-keep:]
+        indexes = {self.weights_sha} | {i for r in changed for i in (r.weights_before, r.weights_after) if i}
+        removed = self.model.collect_garbage(indexes)
+        if removed:
+            log.debug("collected %d blob(s) no round needs any more", removed)
 
     def _round_metrics(self, row, plan: RoundPlan, tasks: list[TaskRow], updates, scored, why: str,
                        aggregated: bool, ev: dict) -> RoundMetrics:

@@ -87,3 +87,25 @@ def test_bad_task_layouts_are_refused(tmp_path, fmnist_model):
     copy.write_bytes(layer0.read_bytes())
     with pytest.raises(IntegrityError, match="is in both"):   # two blobs may not hold the same parameter
         wcodec.WeightFiles([layer0, server.path(index["head.0"]), copy])
+
+
+def test_the_coordinator_collects_weights_no_round_needs(tmp_path, fmnist_model):
+    """Each round stores the groups it changed; collect_garbage keeps the manifest and the named indexes' blobs."""
+    from coordinator.global_model import GlobalModel
+    m, w = fmnist_model
+    model = GlobalModel(m.root, BlobStore(tmp_path / "server"))
+    indexes = []
+    for k in range(4):   # four rounds, each changing block 1
+        w = dict(w, **{n: w[n] + np.float32(0.1) for n in TrainablePart.block(m, 1).trainable_names(m)})
+        indexes.append(model.save(w))
+    stored = {p.name for p in model.store.root.iterdir() if p.is_file()}
+    removed = model.collect_garbage(indexes[-2:])
+    left = {p.name for p in model.store.root.iterdir() if p.is_file()}
+    assert removed == len(stored) - len(left) > 0
+    assert model.manifest_sha in left
+    for kept in indexes[-2:]:
+        assert kept in left and set(model.index(kept).values()) <= left
+        back = model.load(kept)
+        assert set(back) == set(w)
+    for gone in indexes[:2]:
+        assert gone not in left

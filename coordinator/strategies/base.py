@@ -6,8 +6,10 @@ A round's life:
    and batch size, from each device's *measured* budget and the profiler's memory model.
    A device that fits nothing is left idle with a reason that says what it would need.
 2. aggregate(plan, results, failures, global_weights) returns the new global weights from
-   the accepted results. Each parameter averages only the devices that trained it,
-   weighted by samples; a parameter nobody trained keeps its value; with no results the
+   the accepted results. Each parameter combines only the devices that trained it, by the
+   [aggregation] rule (coordinator/strategies/aggregation.py: weighted mean, median, trimmed
+   mean or clipped mean), each device weighted by its Result's weight (its sample count,
+   capped by what is plausible); a parameter nobody trained keeps its value; with no results the
    global weights come back unchanged. Failures (timeouts, rejections, devices that went
    offline) are passed so a strategy can take them into account; they never stall it.
 3. advance(plan, before, after) moves the schedule on (freezing, next stage) from what
@@ -25,7 +27,7 @@ from typing import Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from coordinator.strategies.aggregation import weighted_average
+from coordinator.strategies.aggregation import AggregationSettings, aggregate_updates
 from edge_runtime.wire.part import TrainablePart
 
 # peak bytes of training layers first..last (head after last) at a batch size
@@ -118,6 +120,12 @@ class Result:
     num_examples: int
     loss: float
     scores: Mapping | None = None      # a score task's answer: {layer index or "head": score}
+    weight: float | None = None        # what the update weighs in aggregation; None = num_examples (as claimed)
+
+    @property
+    def aggregation_weight(self) -> float:
+        """The weight aggregation gives this update: `weight` once the service has capped the claim, else the claim."""
+        return float(self.num_examples if self.weight is None else self.weight)
 
 
 @dataclass(frozen=True)
@@ -132,17 +140,21 @@ class Strategy(ABC):
     name: ClassVar[str] = ""
     Settings: ClassVar[type] = NoSettings
 
-    def __init__(self, manifest, predict: PeakPredictor, batch_sizes: Sequence[int], margin: float = 0.10):
+    def __init__(self, manifest, predict: PeakPredictor, batch_sizes: Sequence[int], margin: float = 0.10,
+                 aggregation: AggregationSettings = AggregationSettings()):
         self.manifest = manifest
         self.predict = predict
         self.batch_sizes = sorted(set(batch_sizes), reverse=True)
         self.margin = margin
+        self.aggregation = aggregation
 
     @classmethod
     def from_settings(cls, manifest, predict: PeakPredictor, table: Mapping, batch_sizes: Sequence[int],
-                      margin: float, seed: int) -> "Strategy":
-        """The strategy configured from its own table of the coordinator's settings."""
+                      margin: float, seed: int, aggregation: Mapping | None = None) -> "Strategy":
+        """The strategy configured from its own table of the coordinator's settings, and the
+        [aggregation] table every strategy shares (None: its defaults)."""
         return cls(manifest, predict, batch_sizes=batch_sizes, margin=margin,
+                   aggregation=AggregationSettings(**(aggregation or {})),
                    **cls.constructor_args(cls.Settings(**table), seed))
 
     @classmethod
@@ -157,10 +169,11 @@ class Strategy(ABC):
 
     def aggregate(self, plan: RoundPlan, results: Sequence[Result], failures: Mapping[str, str],
                   global_weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """FedAvg per parameter over the devices that trained it; untouched parameters keep their values."""
+        """Per parameter, the [aggregation] rule over the devices that trained it, each weighted by its Result's
+        aggregation_weight; untouched parameters keep their values. Updates are read a parameter at a time."""
         new = dict(global_weights)
-        trained = [(r.update, r.num_examples) for r in results if r.update]
-        new.update(weighted_average(trained) if trained else {})
+        trained = [(r.update, r.aggregation_weight) for r in results if r.update]
+        new.update(aggregate_updates(trained, global_weights, self.aggregation) if trained else {})
         return new
 
     def advance(self, plan: RoundPlan, before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray],
@@ -171,6 +184,11 @@ class Strategy(ABC):
     @abstractmethod
     def finished(self) -> bool:
         """True once the schedule has nothing left to train."""
+
+    def history_rounds(self) -> int:
+        """How many of the last closed rounds' weights `replay` may read: the coordinator keeps those and
+        collects older weight blobs. The default schedule reads none."""
+        return 0
 
     def round_report(self, round_no: int) -> dict:
         """What the schedule measured in a round, for the round's metrics (e.g. the freezing metric)."""

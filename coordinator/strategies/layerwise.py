@@ -147,6 +147,9 @@ class LayerWise(Strategy):
         self.em_log = list(state.get("em_log", []))
         self.movement = BlockMovement(self.rule)
 
+    def history_rounds(self) -> int:
+        return self.rule.window
+
     def replay(self, history, load):
         if self.finished or self.rounds_in_stage == 0:
             return

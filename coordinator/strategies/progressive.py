@@ -153,6 +153,9 @@ class Progressive(Strategy):
         self.em_log = list(state.get("em_log", []))
         self.movement = BlockMovement(self.rule)
 
+    def history_rounds(self) -> int:
+        return self.rule.window
+
     def replay(self, history, load):
         """Refill the movement window with the current block's last changes, as if never restarted."""
         if self.phase != "growing" or self.rounds_in_stage == 0:
