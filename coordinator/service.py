@@ -41,7 +41,7 @@ from coordinator.guards import Admission, Fetches, GuardSettings, RateLimit, Upl
 from coordinator.model.zoo_profile import ensure_export, measured_profile
 from coordinator.round_metrics import DeviceRound, RoundMetrics
 from coordinator.state_store import StateStore, TaskRow, task_spec
-from coordinator.strategies.aggregation import UpdateCheck
+from coordinator.strategies.aggregation import UpdateCheck, aggregation_settings_table
 from coordinator.strategies.base import Device, Result, RoundPlan, stage_text
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.logs import printable
@@ -85,6 +85,8 @@ DEFAULTS = {
                 **asdict(GuardSettings())},
     "train": {"optimizer": "adamw", "learning_rate": 2e-3, "local_epochs": 1.0, "batch_sizes": [16, 32, 64],
               "margin": 0.10},
+    # how accepted updates are combined and what a claimed sample count may weigh (every strategy)
+    **aggregation_settings_table(),
     # and one table per strategy, with its defaults, declared beside its code
     **strategies.settings_tables(),
 }
@@ -510,6 +512,7 @@ class Coordinator:
         for task_id, sc in scored.items():
             results.append(Result(by_task[task_id].assignment, {}, sc["num_examples"], 0.0,
                                   scores=scores_from_json(sc["scores"])))
+        results = self._capped(row.round, results)
         failures = {t.device_id: t.reason or "no update" for t in tasks if t.status != "accepted"}
         before = self.global_weights
         aggregated = len(results) >= s["min_updates"]
@@ -536,6 +539,20 @@ class Coordinator:
         log.info("round %d closed (%s): %d of %d update(s)%s; test accuracy %.2f%% (blocks 0-%d)", row.round, why,
                  len(results), len(tasks), "" if aggregated else f", fewer than {s['min_updates']}: weights kept",
                  100 * ev["accuracy"], self.eval_block)
+
+    def _capped(self, round_no: int, results: list[Result]) -> list[Result]:
+        """The results with the weight each claimed sample count earns (AggregationSettings.weights): a device
+        that claims 10^15 samples weighs what is plausible for it, never more than a share of the round."""
+        claims = {r.assignment.device_id: r.num_examples for r in results}
+        history = self.state.claimed_examples(claims, before_round=round_no)
+        granted = self.strategy.aggregation.weights(claims, history)
+        for device, n in claims.items():
+            if granted[device] < n:   # a share cap in a small fleet lowers weights a little: only big cuts are news
+                log.log(logging.INFO if granted[device] < n / 2 else logging.DEBUG,
+                        "round %d: %s claimed %d samples, weighs %.0f (capped by the fleet's and its own past "
+                        "claims, [aggregation])", round_no, device, n, granted[device])
+        return [replace(r, weight=granted[r.assignment.device_id]) for r in results
+                if granted[r.assignment.device_id] > 0]
 
     def _collect_garbage(self) -> None:
         """Keep the weights of the last rounds a restart may replay (and the current ones); delete older blobs."""

@@ -273,6 +273,18 @@ class StateStore:
         rows = self._db.execute("SELECT metrics FROM rounds WHERE state = 'closed' ORDER BY round").fetchall()
         return [json.loads(r[0] or "{}") for r in rows]
 
+    def claimed_examples(self, device_ids, before_round: int, last: int = 8) -> dict[str, list[int]]:
+        """Each device's sample counts claimed in its last `last` answers before `before_round` (updates and
+        scores): the history aggregation caps a new claim against (a device cannot jump its claim at once)."""
+        out: dict[str, list[int]] = {}
+        for d in device_ids:
+            rows = self._db.execute(
+                "SELECT num_examples FROM (SELECT round, num_examples FROM updates WHERE device_id = ? AND round < ? "
+                "UNION ALL SELECT round, num_examples FROM scores WHERE device_id = ? AND round < ?) "
+                "ORDER BY round DESC LIMIT ?", (d, before_round, d, before_round, last)).fetchall()
+            out[d] = [int(r[0]) for r in rows]
+        return out
+
     def closed_round_rows(self) -> list[RoundRow]:
         rows = self._db.execute("SELECT round, state, opened_at, deadline_at, weights_before, weights_after, plan, "
                                 "strategy_state FROM rounds WHERE state = 'closed' ORDER BY round").fetchall()

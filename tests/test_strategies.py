@@ -4,6 +4,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from coordinator.strategies.aggregation import AggregationSettings
 from coordinator.strategies.base import Device, Result
 from coordinator.strategies.fedavg import FedAvg
 from coordinator.strategies.progressive import Progressive
@@ -102,8 +103,9 @@ def test_a_round_without_participants_does_not_advance_and_state_survives_a_rest
 
 
 def test_aggregation_keeps_untrained_parameters_and_weights_by_samples(fmnist_model):
+    """With the plain weighted mean (FedAvg) and no share cap; the robust rules: test_robust_aggregation.py."""
     m, weights = fmnist_model
-    s = _strategy(Progressive, m, shrink_rounds=0)
+    s = _strategy(Progressive, m, shrink_rounds=0, aggregation=AggregationSettings(rule="mean", max_share=1.0))
     plan = s.plan_round(1, FLEET)
     results = []
     for a, value, n in zip(plan.assignments, (1.0, 3.0), (100, 300)):

@@ -45,4 +45,5 @@ def build(settings: dict, manifest, predict) -> Strategy:
     if name not in known:
         raise ValueError(f"unknown strategy {name!r}; known: {', '.join(known)}")
     return known[name].from_settings(manifest, predict, settings.get(name, {}), batch_sizes=train["batch_sizes"],
-                                     margin=train["margin"], seed=settings["service"]["seed"])
+                                     margin=train["margin"], seed=settings["service"]["seed"],
+                                     aggregation=settings.get("aggregation"))

@@ -1,15 +1,27 @@
-"""Checking and averaging the updates devices send back: pure functions over numpy arrays.
+"""Checking and combining the updates devices send back: pure functions over numpy arrays.
 
 An update is the trained values of the parameters a device was told to train. Before it
 may touch the global model it must name exactly those parameters, with the manifest's
 shapes, hold only finite numbers, and not move the weights further than a bound allows
-(a relative L2 norm of the change). Aggregation is FedAvg per parameter over the devices
-that trained it, weighted by their sample counts, so devices that trained different
-parts (tiers, selective layers) combine correctly.
+(a relative L2 norm of the change). A check like that cannot stop one device from
+wrecking the model with a valid-looking update (flipped and scaled inside the bound, or a
+claimed sample count of 10^15), so aggregation is robust too:
+
+- the weight a device's update gets is its claimed sample count, capped by what is
+  plausible (`capped_examples`: a multiple of the round's median claim, of the device's own
+  past claims, and a maximum share of the round); the service sets it as Result.weight;
+- each parameter is combined over the devices that trained it (so devices that trained
+  different parts, tiers or selected layers combine correctly) by the [aggregation] rule
+  (`AggregationSettings`): the weighted mean (FedAvg), the weighted coordinate-wise median,
+  the trimmed mean, or the mean of changes clipped to a multiple of the round's median
+  change norm. `aggregate_updates` reads updates a parameter at a time: a round never holds
+  whole updates, only one parameter's tensors from each device that trained it.
+
+What each rule costs and buys is measured by tools/bench_poisoning.py (docs/benchmarks.md).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -62,3 +74,215 @@ def weighted_average(updates: Sequence[tuple[Mapping[str, np.ndarray], int]]) ->
             sums[name] = contribution if acc is None else acc + contribution
             weights[name] = weights.get(name, 0) + n
     return {name: (total / weights[name]).astype(np.float32) for name, total in sums.items()}
+
+
+# -- robust aggregation -------------------------------------------------------------------------
+RULES = ("mean", "median", "trimmed_mean", "clipped_mean")
+
+
+@dataclass(frozen=True)
+class AggregationSettings:
+    """[aggregation]: how a round's accepted updates become the global weights, for every strategy.
+
+    rule: per parameter, over the devices that trained it,
+      mean          the weight-averaged values: FedAvg (one attacker can move a parameter anywhere)
+      median        the weighted coordinate-wise median
+      trimmed_mean  per coordinate, the `trim_fraction` lowest and highest devices dropped, the rest averaged
+      clipped_mean  each device's change of a tensor clipped to `clip_multiple` x the round's median change
+                    norm of that tensor, then averaged
+    A device's weight is its sample count, capped (capped_examples): at most `fleet_multiple` x the
+    round's median claim, `history_multiple` x the median of its own past claims once it has
+    `min_history` of them, and `max_share` of the round; aggregation caps every parameter's
+    weights to `max_share` of its trainers again.
+    """
+    rule: str = "clipped_mean"
+    trim_fraction: float = 0.25
+    clip_multiple: float = 2.0
+    max_share: float = 0.25
+    fleet_multiple: float = 4.0
+    history_multiple: float = 1.5
+    min_history: int = 1
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"aggregation rule {self.rule!r} is not one of {', '.join(RULES)}")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5), not {self.trim_fraction}")
+        if not self.clip_multiple > 0 or not 0 < self.max_share <= 1:
+            raise ValueError("clip_multiple must be positive and max_share in (0, 1]")
+        if not (self.fleet_multiple >= 1 and self.history_multiple >= 1 and self.min_history >= 1):
+            raise ValueError("fleet_multiple and history_multiple must be >= 1, min_history >= 1")
+
+    def weights(self, claimed: Mapping[str, float], history: Mapping[str, Sequence[float]],
+                ceilings: Mapping[str, float] | None = None) -> dict[str, float]:
+        """capped_examples with these settings."""
+        return capped_examples(claimed, history, self.max_share, fleet_multiple=self.fleet_multiple,
+                               history_multiple=self.history_multiple, min_history=self.min_history,
+                               ceilings=ceilings)
+
+
+def aggregation_settings_table() -> dict[str, dict]:
+    """The coordinator's [aggregation] table with its defaults, to add to the service's DEFAULTS."""
+    return {"aggregation": asdict(AggregationSettings())}
+
+
+def share_capped(weights: Sequence[float], max_share: float) -> np.ndarray:
+    """The weights with none above `max_share` of their total: the largest lowered to one level, the rest kept.
+
+    Never raises a weight. When no level can do it (fewer than 1 / max_share weights), all become the smallest.
+    """
+    w = np.asarray(weights, np.float64)
+    if len(w) <= 1 or max_share >= 1 or w.max() <= max_share * w.sum():
+        return w.copy()
+    order = np.argsort(-w, kind="stable")
+    desc = w[order]
+    rest = np.cumsum(desc[::-1])[::-1]            # rest[k] = sum of desc[k:]
+    for k in range(1, len(w)):
+        if 1 - max_share * k <= 0:
+            break
+        level = max_share * rest[k] / (1 - max_share * k)
+        if desc[k] <= level:
+            out = w.copy()
+            out[order[:k]] = level
+            return out
+    return np.full_like(w, w.min())
+
+
+def capped_examples(claimed: Mapping[str, float], history: Mapping[str, Sequence[float]], max_share: float,
+                    fleet_multiple: float = AggregationSettings.fleet_multiple,
+                    history_multiple: float = AggregationSettings.history_multiple,
+                    min_history: int = AggregationSettings.min_history,
+                    ceilings: Mapping[str, float] | None = None) -> dict[str, float]:
+    """The weight each device's claimed sample count earns in a round: the claim, capped by what is plausible.
+
+    A device's weight is at most
+    - `fleet_multiple` x the round's median claim (the lower median: with two devices, the
+      smaller claim), whatever its history: a device cannot buy influence by lying consistently;
+    - `history_multiple` x the median of its own past claims, once it has `min_history` of them
+      (its past claims only ever lower its cap, so the history may be raw claims);
+    - its ceiling, if the caller knows one (e.g. the most its tier can hold);
+    and then no device keeps more than `max_share` of the round's total (share_capped).
+    Claims are never raised; a claim that is not a positive finite number earns 0.
+    """
+    devices = list(claimed)
+    if not devices:
+        return {}
+    raw = np.array([float(claimed[d]) for d in devices])
+    raw = np.where(np.isfinite(raw) & (raw > 0), raw, 0.0)
+    positive = np.sort(raw[raw > 0])
+    if len(positive) == 0:
+        return {d: 0.0 for d in devices}
+    fleet_cap = fleet_multiple * positive[(len(positive) - 1) // 2]
+    ceilings = ceilings or {}
+    capped = []
+    for d, n in zip(devices, raw):
+        cap = min(fleet_cap, float(ceilings.get(d, np.inf)))
+        past = [float(x) for x in history.get(d, ()) if np.isfinite(x) and x > 0]
+        if len(past) >= min_history:
+            cap = min(cap, history_multiple * float(np.median(past)))
+        capped.append(min(n, cap))
+    capped = np.array(capped)
+    out = np.zeros(len(devices))
+    live = capped > 0
+    out[live] = share_capped(capped[live], max_share)
+    return {d: float(w) for d, w in zip(devices, out)}
+
+
+def aggregate_updates(updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
+                      global_weights: Mapping[str, np.ndarray],
+                      settings: AggregationSettings = AggregationSettings()) -> dict[str, np.ndarray]:
+    """The new value of every parameter some update holds, by the settings' rule over the devices that sent it.
+
+    updates: (trained tensors, weight) per device; the tensors may be a lazy mapping (a
+    WeightFile): they are read a parameter at a time, so at most one parameter's tensors
+    (one per device that trained it) are held, never whole updates. A parameter's weights
+    are capped to `max_share` of its trainers first. With one trainer a parameter takes its
+    value under every rule; with two, median and trimmed mean have nothing to outvote and
+    take their weighted mean, while clipped_mean still clips the larger change to
+    `clip_multiple` x the smaller. Parameters no update holds are not returned (the caller
+    keeps their global values).
+    """
+    weights = [float(n) for _, n in updates]
+    if any(not (np.isfinite(n) and n > 0) for n in weights):
+        raise ValueError("every update needs a positive finite weight")
+    names: dict[str, list[int]] = {}
+    for i, (values, _) in enumerate(updates):
+        for name in values:                      # names only: a lazy mapping reads nothing here
+            names.setdefault(name, []).append(i)
+    share_cache: dict[tuple[int, ...], np.ndarray] = {}
+    out = {}
+    for name, devices in names.items():
+        key = tuple(devices)
+        if key not in share_cache:
+            share_cache[key] = share_capped([weights[i] for i in devices], settings.max_share)
+        w = share_cache[key]
+        tensors = [updates[i][0] for i in devices]
+        if settings.rule == "clipped_mean":
+            value = _clipped_mean(name, tensors, w, global_weights[name], settings.clip_multiple)
+        elif settings.rule in ("median", "trimmed_mean") and len(devices) > 2:
+            value = _order_statistic(name, tensors, w, settings)
+        else:
+            value = _mean(name, tensors, w)
+        out[name] = value.astype(np.float32)
+    return out
+
+
+def _mean(name: str, tensors, w: np.ndarray) -> np.ndarray:
+    total = None
+    for values, wi in zip(tensors, w):
+        contribution = values[name].astype(np.float64) * wi
+        total = contribution if total is None else total + contribution
+    return total / w.sum()
+
+
+def _clipped_mean(name: str, tensors, w: np.ndarray, old: np.ndarray, clip_multiple: float) -> np.ndarray:
+    """Two passes over the devices' tensors (read twice, held once each): the change norms, then the clipped mean."""
+    base = np.asarray(old, np.float64)
+    norms = np.array([float(np.linalg.norm(values[name].astype(np.float64) - base)) for values in tensors])
+    reference = np.sort(norms)[(len(norms) - 1) // 2]          # lower median: the smaller of two
+    bound = clip_multiple * reference
+    total = np.zeros_like(base)
+    for values, wi, norm in zip(tensors, w, norms):
+        scale = 1.0 if norm <= bound else bound / norm
+        total += (values[name].astype(np.float64) - base) * (wi * scale)
+    return base + total / w.sum()
+
+
+CHUNK_COORDINATES = 1 << 16     # sorting temporaries (float64 values, int64 order) stay a few MB per device
+
+
+def _order_statistic(name: str, tensors, w: np.ndarray, settings: AggregationSettings) -> np.ndarray:
+    """Weighted coordinate-wise median or trimmed mean over the stacked tensors, a chunk of coordinates at a time."""
+    first = tensors[0][name]
+    shape = first.shape
+    stacked = np.empty((len(tensors), first.size), np.float32)
+    stacked[0] = first.reshape(-1)
+    del first
+    for i, values in enumerate(tensors[1:], 1):
+        stacked[i] = values[name].reshape(-1)
+    n = len(tensors)
+    trim = min(int(np.floor(settings.trim_fraction * n)), (n - 1) // 2)
+    out = np.empty(stacked.shape[1], np.float64)
+    for start in range(0, stacked.shape[1], CHUNK_COORDINATES):
+        chunk = stacked[:, start:start + CHUNK_COORDINATES].astype(np.float64)
+        order = np.argsort(chunk, axis=0, kind="stable")
+        sorted_values = np.take_along_axis(chunk, order, axis=0)
+        sorted_weights = w[order]
+        if settings.rule == "median":
+            out[start:start + chunk.shape[1]] = _weighted_median(sorted_values, sorted_weights)
+        else:
+            kept_values, kept_weights = sorted_values[trim:n - trim], sorted_weights[trim:n - trim]
+            out[start:start + chunk.shape[1]] = (kept_values * kept_weights).sum(0) / kept_weights.sum(0)
+    return out.reshape(shape)
+
+
+def _weighted_median(sorted_values: np.ndarray, sorted_weights: np.ndarray) -> np.ndarray:
+    """Per column: the value where the cumulative weight reaches half; midway between two when it lands on half
+    exactly (equal weights: the ordinary median)."""
+    cumulative = np.cumsum(sorted_weights, axis=0)
+    half = cumulative[-1] / 2
+    tol = 1e-9 * cumulative[-1]
+    lower = np.argmax(cumulative >= half - tol, axis=0)
+    upper = np.argmax(cumulative > half + tol, axis=0)
+    columns = np.arange(sorted_values.shape[1])
+    return (sorted_values[lower, columns] + sorted_values[upper, columns]) / 2

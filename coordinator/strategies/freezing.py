@@ -52,7 +52,7 @@ def effective_movement(deltas: list[Mapping[str, np.ndarray]]) -> float:
     """Mean over scalars of |net movement| / path length across the given rounds' changes."""
     if not deltas:
         return float("nan")
-    net_sum, path_sum, count = 0.0, 0.0, 0
+    net_sum, count = 0.0, 0
     for name in deltas[0]:
         stack = np.stack([d[name].astype(np.float64).ravel() for d in deltas])
         path = np.abs(stack).sum(axis=0)

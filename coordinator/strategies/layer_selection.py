@@ -181,7 +181,7 @@ def solve_approx(problem: SelectionProblem, restarts: int = 3, seed: int = 0,
     only a point that greedy moves cannot improve. No bound on the gap to the optimum is
     claimed; with lambda = 0 the first start is already optimal (and marked so).
     """
-    n, l = problem.n, problem.l
+    n = problem.n
     exact_br = all(problem.candidate_count(i) <= MAX_ENUMERATED_SUBSETS for i in range(n))
     responder = _EnumeratedResponses(problem) if exact_br else _GreedyResponses(problem)
     rng = np.random.default_rng(seed)

@@ -1,0 +1,269 @@
+"""Robust aggregation: each rule on cases whose answer is known, lazy reading, capped sample counts, the setting."""
+import gc
+import weakref
+from collections.abc import Mapping
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from coordinator.strategies.aggregation import (
+    RULES,
+    AggregationSettings,
+    aggregate_updates,
+    aggregation_settings_table,
+    capped_examples,
+    share_capped,
+    weighted_average,
+)
+from coordinator.strategies.base import Result
+
+GLOBAL = {"w": np.zeros(4, np.float32), "b": np.zeros(2, np.float32), "kept": np.full(3, 7, np.float32)}
+FLAT = dict(max_share=1.0)    # no share cap: the rule alone
+
+
+def _agg(rule, updates, **kw):
+    return aggregate_updates(updates, GLOBAL, AggregationSettings(rule=rule, **{**FLAT, **kw}))
+
+
+def _five_with_two_outliers():
+    """Five devices on one coordinate: three honest near 1, two attackers at 100 and -50."""
+    return [({"w": np.full(4, v, np.float32)}, 10) for v in (0.9, 1.0, 1.1, 100.0, -50.0)]
+
+
+def test_mean_is_fedavg():
+    updates = [({"w": np.full(4, 1, np.float32)}, 100), ({"w": np.full(4, 4, np.float32)}, 300)]
+    np.testing.assert_allclose(_agg("mean", updates)["w"], 3.25)
+    np.testing.assert_allclose(_agg("mean", updates)["w"], weighted_average(updates)["w"])
+
+
+def test_median_of_five_ignores_two_outliers():
+    np.testing.assert_allclose(_agg("median", _five_with_two_outliers())["w"], 1.0)
+
+
+def test_weighted_median_follows_the_weights_and_is_the_ordinary_median_when_they_are_equal():
+    values = [({"w": np.full(4, v, np.float32)}, n) for v, n in ((1.0, 10), (2.0, 10), (3.0, 10), (4.0, 10))]
+    np.testing.assert_allclose(_agg("median", values)["w"], 2.5)            # even count: midway
+    heavy = [({"w": np.full(4, v, np.float32)}, n) for v, n in ((1.0, 10), (2.0, 10), (3.0, 50))]
+    np.testing.assert_allclose(_agg("median", heavy)["w"], 3.0)             # 50 of 70 samples say 3
+
+
+def test_median_is_per_coordinate():
+    rows = [[0, 10, 5, 1], [1, 11, -5, 2], [2, 12, 0, 3], [99, -99, 99, -99], [3, 13, 1, 4]]
+    updates = [({"w": np.array(r, np.float32)}, 1) for r in rows]
+    np.testing.assert_allclose(_agg("median", updates)["w"], [2, 11, 1, 2])
+
+
+def test_trimmed_mean_drops_the_ends_per_coordinate():
+    # 5 devices, trim 0.2: one dropped at each end of every coordinate, the middle three averaged
+    np.testing.assert_allclose(_agg("trimmed_mean", _five_with_two_outliers(), trim_fraction=0.2)["w"],
+                               (0.9 + 1.0 + 1.1) / 3, rtol=1e-6)
+    # trim 0.4 drops two at each end: the median
+    np.testing.assert_allclose(_agg("trimmed_mean", _five_with_two_outliers(), trim_fraction=0.4)["w"], 1.0)
+    # trim 0: the weighted mean
+    updates = [({"w": np.full(4, v, np.float32)}, n) for v, n in ((1.0, 1), (2.0, 1), (6.0, 2))]
+    np.testing.assert_allclose(_agg("trimmed_mean", updates, trim_fraction=0.0)["w"], 15 / 4)
+
+
+def test_trimmed_mean_weights_what_it_keeps():
+    updates = [({"w": np.full(4, v, np.float32)}, n) for v, n in ((-9.0, 1), (1.0, 1), (2.0, 3), (9.0, 1))]
+    np.testing.assert_allclose(_agg("trimmed_mean", updates, trim_fraction=0.25)["w"], (1 + 2 * 3) / 4)
+
+
+def test_clipping_keeps_the_direction_and_caps_the_norm():
+    rng = np.random.default_rng(0)
+    honest = [rng.standard_normal(4).astype(np.float32) for _ in range(4)]
+    attacker = np.array([30, -40, 0, 0], np.float32)                  # norm 50, far above the others
+    updates = [({"w": v}, 1) for v in honest] + [({"w": attacker}, 1)]
+    norms = sorted(float(np.linalg.norm(v)) for v in honest + [attacker])
+    bound = 2.0 * norms[2]                                              # 2 x the median change norm
+    got = _agg("clipped_mean", updates, clip_multiple=2.0)["w"]
+    clipped = [v if np.linalg.norm(v) <= bound else v * bound / np.linalg.norm(v) for v in honest + [attacker]]
+    np.testing.assert_allclose(got, np.mean(clipped, axis=0), rtol=1e-5)
+    contribution = clipped[-1]
+    assert np.linalg.norm(contribution) == pytest.approx(bound, rel=1e-6)            # the norm is capped
+    assert np.dot(contribution, attacker) / (np.linalg.norm(contribution) * 50) == pytest.approx(1.0)  # direction
+
+
+def test_clipping_works_on_the_change_around_the_global_weights():
+    base = {"w": np.full(4, 10, np.float32)}
+    updates = [({"w": np.full(4, 10 + d, np.float32)}, 1) for d in (1.0, 1.0, 1.0, 1.0, 40.0)]
+    got = aggregate_updates(updates, base, AggregationSettings(rule="clipped_mean", clip_multiple=2.0, **FLAT))
+    np.testing.assert_allclose(got["w"], 10 + (4 * 1.0 + 2.0) / 5)     # the 40 change clipped to 2 x 1
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_one_trainer_gives_its_values_and_untrained_parameters_are_not_touched(rule):
+    """A parameter trained by one device takes its value under every rule; the rest are left to the caller."""
+    updates = [({"w": np.full(4, 1, np.float32), "b": np.full(2, 5, np.float32)}, 10),
+               ({"w": np.full(4, 3, np.float32)}, 10),
+               ({"w": np.full(4, 2, np.float32)}, 10)]
+    got = _agg(rule, updates)
+    assert set(got) == {"w", "b"}                                       # "kept" is nobody's: not returned
+    np.testing.assert_allclose(got["b"], 5)
+    assert got["w"].dtype == np.float32 and got["b"].dtype == np.float32
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
+def test_two_trainers_take_their_weighted_mean(rule):
+    """Nothing to outvote with two devices: median and trimmed mean fall back to the weighted mean."""
+    updates = [({"b": np.full(2, 1, np.float32)}, 10), ({"b": np.full(2, 4, np.float32)}, 30)]
+    np.testing.assert_allclose(_agg(rule, updates)["b"], 3.25)
+
+
+def test_two_trainers_under_clipping_cap_the_larger_change_to_a_multiple_of_the_smaller():
+    updates = [({"b": np.full(2, 1, np.float32)}, 10), ({"b": np.full(2, 8, np.float32)}, 10)]
+    np.testing.assert_allclose(_agg("clipped_mean", updates, clip_multiple=2.0)["b"], (1 + 2) / 2)
+
+
+def test_max_share_applies_per_parameter_over_its_trainers():
+    updates = [({"w": np.full(4, 0, np.float32)}, 1), ({"w": np.full(4, 0, np.float32)}, 1),
+               ({"w": np.full(4, 0, np.float32)}, 1), ({"w": np.full(4, 10, np.float32)}, 1000)]
+    got = aggregate_updates(updates, GLOBAL, AggregationSettings(rule="mean", max_share=0.25))
+    np.testing.assert_allclose(got["w"], 2.5)                           # the heavy device held to a quarter
+
+
+def test_an_update_without_a_positive_weight_is_refused():
+    with pytest.raises(ValueError, match="positive"):
+        _agg("mean", [({"w": np.zeros(4, np.float32)}, 0)])
+
+
+# -- lazy reading ----------------------------------------------------------------------------------
+class LazyUpdate(Mapping):
+    """A lazy update like WeightFile: a fresh array per read. It logs every read and, before each, notes any
+    tensor read earlier (from any update of the round) for another parameter that is still alive."""
+
+    def __init__(self, values, log, round_updates, holding):
+        self._values, self.log, self.round, self.holding = values, log, round_updates, holding
+        self.alive: list[tuple[str, weakref.ref]] = []
+
+    def __getitem__(self, name):
+        gc.collect()
+        for u in self.round:
+            self.holding += [f"{held} alive while reading {name}" for held, ref in u.alive
+                             if held != name and ref() is not None]
+        self.log.append(name)
+        array = self._values[name].copy()
+        self.alive.append((name, weakref.ref(array)))
+        return array
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self):
+        return len(self._values)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_updates_are_read_a_parameter_at_a_time_and_never_held_whole(rule):
+    rng = np.random.default_rng(1)
+    names = [f"p{i}" for i in range(6)]
+    base = {n: rng.standard_normal(50).astype(np.float32) for n in names}
+    log, round_updates, holding = [], [], []
+    for _ in range(5):
+        round_updates.append(LazyUpdate({n: base[n] + rng.standard_normal(50).astype(np.float32) for n in names},
+                                        log, round_updates, holding))
+    got = aggregate_updates([(u, 10) for u in round_updates], base, AggregationSettings(rule=rule))
+    assert set(got) == set(names)
+    assert not holding, holding[:3]               # at most one parameter's tensors held at once
+    # reads come grouped by parameter: every read of p0 (one pass, or two for clipping), then p1, ...
+    assert log == sorted(log) and list(dict.fromkeys(log)) == names
+
+
+def test_stored_weight_files_aggregate_lazily(tmp_path):
+    """The service's Results hold WeightFiles: aggregation reads them without loading them first."""
+    from edge_runtime.wire import weights as wcodec
+    paths = []
+    for i, v in enumerate((1.0, 2.0, 3.0, 50.0, 2.5)):
+        paths.append(tmp_path / f"{i}.safetensors")
+        wcodec.save(paths[-1], {"w": np.full(4, v, np.float32), "b": np.full(2, v, np.float32)})
+    files = [wcodec.WeightFile(p) for p in paths]
+    got = aggregate_updates([(f, 1) for f in files], GLOBAL, AggregationSettings(rule="median", **FLAT))
+    np.testing.assert_allclose(got["w"], 2.5)
+    np.testing.assert_allclose(got["b"], 2.5)
+
+
+# -- weight capping ----------------------------------------------------------------------------------
+def test_share_cap_lowers_only_the_largest_and_keeps_the_rest():
+    capped = share_capped([10, 1, 1, 1, 1, 1, 1, 1], 0.25)
+    np.testing.assert_allclose(capped[1:], 1)
+    assert capped[0] / capped.sum() == pytest.approx(0.25)
+    np.testing.assert_allclose(share_capped([3, 2, 1], 0.9), [3, 2, 1])           # already within: unchanged
+    np.testing.assert_allclose(share_capped([5, 2], 0.25), [2, 2])                # no level can: all the smallest
+    assert share_capped([7], 0.1).tolist() == [7]
+
+
+def test_an_inflated_claim_is_capped_by_the_fleet_and_the_share():
+    claimed = {f"d{i}": 1000 for i in range(7)} | {"liar": 10 ** 15}
+    w = capped_examples(claimed, {}, max_share=1.0, fleet_multiple=4.0)
+    assert w["liar"] == 4000 and all(w[f"d{i}"] == 1000 for i in range(7))
+    w = capped_examples(claimed, {}, max_share=0.25, fleet_multiple=4.0)
+    assert w["liar"] / sum(w.values()) == pytest.approx(0.25)
+    assert all(w[f"d{i}"] == 1000 for i in range(7))
+
+
+def test_a_device_with_history_is_held_near_its_own_past_claims():
+    claimed = {"a": 3000, "b": 1000, "c": 1000, "d": 1000}
+    w = capped_examples(claimed, {"a": [900, 1000, 1100]}, max_share=1.0, fleet_multiple=4.0, history_multiple=1.5)
+    assert w["a"] == 1500                                # 1.5 x its median past claim, though the fleet allows 4000
+    w = capped_examples(claimed, {"a": [900]}, max_share=1.0, history_multiple=1.5, min_history=3)
+    assert w["a"] == 3000                                # too little history yet: only the fleet cap
+    # a history of lies never lifts the fleet cap
+    w = capped_examples({"liar": 10 ** 15, "b": 1000, "c": 1000}, {"liar": [10 ** 15] * 5}, max_share=1.0,
+                        fleet_multiple=4.0)
+    assert w["liar"] == 4000
+
+
+def test_honest_claims_pass_unchanged_and_nothing_is_raised():
+    claimed = {"a": 552, "b": 694, "c": 846, "d": 1000, "e": 1054, "f": 1227, "g": 1277, "h": 1350}
+    assert capped_examples(claimed, {d: [n] for d, n in claimed.items()}, max_share=0.25) == \
+        {d: float(n) for d, n in claimed.items()}
+    w = capped_examples({"a": 10, "b": 0, "c": -5}, {}, max_share=0.25)
+    assert w["b"] == 0 and w["c"] == 0 and w["a"] <= 10
+    assert capped_examples({"a": 10}, {}, 0.1, ceilings={"a": 4}) == {"a": 4.0}
+
+
+# -- the setting -------------------------------------------------------------------------------------
+def test_the_settings_table_and_its_checks():
+    table = aggregation_settings_table()
+    assert table["aggregation"]["rule"] == AggregationSettings().rule in RULES
+    assert AggregationSettings(**table["aggregation"]) == AggregationSettings()
+    for bad in (dict(rule="krum"), dict(trim_fraction=0.5), dict(max_share=0.0), dict(clip_multiple=0.0)):
+        with pytest.raises(ValueError):
+            AggregationSettings(**bad)
+
+
+def test_result_weight_defaults_to_the_claim():
+    from coordinator.strategies.base import Assignment
+    a = Assignment("d", 0, 0, (0,), 0, 32, 1)
+    assert Result(a, {}, 120, 0.1).aggregation_weight == 120
+    assert Result(a, {}, 10 ** 15, 0.1, weight=400.0).aggregation_weight == 400
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "progressive", "selective", "layerwise"])
+def test_every_strategy_aggregates_with_the_configured_rule(fmnist_model, strategy):
+    """Through from_settings and the base class: each schedule uses the [aggregation] table."""
+    from coordinator import strategies
+    from coordinator.strategies.base import Assignment
+    m, weights = fmnist_model
+    cls = strategies.registry()[strategy]
+    last = len(m.layers) - 1
+    a = Assignment("x", 0, last, tuple(range(last + 1)), m.final_head.index, 32, 1)
+    names = a.trained_names(m)
+    values = (1.0, 1.1, 0.9, 1.05, 500.0)                          # one device far off
+    results = [Result(replace(a, device_id=f"d{i}"), {n: np.full_like(weights[n], v) for n in names}, 100, 0.1)
+               for i, v in enumerate(values)]
+    aggregated = {}
+    for rule in RULES:
+        s = cls.from_settings(m, lambda *_: 0.0, {}, batch_sizes=[32], margin=0.1, seed=0,
+                              aggregation={"rule": rule, "max_share": 1.0})
+        assert s.aggregation.rule == rule
+        aggregated[rule] = s.aggregate(None, results, {}, weights)[names[0]]
+    np.testing.assert_allclose(aggregated["mean"], np.mean(values), rtol=1e-5)
+    np.testing.assert_allclose(aggregated["median"], np.median(values), rtol=1e-6)
+    trim = min(int(AggregationSettings().trim_fraction * len(values)), (len(values) - 1) // 2)
+    np.testing.assert_allclose(aggregated["trimmed_mean"], np.mean(sorted(values)[trim:len(values) - trim]),
+                               rtol=1e-5)
+    assert np.all(aggregated["clipped_mean"] < 5)                   # the far-off change clipped
+    default = cls.from_settings(m, lambda *_: 0.0, {}, batch_sizes=[32], margin=0.1, seed=0)
+    assert default.aggregation == AggregationSettings()
