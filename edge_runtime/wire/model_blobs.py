@@ -117,7 +117,7 @@ def check_blob_names(blobs: list[dict]) -> None:
     """Refuse a task whose blob names are not ones this module writes (no path tricks)."""
     for b in blobs:
         name = b["name"]
-        if not (_PART_NAME.match(name) or _WEIGHT_NAME.match(name)):
+        if not (_PART_NAME.fullmatch(name) or _WEIGHT_NAME.fullmatch(name)):
             raise ProtocolError(f"task: blob name {name!r} is neither parts/<key>/(step|prefix).onnx nor "
                                 f"weights/<group>")
 

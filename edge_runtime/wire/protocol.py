@@ -41,8 +41,8 @@ MAX_INT = 2 ** 53                      # every integer field: exact in a float a
 MAX_FLOAT = 1e15
 MAX_TEXT = 256                         # characters of a string field, unless the field says otherwise
 MAX_ITEMS = 10_000                     # elements of a list or an object field
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_SHA = re.compile(r"^[0-9a-f]{64}$")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")      # fullmatch: "$" would let a final newline in
+_SHA = re.compile(r"[0-9a-f]{64}")
 DEVICE_KINDS = ("hello", "status", "task", "fetch", "blob", "upload", "update", "ack")
 
 
@@ -51,13 +51,13 @@ class ProtocolError(EdgeRuntimeError):
 
 
 def check_id(value: str, what: str) -> str:
-    if not isinstance(value, str) or not _ID.match(value):
+    if not isinstance(value, str) or not _ID.fullmatch(value):
         raise ProtocolError(f"{what} {value!r} is not a valid id (letters, digits, '_', '.', '-'; at most 64)")
     return value
 
 
 def check_sha(value: str, what: str) -> str:
-    if not isinstance(value, str) or not _SHA.match(value):
+    if not isinstance(value, str) or not _SHA.fullmatch(value):
         raise ProtocolError(f"{what} must be a lowercase hex sha256, not {value!r}")
     return value
 
@@ -127,6 +127,17 @@ def _nesting(payload: bytes) -> int:
     return deepest
 
 
+MAX_INT_DIGITS = 19     # every integer field is bounded far below 10^19; a longer one is refused while parsing
+
+
+def _bounded_int(text: str) -> int:
+    """A JSON integer, refused while parsing when longer than any field allows: a 400-digit integer would
+    parse, then overflow float() in a float field (or a score) far from any handler."""
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits")
+    return int(text)
+
+
 def parse_json(payload: bytes, what: str):
     """A control payload as JSON, or ProtocolError: too large, nested too deep (checked before parsing), not
     UTF-8, not JSON, or a number Python will not parse (4300+ digits)."""
@@ -135,7 +146,7 @@ def parse_json(payload: bytes, what: str):
     if _nesting(payload) > MAX_DEPTH:
         raise ProtocolError(f"{what}: JSON nested deeper than {MAX_DEPTH} levels")
     try:
-        return json.loads(payload.decode("utf-8"))
+        return json.loads(payload.decode("utf-8"), parse_int=_bounded_int)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:   # JSONDecodeError is a ValueError
         raise ProtocolError(f"{what}: not a UTF-8 JSON object ({printable(exc, 120)})") from None
 
