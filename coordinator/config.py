@@ -1,4 +1,10 @@
-"""Settings: defaults, then a TOML file, then command-line flags (None means 'not given')."""
+"""Settings: defaults, then a TOML file, then command-line flags (None means 'not given').
+
+A settings file is checked against the defaults: every table and key must be known and every value
+of its default's type (an integer where a float is expected is taken as that float). TOML integers
+are 64-bit (the spec says a decoder must refuse what it cannot hold losslessly), so a larger one is
+refused rather than overflowing a float later.
+"""
 from __future__ import annotations
 
 import copy
@@ -9,32 +15,55 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
+TOML_INTS = (-2 ** 63, 2 ** 63 - 1)   # TOML's integer range
+
 
 class ConfigError(SystemExit):
     """A bad settings file: exits with a message naming the file and the field."""
 
 
+def _read(path: Path) -> dict:
+    """The TOML document of a settings file; ConfigError when it is missing, unreadable or not TOML."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")   # TOML is UTF-8
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc})") from None
+    try:
+        return tomllib.loads(text)
+    except ValueError as exc:   # TOMLDecodeError, or a decimal integer of more digits than Python parses
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except RecursionError:   # tomllib recurses once per level of nested arrays and inline tables
+        raise ConfigError(f"{path}: not valid TOML (arrays or tables nested too deeply)") from None
+
+
+def _checked(value, default, where: str):
+    """`value` as a setting of `default`'s type (a list: each element of its first element's type)."""
+    expected = type(default)
+    if isinstance(value, int) and not isinstance(value, bool) and not TOML_INTS[0] <= value <= TOML_INTS[1]:
+        raise ConfigError(f"{where} must be {expected.__name__}, not an integer beyond TOML's 64 bits")
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+        shown = repr(value) if len(repr(value)) <= 80 else f"a {type(value).__name__}"
+        raise ConfigError(f"{where} must be {expected.__name__}, not {shown}")
+    if expected is list and default:
+        return [_checked(item, default[0], f"{where}[{i}]") for i, item in enumerate(value)]
+    return value
+
+
 def load_config(defaults: dict, path: Path | None, overrides: dict) -> dict:
     settings = copy.deepcopy(defaults)
     if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+        raw = _read(path)
         for table, values in raw.items():
             if table not in settings or not isinstance(values, dict):
                 raise ConfigError(f"{path}: unknown table [{table}]; known: {', '.join(settings)}")
             for key, value in values.items():
                 if key not in settings[table]:
                     raise ConfigError(f"{path}: unknown setting {table}.{key}; known: {', '.join(settings[table])}")
-                expected = type(defaults[table][key])
-                if expected is float and isinstance(value, int):
-                    value = float(value)
-                if not isinstance(value, expected):
-                    raise ConfigError(f"{path}: {table}.{key} must be {expected.__name__}, not {value!r}")
-                settings[table][key] = value
+                settings[table][key] = _checked(value, defaults[table][key], f"{path}: {table}.{key}")
     for table, values in overrides.items():
         for key, value in values.items():
             if value is not None:

@@ -70,5 +70,5 @@ def read_json(path: Path, error: type[Exception], what: str):
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise error(f"{what} {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise error(f"{what} {path} is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:   # not JSON, not UTF-8, nested too deep, a 4300+ digit number
+        raise error(f"{what} {path} is not valid JSON: {str(exc)[:200]}") from None

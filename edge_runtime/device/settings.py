@@ -70,8 +70,8 @@ def _read_toml(path: Path) -> dict:
         raise ConfigError(f"config file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} cannot be read ({exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except (ValueError, RecursionError) as exc:   # TOMLDecodeError, an overlong integer, nesting too deep
+        raise ConfigError(f"{path}: not valid TOML ({str(exc)[:200]})") from None
     for table, values in raw.items():
         if table != TABLE or not isinstance(values, dict):
             raise ConfigError(f"{path}: unknown table [{table}]; an edge-device config holds only [{TABLE}]")
@@ -80,6 +80,8 @@ def _read_toml(path: Path) -> dict:
         if key not in DEFAULTS:
             raise ConfigError(f"{path}: unknown setting {TABLE}.{key}; known: {', '.join(DEFAULTS)}")
         expected = type(DEFAULTS[key])
+        if isinstance(value, int) and not isinstance(value, bool) and not -2 ** 63 <= value < 2 ** 63:
+            raise ConfigError(f"{path}: {TABLE}.{key} is out of TOML's 64-bit integer range")
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):

@@ -76,13 +76,22 @@ class Tier:
 
 _TEXT = ("name", "description", "cpu", "source")
 _FIELDS = tuple(f.name for f in fields(Tier) if f.name != "path")
+TOML_INTS = (-2 ** 63, 2 ** 63 - 1)   # TOML's integer range: a decoder must refuse what it cannot hold
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _number(path: Path, key: str, value, integer: bool) -> float:
     kind = "an integer" if integer else "a number"
     # bool is an int in Python, but `ram_mb = true` is a mistake, not 1 MiB.
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        raise TierError(path, f"{TABLE}.{key}", f"must be {kind}, not {type(value).__name__} {value!r}")
+        raise TierError(path, f"{TABLE}.{key}", f"must be {kind}, not {type(value).__name__} {_shown(value)}")
+    # an int is checked before math.isfinite, which would overflow converting one beyond a float
+    if isinstance(value, int) and not TOML_INTS[0] <= value <= TOML_INTS[1]:
+        raise TierError(path, f"{TABLE}.{key}", f"must be {kind} within TOML's 64 bits")
     if not math.isfinite(value):
         raise TierError(path, f"{TABLE}.{key}", f"must be a finite number, not {value!r}")
     return value
@@ -107,7 +116,7 @@ def _check(path: Path, raw: dict) -> Tier:
     for key in _TEXT:
         value = table[key]
         if not isinstance(value, str):
-            raise TierError(path, f"{TABLE}.{key}", f"must be a string, not {type(value).__name__} {value!r}")
+            raise TierError(path, f"{TABLE}.{key}", f"must be a string, not {type(value).__name__} {_shown(value)}")
         if not value.strip():
             raise TierError(path, f"{TABLE}.{key}", "must not be empty")
     if table["name"] != path.stem:
@@ -139,12 +148,14 @@ def load_tier(path: Path | str) -> Tier:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TierError(path, None, "tier file does not exist") from None
-    except (IsADirectoryError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise TierError(path, None, f"cannot be read as a tier file ({exc})") from None
     try:
         raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:   # TOMLDecodeError, or a decimal integer of more digits than Python parses
         raise TierError(path, None, f"not valid TOML ({exc})") from None
+    except RecursionError:   # tomllib recurses once per level of nested arrays and inline tables
+        raise TierError(path, None, "not valid TOML (arrays or tables nested too deeply)") from None
     return _check(path, raw)
 
 

@@ -6,12 +6,14 @@ load; a malformed file is rejected with the field and the reason.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge_runtime.errors import EdgeRuntimeError
 
 FORMAT = "edgeblock-profile/1"
+MAX_INT = 2 ** 63 - 1   # byte counts, batches and indices: what an int64 holds
 
 
 class ProfileError(EdgeRuntimeError):
@@ -66,7 +68,12 @@ class Profile:
     @classmethod
     def load(cls, path: Path) -> "Profile":
         from edge_runtime.store import read_json
-        raw = read_json(path, ProfileError, "profile")
+        try:
+            raw = read_json(path, ProfileError, "profile")
+        except RecursionError:   # json.loads recurses once per level of nesting
+            raise ProfileError(f"profile {path} is not valid JSON: nested too deeply") from None
+        except ValueError as exc:   # what read_json lets through: an integer of more digits than Python parses
+            raise ProfileError(f"profile {path} cannot be read as JSON: {exc}") from None
         try:
             return _parse(raw)
         except ProfileError as exc:
@@ -84,21 +91,53 @@ def _need(raw: dict, key: str, kind, where: str):
     return value
 
 
-def _positive(raw: dict, key: str, where: str) -> int:
+def _int(raw: dict, key: str, where: str, lo: int = 0) -> int:
+    """An int field in [lo, MAX_INT]."""
     value = _need(raw, key, int, where)
-    if value <= 0:
-        raise ProfileError(f"{where}: field '{key}' must be positive, not {value}")
+    if not lo <= value <= MAX_INT:
+        shown = value if abs(value) <= MAX_INT else "an integer beyond int64"
+        raise ProfileError(f"{where}: field '{key}' must be an integer from {lo} to {MAX_INT}, not {shown}")
     return value
 
 
+def _positive(raw: dict, key: str, where: str) -> int:
+    return _int(raw, key, where, lo=1)
+
+
+def _number(raw: dict, key: str, where: str) -> int | float:
+    """A non-negative, finite number (an int within int64, so float() of it cannot overflow)."""
+    value = _need(raw, key, (int, float), where)
+    if isinstance(value, int):
+        return _int(raw, key, where)
+    if not 0 <= value < math.inf:
+        raise ProfileError(f"{where}: field '{key}' must be a non-negative, finite number, not {value}")
+    return value
+
+
+def _text(raw: dict, key: str, where: str) -> str:
+    return _need(raw, key, str, where)
+
+
+def _optional(raw: dict, key: str, check, where: str):
+    """check(raw, key, where) of a field that may be absent or null (None then)."""
+    return None if raw.get(key) is None else check(raw, key, where)
+
+
+def _object(value, where: str) -> None:
+    if not isinstance(value, dict):
+        raise ProfileError(f"{where}: must be an object, not {type(value).__name__}")
+
+
 def _parse(raw: dict) -> Profile:
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise ProfileError(f"format is {raw.get('format') if isinstance(raw, dict) else raw!r}, expected {FORMAT!r}")
+    if not isinstance(raw, dict):
+        raise ProfileError(f"a profile must be a JSON object, not {type(raw).__name__}")
+    if raw.get("format") != FORMAT:
+        shown = repr(raw.get("format"))
+        raise ProfileError(f"format is {shown if len(shown) <= 60 else shown[:57] + '...'}, expected {FORMAT!r}")
     tiers = []
     for i, t in enumerate(_need(raw, "tiers", list, "profile")):
         where = f"tiers[{i}]"
-        if not isinstance(t, dict):
-            raise ProfileError(f"{where}: must be an object")
+        _object(t, where)
         feasible = _need(t, "feasible", bool, where)
         budget, usable = _positive(t, "budget_bytes", where), _positive(t, "usable_bytes", where)
         if usable > budget:
@@ -109,26 +148,26 @@ def _parse(raw: dict) -> Profile:
             expected_first = 0
             for j, s in enumerate(_need(t, "stages", list, where)):
                 sw = f"{where}.stages[{j}]"
-                first, last = _need(s, "first", int, sw), _need(s, "last", int, sw)
+                _object(s, sw)
+                first, last = _int(s, "first", sw), _int(s, "last", sw)
                 if first != expected_first or last < first:
                     raise ProfileError(f"{sw}: covers layers {first}-{last}, expected to start at {expected_first}")
                 expected_first = last + 1
-                measured = s.get("measured_peak_bytes")
-                if measured is not None and (not isinstance(measured, int) or measured <= 0):
-                    raise ProfileError(f"{sw}: field 'measured_peak_bytes' must be a positive int or null")
-                stages.append(StagePlan(first, last, _need(s, "head", int, sw),
-                                        _positive(s, "predicted_peak_bytes", sw), measured, s.get("step_seconds")))
+                stages.append(StagePlan(first, last, _int(s, "head", sw), _positive(s, "predicted_peak_bytes", sw),
+                                        _optional(s, "measured_peak_bytes", _positive, sw),
+                                        _optional(s, "step_seconds", _number, sw)))
             if not stages:
                 raise ProfileError(f"{where}: a feasible tier needs at least one stage")
+            reason = _optional(t, "reason", _text, where)
         else:
             batch = None
-            _need(t, "reason", str, where)
-        tiers.append(TierPlan(_need(t, "tier", str, where), budget, usable, feasible, t.get("reason"), batch,
-                              tuple(stages)))
-    return Profile(model=_need(raw, "model", str, "profile"),
-                   manifest_sha256=_need(raw, "manifest_sha256", str, "profile"),
-                   created=_need(raw, "created", str, "profile"), device=_need(raw, "device", dict, "profile"),
+            reason = _text(t, "reason", where)
+        tiers.append(TierPlan(_text(t, "tier", where), budget, usable, feasible, reason, batch, tuple(stages)))
+    return Profile(model=_text(raw, "model", "profile"), manifest_sha256=_text(raw, "manifest_sha256", "profile"),
+                   created=_text(raw, "created", "profile"), device=_need(raw, "device", dict, "profile"),
                    baseline_bytes=_positive(raw, "baseline_bytes", "profile"),
-                   margin=float(_need(raw, "margin", (int, float), "profile")),
-                   measurements=_need(raw, "measurements", list, "profile"), fits=raw.get("fits", []),
-                   span_model=raw.get("span_model", {}), tiers=tiers)
+                   margin=float(_number(raw, "margin", "profile")),
+                   measurements=_need(raw, "measurements", list, "profile"),
+                   fits=_need(raw, "fits", list, "profile") if "fits" in raw else [],
+                   span_model=_need(raw, "span_model", dict, "profile") if "span_model" in raw else {},
+                   tiers=tiers)

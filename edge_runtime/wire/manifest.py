@@ -9,10 +9,14 @@ weights travel separately as safetensors.
 Value naming contract inside every graph: layer i reads `act_{i}` and writes `act_{i+1}`;
 a head attached after layer i reads `act_{i+1}` and writes `logits`. Composing any span
 of layers is therefore concatenation.
+
+A manifest travels to devices as a blob, so loading one checks every field's type and range
+before anything uses it: a malformed manifest is a ManifestError naming the field.
 """
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from edge_runtime.errors import ManifestError
 
 FORMAT = "edgeblock-manifest/1"
 DTYPE_BYTES = {"float32": 4, "float16": 2, "int64": 8}
+MAX_INT = 2 ** 63 - 1   # indices, byte counts and dimensions: what an int64 (numpy, onnxruntime) holds
 
 
 @dataclass(frozen=True)
@@ -163,58 +168,141 @@ class Manifest:
     def load(cls, path: Path) -> "Manifest":
         from edge_runtime.store import read_json
         path = Path(path)
-        raw = read_json(path, ManifestError, "manifest")
+        try:
+            raw = read_json(path, ManifestError, "manifest")
+        except RecursionError:   # json.loads recurses once per level of nesting
+            raise ManifestError(f"manifest {path} is not valid JSON: nested too deeply") from None
+        except ValueError as exc:   # what read_json lets through: an integer of more digits than Python parses
+            raise ManifestError(f"manifest {path} cannot be read as JSON: {exc}") from None
         return cls.from_dict(raw, root=path.parent, source=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict, root: Path | None = None, source: str = "manifest") -> "Manifest":
+        """Check every field and the whole's consistency; ManifestError names what is wrong."""
         try:
             return _parse(raw, root)
         except ManifestError as exc:
             raise ManifestError(f"{source}: {exc}") from None
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ManifestError(f"{source}: malformed field ({type(exc).__name__}: {exc})") from None
 
 
-def _params(raw) -> tuple[ParamSpec, ...]:
+# -- reading a manifest: every field checked before it is used ---------------------------
+
+_REQUIRED = object()
+_KIND_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", bool: "a boolean"}
+
+
+def _malformed(where: str, problem: str) -> ManifestError:
+    return ManifestError(f"malformed field '{where}': {problem}")
+
+
+def _get(raw: dict, key: str, where: str, kind: type, default=_REQUIRED):
+    """raw[key], of type `kind` (a bool is no integer); `default` when absent, else an error."""
+    path = f"{where}.{key}" if where else key
+    if key not in raw:
+        if default is _REQUIRED:
+            raise _malformed(path, "missing")
+        return default
+    value = raw[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise _malformed(path, f"must be {_KIND_NAMES[kind]}, not {type(value).__name__}")
+    return value
+
+
+def _object(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise _malformed(where, f"must be an object, not {type(value).__name__}")
+    return value
+
+
+def _count(value, where: str, lo: int = 0) -> int:
+    """An integer in [lo, MAX_INT]."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _malformed(where, f"must be an integer, not {type(value).__name__}")
+    if not lo <= value <= MAX_INT:
+        shown = value if abs(value) <= MAX_INT else "an integer beyond int64"
+        raise _malformed(where, f"must be an integer from {lo} to {MAX_INT}, not {shown}")
+    return value
+
+
+def _int(raw: dict, key: str, where: str, lo: int = 0) -> int:
+    return _count(_get(raw, key, where, int), f"{where}.{key}" if where else key, lo)
+
+
+def _ints(raw: dict, key: str, where: str) -> tuple[int, ...]:
+    """A list of non-negative integers: a shape, a block's layers."""
+    path = f"{where}.{key}" if where else key
+    return tuple(_count(v, f"{path}[{i}]") for i, v in enumerate(_get(raw, key, where, list)))
+
+
+def _texts(raw: dict, key: str, where: str) -> tuple[str, ...]:
+    values = _get(raw, key, where, list, default=[])
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise _malformed(f"{where}.{key}[{i}]", f"must be a string, not {type(v).__name__}")
+    return tuple(values)
+
+
+def _params(raw: dict, where: str) -> tuple[ParamSpec, ...]:
     out = []
-    for p in raw:
-        spec = ParamSpec(str(p["name"]), tuple(int(d) for d in p["shape"]), str(p.get("dtype", "float32")),
-                         str(p.get("kind", "param")))
+    for i, p in enumerate(_get(raw, "params", where, list)):
+        pw = f"{where}.params[{i}]"
+        _object(p, pw)
+        spec = ParamSpec(_get(p, "name", pw, str), _ints(p, "shape", pw), _get(p, "dtype", pw, str, "float32"),
+                         _get(p, "kind", pw, str, "param"))
         if spec.dtype not in DTYPE_BYTES:
-            raise ManifestError(f"parameter {spec.name} has unsupported dtype {spec.dtype}")
+            raise ManifestError(f"parameter {spec.name} has unsupported dtype {spec.dtype!r}")
         if spec.kind not in ("param", "stat"):
             raise ManifestError(f"tensor {spec.name} has unknown kind {spec.kind!r} (param or stat)")
         out.append(spec)
     return tuple(out)
 
 
-def _graph(raw) -> GraphRef:
-    ref = GraphRef(str(raw["file"]), str(raw["sha256"]))
+def _graph(raw, where: str) -> GraphRef:
+    _object(raw, where)
+    ref = GraphRef(_get(raw, "file", where, str), _get(raw, "sha256", where, str))
     if len(ref.sha256) != 64 or ".." in Path(ref.file).parts or Path(ref.file).is_absolute():
         raise ManifestError(f"bad graph reference {ref}")
     return ref
 
 
+def _layer(raw, where: str) -> LayerSpec:
+    _object(raw, where)
+    return LayerSpec(index=_int(raw, "index", where), name=_get(raw, "name", where, str),
+                     block=_int(raw, "block", where), graph=_graph(_get(raw, "graph", where, dict), f"{where}.graph"),
+                     input_shape=_ints(raw, "input_shape", where), output_shape=_ints(raw, "output_shape", where),
+                     params=_params(raw, where),
+                     activation_bytes_per_sample=_int(raw, "activation_bytes_per_sample", where),
+                     ops=_texts(raw, "ops", where), skippable=_get(raw, "skippable", where, bool, False))
+
+
+def _head(raw, where: str) -> HeadSpec:
+    _object(raw, where)
+    return HeadSpec(index=_int(raw, "index", where), name=_get(raw, "name", where, str),
+                    attach_after_layer=_int(raw, "attach_after_layer", where),
+                    graph=_graph(_get(raw, "graph", where, dict), f"{where}.graph"), params=_params(raw, where),
+                    activation_bytes_per_sample=_int(raw, "activation_bytes_per_sample", where),
+                    ops=_texts(raw, "ops", where))
+
+
+def _block(raw, where: str) -> BlockSpec:
+    _object(raw, where)
+    return BlockSpec(_int(raw, "index", where), _ints(raw, "layers", where), _int(raw, "head", where))
+
+
 def _parse(raw: dict, root: Path | None) -> Manifest:
+    if not isinstance(raw, dict):
+        raise ManifestError(f"a manifest must be a JSON object, not {type(raw).__name__}")
     if raw.get("format") != FORMAT:
-        raise ManifestError(f"format is {raw.get('format')!r}, expected {FORMAT!r}")
-    layers = tuple(
-        LayerSpec(index=int(l["index"]), name=str(l["name"]), block=int(l["block"]), graph=_graph(l["graph"]),
-                  input_shape=tuple(l["input_shape"]), output_shape=tuple(l["output_shape"]),
-                  params=_params(l["params"]), activation_bytes_per_sample=int(l["activation_bytes_per_sample"]),
-                  ops=tuple(l.get("ops", ())), skippable=bool(l.get("skippable", False)))
-        for l in raw["layers"])
-    heads = tuple(
-        HeadSpec(index=int(h["index"]), name=str(h["name"]), attach_after_layer=int(h["attach_after_layer"]),
-                 graph=_graph(h["graph"]), params=_params(h["params"]),
-                 activation_bytes_per_sample=int(h["activation_bytes_per_sample"]), ops=tuple(h.get("ops", ())))
-        for h in raw["heads"])
-    blocks = tuple(BlockSpec(int(b["index"]), tuple(int(i) for i in b["layers"]), int(b["head"]))
-                   for b in raw["blocks"])
-    weights = _graph(raw["weights"]) if raw.get("weights") else None
-    m = Manifest(model=str(raw["model"]), input_shape=tuple(raw["input_shape"]), num_classes=int(raw["num_classes"]),
-                 opset=int(raw["opset"]), layers=layers, heads=heads, blocks=blocks, weights=weights, root=root)
+        shown = repr(raw.get("format"))
+        raise ManifestError(f"format is {shown if len(shown) <= 60 else shown[:57] + '...'}, expected {FORMAT!r}")
+    layers = tuple(_layer(l, f"layers[{i}]") for i, l in enumerate(_get(raw, "layers", "", list)))
+    heads = tuple(_head(h, f"heads[{i}]") for i, h in enumerate(_get(raw, "heads", "", list)))
+    blocks = tuple(_block(b, f"blocks[{i}]") for i, b in enumerate(_get(raw, "blocks", "", list)))
+    weights = raw.get("weights")
+    m = Manifest(model=_get(raw, "model", "", str), input_shape=_ints(raw, "input_shape", ""),
+                 num_classes=_int(raw, "num_classes", "", lo=1), opset=_int(raw, "opset", "", lo=1), layers=layers,
+                 heads=heads, blocks=blocks, weights=None if weights is None else _graph(weights, "weights"),
+                 root=root)
     validate(m)
     return m
 
@@ -237,7 +325,7 @@ def validate(m: Manifest) -> None:
     for j, blk in enumerate(m.blocks):
         if blk.index != j or not blk.layers:
             raise ManifestError(f"block {j} is empty or misnumbered")
-        if list(blk.layers) != list(range(blk.layers[0], blk.layers[-1] + 1)):
+        if any(b != a + 1 for a, b in zip(blk.layers, blk.layers[1:])):   # (no range: the ends may be huge)
             raise ManifestError(f"block {j} layers {blk.layers} are not contiguous")
         if not 0 <= blk.head < len(m.heads):
             raise ManifestError(f"block {j} names head {blk.head}, which does not exist")
@@ -250,7 +338,7 @@ def validate(m: Manifest) -> None:
     for h in m.heads:
         if not 0 <= h.attach_after_layer < len(m.layers):
             raise ManifestError(f"head {h.name} attaches after missing layer {h.attach_after_layer}")
-    names = m.all_param_names()
-    if len(names) != len(set(names)):
-        dup = sorted({n for n in names if names.count(n) > 1})
+    names = Counter(m.all_param_names())
+    if any(n > 1 for n in names.values()):
+        dup = sorted(name for name, n in names.items() if n > 1)
         raise ManifestError(f"parameter names are not unique: {dup[:5]}")

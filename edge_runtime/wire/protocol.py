@@ -105,25 +105,17 @@ class Topics:
 
 # -- messages --------------------------------------------------------------------------
 
-def _nesting(payload: bytes) -> int:
-    """The deepest nesting of JSON arrays and objects, brackets inside strings not counted."""
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_nesting(text: bytes) -> int:
+    """How deeply arrays and objects nest in UTF-8 JSON text, brackets inside strings not counted: checked
+    before json.loads, which recurses once per level (and a megabyte of '[' would exhaust the stack)."""
     depth = deepest = 0
-    in_string = escaped = False
-    for byte in payload:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:      # backslash
-                escaped = True
-            elif byte == 0x22:      # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):  # [ {
-            depth += 1
-            deepest = max(deepest, depth)
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
+    for byte in _JSON_STRING.sub(b'""', text).translate(None, _NOT_BRACKETS):
+        depth += 1 if byte in b"[{" else -1
+        deepest = max(deepest, depth)
     return deepest
 
 
@@ -143,7 +135,7 @@ def parse_json(payload: bytes, what: str):
     UTF-8, not JSON, or a number Python will not parse (4300+ digits)."""
     if len(payload) > MAX_CONTROL_BYTES:
         raise ProtocolError(f"{what}: payload of {len(payload)} bytes exceeds {MAX_CONTROL_BYTES}")
-    if _nesting(payload) > MAX_DEPTH:
+    if json_nesting(payload) > MAX_DEPTH:
         raise ProtocolError(f"{what}: JSON nested deeper than {MAX_DEPTH} levels")
     try:
         return json.loads(payload.decode("utf-8"), parse_int=_bounded_int)

@@ -6,6 +6,7 @@ they live with the wire protocol; the trainer reads them.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass, fields
 
 from edge_runtime.errors import EdgeRuntimeError
@@ -45,6 +46,9 @@ class TrainConfig:
         for name, value in raw.items():
             kinds = _KINDS[name]
             if isinstance(value, int) and not isinstance(value, bool) and float in kinds:
+                if abs(value) > _MAX_FLOAT_INT:
+                    raise EdgeRuntimeError(f"training setting {name} must be a float, not an integer beyond "
+                                           f"±{sys.float_info.max:.4g} (too large for a float)")
                 value = float(value)
             if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
                 raise EdgeRuntimeError(f"training setting {name} must be "
@@ -85,6 +89,7 @@ class TrainConfig:
 
 
 _NONE = type(None)
+_MAX_FLOAT_INT = int(sys.float_info.max)   # the largest float, as an integer: a larger one is no float setting
 _KINDS: dict[str, tuple[type, ...]] = {
     "optimizer": (str,), "learning_rate": (float,), "weight_decay": (float,), "momentum": (float,),
     "nesterov": (bool,), "adam_eps": (float,), "batch_size": (int,),

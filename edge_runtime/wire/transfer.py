@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -61,16 +62,24 @@ class ChunkHeader:
         missing = [k for k in ("blob", "index", "count", "offset", "size", "chunk_sha256") if k not in props]
         if missing:
             raise ProtocolError(f"chunk: missing user properties {missing}")
-        numbers = [props[k] for k in ("index", "count", "offset", "size")]
-        if not all(isinstance(n, str) and n.isdigit() and len(n) <= 13 for n in numbers):  # 13 digits: < 2**44
-            raise ProtocolError("chunk: index, count, offset and size must be non-negative integers of at most "
-                                "13 digits")
-        index, count, offset, size = (int(n) for n in numbers)
+        index, count, offset, size = (_number(props[k], k) for k in ("index", "count", "offset", "size"))
         h = cls(check_sha(props["blob"], "chunk: blob"), index, count, offset, size,
                 check_sha(props["chunk_sha256"], "chunk: chunk_sha256"))
         if not (0 <= h.index < h.count) or h.offset < 0 or h.size < 0 or h.offset > h.size:
             raise ProtocolError(f"chunk: index {h.index} of {h.count} at offset {h.offset} of {h.size} is inconsistent")
         return h
+
+
+_NUMBER = re.compile(r"[0-9]{1,13}")    # ASCII digits only (str.isdigit takes '²' and '١'); 13 digits: < 2**44
+
+
+def _number(text, name: str) -> int:
+    """A header number: a string of 1 to 13 ASCII digits, as to_properties writes it."""
+    if not isinstance(text, str) or not _NUMBER.fullmatch(text):
+        shown = repr(text) if isinstance(text, str) and len(text) <= 20 else type(text).__name__
+        raise ProtocolError(f"chunk: index, count, offset and size must be non-negative integers of 1 to 13 ASCII "
+                            f"digits; {name} is {shown}")
+    return int(text)
 
 
 def chunks_of(path: Path, chunk_bytes: int, indices=None) -> Iterator[tuple[ChunkHeader, bytes]]:

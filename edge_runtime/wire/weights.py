@@ -1,16 +1,26 @@
-"""Weight encoding: safetensors by parameter name, fp32 or fp16 on the wire, never pickle."""
+"""Weight encoding: safetensors by parameter name, fp32 or fp16 on the wire, never pickle.
+
+A weight file or payload may come from a broken or hostile device, so its header is checked here
+before anything is allocated or read: JSON no deeper than the format nests (json.loads recurses per
+level), an object of tensor objects, a dtype numpy holds, a shape of non-negative ints whose bytes are
+exactly the tensor's data range, and that range inside the data. Anything else is an IntegrityError.
+"""
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
 from edge_runtime.errors import IntegrityError
 from edge_runtime.store import atomic_write_bytes
+from edge_runtime.wire.protocol import json_nesting
 
 Weights = dict[str, np.ndarray]
 
@@ -22,13 +32,16 @@ def encode(weights: Mapping[str, np.ndarray], fp16: bool = False) -> bytes:
 
 def decode(data: bytes, what: str = "weights") -> Weights:
     """Decode safetensors bytes into float32 arrays; raise IntegrityError on garbage."""
+    where = f"{what}: not a valid safetensors payload"
+    n = _header_length(data[:8], len(data), where)
+    for k, (dtype, _, _) in _tensors(data[8:8 + n], len(data) - 8 - n, _NUMPY_DTYPES, where).items():
+        if dtype not in (np.float32, np.float16):
+            raise IntegrityError(f"{what}: tensor {k} has dtype {np.dtype(dtype)}; only float32 and float16 are "
+                                 f"accepted")
     try:
         raw = _st_load(data)
-    except Exception as exc:
-        raise IntegrityError(f"{what}: not a valid safetensors payload ({exc})") from None
-    for k, v in raw.items():
-        if v.dtype not in (np.float32, np.float16):
-            raise IntegrityError(f"{what}: tensor {k} has dtype {v.dtype}; only float32 and float16 are accepted")
+    except SafetensorError as exc:   # what safetensors asks beyond the header: no gaps between tensors, ...
+        raise IntegrityError(f"{where} ({exc})") from None
     return {k: v.astype(np.float32, copy=False) for k, v in raw.items()}
 
 
@@ -90,7 +103,77 @@ def weights_hash(weights: Mapping[str, np.ndarray], names=None) -> str:
     return h.hexdigest()
 
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
+_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64}   # what a WeightFile reads
+# every safetensors dtype numpy holds (safetensors.numpy's table): what decode reads before it names a wrong one
+_NUMPY_DTYPES = {"F64": np.float64, **_DTYPES, "U64": np.uint64, "I32": np.int32, "U32": np.uint32, "I16": np.int16,
+                 "U16": np.uint16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+MAX_HEADER_BYTES = 100 << 20   # safetensors' own limit
+MAX_HEADER_DEPTH = 3           # {"name": {"shape": [...]}}: the deepest a safetensors header nests
+MAX_DIMS = 32                  # numpy 1's limit (numpy 2 allows 64); no tensor has more
+_MAX_ARRAY_BYTES = 2 ** 63 - 1  # numpy's limit on the bytes of an array, zero-sized dimensions left out
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _count(value) -> bool:
+    """A non-negative JSON integer (not a bool, not a float: JSON's 1.0 and Infinity are floats)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _header_length(first: bytes, size: int, where: str) -> int:
+    """The header length the first 8 bytes declare, checked against the file's size."""
+    if len(first) < 8:
+        raise IntegrityError(f"{where} ({size} bytes: shorter than the 8-byte header length)")
+    n = int.from_bytes(first, "little")
+    if not 0 < n <= min(size - 8, MAX_HEADER_BYTES):
+        raise IntegrityError(f"{where} (header length {n} does not fit a {size}-byte file)")
+    return n
+
+
+def _tensors(head: bytes, data_bytes: int, dtypes: Mapping[str, type], where: str) -> dict:
+    """The tensors a header declares, name -> (dtype, shape, start within the data), every field checked."""
+    def bad(problem: str):
+        return IntegrityError(f"{where} ({problem})")
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad("the header is not UTF-8") from None
+    if json_nesting(head) > MAX_HEADER_DEPTH:
+        raise bad(f"the header nests deeper than the format's {MAX_HEADER_DEPTH} levels")
+    try:
+        header = json.loads(text)
+    except ValueError as exc:   # JSONDecodeError, or an integer of more digits than Python parses
+        raise bad(f"the header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise bad(f"the header must be a JSON object, not {type(header).__name__}")
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        tensor = f"tensor {_short(name)}"
+        if not isinstance(entry, dict):
+            raise bad(f"{tensor} must be an object, not {type(entry).__name__}")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in dtypes:
+            raise bad(f"{tensor} has dtype {_short(dtype)}; accepted: {', '.join(dtypes)}")
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_count(d) for d in shape):
+            raise bad(f"{tensor}: shape must be a list of at most {MAX_DIMS} non-negative integers, "
+                      f"not {_short(shape)}")
+        itemsize = np.dtype(dtypes[dtype]).itemsize
+        if itemsize * math.prod(d for d in shape if d) > _MAX_ARRAY_BYTES:
+            raise bad(f"{tensor}: shape {_short(shape)} is too large for an array")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(x) for x in offsets)):
+            raise bad(f"{tensor}: data_offsets must be two non-negative integers, not {_short(offsets)}")
+        start, stop = offsets
+        if not start <= stop <= data_bytes:
+            raise bad(f"{tensor}: data_offsets {_short(offsets)} are not a range within the {data_bytes} bytes "
+                      f"of data")
+        if stop - start != itemsize * math.prod(shape):
+            raise bad(f"{tensor}: data_offsets hold {stop - start} bytes; shape {_short(shape)} of {dtype} "
+                      f"needs {itemsize * math.prod(shape)}")
+        out[name] = (dtypes[dtype], tuple(shape), start)
+    return out
 
 
 class WeightFile(Mapping):
@@ -103,32 +186,18 @@ class WeightFile(Mapping):
     """
 
     def __init__(self, path: Path, names=None):
-        import json
         import os
         self.path = Path(path)
+        where = f"{path}: not a valid safetensors file"
         try:
             size = os.path.getsize(self.path)
             with open(self.path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                if not 0 < n <= min(size - 8, 100 << 20):
-                    raise ValueError(f"header length {n} does not fit a {size}-byte file")
-                header = json.loads(f.read(n))
-            self._base = 8 + n
-            self._entries = {}
-            for name, e in header.items():
-                if name == "__metadata__":
-                    continue
-                dtype = _DTYPES.get(e["dtype"])
-                if dtype is None:
-                    raise ValueError(f"tensor {name} has unsupported dtype {e['dtype']}")
-                shape = tuple(int(d) for d in e["shape"])
-                start, stop = (int(x) for x in e["data_offsets"])
-                if stop - start != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize \
-                        or self._base + stop > size or start < 0:
-                    raise ValueError(f"tensor {name} has inconsistent offsets")
-                self._entries[name] = (dtype, shape, start)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise IntegrityError(f"{path}: not a valid safetensors file ({exc})") from None
+                n = _header_length(f.read(8), size, where)
+                head = f.read(n)
+        except OSError as exc:
+            raise IntegrityError(f"{where} ({exc})") from None
+        self._base = 8 + n
+        self._entries = _tensors(head, size - self._base, _DTYPES, where)
         if names is not None:
             missing = sorted(set(names) - set(self._entries))
             if missing:
