@@ -41,9 +41,9 @@ from coordinator.guards import Admission, Fetches, GuardSettings, RateLimit, Upl
 from coordinator.model.zoo_profile import ensure_export, measured_profile
 from coordinator.round_metrics import DeviceRound, RoundMetrics
 from coordinator.state_store import StateStore, TaskRow, task_spec
-from coordinator.strategies.aggregation import UpdateCheck, aggregation_settings_table
+from coordinator.strategies.aggregation import AggregationSettings, UpdateCheck, aggregation_settings_table
 from coordinator.strategies.base import Device, Result, RoundPlan, stage_text
-from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.errors import EdgeRuntimeError, IntegrityError
 from edge_runtime.logs import printable
 from edge_runtime.store import atomic_write_text, sha256_file
 from edge_runtime.train.layer_scores import scores_from_json
@@ -101,6 +101,7 @@ class Coordinator:
         s = settings["service"]
         self.settings, self.host, self.port = settings, host, port
         self.security = security_from_settings(s, s["broker"])   # checked before the slow start-up below
+        AggregationSettings(**settings["aggregation"])            # so is the [aggregation] table
         self.work = Path(s["workdir"]).resolve()
         self.topics = Topics(s["fleet"])
         self.blobs = BlobStore(self.work / "blobs")
@@ -400,9 +401,10 @@ class Coordinator:
             raise ProtocolError(refused)
         try:
             done = self.incoming.receive(header, msg.payload)
-        except (ProtocolError, EdgeRuntimeError):
-            self.uploads.done(header.blob)      # a blob that failed its hash is discarded: a new upload may start
+        except IntegrityError:
+            self.uploads.done(header.blob)      # the assembled blob failed its hash and is gone: a new upload may start
             raise
+        # a chunk refused alone (bytes not matching its hash) keeps its upload's slot: the partial expires with it
         done = header.blob if done else None
         if done:
             self.uploads.done(done)

@@ -1,4 +1,4 @@
-"""What the federated tests share: a CI-sized fleet in two tiers on Fashion-MNIST split non-IID."""
+"""What the federated tests share: a CI-sized fleet in two tiers on Fashion-MNIST split non-IID, and a rogue client."""
 from __future__ import annotations
 
 import time
@@ -7,6 +7,12 @@ from pathlib import Path
 from coordinator.local.data import write_fleet_data
 from coordinator.local.fleet import DeviceSpec, LocalFleet, read_metrics
 from coordinator.state_store import StateStore
+from edge_runtime.wire import model_blobs
+from edge_runtime.wire import weights as wcodec
+from edge_runtime.wire.blob_exchange import fetch_blob, send_blob
+from edge_runtime.wire.mqtt_link import MqttLink
+from edge_runtime.wire.protocol import Ack, Hello, Status, Task, Topics, Update
+from edge_runtime.wire.transfer import BlobStore
 
 MB = 1 << 20
 # The small tier's training jobs can hold one block of fmnist_cnn but not the whole model
@@ -56,5 +62,55 @@ def open_round(workdir: Path):
     return row if row is not None and row.state == "open" else None
 
 
+class Rogue:
+    """A client speaking the protocol by hand, to send what a correct agent never would."""
+
+    def __init__(self, broker, fleet, device_id, store_dir, tier: str = "pi-zero-2w", budget_bytes: int = 200 << 20):
+        self.topics, self.id = Topics(fleet), device_id
+        self.link = MqttLink(f"rogue-{device_id}", broker.host, broker.port,
+                             [(self.topics.device(device_id, k), 1) for k in ("task", "blob", "ack")]).start()
+        self.store = BlobStore(store_dir)
+        self.link.publish(self.topics.device(device_id, "status"), Status("online").encode(), retain=True)
+        self.link.publish(self.topics.device(device_id, "hello"),
+                          Hello(device_id, tier, budget_bytes, "rogue").encode())
+
+    def task(self, after_round: int = 0, timeout_s: float = 120) -> Task:
+        """The next task of a round after `after_round` (blobs and acks that arrive first are read past)."""
+        def next_task():
+            msg = self.link.get(0.1)
+            if msg is None or not msg.topic.endswith("/task"):
+                return None
+            task = Task.decode(msg.payload)
+            return task if task.round > after_round else None
+        return wait_for(next_task, timeout_s, f"a task for {self.id} after round {after_round}")
+
+    def trained_values(self, task: Task) -> dict:
+        """The global values of the parameters the task trains (a valid, zero-change update)."""
+        fetch_blob(self.link, self.topics, self.id, self.store, task.manifest["sha256"])
+        for b in task.blobs:
+            fetch_blob(self.link, self.topics, self.id, self.store, b["sha256"])
+        manifest_path, files = model_blobs.materialize(task.manifest["sha256"], task.blobs, self.store,
+                                                       self.store.root / "models")
+        from edge_runtime.wire.manifest import Manifest
+        m = Manifest.load(manifest_path)
+        names = m.param_names(task.part.trainable_layers, [task.part.head])
+        weights = wcodec.WeightFiles(files, names)
+        return {n: weights[n] for n in names}
+
+    def send(self, task: Task, values: dict | None = None, raw: bytes | None = None, wait_s: float = 10.0,
+             **fields) -> Ack | None:
+        if raw is None:
+            sha = self.store.put_bytes(wcodec.encode(values))
+            send_blob(self.link, self.topics.device(self.id, "upload"), self.store, sha)
+            size = self.store.path(sha).stat().st_size
+            update = dict(task_id=task.task_id, round=task.round, device_id=self.id, blob_sha256=sha, blob_size=size,
+                          num_examples=100, loss=0.1, steps=1, peak_rss_bytes=1 << 20, seconds=0.1)
+            update.update(fields)
+            raw = Update(**update).encode()
+        self.link.publish(self.topics.device(self.id, "update"), raw)
+        msg = self.link.get(wait_s)
+        return Ack.decode(msg.payload) if msg is not None else None
+
+
 __all__ = ["MB", "SMALL_MB", "BIG_MB", "fleet_specs", "settings", "wait_for", "open_round", "read_metrics",
-           "LocalFleet"]
+           "LocalFleet", "Rogue"]

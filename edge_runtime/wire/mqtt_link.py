@@ -46,6 +46,7 @@ MAX_QUEUED_OUTGOING = 2000
 # acknowledged, instead of growing the process until the board or the coordinator runs out of memory.
 MAX_INBOX_BYTES = 64 << 20
 MAX_PAYLOAD_BYTES = 1 << 20        # a chunk is at most 120 KB, a control message 64 KB
+PACKET_OVERHEAD_BYTES = 64 << 10   # a packet's topic and properties beside its payload
 DEFAULT_MQTT_PORT = 1883
 DEFAULT_MQTTS_PORT = 8883
 _SCHEMES = {"mqtt": (DEFAULT_MQTT_PORT, False), "mqtts": (DEFAULT_MQTTS_PORT, True)}
@@ -323,6 +324,9 @@ class MqttLink:
     def start(self, timeout_s: float = 10.0) -> "MqttLink":
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self._session_expiry_s
+        # the broker never sends a packet larger than this (MQTT 5): an oversize payload the link would drop
+        # is not read into memory first (paho holds a packet whole, in copies, before on_message sees it)
+        props.MaximumPacketSize = self.max_payload_bytes + PACKET_OVERHEAD_BYTES
         self._client.connect_async(self.host, self.port, keepalive=self._keepalive, clean_start=False,
                                    properties=props)
         self._client.loop_start()
