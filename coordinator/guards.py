@@ -89,6 +89,7 @@ class Uploads:
     def __init__(self, settings: GuardSettings):
         self.settings = settings
         self._open: dict[str, _Upload] = {}
+        self._unclaimed: dict[str, list[str]] = {}    # device -> complete blobs no update has named yet
 
     def refuse_chunk(self, device_id: str, blob: str, size: int, allowed_bytes: int | None,
                      now: float | None = None) -> str | None:
@@ -110,7 +111,31 @@ class Uploads:
         return None
 
     def done(self, blob: str) -> None:
+        """The upload of `blob` failed and the blob is gone: its slot is free."""
         self._open.pop(blob, None)
+
+    def completed(self, blob: str) -> list[str]:
+        """The upload of `blob` finished: its slot is free. Returns its device's complete blobs that no update has
+        named yet beyond the newest max_partial_uploads (oldest first), for the caller to delete: without it, a
+        device holding a task could fill the disk one complete blob at a time."""
+        upload = self._open.pop(blob, None)
+        if upload is None:
+            return []
+        mine = self._unclaimed.setdefault(upload.device_id, [])
+        mine.append(blob)
+        extra = mine[:-self.settings.max_partial_uploads]
+        del mine[:-self.settings.max_partial_uploads]
+        return extra
+
+    def claimed(self, blob: str) -> None:
+        """An update named `blob`: it is the update's now, not an upload's."""
+        for mine in self._unclaimed.values():
+            if blob in mine:
+                mine.remove(blob)
+
+    def forget_unclaimed(self) -> None:
+        """The round closed: the blobs no update named are deleted by the caller."""
+        self._unclaimed.clear()
 
     def expired(self, now: float | None = None) -> list[str]:
         """Blobs whose upload stalled past the time to live; they are forgotten here, the caller discards them."""

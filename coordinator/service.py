@@ -342,7 +342,7 @@ class Coordinator:
                 raise ProtocolError(f"devices do not publish {kind} messages")
             getattr(self, f"_on_{kind}")(device_id, msg)
         except (ProtocolError, EdgeRuntimeError) as exc:
-            self._rejected(None, None, f"{printable(msg.topic, 120)}: {exc}", key=msg.topic)
+            self._rejected(self._registered_sender(msg.topic), None, f"{printable(msg.topic, 120)}: {exc}")
         except Exception:  # a bug must not take the fleet's coordinator down
             log.exception("error while handling a message on %s", msg.topic)
         finally:
@@ -407,7 +407,8 @@ class Coordinator:
         # a chunk refused alone (bytes not matching its hash) keeps its upload's slot: the partial expires with it
         done = header.blob if done else None
         if done:
-            self.uploads.done(done)
+            for extra in self.uploads.completed(done):
+                self.incoming.remove(extra)
             for task_id, (sender, update) in list(self.pending.items()):
                 if update.blob_sha256 == done:
                     del self.pending[task_id]
@@ -432,6 +433,8 @@ class Coordinator:
         if verdict.status == "pending":
             self.pending[update.task_id] = (sender, update)
             return
+        if verdict.status == "accepted":
+            self.uploads.claimed(update.blob_sha256)
         self._answer(sender, update, verdict, self.state.record_update,
                      f"update from {sender} accepted ({update.blob_size / 1024:.1f} KB, {update.num_examples} "
                      f"samples, loss {update.loss:.3f}, job peak {update.peak_rss_bytes / 2**20:.0f} MB)")
@@ -463,10 +466,19 @@ class Coordinator:
         if verdict.settles_task:
             self.state.mark_task(task_id, "rejected", verdict.reason)
 
-    def _rejected(self, sender: str | None, task_id: str | None, reason: str, key: str | None = None) -> None:
-        """Count a rejection (stored with the next tick, in one transaction) and log it, once a minute per sender."""
+    def _registered_sender(self, topic: str) -> str | None:
+        """The device whose topic a message came on, if the registry holds it (an invented id is nobody)."""
+        try:
+            device_id, _ = self.topics.parse_device_topic(topic)
+        except ProtocolError:
+            return None
+        return device_id if self.state.has_device(device_id) else None
+
+    def _rejected(self, sender: str | None, task_id: str | None, reason: str) -> None:
+        """Count a rejection (stored with the next tick, in one transaction) and log it: once a minute per
+        registered device, and once a minute for all the rest (a flood from invented ids is one line a minute)."""
         self._rejections.append((time.time(), sender, task_id, reason[:1000]))
-        if self._loud.allow(sender or key or ""):
+        if self._loud.allow(sender or "\0unregistered"):
             log.warning("rejected a message from %s (task %s): %s", sender or "?", task_id or "-", printable(reason))
 
     def _flush_rejections(self) -> None:
@@ -534,8 +546,10 @@ class Coordinator:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         self.link.publish(self.topics.coordinator_metrics, json.dumps(metrics).encode(), retain=True)
-        for u in updates.values():  # folded into the global weights (or never will be): free the disk
-            self.incoming.path(u.blob_sha256).unlink(missing_ok=True)
+        # the updates are folded into the global weights (or never will be), and a blob no update named never will
+        # be: free the disk
+        self.incoming.remove_complete()
+        self.uploads.forget_unclaimed()
         self.pending.clear()
         self._collect_garbage()
         log.info("round %d closed (%s): %d of %d update(s)%s; test accuracy %.2f%% (blocks 0-%d)", row.round, why,

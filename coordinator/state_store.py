@@ -18,6 +18,8 @@ from pathlib import Path
 from coordinator.strategies.base import Assignment, assignment_from_dict
 from edge_runtime.wire.protocol import Task
 
+MAX_REJECTIONS = 100_000   # rejections kept (about 30 MB); the oldest go first
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (
@@ -298,6 +300,9 @@ class StateStore:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany("INSERT INTO rejections (at, device_id, task_id, reason) VALUES (?, ?, ?, ?)", rows)
+            # the newest MAX_REJECTIONS are kept: a flood of garbage must not grow the store without end
+            self._db.execute("DELETE FROM rejections WHERE id <= (SELECT MAX(id) FROM rejections) - ?",
+                             (MAX_REJECTIONS,))
 
     def rejections(self, since: float = 0.0) -> list[dict]:
         cur = self._db.execute("SELECT at, device_id, task_id, reason FROM rejections WHERE at >= ? ORDER BY id",

@@ -1,11 +1,10 @@
 """What the federated tests share: a CI-sized fleet in two tiers on Fashion-MNIST split non-IID, and a rogue client."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from coordinator.local.data import write_fleet_data
-from coordinator.local.fleet import DeviceSpec, LocalFleet, read_metrics
+from coordinator.local.fleet import DeviceSpec, LocalFleet, read_metrics, wait_until
 from coordinator.state_store import StateStore
 from edge_runtime.wire import model_blobs
 from edge_runtime.wire import weights as wcodec
@@ -44,12 +43,10 @@ def settings(workdir: Path, profile: Path, strategy: str = "progressive", **serv
 
 
 def wait_for(predicate, timeout_s: float, what: str, fleet: LocalFleet | None = None, every_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every_s)
+    """wait_until, or TimeoutError naming what did not happen, with the tails of the fleet's logs."""
+    value = wait_until(predicate, timeout_s, every_s)
+    if value:
+        return value
     tail = "" if fleet is None else "\n".join(f"--- {n}\n{fleet.log_tail(n, 15)}" for n in fleet.procs)
     raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{tail}")
 

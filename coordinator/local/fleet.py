@@ -157,6 +157,17 @@ class LocalFleet:
         self.stop_all()
 
 
+def wait_until(predicate, timeout_s: float, every_s: float = 0.2):
+    """The first true value `predicate()` returns within timeout_s, polled every every_s; None if none came."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every_s)
+    return None
+
+
 def read_metrics(workdir: Path) -> list[dict]:
     """metrics.jsonl as JSON objects, one per closed round (RoundMetrics.from_dict reads one typed)."""
     path = Path(workdir) / "metrics.jsonl"

@@ -68,12 +68,7 @@ class Profile:
     @classmethod
     def load(cls, path: Path) -> "Profile":
         from edge_runtime.store import read_json
-        try:
-            raw = read_json(path, ProfileError, "profile")
-        except RecursionError:   # json.loads recurses once per level of nesting
-            raise ProfileError(f"profile {path} is not valid JSON: nested too deeply") from None
-        except ValueError as exc:   # what read_json lets through: an integer of more digits than Python parses
-            raise ProfileError(f"profile {path} cannot be read as JSON: {exc}") from None
+        raw = read_json(path, ProfileError, "profile")
         try:
             return _parse(raw)
         except ProfileError as exc:

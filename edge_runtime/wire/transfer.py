@@ -65,7 +65,8 @@ class ChunkHeader:
         index, count, offset, size = (_number(props[k], k) for k in ("index", "count", "offset", "size"))
         h = cls(check_sha(props["blob"], "chunk: blob"), index, count, offset, size,
                 check_sha(props["chunk_sha256"], "chunk: chunk_sha256"))
-        if not (0 <= h.index < h.count) or h.offset < 0 or h.size < 0 or h.offset > h.size:
+        # every chunk holds a byte at least, so a blob has no more chunks than bytes (an empty one has one)
+        if not (0 <= h.index < h.count <= max(h.size, 1)) or h.offset < 0 or h.size < 0 or h.offset > h.size:
             raise ProtocolError(f"chunk: index {h.index} of {h.count} at offset {h.offset} of {h.size} is inconsistent")
         return h
 
@@ -103,6 +104,9 @@ class BlobStore:
         self.partial = self.root / "partial"
         self.partial.mkdir(parents=True, exist_ok=True)
         self.max_blob_bytes = max_blob_bytes
+        # chunk indices received per blob being assembled, read from its .log once: a chunk then costs the
+        # same however many came before it (re-reading the log made a flood of tiny chunks quadratic)
+        self._received: dict[str, set[int]] = {}
 
     def path(self, sha: str) -> Path:
         return self.root / check_sha(sha, "blob")
@@ -133,10 +137,11 @@ class BlobStore:
         return self.partial / f"{sha}.part", self.partial / f"{sha}.meta", self.partial / f"{sha}.log"
 
     def received(self, sha: str) -> set[int]:
-        _, _, log = self._state(sha)
-        if not log.exists():
-            return set()
-        return {int(line) for line in log.read_text().split() if line.isdigit()}
+        if sha not in self._received:
+            _, _, log = self._state(sha)
+            self._received[sha] = {int(line) for line in log.read_text().split() if line.isdigit()} \
+                if log.exists() else set()
+        return self._received[sha]
 
     def missing_chunks(self, sha: str) -> list[int] | None:
         """Indices still needed for a blob being assembled; None when nothing is known about it yet."""
@@ -180,7 +185,8 @@ class BlobStore:
         fd = os.open(part, os.O_WRONLY)
         try:
             os.pwrite(fd, data, header.offset)
-            got = self.received(sha) | {header.index}
+            got = self.received(sha)
+            got.add(header.index)
             if len(got) % _SYNC_EVERY_CHUNKS == 0 or len(got) == header.count:
                 os.fdatasync(fd)
         finally:
@@ -196,11 +202,28 @@ class BlobStore:
         os.replace(part, self.path(sha))
         meta.unlink(missing_ok=True)
         log.unlink(missing_ok=True)
+        self._received.pop(sha, None)
         return True
 
     def discard(self, sha: str) -> None:
+        """Forget a blob being assembled (its partial file, header and chunk log)."""
+        self._received.pop(sha, None)
         for p in self._state(sha):
             p.unlink(missing_ok=True)
+
+    def remove(self, sha: str) -> None:
+        """Delete a blob, complete or being assembled."""
+        self.discard(sha)
+        self.path(sha).unlink(missing_ok=True)
+
+    def remove_complete(self) -> int:
+        """Delete every complete blob (partial ones stay); how many."""
+        removed = 0
+        for path in self.root.iterdir():
+            if path.is_file() and len(path.name) == 64:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def expire_partials(self, older_than_s: float) -> int:
         """Delete partial blobs no chunk has reached for older_than_s (by the files' times); how many."""

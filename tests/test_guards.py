@@ -1,0 +1,81 @@
+"""What one device may cost the coordinator (coordinator/guards.py): each bound, at its edge."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from coordinator.guards import Admission, GuardSettings, RateLimit, Uploads, benched_rounds
+from edge_runtime.wire.protocol import ProtocolError
+from edge_runtime.wire.transfer import BlobStore, ChunkHeader, chunks_of
+
+S = GuardSettings(max_devices=3, hellos_per_minute=2, max_partial_uploads=2, partial_upload_ttl_s=10.0)
+
+
+def test_a_rate_limit_allows_per_minute_per_key_and_forgets_the_oldest_keys():
+    limit = RateLimit(2, max_keys=2)
+    assert [limit.allow("a", now=t) for t in (0, 1, 2)] == [True, True, False]
+    assert limit.allow("a", now=60.5)                 # the first event left the window
+    assert limit.allow("b", now=61) and limit.allow("c", now=61)
+    assert list(limit._seen) == ["b", "c"]             # "a", the oldest, was forgotten: memory stays bounded
+
+
+def test_admission_refuses_unlisted_ids_a_full_registry_and_chatty_ids():
+    listed = Admission(S, listed=["d0"])
+    assert "not on the fleet's device list" in listed.refuse_hello("intruder", known=False, registered=0)
+    open_fleet = Admission(S)
+    assert "registry is full" in open_fleet.refuse_hello("d9", known=False, registered=3)
+    assert open_fleet.refuse_hello("d0", known=True, registered=3, now=0) is None   # a known device may return
+    assert open_fleet.refuse_hello("d0", known=True, registered=3, now=1) is None
+    assert "hellos a minute" in open_fleet.refuse_hello("d0", known=True, registered=3, now=2)
+
+
+def test_a_device_uploads_at_most_its_slots_and_only_what_it_owes():
+    uploads = Uploads(S)
+    assert "owes no update" in uploads.refuse_chunk("d0", "a" * 64, 100, allowed_bytes=None)
+    assert "exceeds" in uploads.refuse_chunk("d0", "a" * 64, 1000, allowed_bytes=999)
+    assert uploads.refuse_chunk("d0", "a" * 64, 100, 999, now=0) is None
+    assert uploads.refuse_chunk("d0", "b" * 64, 100, 999, now=0) is None
+    assert "already uploads 2" in uploads.refuse_chunk("d0", "c" * 64, 100, 999, now=0)
+    assert uploads.refuse_chunk("d1", "c" * 64, 100, 999, now=0) is None          # slots are per device
+    assert uploads.expired(now=5) == []
+    assert uploads.refuse_chunk("d0", "a" * 64, 100, 999, now=5) is None          # a chunk keeps its upload alive
+    assert sorted(uploads.expired(now=12)) == ["b" * 64, "c" * 64]
+    assert uploads.refuse_chunk("d0", "d" * 64, 100, 999, now=12) is None         # b's slot is free again
+
+
+def test_complete_blobs_no_update_names_are_bounded_per_device():
+    uploads = Uploads(S)
+    blobs = [c * 64 for c in "abcd"]
+    extras = []
+    for blob in blobs:
+        assert uploads.refuse_chunk("d0", blob, 100, 999) is None
+        extras += uploads.completed(blob)
+    assert extras == blobs[:2]                      # the newest max_partial_uploads stay, the rest are deleted
+    uploads.claimed(blobs[3])                       # an update named it: it is not the upload's to delete
+    assert uploads.refuse_chunk("d0", "e" * 64, 100, 999) is None
+    assert uploads.completed("e" * 64) == []        # c and e unclaimed: within the bound
+    assert uploads.completed("never-started") == []
+
+
+def test_a_straggler_sits_out_a_growing_number_of_rounds():
+    assert benched_rounds([None, "missed"], after_misses=2, most=8) == 0
+    assert [benched_rounds(["missed"] * k, after_misses=2, most=8) for k in (2, 3, 4, 5, 9)] == [1, 2, 4, 8, 8]
+    assert benched_rounds(["missed", "missed", None], after_misses=2, most=8) == 0   # one answer clears it
+
+
+def test_a_blob_store_refuses_more_chunks_than_bytes_and_forgets_a_finished_blob(tmp_path):
+    data = os.urandom(5000)
+    sha = hashlib.sha256(data).hexdigest()
+    piece = data[:1]
+    lie = ChunkHeader(sha, 0, 5001, 0, 5000, hashlib.sha256(piece).hexdigest())
+    with pytest.raises(ProtocolError, match="inconsistent"):
+        ChunkHeader.from_properties(lie.to_properties())
+    source = BlobStore(tmp_path / "out")
+    source.put_bytes(data)
+    store = BlobStore(tmp_path / "in")
+    done = [store.receive(h, c) for h, c in chunks_of(source.path(sha), 1000)]
+    assert done == [False] * 4 + [True] and store.has(sha) and store._received == {}
+    store.remove(sha)
+    assert not store.has(sha) and store.remove_complete() == 0
