@@ -9,17 +9,13 @@ import sqlite3
 
 import numpy as np
 import pytest
-from fleet_helpers import BIG_MB, LocalFleet, open_round, read_metrics, settings, wait_for
+from fleet_helpers import BIG_MB, LocalFleet, Rogue, open_round, read_metrics, settings, wait_for
 
 from coordinator.local.data import write_fleet_data
 from coordinator.local.fleet import DeviceSpec
 from coordinator.ops.broker import EmbeddedBroker
-from edge_runtime.wire import model_blobs
-from edge_runtime.wire import weights as wcodec
-from edge_runtime.wire.blob_exchange import fetch_blob, send_blob
 from edge_runtime.wire.mqtt_link import MqttLink
-from edge_runtime.wire.protocol import Ack, Hello, Status, Task, Topics, Update
-from edge_runtime.wire.transfer import BlobStore
+from edge_runtime.wire.protocol import Topics
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +30,7 @@ def env(tmp_path_factory):
 
 
 def _fedavg(work, env, rounds, **service):
-    s = settings(work, env["profile"], "fedavg", min_devices=3, **service)
+    s = settings(work, env["profile"], "fedavg", **{"min_devices": 3, **service})
     s["fedavg"]["rounds"] = rounds
     return s
 
@@ -109,50 +105,6 @@ def test_a_broker_restart_mid_round_loses_nothing(env, tmp_path):
         assert row["uploaded_bytes"] <= row["trained_bytes"] / 2 + 1024
 
 
-class Rogue:
-    """A client speaking the protocol by hand, to send what a correct agent never would."""
-
-    def __init__(self, broker, fleet, device_id, store_dir):
-        self.topics, self.id = Topics(fleet), device_id
-        self.link = MqttLink(f"rogue-{device_id}", broker.host, broker.port,
-                             [(self.topics.device(device_id, k), 1) for k in ("task", "blob", "ack")]).start()
-        self.store = BlobStore(store_dir)
-        self.link.publish(self.topics.device(device_id, "status"), Status("online").encode(), retain=True)
-        self.link.publish(self.topics.device(device_id, "hello"),
-                          Hello(device_id, "pi-zero-2w", 200 << 20, "rogue").encode())
-
-    def task(self) -> Task:
-        msg = wait_for(lambda: self.link.get(0.1), 120, f"a task for {self.id}")
-        return Task.decode(msg.payload)
-
-    def trained_values(self, task: Task) -> dict:
-        """The global values of the parameters the task trains (a valid, zero-change update)."""
-        fetch_blob(self.link, self.topics, self.id, self.store, task.manifest["sha256"])
-        for b in task.blobs:
-            fetch_blob(self.link, self.topics, self.id, self.store, b["sha256"])
-        manifest_path, files = model_blobs.materialize(task.manifest["sha256"], task.blobs, self.store,
-                                                       self.store.root / "models")
-        from edge_runtime.wire.manifest import Manifest
-        m = Manifest.load(manifest_path)
-        names = m.param_names(task.part.trainable_layers, [task.part.head])
-        weights = wcodec.WeightFiles(files, names)
-        return {n: weights[n] for n in names}
-
-    def send(self, task: Task, values: dict | None = None, raw: bytes | None = None, wait_s: float = 10.0,
-             **fields) -> Ack | None:
-        if raw is None:
-            sha = self.store.put_bytes(wcodec.encode(values))
-            send_blob(self.link, self.topics.device(self.id, "upload"), self.store, sha)
-            size = self.store.path(sha).stat().st_size
-            update = dict(task_id=task.task_id, round=task.round, device_id=self.id, blob_sha256=sha, blob_size=size,
-                          num_examples=100, loss=0.1, steps=1, peak_rss_bytes=1 << 20, seconds=0.1)
-            update.update(fields)
-            raw = Update(**update).encode()
-        self.link.publish(self.topics.device(self.id, "update"), raw)
-        msg = self.link.get(wait_s)
-        return Ack.decode(msg.payload) if msg is not None else None
-
-
 def test_duplicates_and_malformed_updates_are_refused_with_reasons_and_the_round_goes_on(env, tmp_path):
     with EmbeddedBroker(tmp_path / "broker") as broker, LocalFleet(tmp_path, broker.url, "rogues") as fleet:
         work = tmp_path / "coordinator"
@@ -183,3 +135,33 @@ def test_duplicates_and_malformed_updates_are_refused_with_reasons_and_the_round
     assert m["devices"]["rogue-bad"]["status"] == "rejected" and "NaN" in m["devices"]["rogue-bad"]["reason"]
     assert [u[1] for u in _updates(work)].count("rogue-good") == 1     # the duplicate counted once
     assert m["rejected"] >= 4 and "not a UTF-8 JSON object" in log and "sent on the topic of device" in log
+
+
+def test_one_poisoned_device_claiming_a_billion_samples_does_not_wreck_the_model(env, tmp_path):
+    """A compromised board sends the global weights flipped and scaled 8x (a change of 9x their norm: inside the
+    default 10x bound, so every check of one update passes) and claims 10^9 samples, every round. The default
+    aggregation weighs it at most like the fleet (its claim capped) and takes each coordinate's median, so the
+    three honest devices still decide the model. Measured when written: the three honest devices alone reached
+    30.9 / 55.7 / 62.5 %, with the rogue 25.7 / 53.0 / 55.4 %; with plain FedAvg (rule "mean", claims trusted) the
+    rogue's run ended at 6.6 %."""
+    with EmbeddedBroker(tmp_path / "broker") as broker, LocalFleet(tmp_path, broker.url, "poison") as fleet:
+        work = tmp_path / "coordinator"
+        fleet.start_coordinator(_fedavg(work, env, rounds=3, min_devices=4))
+        for spec in env["specs"]:
+            fleet.start_device(spec)
+        wait_for(_log_says(fleet, "coordinator", "device d0 online"), 60, "the coordinator to hear hellos", fleet)
+        rogue = Rogue(broker, "poison", "rogue", tmp_path / "rogue")
+        done = 0
+        for _ in range(3):
+            task = rogue.task(after_round=done, timeout_s=300)
+            poisoned = {k: -8 * v for k, v in rogue.trained_values(task).items()}
+            ack = rogue.send(task, poisoned, num_examples=10 ** 9)
+            assert ack is not None and ack.accepted, ack
+            done = task.round
+        assert fleet.wait("coordinator", 600) == 0, fleet.log_tail("coordinator")
+        log = fleet.log_tail("coordinator", 400)
+    metrics = read_metrics(work)
+    accuracy = [round(m["accuracy"], 3) for m in metrics]
+    assert accuracy[-1] >= 0.45 and accuracy[-1] > accuracy[0], accuracy
+    assert [m["devices"]["rogue"]["status"] for m in metrics] == ["accepted"] * 3
+    assert "rogue claimed 1000000000 samples, weighs" in log

@@ -86,7 +86,8 @@ class AggregationSettings:
 
     rule: per parameter, over the devices that trained it,
       mean          the weight-averaged values: FedAvg (one attacker can move a parameter anywhere)
-      median        the weighted coordinate-wise median
+      median        the weighted coordinate-wise median (the default: robust from three trainers of a
+                    parameter on, and the cheapest in clean accuracy of the robust rules measured)
       trimmed_mean  per coordinate, the `trim_fraction` lowest and highest devices dropped, the rest averaged
       clipped_mean  each device's change of a tensor clipped to `clip_multiple` x the round's median change
                     norm of that tensor, then averaged
@@ -95,7 +96,7 @@ class AggregationSettings:
     `min_history` of them, and `max_share` of the round; aggregation caps every parameter's
     weights to `max_share` of its trainers again.
     """
-    rule: str = "clipped_mean"
+    rule: str = "median"
     trim_fraction: float = 0.25
     clip_multiple: float = 2.0
     max_share: float = 0.25
