@@ -140,8 +140,8 @@ def test_duplicates_and_malformed_updates_are_refused_with_reasons_and_the_round
 def test_one_poisoned_device_claiming_a_billion_samples_does_not_wreck_the_model(env, tmp_path):
     """A compromised board sends the global weights flipped and scaled 8x (a change of 9x their norm: inside the
     default 10x bound, so every check of one update passes) and claims 10^9 samples, every round. The default
-    aggregation weighs it at most like the fleet (its claim capped) and takes each coordinate's median, so the
-    three honest devices still decide the model. Measured when written: the three honest devices alone reached
+    aggregation weighs it at most like the fleet (its claim capped) and drops each coordinate's extremes (the
+    trimmed mean), so the three honest devices still decide the model. Measured when written: the three honest devices alone reached
     30.9 / 55.7 / 62.5 %, with the rogue 25.7 / 53.0 / 55.4 %; with plain FedAvg (rule "mean", claims trusted) the
     rogue's run ended at 6.6 %."""
     with EmbeddedBroker(tmp_path / "broker") as broker, LocalFleet(tmp_path, broker.url, "poison") as fleet:
