@@ -31,6 +31,7 @@ class GuardSettings:
     partial_upload_ttl_s: float = 900.0  # a partial upload with no chunk for this long is deleted
     fetches_per_minute: int = 600        # Fetch requests per device (a blob of N chunks is one request, or a
                                          # few more when chunks are lost)
+    fetch_allowance: float = 4.0         # a task's blobs may be asked for this many times over, in bytes
     bench_after_misses: int = 2          # consecutive missed deadlines before a device sits rounds out
     max_bench_rounds: int = 32
 
@@ -150,17 +151,33 @@ class Uploads:
 
 
 class Fetches:
-    """A device fetches only what its open task names, at a bounded rate."""
+    """A device fetches only what its open task names, at a bounded rate, and a task's blobs at most
+    `fetch_allowance` times over in bytes (a request is cheap, serving it is not: one Fetch of 100 bytes can
+    ask for megabytes)."""
 
-    def __init__(self, settings: GuardSettings):
+    def __init__(self, settings: GuardSettings, max_tasks: int = 100_000):
         self._rate = RateLimit(settings.fetches_per_minute)
         self.per_minute = settings.fetches_per_minute
+        self.allowance = settings.fetch_allowance
+        self._served: OrderedDict[str, int] = OrderedDict()    # task id -> bytes asked for so far
+        self.max_tasks = max_tasks
 
-    def refuse(self, device_id: str, blob: str, named: Iterable[str], now: float | None = None) -> str | None:
-        if blob not in set(named):
+    def refuse(self, device_id: str, blob: str, named: Mapping[str, int], task_id: str = "",
+               asked_bytes: int = 0, now: float | None = None) -> str | None:
+        """Why this fetch is refused, or None to serve it. named: the blobs the device's open task names, with
+        their sizes; asked_bytes: what this request asks for (the blob, or the chunks it lists)."""
+        if blob not in named:
             return f"{device_id} asked for blob {blob[:12]}…, which no open task of its names"
         if not self._rate.allow(device_id, now):
             return f"more than {self.per_minute} fetches a minute from {device_id}"
+        served = self._served.pop(task_id, 0) + asked_bytes
+        self._served[task_id] = served
+        while len(self._served) > self.max_tasks:
+            self._served.popitem(last=False)
+        most = self.allowance * sum(named.values())
+        if served > most:
+            return (f"{device_id} asked for {served} bytes for task {task_id}, more than {self.allowance:g} x its "
+                    f"blobs ({most:.0f} bytes; fetch_allowance)")
         return None
 
 

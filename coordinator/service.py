@@ -65,7 +65,7 @@ from edge_runtime.wire.protocol import (
     decode_any,
 )
 from edge_runtime.wire.train_config import TrainConfig
-from edge_runtime.wire.transfer import BlobStore, ChunkHeader
+from edge_runtime.wire.transfer import DEFAULT_CHUNK_BYTES, BlobStore, ChunkHeader
 
 log = logging.getLogger("edge-coordinator")
 
@@ -377,10 +377,14 @@ class Coordinator:
             log.info("device %s is %s", device_id, status.state)
 
     def _on_fetch(self, device_id: str, msg: Received) -> None:
-        blob = Fetch.decode(msg.payload).sha256
+        fetch = Fetch.decode(msg.payload)
+        blob = fetch.sha256
         task = self._open_task(device_id)
-        named = [] if task is None else [task.task.manifest["sha256"]] + [b["sha256"] for b in task.task.blobs]
-        refused = self.fetches.refuse(device_id, blob, named)
+        names = [] if task is None else [task.task.manifest["sha256"]] + [b["sha256"] for b in task.task.blobs]
+        named = {sha: self._blob_size(sha) for sha in names}
+        asked = named.get(blob, 0) if fetch.chunks is None else \
+            min(named.get(blob, 0), len(set(fetch.chunks)) * DEFAULT_CHUNK_BYTES)
+        refused = self.fetches.refuse(device_id, blob, named, task.task_id if task else "", asked)
         if refused:
             raise ProtocolError(refused)
 
@@ -485,6 +489,12 @@ class Coordinator:
         if self._rejections:
             batch, self._rejections = self._rejections, []
             self.state.record_rejections(batch)
+
+    def _blob_size(self, sha: str) -> int:
+        try:
+            return self.blobs.path(sha).stat().st_size
+        except OSError:
+            return 0
 
     def _open_task(self, device_id: str) -> TaskRow | None:
         """The device's task in the open round, if it has one."""

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from coordinator.guards import Admission, GuardSettings, RateLimit, Uploads, benched_rounds
+from coordinator.guards import Admission, Fetches, GuardSettings, RateLimit, Uploads, benched_rounds
 from edge_runtime.wire.protocol import ProtocolError
 from edge_runtime.wire.transfer import BlobStore, ChunkHeader, chunks_of
 
@@ -79,3 +79,17 @@ def test_a_blob_store_refuses_more_chunks_than_bytes_and_forgets_a_finished_blob
     assert done == [False] * 4 + [True] and store.has(sha) and store._received == {}
     store.remove(sha)
     assert not store.has(sha) and store.remove_complete() == 0
+
+
+def test_a_task_s_blobs_are_served_a_bounded_number_of_times_over():
+    fetches = Fetches(GuardSettings(fetches_per_minute=100, fetch_allowance=2.0))
+    named = {"a" * 64: 1000, "b" * 64: 3000}
+    assert "no open task of its names" in fetches.refuse("d0", "c" * 64, named, "t1", 10)
+    assert fetches.refuse("d0", "b" * 64, named, "t1", 3000) is None
+    assert fetches.refuse("d0", "a" * 64, named, "t1", 1000) is None
+    assert fetches.refuse("d0", "b" * 64, named, "t1", 3000) is None       # 7000 of 8000 bytes: retries fit
+    assert "fetch_allowance" in fetches.refuse("d0", "b" * 64, named, "t1", 3000)
+    assert fetches.refuse("d0", "b" * 64, named, "t2", 3000) is None       # the next task starts afresh
+    limited = Fetches(GuardSettings(fetches_per_minute=1))
+    assert limited.refuse("d0", "a" * 64, named, "t", 1, now=0) is None
+    assert "fetches a minute" in limited.refuse("d0", "a" * 64, named, "t", 1, now=1)
