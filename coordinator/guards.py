@@ -123,10 +123,14 @@ class Uploads:
         if upload is None:
             return []
         mine = self._unclaimed.setdefault(upload.device_id, [])
+        if blob in mine:            # the same content uploaded again (a resent update): one blob, listed once
+            mine.remove(blob)
         mine.append(blob)
         extra = mine[:-self.settings.max_partial_uploads]
         del mine[:-self.settings.max_partial_uploads]
-        return extra
+        # content-addressed: another device may have uploaded the same bytes, and may still name them
+        others = {b for device, theirs in self._unclaimed.items() if device != upload.device_id for b in theirs}
+        return [b for b in extra if b not in others]
 
     def claimed(self, blob: str) -> None:
         """An update named `blob`: it is the update's now, not an upload's."""

@@ -93,3 +93,18 @@ def test_a_task_s_blobs_are_served_a_bounded_number_of_times_over():
     limited = Fetches(GuardSettings(fetches_per_minute=1))
     assert limited.refuse("d0", "a" * 64, named, "t", 1, now=0) is None
     assert "fetches a minute" in limited.refuse("d0", "a" * 64, named, "t", 1, now=1)
+
+
+def test_a_blob_uploaded_again_is_never_deleted_as_its_own_extra():
+    """A device resending the same update uploads the same content-addressed blob: it is one blob, kept."""
+    uploads = Uploads(S)
+    for _ in range(4):
+        assert uploads.refuse_chunk("d0", "a" * 64, 100, 999) is None
+        assert uploads.completed("a" * 64) == []
+    extras = []
+    for blob in ("a" * 64, "b" * 64, "c" * 64):   # d1 uploads the bytes d0 did, then two more
+        assert uploads.refuse_chunk("d1", blob, 100, 999) is None
+        extras += uploads.completed(blob)
+    assert extras == []                           # a is d1's extra, but d0 may still name it: kept
+    assert uploads.refuse_chunk("d1", "d" * 64, 100, 999) is None
+    assert uploads.completed("d" * 64) == ["b" * 64]   # b is d1's alone
