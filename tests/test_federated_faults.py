@@ -134,7 +134,11 @@ def test_duplicates_and_malformed_updates_are_refused_with_reasons_and_the_round
     assert m["devices"]["rogue-good"]["status"] == "accepted" and m["devices"]["d0"]["status"] == "accepted"
     assert m["devices"]["rogue-bad"]["status"] == "rejected" and "NaN" in m["devices"]["rogue-bad"]["reason"]
     assert [u[1] for u in _updates(work)].count("rogue-good") == 1     # the duplicate counted once
-    assert m["rejected"] >= 4 and "not a UTF-8 JSON object" in log and "sent on the topic of device" in log
+    assert m["rejected"] >= 4 and "not a UTF-8 JSON object" in log     # a device's refusals: one line a minute
+    with sqlite3.connect(work / "state.db") as db:                       # and every one of them stored, with why
+        reasons = [r for (r,) in db.execute("SELECT reason FROM rejections WHERE device_id = 'rogue-good'")]
+    assert any("not a UTF-8 JSON object" in r for r in reasons), reasons
+    assert any("sent on the topic of device" in r for r in reasons), reasons
 
 
 def test_one_poisoned_device_claiming_a_billion_samples_does_not_wreck_the_model(env, tmp_path):
