@@ -10,32 +10,11 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python < 3.11
-    import tomli as tomllib
-
-TOML_INTS = (-2 ** 63, 2 ** 63 - 1)   # TOML's integer range
+from edge_runtime.store import TOML_INTS, read_toml
 
 
 class ConfigError(SystemExit):
     """A bad settings file: exits with a message naming the file and the field."""
-
-
-def _read(path: Path) -> dict:
-    """The TOML document of a settings file; ConfigError when it is missing, unreadable or not TOML."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")   # TOML is UTF-8
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path} cannot be read ({exc})") from None
-    try:
-        return tomllib.loads(text)
-    except ValueError as exc:   # TOMLDecodeError, or a decimal integer of more digits than Python parses
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    except RecursionError:   # tomllib recurses once per level of nested arrays and inline tables
-        raise ConfigError(f"{path}: not valid TOML (arrays or tables nested too deeply)") from None
 
 
 def _checked(value, default, where: str):
@@ -56,7 +35,7 @@ def _checked(value, default, where: str):
 def load_config(defaults: dict, path: Path | None, overrides: dict) -> dict:
     settings = copy.deepcopy(defaults)
     if path is not None:
-        raw = _read(path)
+        raw = read_toml(path, ConfigError)
         for table, values in raw.items():
             if table not in settings or not isinstance(values, dict):
                 raise ConfigError(f"{path}: unknown table [{table}]; known: {', '.join(settings)}")

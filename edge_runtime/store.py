@@ -63,6 +63,29 @@ def digest_of(*parts: str) -> str:
     return h.hexdigest()
 
 
+TOML_INTS = (-2 ** 63, 2 ** 63 - 1)   # TOML's integer range: a decoder must refuse what it cannot hold losslessly
+
+
+def read_toml(path: Path, error: type[Exception]) -> dict:
+    """Parse a TOML settings file, raising `error` that names the file when it is missing, unreadable or not TOML."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        import tomli as tomllib
+    try:
+        text = Path(path).read_text(encoding="utf-8")   # TOML is UTF-8
+    except FileNotFoundError:
+        raise error(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"config file {path} cannot be read ({exc})") from None
+    try:
+        return tomllib.loads(text)
+    except ValueError as exc:   # TOMLDecodeError, or a decimal integer of more digits than Python parses
+        raise error(f"{path}: not valid TOML ({str(exc)[:200]})") from None
+    except RecursionError:   # tomllib recurses once per level of nested arrays and inline tables
+        raise error(f"{path}: not valid TOML (arrays or tables nested too deeply)") from None
+
+
 def read_json(path: Path, error: type[Exception], what: str):
     """Parse a JSON file, raising `error` that names the file when it is missing or not JSON."""
     import json

@@ -11,15 +11,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python < 3.11
-    import tomli as tomllib
-
 from edge_runtime.device.probe import probe
 from edge_runtime.device.tiers import DEFAULT_PROFILES_DIR, TierError, find_tier
 from edge_runtime.jobs.budget import DEFAULT_MARGIN
 from edge_runtime.memory import MIB, size_text
+from edge_runtime.store import TOML_INTS, read_toml
 from edge_runtime.train.datasets import LocalDataset
 from edge_runtime.wire.mqtt_link import LinkSecurity, parse_broker_url, security_from_settings
 from edge_runtime.wire.protocol import ProtocolError, Topics, check_id
@@ -64,14 +60,7 @@ def load_settings(config: Path | None, flags: dict) -> dict:
 
 def _read_toml(path: Path) -> dict:
     """The [device] table, checked as strictly as the other CLIs do: a typo is an error, never ignored."""
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path} cannot be read ({exc})") from None
-    except (ValueError, RecursionError) as exc:   # TOMLDecodeError, an overlong integer, nesting too deep
-        raise ConfigError(f"{path}: not valid TOML ({str(exc)[:200]})") from None
+    raw = read_toml(path, ConfigError)
     for table, values in raw.items():
         if table != TABLE or not isinstance(values, dict):
             raise ConfigError(f"{path}: unknown table [{table}]; an edge-device config holds only [{TABLE}]")
@@ -80,7 +69,7 @@ def _read_toml(path: Path) -> dict:
         if key not in DEFAULTS:
             raise ConfigError(f"{path}: unknown setting {TABLE}.{key}; known: {', '.join(DEFAULTS)}")
         expected = type(DEFAULTS[key])
-        if isinstance(value, int) and not isinstance(value, bool) and not -2 ** 63 <= value < 2 ** 63:
+        if isinstance(value, int) and not isinstance(value, bool) and not TOML_INTS[0] <= value <= TOML_INTS[1]:
             raise ConfigError(f"{path}: {TABLE}.{key} is out of TOML's 64-bit integer range")
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)

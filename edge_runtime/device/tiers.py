@@ -21,7 +21,9 @@ except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.logs import printable
 from edge_runtime.memory import MIB
+from edge_runtime.store import TOML_INTS
 
 TABLE = "tier"
 
@@ -76,19 +78,14 @@ class Tier:
 
 _TEXT = ("name", "description", "cpu", "source")
 _FIELDS = tuple(f.name for f in fields(Tier) if f.name != "path")
-TOML_INTS = (-2 ** 63, 2 ** 63 - 1)   # TOML's integer range: a decoder must refuse what it cannot hold
-
-
-def _shown(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _number(path: Path, key: str, value, integer: bool) -> float:
     kind = "an integer" if integer else "a number"
     # bool is an int in Python, but `ram_mb = true` is a mistake, not 1 MiB.
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        raise TierError(path, f"{TABLE}.{key}", f"must be {kind}, not {type(value).__name__} {_shown(value)}")
+        raise TierError(path, f"{TABLE}.{key}",
+                        f"must be {kind}, not {type(value).__name__} {printable(repr(value), 60)}")
     # an int is checked before math.isfinite, which would overflow converting one beyond a float
     if isinstance(value, int) and not TOML_INTS[0] <= value <= TOML_INTS[1]:
         raise TierError(path, f"{TABLE}.{key}", f"must be {kind} within TOML's 64 bits")
@@ -116,7 +113,8 @@ def _check(path: Path, raw: dict) -> Tier:
     for key in _TEXT:
         value = table[key]
         if not isinstance(value, str):
-            raise TierError(path, f"{TABLE}.{key}", f"must be a string, not {type(value).__name__} {_shown(value)}")
+            raise TierError(path, f"{TABLE}.{key}",
+                            f"must be a string, not {type(value).__name__} {printable(repr(value), 60)}")
         if not value.strip():
             raise TierError(path, f"{TABLE}.{key}", "must not be empty")
     if table["name"] != path.stem:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.logs import printable
 
 FORMAT = "edgeblock-profile/1"
 MAX_INT = 2 ** 63 - 1   # byte counts, batches and indices: what an int64 holds
@@ -128,7 +129,7 @@ def _parse(raw: dict) -> Profile:
         raise ProfileError(f"a profile must be a JSON object, not {type(raw).__name__}")
     if raw.get("format") != FORMAT:
         shown = repr(raw.get("format"))
-        raise ProfileError(f"format is {shown if len(shown) <= 60 else shown[:57] + '...'}, expected {FORMAT!r}")
+        raise ProfileError(f"format is {printable(shown, 60)}, expected {FORMAT!r}")
     tiers = []
     for i, t in enumerate(_need(raw, "tiers", list, "profile")):
         where = f"tiers[{i}]"

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge_runtime.errors import ManifestError
+from edge_runtime.logs import printable
 
 FORMAT = "edgeblock-manifest/1"
 DTYPE_BYTES = {"float32": 4, "float16": 2, "int64": 8}
@@ -289,7 +290,7 @@ def _parse(raw: dict, root: Path | None) -> Manifest:
         raise ManifestError(f"a manifest must be a JSON object, not {type(raw).__name__}")
     if raw.get("format") != FORMAT:
         shown = repr(raw.get("format"))
-        raise ManifestError(f"format is {shown if len(shown) <= 60 else shown[:57] + '...'}, expected {FORMAT!r}")
+        raise ManifestError(f"format is {printable(shown, 60)}, expected {FORMAT!r}")
     layers = tuple(_layer(l, f"layers[{i}]") for i, l in enumerate(_get(raw, "layers", "", list)))
     heads = tuple(_head(h, f"heads[{i}]") for i, h in enumerate(_get(raw, "heads", "", list)))
     blocks = tuple(_block(b, f"blocks[{i}]") for i, b in enumerate(_get(raw, "blocks", "", list)))

@@ -19,6 +19,7 @@ from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
 from edge_runtime.errors import IntegrityError
+from edge_runtime.logs import printable
 from edge_runtime.store import atomic_write_bytes
 from edge_runtime.wire.protocol import json_nesting
 
@@ -111,9 +112,6 @@ MAX_HEADER_BYTES = 100 << 20   # safetensors' own limit
 MAX_HEADER_DEPTH = 3           # {"name": {"shape": [...]}}: the deepest a safetensors header nests
 MAX_DIMS = 32                  # numpy 1's limit (numpy 2 allows 64); no tensor has more
 _MAX_ARRAY_BYTES = 2 ** 63 - 1  # numpy's limit on the bytes of an array, zero-sized dimensions left out
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _count(value) -> bool:
@@ -151,27 +149,28 @@ def _tensors(head: bytes, data_bytes: int, dtypes: Mapping[str, type], where: st
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        tensor = f"tensor {_short(name)}"
+        tensor = f"tensor {printable(repr(name), 60)}"
         if not isinstance(entry, dict):
             raise bad(f"{tensor} must be an object, not {type(entry).__name__}")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in dtypes:
-            raise bad(f"{tensor} has dtype {_short(dtype)}; accepted: {', '.join(dtypes)}")
+            raise bad(f"{tensor} has dtype {printable(repr(dtype), 60)}; accepted: {', '.join(dtypes)}")
         if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_count(d) for d in shape):
             raise bad(f"{tensor}: shape must be a list of at most {MAX_DIMS} non-negative integers, "
-                      f"not {_short(shape)}")
+                      f"not {printable(repr(shape), 60)}")
         itemsize = np.dtype(dtypes[dtype]).itemsize
         if itemsize * math.prod(d for d in shape if d) > _MAX_ARRAY_BYTES:
-            raise bad(f"{tensor}: shape {_short(shape)} is too large for an array")
+            raise bad(f"{tensor}: shape {printable(repr(shape), 60)} is too large for an array")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(x) for x in offsets)):
-            raise bad(f"{tensor}: data_offsets must be two non-negative integers, not {_short(offsets)}")
+            raise bad(f"{tensor}: data_offsets must be two non-negative integers, "
+                      f"not {printable(repr(offsets), 60)}")
         start, stop = offsets
         if not start <= stop <= data_bytes:
-            raise bad(f"{tensor}: data_offsets {_short(offsets)} are not a range within the {data_bytes} bytes "
-                      f"of data")
+            raise bad(f"{tensor}: data_offsets {printable(repr(offsets), 60)} are not a range within the "
+                      f"{data_bytes} bytes of data")
         if stop - start != itemsize * math.prod(shape):
-            raise bad(f"{tensor}: data_offsets hold {stop - start} bytes; shape {_short(shape)} of {dtype} "
-                      f"needs {itemsize * math.prod(shape)}")
+            raise bad(f"{tensor}: data_offsets hold {stop - start} bytes; shape {printable(repr(shape), 60)} of "
+                      f"{dtype} needs {itemsize * math.prod(shape)}")
         out[name] = (dtypes[dtype], tuple(shape), start)
     return out
 
