@@ -6,7 +6,8 @@ Pure decisions over plain state, the service applies them (coordinator/service.p
   and how often one id may say hello.
 - Uploads: a device uploads only while it owes an update, a bounded number of blobs at once,
   each no larger than its task's update can be; a partial upload left untouched expires.
-- Fetches: a device fetches only blobs its own open task names, at a bounded rate.
+- Fetches: a device fetches only blobs its own open task names, at a bounded rate and a bounded number
+  of bytes per task.
 - Stragglers: a device that missed its last deadlines sits out a growing number of rounds.
 
 Every refusal is a reason string the service logs (once per device and minute at most),

@@ -380,8 +380,9 @@ class Coordinator:
         fetch = Fetch.decode(msg.payload)
         blob = fetch.sha256
         task = self._open_task(device_id)
-        names = [] if task is None else [task.task.manifest["sha256"]] + [b["sha256"] for b in task.task.blobs]
-        named = {sha: self._blob_size(sha) for sha in names}
+        # what the task names, with the sizes it gave the device
+        named = {} if task is None else \
+            {b["sha256"]: b.get("size", 0) for b in (task.task.manifest, *task.task.blobs)}
         asked = named.get(blob, 0) if fetch.chunks is None else \
             min(named.get(blob, 0), len(set(fetch.chunks)) * DEFAULT_CHUNK_BYTES)
         refused = self.fetches.refuse(device_id, blob, named, task.task_id if task else "", asked)
@@ -489,12 +490,6 @@ class Coordinator:
         if self._rejections:
             batch, self._rejections = self._rejections, []
             self.state.record_rejections(batch)
-
-    def _blob_size(self, sha: str) -> int:
-        try:
-            return self.blobs.path(sha).stat().st_size
-        except OSError:
-            return 0
 
     def _open_task(self, device_id: str) -> TaskRow | None:
         """The device's task in the open round, if it has one."""
