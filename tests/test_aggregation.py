@@ -4,8 +4,22 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from coordinator.strategies.aggregation import UpdateCheck, UpdateRejected, validate_update, weighted_average
+from coordinator.strategies.aggregation import (
+    AggregationSettings,
+    UpdateCheck,
+    UpdateRejected,
+    aggregate_updates,
+    validate_update,
+)
+
 from coordinator.strategies.freezing import BlockMovement, FreezeRule, effective_movement
+
+FEDAVG = AggregationSettings(rule="mean", max_share=1.0)    # the weighted mean, no share cap
+
+
+def weighted_average(updates):
+    """FedAvg as the service runs it with the plain mean: aggregate_updates, the one aggregation there is."""
+    return aggregate_updates(updates, {}, FEDAVG)
 
 RNG = np.random.default_rng(0)
 GLOBAL = {"a": RNG.standard_normal((4, 3)).astype(np.float32), "b": RNG.standard_normal(3).astype(np.float32)}
@@ -82,7 +96,6 @@ def test_a_round_reads_stored_updates_lazily_and_leaves_out_lost_or_altered_ones
     """The close of a round: hash-checked, read a tensor at a time, a damaged update left out with a log line."""
     from coordinator.service import stored_results
     from coordinator.state_store import TaskRow, UpdateRow
-    from coordinator.strategies.aggregation import weighted_average
     from coordinator.strategies.base import Assignment
     from edge_runtime.wire import weights as wcodec
     from edge_runtime.wire.transfer import BlobStore

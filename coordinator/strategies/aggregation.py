@@ -61,21 +61,6 @@ def validate_update(update: Mapping[str, np.ndarray], expected: Mapping[str, tup
                              f"more than the bound {check.max_relative_change:g}")
 
 
-def weighted_average(updates: Sequence[tuple[Mapping[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
-    """FedAvg per parameter: each parameter averages the devices that sent it, weighted by samples."""
-    sums: dict[str, np.ndarray] = {}
-    weights: dict[str, int] = {}
-    for values, n in updates:
-        if n <= 0:
-            raise ValueError("every update needs a positive sample count")
-        for name, value in values.items():
-            acc = sums.get(name)
-            contribution = value.astype(np.float64) * n
-            sums[name] = contribution if acc is None else acc + contribution
-            weights[name] = weights.get(name, 0) + n
-    return {name: (total / weights[name]).astype(np.float32) for name, total in sums.items()}
-
-
 # -- robust aggregation -------------------------------------------------------------------------
 RULES = ("mean", "median", "trimmed_mean", "clipped_mean")
 
