@@ -11,7 +11,6 @@ from coordinator.strategies.aggregation import (
     aggregate_updates,
     validate_update,
 )
-
 from coordinator.strategies.freezing import BlockMovement, FreezeRule, effective_movement
 
 FEDAVG = AggregationSettings(rule="mean", max_share=1.0)    # the weighted mean, no share cap
