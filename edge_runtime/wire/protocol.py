@@ -366,11 +366,11 @@ class Update(Message):
     TYPES: ClassVar[dict] = {"task_id": str, "round": int, "device_id": str, "blob_sha256": str,
                              "blob_size": int, "num_examples": int, "loss": float, "steps": int,
                              "peak_rss_bytes": int, "seconds": float, "downloaded_bytes": int,
-                             "agent_peak_rss_bytes": int}
+                             "agent_peak_rss_bytes": int, "input_mean": float, "input_std": float}
     LIMITS: ClassVar[dict] = {"round": (0, 10 ** 9), "blob_size": (0, 2 ** 40), "num_examples": (1, 10 ** 9),
                               "steps": (0, 10 ** 9), "peak_rss_bytes": (1, 2 ** 44), "downloaded_bytes": (0, 2 ** 50),
                               "agent_peak_rss_bytes": (0, 2 ** 44)}
-    OPTIONAL: ClassVar[tuple] = ("downloaded_bytes", "agent_peak_rss_bytes")
+    OPTIONAL: ClassVar[tuple] = ("downloaded_bytes", "agent_peak_rss_bytes", "input_mean", "input_std")
     task_id: str
     round: int
     device_id: str
@@ -383,6 +383,10 @@ class Update(Message):
     seconds: float
     downloaded_bytes: int = 0        # blob bytes the device fetched for this task (only what it lacked)
     agent_peak_rss_bytes: int = 0    # the agent process's own peak, beside the training job's
+    # the mean and standard deviation of the device's input values (its whole local dataset), so the
+    # coordinator can tell when devices normalise their data unlike its evaluation set; None = not sent
+    input_mean: float | None = None
+    input_std: float | None = None
 
     def validate(self) -> None:
         check_id(self.task_id, "update: task_id")
@@ -392,6 +396,8 @@ class Update(Message):
                 or self.num_examples <= 0 or self.peak_rss_bytes <= 0:
             raise ProtocolError("update: round, blob_size, steps, downloaded_bytes, agent_peak_rss_bytes must be "
                                 ">= 0; num_examples, peak_rss_bytes > 0")
+        if self.input_std is not None and self.input_std < 0:
+            raise ProtocolError("update: input_std must be >= 0")
 
 
 @dataclass(frozen=True)
