@@ -1,4 +1,4 @@
-"""A zoo model exported once per directory, and its memory profile measured on this machine once.
+"""A model exported once per directory, and its memory profile measured on this machine once.
 
 The coordinator, the demo, the benchmarks, the tests and `edge-profile measure --model`
 all need the same two steps before anything can be scheduled: export the model to ONNX
@@ -14,14 +14,13 @@ log = logging.getLogger(__name__)
 
 
 def ensure_export(model_dir: Path, model: str = "fmnist_cnn", seed: int = 0) -> Path:
-    """model_dir/manifest.json of the zoo `model`, exported now if it is not there yet (torch only then)."""
-    model_dir = Path(model_dir)
-    manifest = model_dir / "manifest.json"
-    if not manifest.exists():
-        from coordinator.model import export, zoo
-        log.info("exporting %s to ONNX blocks in %s", model, model_dir)
-        export.export(zoo.build(model, seed=seed), model_dir)
-    return manifest
+    """model_dir/manifest.json: the export already there, else `model` (a zoo name or any source
+    coordinator/model/sources.py takes) exported now (torch only then)."""
+    manifest = Path(model_dir) / "manifest.json"
+    if manifest.exists():
+        return manifest
+    from coordinator.model import sources
+    return sources.install(model, Path(model_dir), seed)
 
 
 def export_zoo_model(name: str, directory: Path) -> Path:
