@@ -1,6 +1,7 @@
 """Judging what a device sends back: every check from the sender's identity to the tensor values.
 
 Cheap checks that need no blob come first (identity, registration, task, round), then the
+reported loss (never negative, never far above chance and the fleet's range), then the
 blob (declared size, completeness, format), then the tensors (names, dtypes, shapes,
 finite values, norm of the change; coordinator/strategies/aggregation.py). A rejection carries its
 reason: the service logs it, counts it in the state store and sends it back in the Ack,
@@ -9,6 +10,7 @@ update is a duplicate: acknowledged again, counted once.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -47,6 +49,35 @@ def update_limit_bytes(manifest: Manifest, task: TaskRow) -> int:
     return sum(int(np.prod(s)) * 4 for s in expected_shapes(manifest, task).values()) + BLOB_SLACK_BYTES
 
 
+# A cross-entropy loss is never negative, and one far above both a random model's (ln C) and the fleet's
+# recent losses means the device's data or labels are wrong (or it lies): refused, so it cannot ruin a run.
+NEGATIVE_LOSS_TOLERANCE = 1e-4
+CHANCE_MULTIPLE = 3.0       # x ln(num_classes): what an untrained model scores, with room for a bad start
+FLEET_MULTIPLE = 4.0        # x the median loss of the fleet's recently accepted updates
+
+
+def loss_ceiling(num_classes: int, recent_losses: list[float]) -> float:
+    """The highest training loss an update may report: above both bounds it is implausible for the task."""
+    chance = CHANCE_MULTIPLE * math.log(max(num_classes, 2))
+    if not recent_losses:
+        return chance
+    return max(chance, FLEET_MULTIPLE * float(np.median(recent_losses)))
+
+
+def implausible_loss(loss: float, num_classes: int, recent_losses: list[float]) -> str | None:
+    """Why a reported training loss cannot come from valid data, or None."""
+    if loss < -NEGATIVE_LOSS_TOLERANCE:
+        return (f"loss {loss:.4g} is negative, which a cross-entropy cannot be: the device's labels are likely "
+                f"outside 0..{num_classes - 1} (its data check should have said so; check its labels.npy)")
+    ceiling = loss_ceiling(num_classes, recent_losses)
+    if loss > ceiling:
+        fleet = f"{np.median(recent_losses):.3g}" if recent_losses else "none yet"
+        return (f"loss {loss:.4g} is implausible for this task: above {ceiling:.3g}, the larger of "
+                f"{CHANCE_MULTIPLE:g} x ln({num_classes} classes) and {FLEET_MULTIPLE:g} x the fleet's median "
+                f"recent loss ({fleet}); the device's data or labels are likely wrong")
+    return None
+
+
 def _check_task(msg: Update | Failed | Scores, sender: str, state: StateStore,
                 open_round: int | None) -> tuple[TaskRow | None, Verdict | None]:
     """The task a message answers, or the verdict that ends it before any blob is read."""
@@ -72,10 +103,14 @@ def _check_task(msg: Update | Failed | Scores, sender: str, state: StateStore,
 
 def judge_update(update: Update, sender: str, state: StateStore, open_round: int | None, incoming: BlobStore,
                  manifest: Manifest, global_weights: Mapping[str, np.ndarray],
-                 check: UpdateCheck = UpdateCheck()) -> Verdict:
+                 check: UpdateCheck = UpdateCheck(), recent_losses: list[float] | None = None) -> Verdict:
+    """recent_losses: the fleet's recently accepted training losses, for the plausibility of this one's."""
     task, verdict = _check_task(update, sender, state, open_round)
     if verdict is not None:
         return verdict
+    why = implausible_loss(update.loss, manifest.num_classes, recent_losses or [])
+    if why:
+        return _rejected(why, settles=True)
     expected = expected_shapes(manifest, task)
     limit = update_limit_bytes(manifest, task)
     if update.blob_size > limit:

@@ -255,6 +255,12 @@ class StateStore:
                                 "WHERE round = ? ORDER BY task_id", (round_no,)).fetchall()
         return [UpdateRow(*r) for r in rows]
 
+    def recent_losses(self, round_no: int, rounds: int = 3) -> list[float]:
+        """Training losses of the updates accepted in the last `rounds` rounds up to `round_no` (the fleet's range)."""
+        rows = self._db.execute("SELECT loss FROM updates WHERE round > ? AND round <= ?",
+                                (round_no - rounds, round_no)).fetchall()
+        return [float(r[0]) for r in rows]
+
     def close_round(self, round_no: int, weights_after: str, strategy_state: dict, metrics: dict | None = None,
                     now: float | None = None) -> None:
         """Close a round: its new weights, the schedule after it, its metrics, and every unsettled task failed."""

@@ -107,3 +107,27 @@ def test_an_incomplete_blob_waits_and_a_failure_report_settles_its_task(setup):
 def _safetensors_with_int(good):
     from safetensors.numpy import save
     return save({k: np.zeros(v.shape, np.int32) for k, v in good.items()})
+
+
+@pytest.mark.parametrize("loss, reason", [
+    (-0.42, "is negative, which a cross-entropy cannot be"),        # labels past the logits read garbage
+    (23.5, "is implausible for this task"),                           # far above chance (3 x ln 10 = 6.9)
+])
+def test_an_implausible_loss_is_refused_before_the_blob_is_read(setup, loss, reason):
+    v = _judge(setup, raw=b"not even a blob", loss=loss)
+    assert v.status == "rejected" and reason in v.reason and v.settles_task
+
+
+def test_the_loss_ceiling_follows_the_fleets_recent_losses(setup):
+    m, w, state, incoming, good = setup
+    data = wcodec.encode(good)
+    chance = 3 * np.log(10)
+    assert intake.loss_ceiling(10, []) == pytest.approx(chance)
+    # a fleet at 2.5 (an early round) lets a device report 9.5, above chance, but not 10.5
+    assert intake.loss_ceiling(10, [2.4, 2.5, 2.6]) == pytest.approx(10.0)
+    state.record_update(Update("r1-pi-02", 1, "pi-02", incoming.put_bytes(data), len(data), 100, 2.5, 10, 1, 1.0))
+    recent = state.recent_losses(1)
+    assert recent == [2.5]
+    assert intake.implausible_loss(9.5, 10, recent) is None
+    assert "4 x the fleet's median recent loss (2.5)" in intake.implausible_loss(10.5, 10, recent)
+    assert state.recent_losses(5) == []          # rounds 3..5 hold no updates
