@@ -1,8 +1,12 @@
 """The device agent: announces the device, then takes its tasks one at a time until stopped.
 
-A task: fetch only the blobs the state lacks, lay them out as a model, hand the job to the
-job runner (real children under a hard limit, calibrated once per part), send the update
-in chunks and wait until the coordinator acknowledges it. Everything is kept in the state
+A task: fetch only the blobs the state lacks, lay them out as a model, check the device's
+data against the model's data contract (once per data version: at start-up when an earlier
+task's model is known, then whenever the files change), hand the job to the job runner
+(real children under a hard limit, calibrated once per part), send the update in chunks
+and wait until the coordinator acknowledges it. Data that breaks the contract fails each
+task with a Failed naming the file, the rows and the fix; the agent serves on, and the
+first task after the data is fixed trains. Everything is kept in the state
 directory and survives kill -9: a restarted agent resumes the interrupted task, the
 trainer resumes from its checkpoint, and an update already prepared is only sent again.
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import threading
 import time
@@ -32,12 +37,26 @@ from edge_runtime.jobs.worker import JobSpec
 from edge_runtime.logs import printable
 from edge_runtime.memory import MIB, peak_rss_bytes, release_free_heap, size_text
 from edge_runtime.store import atomic_write_text
+from edge_runtime.train.datasets import DATA_CHECK_FILE, DataError, DataSummary, LocalDataset
 from edge_runtime.wire import weights as wcodec
 from edge_runtime.wire.blob_exchange import fetch_blob, send_blob
+from edge_runtime.wire.manifest import Manifest
 from edge_runtime.wire.model_blobs import check_blob_names, materialize
 from edge_runtime.wire.mqtt_link import MqttLink, Received
 from edge_runtime.wire.part import TrainablePart
-from edge_runtime.wire.protocol import Ack, Failed, Hello, Idle, ProtocolError, Scores, Status, Task, Update, decode_any
+from edge_runtime.wire.protocol import (
+    MAX_FLOAT,
+    Ack,
+    Failed,
+    Hello,
+    Idle,
+    ProtocolError,
+    Scores,
+    Status,
+    Task,
+    Update,
+    decode_any,
+)
 from edge_runtime.wire.transfer import BlobStore
 
 log = logging.getLogger("edge_runtime.device")
@@ -48,6 +67,7 @@ POLL_S = 0.5                  # how often waits look at the stop event
 # The agent grows while it works (paho's buffers, an update being read, JSON): measured 39 MB after
 # start-up and up to 46 MB in a fleet run, so its share of the budget is its start-up RSS plus this.
 AGENT_GROWTH_BYTES = 8 * MIB
+CONTRACT_FILE = "data_contract.json"   # in the state: the last task's model's input shape and classes
 
 
 def job_budget_bytes(device_budget_bytes: int, agent_rss_bytes: int) -> int:
@@ -81,6 +101,11 @@ class Agent:
                            cores=cfg.cores, disk_free_bytes=cfg.disk_free_bytes)
         self._announced = 0
         self._coordinator_since: float | None = None
+        # the data is checked only when the runner's jobs read it (a simulator's do not)
+        self.data = LocalDataset(cfg.data)
+        self.checks_data = bool(getattr(jobs, "reads_device_data", False))
+        self.contract_file = cfg.state / CONTRACT_FILE
+        self._data_check: tuple[tuple, DataSummary | DataError] | None = None   # (its key, its outcome)
 
     def topic(self, kind: str) -> str:
         return self.cfg.topics.device(self.cfg.device_id, kind)
@@ -105,6 +130,7 @@ class Agent:
         """Resume an interrupted task, then take tasks as they come until stopped."""
         self.announce()
         threading.Thread(target=self._reannounce_after_reconnects, name="announce", daemon=True).start()
+        self._check_data_at_start()
         resumed = self._interrupted_task()
         if resumed:
             self._work(*resumed)
@@ -169,6 +195,65 @@ class Agent:
         self.pending = current[1:]
         return current[0]
 
+    # -- the device's data ------------------------------------------------------------------
+    def check_data(self, input_shape, num_classes: int) -> DataSummary:
+        """The device's data checked against a model's data contract; DataError (logged) when it breaks it.
+
+        Once per data version: the outcome, a summary or the error, is kept by the files'
+        fingerprint, so a task costs two stat calls until the files change. The summary is
+        also written where the job children look (runtime/data-check.json): they do not read
+        the data again.
+        """
+        try:
+            fingerprint = self.data.fingerprint()
+        except DataError:
+            fingerprint = None   # a file is missing: check() says which
+        key = (fingerprint, tuple(int(d) for d in input_shape), int(num_classes))
+        if self._data_check is None or self._data_check[0] != key:
+            try:
+                outcome: DataSummary | DataError = self.data.check(input_shape, num_classes,
+                                                                   cache_file=self.runtime / DATA_CHECK_FILE)
+                log.info("data: %d rows of %s in %s, input mean %.4g std %.4g, examples per class %s", outcome.rows,
+                         key[1], self.data.root, outcome.input_mean, outcome.input_std,
+                         " ".join(map(str, outcome.label_counts)))
+            except DataError as exc:
+                outcome = exc
+                log.error("data check failed: %s. Every task is answered with Failed until the data is fixed; "
+                          "the agent checks again when the files change", exc)
+            release_free_heap()
+            self._data_check = (key, outcome)
+        outcome = self._data_check[1]
+        if isinstance(outcome, DataError):
+            raise DataError(str(outcome))
+        return outcome
+
+    def _check_data_for(self, manifest: Manifest) -> DataSummary:
+        """check_data against this model's input shape and classes, remembered for the next start-up."""
+        contract = {"input_shape": list(manifest.input_shape), "num_classes": manifest.num_classes}
+        if self._known_contract() != contract:
+            atomic_write_text(self.contract_file, json.dumps(contract))
+        return self.check_data(manifest.input_shape, manifest.num_classes)
+
+    def _known_contract(self) -> dict | None:
+        try:
+            saved = json.loads(self.contract_file.read_text())
+            return {"input_shape": [int(d) for d in saved["input_shape"]], "num_classes": int(saved["num_classes"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _check_data_at_start(self) -> None:
+        """Bad data said at start-up, against the last task's model, rather than at the next task."""
+        if not self.checks_data:
+            return
+        contract = self._known_contract()
+        if contract is None:
+            log.info("data in %s: checked against the model at the first task", self.data.root)
+            return
+        try:
+            self.check_data(contract["input_shape"], contract["num_classes"])
+        except DataError:
+            pass   # logged; the agent serves on, answering each task with why not
+
     # -- one task -------------------------------------------------------------------------
     def _work(self, task: Task, downloaded_before: int) -> None:
         """Do one task to the end: an update acknowledged, or a Failed sent. Never raises for the task's sake."""
@@ -193,10 +278,14 @@ class Agent:
 
     def _produce(self, task: Task, downloaded_before: int) -> Update | Scores:
         """Fetch, lay out, train within the budget; the update is stored in uploads/ and described on disk."""
+        if self.checks_data and self.blobs.has(task.manifest["sha256"]):
+            # the model is known from an earlier task: data that breaks its contract fails before any download
+            self._check_data_for(Manifest.load(self.blobs.path(task.manifest["sha256"])))
         downloaded = downloaded_before + self._fetch(task)
         self._save_current(task, downloaded)
         manifest_path, weight_files = materialize(task.manifest["sha256"], task.blobs, self.blobs, self.models,
                                                   part=task.part)
+        data = self._check_data_for(Manifest.load(manifest_path)) if self.checks_data else None
         spec = self._spec(task, manifest_path, weight_files)
         report, child = self.jobs.run(spec)
         if task.kind == "score":
@@ -209,7 +298,9 @@ class Agent:
         update = Update(task.task_id, task.round, self.cfg.device_id, blob_sha256=sha,
                         blob_size=self.uploads.path(sha).stat().st_size, num_examples=result["num_examples"],
                         loss=result["loss"], steps=result["steps"], peak_rss_bytes=child.peak_rss_bytes,
-                        seconds=child.seconds, downloaded_bytes=downloaded, agent_peak_rss_bytes=self.own_peak())
+                        seconds=child.seconds, downloaded_bytes=downloaded, agent_peak_rss_bytes=self.own_peak(),
+                        input_mean=_wire_float(data.input_mean) if data else None,
+                        input_std=_wire_float(data.input_std) if data else None)
         atomic_write_text(self._update_file(task), update.encode().decode())
         resumed = f" (resumed at step {result['resumed_from_step']})" if result["resumed_from_step"] else ""
         log.info("task %s: trained %d steps in %.1f s%s, loss %.4f", task.task_id, update.steps, update.seconds,
@@ -369,6 +460,11 @@ def _read_state(path: Path) -> dict:
         return json.loads(path.read_text())
     except ValueError as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc}); fix or delete it") from None
+
+
+def _wire_float(value: float) -> float | None:
+    """A statistic as an Update carries it: None when the protocol could not (not finite, or beyond MAX_FLOAT)."""
+    return float(value) if math.isfinite(value) and abs(value) <= MAX_FLOAT else None
 
 
 def _reencode_fp16(path: Path) -> None:

@@ -133,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
   id = "pi-01"
   tier = "pi-zero-2w"          # profiles/<tier>.toml gives the default budget
   broker = "mqtt://coordinator.lan:1883"
-  data = "/srv/edge/data"      # inputs.npy + labels.npy
+  data = "/srv/edge/data"      # inputs.npy (float32) + labels.npy (int64)
   state = "/var/lib/edge-device"
 
 A production broker (docs/broker.md) takes broker = "mqtts://broker.lan" (TLS, port
@@ -153,7 +153,9 @@ its certificate is not trusted, 2 bad settings.""")
     p.add_argument("--broker", metavar="URL",
                    help="the coordinator's broker, mqtt://host:port or mqtts://host:port (TLS, port 8883); required")
     p.add_argument("--data", metavar="DIR",
-                   help="local training data: a directory with inputs.npy and labels.npy; required")
+                   help="local training data: a directory with inputs.npy (float32, N x the model's input shape) "
+                        "and labels.npy (int64 class indices, N); required. Checked against each task's model "
+                        "whenever the files change: bad data fails each task with a reason naming the rows")
     p.add_argument("--state", metavar="DIR", help="state directory (default device-state/<id>)")
     p.add_argument("--budget-mb", type=float, metavar="MB",
                    help="memory for agent and jobs together (0 = the tier's, else measured); capped by what is free")

@@ -16,7 +16,7 @@ from edge_runtime.device.tiers import DEFAULT_PROFILES_DIR, TierError, find_tier
 from edge_runtime.jobs.budget import DEFAULT_MARGIN
 from edge_runtime.memory import MIB, size_text
 from edge_runtime.store import TOML_INTS, read_toml
-from edge_runtime.train.datasets import LocalDataset
+from edge_runtime.train.datasets import DataError, LocalDataset
 from edge_runtime.wire.mqtt_link import LinkSecurity, parse_broker_url, security_from_settings
 from edge_runtime.wire.protocol import ProtocolError, Topics, check_id
 
@@ -122,10 +122,10 @@ def resolve(settings: dict) -> DeviceConfig:
     data = LocalDataset(Path(s["data"]).expanduser().resolve())
     if not data.root.is_dir():
         raise ConfigError(f"--data {s['data']}: no such directory")
-    for needed in (data.inputs_path, data.labels_path):
-        if not needed.is_file():
-            raise ConfigError(f"--data {s['data']}: no {needed.name} there; a device's data directory holds "
-                              f"inputs.npy (float32) and labels.npy (int64)")
+    try:
+        data.require_files()  # their content is checked against each task's model by the agent
+    except DataError as exc:
+        raise ConfigError(f"--data {s['data']}: {exc}") from None
     if not 0 <= s["margin"] < 1:
         raise ConfigError(f"--margin must be in [0, 1), not {s['margin']}")
     if s["threads"] < 0 or s["budget_mb"] < 0:

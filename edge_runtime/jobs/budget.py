@@ -6,6 +6,12 @@ micro-batch sizes; the largest that fits under the budget with a safety margin w
 Each calibration child runs under a hard limit equal to the budget, so calibrating on a
 board can never push the board itself out of memory. The job then runs under the same
 limit.
+
+Only a run that ran out of memory (killed at the limit, or its allocation refused) makes
+calibration try a smaller micro-batch. Any other failure (data that breaks the model's data
+contract, an onnxruntime error, a bug) stops calibration at once with the job's own error:
+no smaller micro-batch can fix it, and reporting it as a memory need would send the user
+looking for memory.
 """
 from __future__ import annotations
 
@@ -18,9 +24,10 @@ from typing import Callable, Protocol
 
 from edge_runtime.errors import BudgetError, EdgeRuntimeError
 from edge_runtime.jobs.child import ChildResult
-from edge_runtime.jobs.worker import JobSpec, run_worker
+from edge_runtime.jobs.worker import OUT_OF_MEMORY, JobSpec, run_worker
 from edge_runtime.memory import MIB, size_text
 from edge_runtime.store import atomic_write_text, digest_of, sha256_file
+from edge_runtime.train.datasets import DataError
 
 CALIBRATION_STEPS = 3
 DEFAULT_MARGIN = 0.10
@@ -30,7 +37,7 @@ DEFAULT_MARGIN = 0.10
 class Trial:
     micro_batch_size: int
     peak_rss_bytes: int
-    completed: bool       # False: killed at the limit or failed
+    completed: bool       # False: ran out of memory (any other failure raises)
     prepared: bool = False  # this run also built the prefix cache
 
 
@@ -53,15 +60,16 @@ def _candidates(batch_size: int) -> list[int]:
 
 def calibrate(spec: JobSpec, micro_batch_size: int, limit_bytes: int | None, job_dir: Path,
               python: Sequence[str] = ()) -> Trial:
+    """One calibration run: a Trial when it completed or ran out of memory, else the job's own error (raised)."""
     config = replace(spec.config, micro_batch_size=micro_batch_size, max_steps=CALIBRATION_STEPS,
                      checkpoint_every_steps=2)
     task = f"calibrate-{spec.task_id}-m{micro_batch_size}"
     probe = replace(spec, task_id=task, config=config, update_out=None, scores_out=None)
     report, child = run_worker(probe, job_dir, memory_limit_bytes=limit_bytes, python=python)
     shutil.rmtree(Path(spec.state_dir) / "runs" / task, ignore_errors=True)
-    if report and not report["ok"] and report.get("kind") not in (None, "InternalError"):
-        raise EdgeRuntimeError(report["error"])  # a bad input, not a memory problem: say so
     ok = bool(report and report["ok"])
+    if not ok and not out_of_memory(report, child):
+        raise job_error(spec, report, child, f" while calibrating at micro-batch {micro_batch_size}")
     prepared = ok and report["result"]["prefix_computed"]
     return Trial(micro_batch_size, child.peak_rss_bytes, completed=ok, prepared=prepared)
 
@@ -111,7 +119,11 @@ class JobRunner(Protocol):
     """What runs a device's jobs. The agent takes one: the real one below, or a simulator's.
 
     run() returns the job's report ({"ok": True, "mode", "result", ...}) and what its child
-    measured, or raises EdgeRuntimeError (BudgetError when nothing fits) saying why not.
+    measured, or raises EdgeRuntimeError (BudgetError when nothing fits, DataError when the
+    data breaks the model's data contract) saying why not.
+
+    A runner whose jobs read the device's data says so with `reads_device_data = True` (the
+    real one does; a simulator's do not): the agent then checks that data before each task.
     """
     budget_bytes: int
 
@@ -130,6 +142,7 @@ class BudgetedJobs:
     the long run, not after: a job killed mid-way then resumes at the same micro-batch, which
     its checkpoint requires, without calibrating again.
     """
+    reads_device_data = True
 
     def __init__(self, jobs_dir: Path, budget_bytes: int, margin: float = DEFAULT_MARGIN,
                  plans_file: Path | None = None, log: Callable[[str], None] = lambda text: None,
@@ -159,7 +172,7 @@ class BudgetedJobs:
             self.log(f"task {spec.task_id}: training at micro-batch {micro} (plan cached) under a hard limit of "
                      f"{size_text(self.budget_bytes)}")
             report, child = self._run_at(spec, micro)
-            if not child.killed_by_oom:
+            if (report is not None and report["ok"]) or not out_of_memory(report, child):
                 return checked(spec, report, child)
             self.log(f"task {spec.task_id}: killed at the memory limit at cached micro-batch {micro}; "
                      f"calibrating again")
@@ -188,8 +201,25 @@ class BudgetedJobs:
 def checked(spec: JobSpec, report: dict | None, child: ChildResult) -> tuple[dict, ChildResult]:
     """The job's report, or an EdgeRuntimeError saying why it failed."""
     if report is None or not report["ok"]:
-        raise EdgeRuntimeError(f"job {spec.task_id} failed: {failure_text(report, child)}")
+        raise job_error(spec, report, child)
     return report, child
+
+
+def out_of_memory(report: dict | None, child: ChildResult) -> bool:
+    """Whether a failed job ran out of memory: its worker said an allocation was refused, or it died without a
+    report, killed (SIGKILL: the cgroup's OOM killer or the watchdog) or after reaching its hard limit."""
+    if report is not None:
+        # an unexpected error in a child that reached its hard limit is taken as memory too: under a cgroup
+        # limit an allocation can fail in words the worker does not know
+        return not report["ok"] and (report.get("kind") == OUT_OF_MEMORY or
+                                     (report.get("kind") == "InternalError" and child.limit_hits > 0))
+    return child.killed_by_oom or child.limit_hits > 0
+
+
+def job_error(spec: JobSpec, report: dict | None, child: ChildResult, when: str = "") -> EdgeRuntimeError:
+    """The error a failed job raises in this process: its own text, as a DataError when its data was at fault."""
+    kind = DataError if report is not None and report.get("kind") == "DataError" else EdgeRuntimeError
+    return kind(f"job {spec.task_id} failed{when}: {failure_text(report, child)}")
 
 
 def failure_text(report: dict | None, child: ChildResult) -> str:

@@ -4,7 +4,10 @@ The device runs every training job (and every calibration) as a child process, s
 peak memory is measured by the kernel (ru_maxrss) and can be held under a hard limit,
 apart from the agent process that talks to the network. The last line of stdout is a
 JSON object: {"ok": true, "mode": "train", "result": {...}, "update": path} or
-{"ok": false, "error": ...}.
+{"ok": false, "error": ..., "kind": ...}, where kind is the error's class (DataError: the data
+breaks the model's data contract, checked before anything trains on it), OUT_OF_MEMORY when
+an allocation was refused (MemoryError, or onnxruntime's own allocation failure: only then can
+a smaller micro-batch help), or InternalError for anything else unexpected.
 
 A spec with "mode": "score" scores the part's trainable layers instead of training them
 (one pass of forward/backward, no optimizer step, weights untouched):
@@ -14,6 +17,7 @@ A spec with "mode": "score" scores the part's trainable layers instead of traini
 from __future__ import annotations
 
 import json
+import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -72,6 +76,17 @@ def _progress_writer(path: str, every_s: float = 0.5):
 
 
 MODES = ("train", "score")
+OUT_OF_MEMORY = "OutOfMemory"   # the report's kind when the job ran out of memory rather than failed
+# how onnxruntime (its arena, or a C++ std::bad_alloc), numpy and the kernel (ENOMEM) say an allocation was refused
+_ALLOCATION_FAILED = re.compile(r"bad_alloc|Failed to allocate memory|Unable to allocate|Cannot allocate memory",
+                                re.IGNORECASE)
+
+
+def error_kind(exc: BaseException) -> str:
+    """The report's kind of a job's error: OUT_OF_MEMORY, the EdgeRuntimeError's class, or InternalError."""
+    if isinstance(exc, MemoryError) or _ALLOCATION_FAILED.search(str(exc)):
+        return OUT_OF_MEMORY
+    return type(exc).__name__ if isinstance(exc, EdgeRuntimeError) else "InternalError"
 
 
 def run_job(spec: JobSpec, progress=None) -> dict:
@@ -138,10 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         out = run_job(JobSpec.load(Path(argv[0])))
         code = 0
     except EdgeRuntimeError as exc:
-        out, code = {"ok": False, "error": str(exc), "kind": type(exc).__name__}, 1
+        out, code = {"ok": False, "error": str(exc), "kind": error_kind(exc)}, 1
     except Exception as exc:  # report, never hang the parent
         traceback.print_exc()
-        out, code = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "kind": "InternalError"}, 1
+        out, code = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "kind": error_kind(exc)}, 1
     sys.stdout.write(json.dumps(out) + "\n")
     sys.stdout.flush()
     from edge_runtime.jobs.child import report_own_peak

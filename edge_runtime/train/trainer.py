@@ -22,7 +22,7 @@ from edge_runtime.errors import EdgeRuntimeError, ManifestError
 from edge_runtime.memory import peak_rss_bytes, release_free_heap
 from edge_runtime.store import atomic_write_text, digest_of
 from edge_runtime.train.activation_cache import ActivationCache, ArrayReader
-from edge_runtime.train.datasets import LocalDataset
+from edge_runtime.train.datasets import DATA_CHECK_FILE, DataError, LocalDataset, check_batch
 from edge_runtime.train.optimizers import make_optimizer
 from edge_runtime.wire import weights as wcodec
 from edge_runtime.wire.manifest import Manifest
@@ -31,6 +31,7 @@ from edge_runtime.wire.part import TrainablePart
 from edge_runtime.wire.train_config import TrainConfig
 
 OPTIMIZER_PREFIX = "optimizer/"     # the optimizer's state in a checkpoint, beside the tensors
+NEGATIVE_LOSS = -1e-3   # below this a cross-entropy loss is no rounding error: a label outside the logits was read
 
 
 @dataclass
@@ -95,11 +96,15 @@ def prepare_part(manifest: Manifest, part: TrainablePart, weights, dataset: Loca
     """What training (or scoring) a part needs before its first batch: its step graph and the prefix's activations.
 
     Returns (the step graph, hash-checked, reader of the span's input activations, labels, whether
-    the prefix had to run). The graph is checked first, so a corrupted one costs no prefix run. The
-    activations come from state_dir/activations, computed only for a new prefix version or new data.
+    the prefix had to run). The graph is checked first, so a corrupted one costs no prefix run, then
+    the data against the manifest's data contract (DataError). The activations come from
+    state_dir/activations, computed only for a new prefix version or new data.
     """
     step_path, prefix_graph = part_graph_paths(manifest, part)
     step_graph = read_part_graph(step_path)
+    # the data contract before anything reads the data: a wrong shape, a label outside the model's classes or a
+    # NaN is named here, not by onnxruntime mid-calibration; read once per data version (the summary is cached)
+    dataset.check(manifest.input_shape, manifest.num_classes, cache_file=Path(state_dir) / DATA_CHECK_FILE)
     cache = ActivationCache(Path(state_dir) / "activations")
     act_path, prefix_computed = cache.get_or_build(
         manifest, part.span[0], prefix_graph, weights, dataset, batch_size=config.micro(), fp16=config.cache_fp16,
@@ -175,10 +180,60 @@ def _check_graph_matches(session, manifest: Manifest, part: TrainablePart) -> No
                             f"{sorted(set(itf.trainable) ^ set(part.trainable_names(manifest)))[:3]}")
 
 
-def _check_finite(loss: float, step: int, config: TrainConfig) -> None:
-    if not math.isfinite(loss):
-        raise EdgeRuntimeError(f"training diverged at step {step}: loss is {loss}; "
-                               f"lower the learning rate (now {config.learning_rate})")
+def _loss_problem(loss: float, step: int, idx: np.ndarray, config: TrainConfig, manifest: Manifest,
+                  part: TrainablePart, dataset: LocalDataset, activations: ArrayReader,
+                  labels: np.ndarray) -> EdgeRuntimeError | None:
+    """Why a batch's loss cannot be trusted, or None when it can. A loss that is not finite or is negative
+    (cross-entropy never is, with labels in range) is put down to the batch's data first (DataError naming its
+    rows), then to the frozen prefix's activations, and only then to the learning rate."""
+    if math.isfinite(loss) and loss >= NEGATIVE_LOSS:
+        return None
+    what = f"training step {step} gave a loss of {loss:.4g}"
+    if loss < 0:
+        what += f", which cross-entropy cannot give with labels in 0..{manifest.num_classes - 1}"
+    blamed = _data_error(what, idx, manifest, dataset, labels)
+    if blamed is not None:
+        return blamed
+    if part.span[0] > 0 and not math.isfinite(loss):
+        rows = np.sort(idx)
+        acts = activations.take(rows).reshape(len(rows), -1)
+        bad = rows[~np.isfinite(acts).all(axis=1)]
+        if len(bad):
+            return EdgeRuntimeError(f"{what}: the frozen layers 0-{part.span[0] - 1} turn the finite inputs of "
+                                    f"rows {', '.join(map(str, bad[:5]))} of {dataset.inputs_path} into non-finite "
+                                    f"activations; the global model's frozen weights are broken, not this device's "
+                                    f"data or settings")
+    if loss < 0:
+        return EdgeRuntimeError(f"{what}, yet this batch's labels are in range: the step graph does not compute "
+                                f"cross-entropy; export the model again")
+    return EdgeRuntimeError(f"training diverged at step {step}: loss is {loss} although the batch's inputs are "
+                            f"finite and its labels in 0..{manifest.num_classes - 1}; lower the learning rate "
+                            f"(now {config.learning_rate})")
+
+
+def _data_error(what: str, idx: np.ndarray, manifest: Manifest, dataset: LocalDataset,
+                labels: np.ndarray) -> DataError | None:
+    """A DataError saying `what` happened because of the batch's data (its rows, as in the files), or None when
+    its inputs are finite and its labels in range: the data is checked before a job trains, but files can change."""
+    rows = np.sort(idx)
+    raw = ArrayReader(dataset.inputs_path)
+    try:
+        check_batch(raw.take(rows), labels[rows], rows, manifest.num_classes, str(dataset.inputs_path),
+                    str(dataset.labels_path))
+    except DataError as exc:
+        return DataError(f"{what}, because of the data: {exc}")
+    finally:
+        raw.close()
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    """An onnxruntime error in a few words: its first line's end (the start is the C++ source location)."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if len(line) > 160:
+        tail = line.rsplit("] ", 1)[-1]    # after "[with T = ...] ": onnxruntime's own words
+        line = tail if 0 < len(tail) <= 160 else "..." + line[-150:]
+    return line
 
 
 def train(manifest: Manifest, weights: Mapping[str, np.ndarray], dataset: LocalDataset, part: TrainablePart,
@@ -233,8 +288,20 @@ def train(manifest: Manifest, weights: Mapping[str, np.ndarray], dataset: LocalD
     step_times = []
     for step, idx in _batches(n, config.batch_size, total, config.seed, start=state.step):
         t_step = time.monotonic()
-        loss = tensors.batch(inputs, labels, idx, micro)
-        _check_finite(loss, step, config)
+        try:
+            loss = tensors.batch(inputs, labels, idx, micro)
+        except (EdgeRuntimeError, MemoryError):
+            raise
+        except Exception as exc:  # onnxruntime's own error (an index out of range, a shape): the batch's data first
+            blamed = _data_error(f"training step {step} failed in onnxruntime ({_first_line(exc)})", idx, manifest,
+                                 dataset, labels)
+            if blamed is None:
+                raise
+            raise blamed from None
+        problem = _loss_problem(loss, step, idx, config, manifest, part, dataset, inputs, labels)
+        if problem is not None:
+            inputs.close()
+            raise problem
         optimizer.step(tensors.grads)
         step_times.append(time.monotonic() - t_step)  # batch read + forward/backward + step; no checkpoint
         state.losses.append(loss)

@@ -369,7 +369,7 @@ class Update(Message):
                              "agent_peak_rss_bytes": int, "input_mean": float, "input_std": float}
     LIMITS: ClassVar[dict] = {"round": (0, 10 ** 9), "blob_size": (0, 2 ** 40), "num_examples": (1, 10 ** 9),
                               "steps": (0, 10 ** 9), "peak_rss_bytes": (1, 2 ** 44), "downloaded_bytes": (0, 2 ** 50),
-                              "agent_peak_rss_bytes": (0, 2 ** 44)}
+                              "agent_peak_rss_bytes": (0, 2 ** 44), "input_std": (0, 2 ** 50)}
     OPTIONAL: ClassVar[tuple] = ("downloaded_bytes", "agent_peak_rss_bytes", "input_mean", "input_std")
     task_id: str
     round: int
@@ -396,8 +396,6 @@ class Update(Message):
                 or self.num_examples <= 0 or self.peak_rss_bytes <= 0:
             raise ProtocolError("update: round, blob_size, steps, downloaded_bytes, agent_peak_rss_bytes must be "
                                 ">= 0; num_examples, peak_rss_bytes > 0")
-        if self.input_std is not None and self.input_std < 0:
-            raise ProtocolError("update: input_std must be >= 0")
 
 
 @dataclass(frozen=True)
