@@ -5,7 +5,7 @@
   edge-coordinator weights  write a run's current global weights to one safetensors file
   edge-coordinator report   write a run's report: accuracy, memory, bytes and stages as one HTML page
   edge-coordinator acl      write the Mosquitto ACL of a fleet for a production broker (docs/broker.md)
-  edge-coordinator export   export a zoo model with the graphs a board's profiler trains (edge-profile --manifest)
+  edge-coordinator export   export a model with the graphs a board's profiler trains (edge-profile --manifest)
 
 Without --broker the coordinator starts its own Mosquitto on a free loopback port (it
 writes the address to WORKDIR/broker.url for the devices) and stops it on exit. Every
@@ -31,6 +31,7 @@ EPILOG = """examples:
   edge-coordinator run                                   # progressive fmnist_cnn, embedded broker, runs/coordinator
   edge-coordinator run --broker mqtt://10.0.0.2:1883 --fleet lab --min-devices 6
   edge-coordinator run --strategy fedavg --rounds 20     # the full-model FedAvg baseline
+  edge-coordinator run --model mine.py:build --eval-data heldout/ --workdir runs/mine   # your own model and data
   edge-coordinator run --config coordinator.toml         # [service], [train] and each strategy's table; flags win
   edge-coordinator status runs/coordinator
   edge-coordinator report runs/coordinator               # runs/coordinator/report/report.html, while it runs too
@@ -63,8 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tls-cert", help="client certificate (PEM), for a broker that asks for one")
     run.add_argument("--tls-key", help="the client certificate's unencrypted key (PEM)")
     run.add_argument("--fleet", help="fleet name: the topic namespace devices and coordinator share")
-    run.add_argument("--model", help="zoo model to train, e.g. fmnist_cnn, vgg_cifar, resnet_small, mobilenet_v2 "
-                                     "(coordinator/model/zoo.py)")
+    run.add_argument("--model", help="the model to train: a zoo name (fmnist_cnn, vgg_cifar, resnet_small, "
+                                     "mobilenet_v2), an export directory, or FILE.py[:NAME] / MODULE:NAME whose NAME "
+                                     "(default: model) is a BlockModel or a function returning one. Installed into "
+                                     "WORKDIR/model on the first start; later starts keep it (default: the "
+                                     "workdir's model, or fmnist_cnn in a new workdir)")
     run.add_argument("--strategy", choices=strategies.names(),
                      help="the schedule; each has a table of its own settings in --config (default "
                           f"{strategies.DEFAULT})")
@@ -84,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--local-epochs", type=float, help="passes over its local data a device makes per round")
     run.add_argument("--learning-rate", type=float)
     run.add_argument("--update-fp16", action="store_true", default=None, help="devices send updates as float16")
-    run.add_argument("--fresh", action="store_true", help="discard the state in --workdir and start over")
+    run.add_argument("--fresh", action="store_true", help="discard the run in --workdir and start over; its model is "
+                                                          "kept unless --model names another")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
     weights = sub.add_parser("weights", help="write a run's current global weights to one safetensors file")
     weights.add_argument("workdir", type=Path)
@@ -107,7 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     acl.add_argument("--out", type=Path, help="the ACL file to write (default: print it)")
     exp = sub.add_parser("export", help="export a zoo model and build the step graphs of every part a board's "
                                         "profiler may train (a board cannot build them)")
-    exp.add_argument("model", help="zoo model name (fmnist_cnn, resnet_small, vgg_cifar, ...)")
+    exp.add_argument("model", help="a zoo name (fmnist_cnn, resnet_small, vgg_cifar, ...) or FILE.py[:NAME] / "
+                                   "MODULE:NAME building a BlockModel (as run --model)")
     exp.add_argument("out", type=Path, help="directory to write (manifest.json, graphs/, weights/, parts/)")
     exp.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     return p
@@ -128,6 +134,22 @@ def _settings(args) -> dict:
         "fedavg": {"rounds": args.rounds},
     }
     return load_config(DEFAULTS, args.config, overrides)
+
+
+def start_over(settings: dict) -> None:
+    """--fresh: discard the workdir's run but keep its model, unless the settings name another one."""
+    import shutil
+
+    from coordinator.model import sources
+    work = Path(settings["service"]["workdir"])
+    if not work.is_dir():
+        return
+    s = settings["service"]
+    if s["model"]:   # install (or keep) the named model before anything is deleted: a bad --model loses nothing
+        sources.install(s["model"], work / "model", s["seed"], replace=True)
+    for entry in work.iterdir():
+        if entry.name != "model":
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
 def run(settings: dict, stop: threading.Event) -> dict:
@@ -254,14 +276,13 @@ def main(argv: list[str] | None = None) -> int:
         return export_model(args.model, args.out, args.seed)
     logs.configure(args.log_level, "%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = _settings(args)
-    if args.fresh:
-        import shutil
-        shutil.rmtree(settings["service"]["workdir"], ignore_errors=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     from edge_runtime.errors import EdgeRuntimeError
     try:
+        if args.fresh:
+            start_over(settings)
         summary = run(settings, stop)
     except (EdgeRuntimeError, ValueError, ConnectionError) as exc:
         print(f"edge-coordinator: {exc}", file=sys.stderr)

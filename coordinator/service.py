@@ -38,7 +38,8 @@ import numpy as np
 from coordinator import intake, strategies
 from coordinator.global_model import GlobalModel
 from coordinator.guards import Admission, Fetches, GuardSettings, RateLimit, Uploads, benched_devices
-from coordinator.model.zoo_profile import ensure_export, measured_profile
+from coordinator.model import sources
+from coordinator.model.zoo_profile import measured_profile
 from coordinator.round_metrics import DeviceRound, RoundMetrics
 from coordinator.state_store import StateStore, TaskRow, task_spec
 from coordinator.strategies.aggregation import AggregationSettings, UpdateCheck, aggregation_settings_table
@@ -69,8 +70,13 @@ from edge_runtime.wire.transfer import DEFAULT_CHUNK_BYTES, BlobStore, ChunkHead
 
 log = logging.getLogger("edge-coordinator")
 
+# a device's input mean further than this many evaluation-set stds from the set's, or its std more than this
+# factor off, means the two are normalised differently (non-IID splits of one dataset stay well inside)
+NORMALISATION_MEAN_STDS = 0.75
+NORMALISATION_STD_RATIO = 2.0
+
 DEFAULTS = {
-    "service": {"workdir": "runs/coordinator", "fleet": "default", "broker": "", "model": "fmnist_cnn", "seed": 0,
+    "service": {"workdir": "runs/coordinator", "fleet": "default", "broker": "", "model": "", "seed": 0,
                 "strategy": strategies.DEFAULT, "profile": "", "min_devices": 1, "round_deadline_s": 600.0,
                 "offline_grace_s": 20.0,
                 "min_updates": 1, "sample_fraction": 1.0, "max_rounds": 200, "eval_samples": 10000,
@@ -105,8 +111,11 @@ class Coordinator:
         self.work = Path(s["workdir"]).resolve()
         self.topics = Topics(s["fleet"])
         self.blobs = BlobStore(self.work / "blobs")
-        self.model = GlobalModel(ensure_export(self.work / "model", s["model"], s["seed"]).parent, self.blobs)
+        self.model = GlobalModel(sources.install(s["model"], self.work / "model", s["seed"]).parent, self.blobs)
         m = self.model.manifest
+        self.test_x, self.test_y = _test_set(s["eval_data"], m, s["eval_samples"])   # before the slow start-up
+        self.eval_stats = (float(np.mean(self.test_x, dtype=np.float64)), float(np.std(self.test_x, dtype=np.float64)))
+        self._scale_warned: set[str] = set()
         self.incoming = BlobStore(self.work / "incoming",
                                   max_blob_bytes=self.model.param_bytes(m.all_param_names()) + (1 << 20))
         self.state = StateStore(self.work / "state.db")
@@ -119,8 +128,6 @@ class Coordinator:
         self.offline_since = {d["device_id"]: time.time() for d in self.state.devices() if not d["online"]}
         self.rng = np.random.default_rng(s["seed"])
         self._restore()
-        x, y = _test_set(s["eval_data"])
-        self.test_x, self.test_y = x[:s["eval_samples"]], y[:s["eval_samples"]]
         self.metrics_path = self.work / "metrics.jsonl"
         self._write_metrics_file()
         self.link: MqttLink | None = None
@@ -433,16 +440,34 @@ class Coordinator:
         return row.round if row is not None and row.state == "open" else None
 
     def _take_update(self, sender: str, update: Update) -> None:
-        verdict = intake.judge_update(update, sender, self.state, self._open_round_no(), self.incoming,
-                                      self.model.manifest, self.global_weights, self.check)
+        open_round = self._open_round_no()
+        verdict = intake.judge_update(update, sender, self.state, open_round, self.incoming,
+                                      self.model.manifest, self.global_weights, self.check,
+                                      self.state.recent_losses(open_round or 0))
         if verdict.status == "pending":
             self.pending[update.task_id] = (sender, update)
             return
         if verdict.status == "accepted":
             self.uploads.claimed(update.blob_sha256)
+            self._check_normalisation(sender, update)
         self._answer(sender, update, verdict, self.state.record_update,
                      f"update from {sender} accepted ({update.blob_size / 1024:.1f} KB, {update.num_examples} "
                      f"samples, loss {update.loss:.3f}, job peak {update.peak_rss_bytes / 2**20:.0f} MB)")
+
+    def _check_normalisation(self, sender: str, update: Update) -> None:
+        """Warn (once per device) when a device's inputs are scaled unlike the evaluation set's: the model it
+        trains would be judged on data it never saw the like of, and the accuracy would mislead."""
+        if update.input_mean is None or update.input_std is None or sender in self._scale_warned:
+            return
+        mean, std = self.eval_stats
+        far = abs(update.input_mean - mean) > NORMALISATION_MEAN_STDS * max(std, 1e-6)
+        ratio = update.input_std / max(std, 1e-12)
+        if far or not 1 / NORMALISATION_STD_RATIO <= ratio <= NORMALISATION_STD_RATIO:
+            self._scale_warned.add(sender)
+            log.warning("device %s's inputs have mean %.3g and std %.3g, the evaluation set's mean %.3g and std %.3g: "
+                        "they are normalised differently, so the accuracy reported here will mislead; normalise "
+                        "the devices' data and the evaluation set alike (--eval-data)", sender, update.input_mean,
+                        update.input_std, mean, std)
 
     def _take_scores(self, sender: str, msg: Scores) -> None:
         verdict = intake.judge_scores(msg, sender, self.state, self._open_round_no())
@@ -549,8 +574,8 @@ class Coordinator:
         self.state.close_round(row.round, weights_after, self.strategy.state(), metrics)
         self.global_weights, self.weights_sha, self.next_round = after, weights_after, row.round + 1
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        self.link.publish(self.topics.coordinator_metrics, json.dumps(metrics).encode(), retain=True)
+            f.write(json.dumps(metrics, allow_nan=False) + "\n")     # to_dict made every number finite or null
+        self.link.publish(self.topics.coordinator_metrics, json.dumps(metrics, allow_nan=False).encode(), retain=True)
         # the updates are folded into the global weights (or never will be), and a blob no update named never will
         # be: free the disk
         self.incoming.remove_complete()
@@ -661,16 +686,29 @@ def _task_id(round_no: int, run_tag: str, device_id: str) -> str:
     return task_id
 
 
-def _test_set(eval_data: str) -> tuple[np.ndarray, np.ndarray]:
-    """The data every round's global model is evaluated on: the Fashion-MNIST test set, or
-    a LocalDataset directory (inputs.npy, labels.npy) when the fleet's data is of another domain."""
-    from edge_runtime.train.datasets import LocalDataset, load_fashion_mnist
+def _test_set(eval_data: str, manifest, samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """The data every round's global model is evaluated on, checked against the model before any round:
+    a LocalDataset directory (inputs.npy, labels.npy) of the fleet's kind, or the Fashion-MNIST test set
+    when the model takes Fashion-MNIST's shape and none is given."""
+    from edge_runtime.train.datasets import FMNIST_MEAN, FMNIST_STD, LocalDataset, load_fashion_mnist
+    shape, classes = tuple(manifest.input_shape), manifest.num_classes
     if not eval_data:
-        return load_fashion_mnist("test")
+        if shape != (1, 28, 28) or classes != 10:
+            raise SystemExit(f"model {manifest.model} takes inputs of shape {shape} and {classes} classes, and the "
+                             f"default evaluation set is Fashion-MNIST's (1, 28, 28), 10 classes: give the "
+                             f"coordinator held-out data of the fleet's kind with --eval-data DIR (inputs.npy: "
+                             f"float32 N x {' x '.join(map(str, shape))}, normalised like the devices' data; "
+                             f"labels.npy: int64 in 0..{classes - 1})")
+        log.info("evaluating on the Fashion-MNIST test set, normalised with mean %.4f and std %.4f: the devices' "
+                 "data must be normalised alike (else give --eval-data)", FMNIST_MEAN, FMNIST_STD)
+        x, y = load_fashion_mnist("test")
+        return x[:samples], y[:samples]
     data = LocalDataset(Path(eval_data))
-    if not data.labels_path.exists() or not data.inputs_path.exists():
-        raise SystemExit(f"eval_data {eval_data} is not a dataset directory (inputs.npy and labels.npy)")
-    return np.load(data.inputs_path, mmap_mode="r"), data.labels()
+    try:
+        data.check(shape, classes)
+    except EdgeRuntimeError as exc:
+        raise SystemExit(f"eval_data: {exc}") from None
+    return np.load(data.inputs_path, mmap_mode="r")[:samples], data.labels()[:samples]
 
 
 def _predictor(settings: dict, work: Path, model: GlobalModel):
@@ -681,7 +719,7 @@ def _predictor(settings: dict, work: Path, model: GlobalModel):
     if given and not Path(given).exists():
         raise SystemExit(f"profile {given} does not exist (make one with `edge-profile measure`)")
     path = Path(given) if given else measured_profile(
-        work, settings["service"]["model"], settings["train"]["batch_sizes"], settings["service"]["seed"],
+        work, model.manifest.model, settings["train"]["batch_sizes"], settings["service"]["seed"],
         margin=settings["train"]["margin"], log=lambda text: log.info("no profile given: %s", text))
     profile = Profile.load(path)
     if profile.manifest_sha256 != model.manifest_sha:
