@@ -704,6 +704,8 @@ def _test_set(eval_data: str, manifest, samples: int) -> tuple[np.ndarray, np.nd
         x, y = load_fashion_mnist("test")
         return x[:samples], y[:samples]
     data = LocalDataset(Path(eval_data))
+    if not data.labels_path.exists() or not data.inputs_path.exists():
+        raise SystemExit(f"eval_data {eval_data} is not a dataset directory (inputs.npy and labels.npy)")
     try:
         data.check(shape, classes)
     except EdgeRuntimeError as exc:
