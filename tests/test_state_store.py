@@ -67,3 +67,17 @@ for i in range(2000):
     recorded = {u.task_id for u in reopened.updates(1)}
     assert {f"r1-d{i:04d}" for i in range(acknowledged + 1)} <= recorded  # every acknowledged commit survived
     assert len(recorded) < 2000
+
+
+def test_a_diverged_evaluation_is_written_as_null_never_as_nan():
+    """metrics.jsonl must stay valid JSON when the global model's loss is not finite."""
+    import json
+    import math
+
+    from coordinator.round_metrics import DeviceRound, RoundMetrics
+    m = RoundMetrics(round=3, accuracy=0.1, loss=float("nan"),
+                     devices={"pi-01": DeviceRound(status="accepted", loss=float("inf"), num_examples=5)})
+    line = json.dumps(m.to_dict(), allow_nan=False)          # raises on NaN or infinity
+    back = RoundMetrics.from_dict(json.loads(line))
+    assert back.loss is None and back.devices["pi-01"].loss is None and back.accuracy == 0.1
+    assert not any(isinstance(v, float) and not math.isfinite(v) for v in json.loads(line).values())
