@@ -1,14 +1,16 @@
 """A model as the product sees it: an ordered list of blocks of layers, plus one head per block.
 
 Bring your own model by handing your `torch.nn.Module` pieces to `BlockModel`: each block
-is a list of layer modules (the unit that can be trained or frozen), and each block gets
+is a list of layer modules (the unit that can be trained or frozen), `blocks=[[conv1],
+[nn.Sequential(conv2, relu), fc]]`, and a module given where a list belongs is refused
+(iterated, a Sequential would silently become one layer per child). Each block gets
 a small output head mapping its output to class logits (the last block's head is the
 real classifier). Parameter names are the BlockModel's state_dict names
 (`blocks.{b}.{l}.…`, `heads.{b}.…`), which are also the names on the wire.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -42,6 +44,7 @@ class BlockModel(nn.Module):
                  blocks: Sequence[Sequence[nn.Module]], heads: Sequence[nn.Module],
                  boundary_head: Callable[[tuple[int, ...]], nn.Module] | None = None):
         super().__init__()
+        _check_structure(name, blocks, heads)
         if len(blocks) != len(heads):
             raise ValueError(f"{name}: {len(blocks)} blocks but {len(heads)} heads; give one head per block")
         if any(len(b) == 0 for b in blocks):
@@ -83,3 +86,38 @@ class BlockModel(nn.Module):
         """Logits of the sub-model blocks[0..upto_block] -> heads[upto_block] (default: the whole model)."""
         last = len(self.blocks) - 1 if upto_block is None else upto_block
         return self.heads[last](self.features(x, last))
+
+
+_FORM = "blocks=[[layer, ...], [layer, ...]], heads=[head, head, ...]"
+
+
+def _check_structure(name: str, blocks, heads) -> None:
+    """Refuse the easy misreadings of the nested block list, which would otherwise cut the model elsewhere.
+
+    A module given where a list of layers belongs would be iterated as one (nn.ModuleList of a
+    Sequential is its children), silently making each child a layer of its own.
+    """
+    if isinstance(blocks, nn.Module) or isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence):
+        raise ValueError(f"{name}: blocks is a {type(blocks).__name__}; give a list of blocks, each a list of "
+                         f"layers: {_FORM}")
+    for b, block in enumerate(blocks):
+        kind = type(block).__name__
+        if isinstance(block, nn.Module):
+            shown = f"nn.{kind}" if type(block).__module__.startswith("torch.nn") else kind
+            raise ValueError(f"{name}: blocks[{b}] is a {kind}, not a list of layers: wrap it in a list, "
+                             f"[{shown}(...)], to make it one layer, or list its layers, [layer, ...] "
+                             f"({_FORM})")
+        if isinstance(block, (str, bytes)) or not isinstance(block, Sequence):
+            raise ValueError(f"{name}: blocks[{b}] is a {kind}; a block is a list of layers: {_FORM}")
+        for i, layer in enumerate(block):
+            if not isinstance(layer, nn.Module):
+                raise ValueError(f"{name}: blocks[{b}][{i}] is a {type(layer).__name__}, not a torch module; a layer "
+                                 f"is one module (nn.Sequential(a, b) makes one of several): {_FORM}")
+    a_list = isinstance(heads, nn.ModuleList) or isinstance(heads, Sequence) and not isinstance(heads, (str, bytes))
+    if not a_list or isinstance(heads, nn.Module) and not isinstance(heads, nn.ModuleList):
+        raise ValueError(f"{name}: heads is a {type(heads).__name__}; give a list with one head module per block, "
+                         f"heads=[head, head, ...] (an nn.Sequential is one head)")
+    for j, head in enumerate(heads):
+        if not isinstance(head, nn.Module):
+            raise ValueError(f"{name}: heads[{j}] is a {type(head).__name__}, not a torch module; a head is one "
+                             f"module: nn.Sequential(a, b) makes one of several")

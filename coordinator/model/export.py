@@ -11,12 +11,19 @@ BatchNorm's running mean and variance travel like parameters: each is a ParamSpe
 the initial weights, and training updates it through the step graph (never by a gradient).
 `num_batches_tracked` stays behind: it only matters to a BatchNorm whose momentum is None
 (a cumulative average), which is refused.
+
+An op a device cannot differentiate (GroupNorm exports as InstanceNormalization) is
+named by the user's module (`blocks.1.0.1 (GroupNorm)`), not only by its ONNX node. In
+the first layers it is accepted: those layers become the manifest's frozen prefix, which
+runs forward only (onnxruntime has every forward op) and never trains.
 """
 from __future__ import annotations
 
 import copy
 import io
+import logging
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +33,14 @@ from onnx import shape_inference
 from torch import nn
 
 from coordinator.model.block_model import BlockModel, Residual
-from coordinator.model.graphs import LOGITS, act_name, strip_param_values
-from edge_runtime.errors import ManifestError
+from coordinator.model.graphs import LOGITS, act_name, head_scope, layer_scope, strip_param_values
+from edge_runtime.errors import ManifestError, UnsupportedOpError
 from edge_runtime.store import atomic_write_bytes, sha256_bytes
 from edge_runtime.wire import weights as wcodec
 from edge_runtime.wire.manifest import BlockSpec, GraphRef, HeadSpec, LayerSpec, Manifest, ParamSpec
 
 OPSET = 17
+log = logging.getLogger(__name__)
 
 
 class ExportError(ManifestError):
@@ -140,9 +148,12 @@ def _write_graph(model: onnx.ModelProto, param_names, graphs_dir: Path) -> Graph
 def export(model: BlockModel, out_dir: Path, check_trainable: bool = True) -> Manifest:
     """Write `out_dir/manifest.json`, `out_dir/graphs/*.onnx`, `out_dir/weights/*.safetensors`.
 
-    With check_trainable, builds the step graphs of the whole model and of every head
+    With check_trainable, builds the step graphs of the model and of every head
     (coordinator/model/part_graphs.py, kept in out_dir/parts/) so that an operator a device
-    cannot train is reported by name now, not on a board.
+    cannot train is reported now, by module, not on a board. Layers a gradient cannot flow
+    back through are accepted at the start of the model only: they and every layer before
+    them become the manifest's frozen prefix, which never trains. Such a layer anywhere
+    else, or in a head that can train, refuses the export (UnsupportedOpError).
     """
     out_dir = Path(out_dir)
     graphs_dir = out_dir / "graphs"
@@ -151,7 +162,8 @@ def export(model: BlockModel, out_dir: Path, check_trainable: bool = True) -> Ma
 
     layers, shape = [], model.input_shape
     for i, (prefix, module, block) in enumerate(model.layers()):
-        proto, params, out_shape = _export_module(module, shape, act_name(i), act_name(i + 1), prefix, f"L{i}")
+        proto, params, out_shape = _export_module(module, shape, act_name(i), act_name(i + 1), prefix,
+                                                  layer_scope(i))
         act_bytes = _activation_bytes_per_sample(proto)
         ops = tuple(sorted({n.op_type for n in proto.graph.node}))
         ref = _write_graph(proto, [p.name for p in params], graphs_dir)
@@ -162,7 +174,7 @@ def export(model: BlockModel, out_dir: Path, check_trainable: bool = True) -> Ma
 
     def export_head(module: nn.Module, index: int, name: str, after_layer: int) -> HeadSpec:
         proto, params, out_shape = _export_module(module, layers[after_layer].output_shape,
-                                                  act_name(after_layer + 1), LOGITS, name, f"H{index}")
+                                                  act_name(after_layer + 1), LOGITS, name, head_scope(index))
         if out_shape != (model.num_classes,):
             raise ExportError(f"head {name} outputs {out_shape}, expected ({model.num_classes},)")
         return HeadSpec(index=index, name=name, attach_after_layer=after_layer,
@@ -193,22 +205,53 @@ def export(model: BlockModel, out_dir: Path, check_trainable: bool = True) -> Ma
     manifest = Manifest.load(out_dir / "manifest.json")
     if check_trainable:
         try:
-            check_differentiable(manifest)
+            frozen, cause = check_differentiable(manifest, model)
         except BaseException:
             (out_dir / "manifest.json").unlink()   # an export that cannot train is not an export
             raise
+        if frozen:
+            manifest = replace(manifest, frozen_prefix=frozen, frozen_reason=cause.summary)
+            log.warning("%s: its frozen prefix, %s, will never train: %s", model.name,
+                        manifest.frozen_prefix_text(), cause.summary)
+            manifest.save(out_dir / "manifest.json")
+            manifest = Manifest.load(out_dir / "manifest.json")
     return manifest
 
 
-def check_differentiable(manifest: Manifest) -> None:
-    """Build the step graphs of the whole model and of every head; raise UnsupportedOpError by op name."""
-    from coordinator.model.part_graphs import ensure_part_graphs
+def check_differentiable(manifest: Manifest,
+                         model: BlockModel | None = None) -> tuple[int, UnsupportedOpError | None]:
+    """Build the step graphs of every layer and head that can train; return the frozen prefix and its cause.
+
+    A layer holding an op a device cannot differentiate stops every gradient at it, so it and
+    the layers before it can never train: the rest of the model is checked again from the
+    layer after it, until it builds. The frozen prefix is the number of such leading layers
+    (0, None for a model that trains throughout). Heads attached after a layer that can train
+    are checked too. Raises UnsupportedOpError, in the terms of `model` when given (else of the
+    manifest), when the last layer or a head that can train cannot be differentiated.
+    """
+    from coordinator.model.part_graphs import ensure_part_graphs, locate
     from edge_runtime.wire.part import TrainablePart
-    every_layer = range(len(manifest.layers))
-    parts = [TrainablePart.for_layers(manifest, every_layer)]
-    parts += [TrainablePart.for_layers(manifest, [h.attach_after_layer], head=h.index) for h in manifest.heads
-              if h.index != manifest.final_head.index]
-    ensure_part_graphs(manifest, parts)
+    n = len(manifest.layers)
+    first, cause = 0, None
+    while True:
+        try:
+            ensure_part_graphs(manifest, [TrainablePart.for_layers(manifest, range(first, n))])
+            break
+        except UnsupportedOpError as exc:
+            exc = locate(exc, manifest, model)
+            if exc.layer is None or exc.layer < first:
+                raise exc from None
+            if exc.layer == n - 1:
+                raise exc.located("", note=f"layer {manifest.layers[-1].name} is the model's last layer, so "
+                                  f"freezing every layer up to it would leave nothing to train") from None
+            first, cause = exc.layer + 1, exc
+    heads = [TrainablePart.for_layers(manifest, [h.attach_after_layer], head=h.index) for h in manifest.heads
+             if h.index != manifest.final_head.index and h.attach_after_layer >= first]
+    try:
+        ensure_part_graphs(manifest, heads)
+    except UnsupportedOpError as exc:
+        raise locate(exc, manifest, model) from None
+    return first, cause
 
 
 def load_weights(manifest: Manifest) -> dict[str, np.ndarray]:

@@ -10,6 +10,7 @@ so it needs onnxruntime and nothing of the onnx package.
 """
 from __future__ import annotations
 
+import re
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -26,6 +27,27 @@ def act_name(i: int) -> str:
 
 
 LOGITS = "logits"
+
+
+def layer_scope(i: int) -> str:
+    """The prefix of every node and private value of layer i's graph, so that graphs compose."""
+    return f"L{i}"
+
+
+def head_scope(j: int) -> str:
+    return f"H{j}"
+
+
+_SCOPE = re.compile(r"(L|H)(\d+)/(.*)", re.S)
+
+
+def scope_of(node_name: str) -> tuple[str, int, str] | None:
+    """("layer" or "head", its index, the node's name inside it) of a node of a layer or head graph (also of the
+    gradient nodes built from it); None for a node of no layer or head, e.g. the loss's."""
+    m = _SCOPE.fullmatch(node_name)
+    if m is None:
+        return None
+    return ("layer" if m.group(1) == "L" else "head"), int(m.group(2)), m.group(3)
 
 
 class GraphLibrary:

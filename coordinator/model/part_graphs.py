@@ -15,6 +15,9 @@ maintained onnxruntime the coordinator and the devices run: installed into its o
 folder (`EDGEBLOCK_GRADIENT_BUILDER`, by default `<venv>/gradient-builder`), and used only
 in a child process whose path puts that folder first. Every part of a round is built in
 one child, so a round pays one start-up, and a part already built costs nothing.
+
+An op that cannot be differentiated comes back as UnsupportedOpError naming the layer or
+head that holds it (`locate`); the export adds the torch module inside it.
 """
 from __future__ import annotations
 
@@ -25,11 +28,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
-from coordinator.model.graphs import GraphLibrary, compose, forward_graph
+from coordinator.model.graphs import GraphLibrary, compose, forward_graph, scope_of
 from edge_runtime.errors import EdgeRuntimeError, UnsupportedOpError
 from edge_runtime.store import atomic_write_bytes, sha256_bytes, sha256_file
 from edge_runtime.wire.manifest import Manifest
@@ -65,7 +68,53 @@ def ensure_builder() -> Path:
 
 def ensure_part_graphs(manifest: Manifest, parts: Iterable[TrainablePart]) -> None:
     """Build the graphs of every part that lacks them (one child process for all); raise UnsupportedOpError
-    naming the operator when a part cannot be trained on a device."""
+    naming the layer or head (by its manifest name) and the operator when a part cannot be trained on a device."""
+    try:
+        _ensure_part_graphs(manifest, parts)
+    except UnsupportedOpError as exc:
+        raise locate(exc, manifest) from None
+
+
+def locate(error: UnsupportedOpError, manifest: Manifest, model: Any = None) -> UnsupportedOpError:
+    """The error told in the model's terms: the layer (its state-dict name and block) or head whose graph holds
+    the node and, given the torch model it was exported from (a BlockModel), the module inside it and its type.
+
+    The node's name is the layer's scope (`L1/`) before the legacy exporter's module path
+    (`/1/InstanceNormalization`, `/body/body.0/Conv`), gradient nodes keeping their forward node's path.
+    """
+    scope = scope_of(error.node_name)
+    if scope is None:
+        return error
+    kind, index, inner = scope
+    specs = manifest.layers if kind == "layer" else manifest.heads
+    if not 0 <= index < len(specs):
+        return error
+    spec = specs[index]
+    where = f"layer {spec.name} (block {spec.block})" if kind == "layer" else \
+        f"head {spec.name} (after layer {spec.attach_after_layer})"
+    module = _module_of(model, spec.name, inner) if model is not None else None
+    if module is not None:
+        where += f": module {module[0]} ({module[1]})"
+    return error.located(where, **{kind: index})
+
+
+def _module_of(model: Any, prefix: str, inner: str) -> tuple[str, str] | None:
+    """(state-dict path, type name) of the deepest module of `model.<prefix>` that the node path names."""
+    try:
+        modules = dict(model.get_submodule(prefix).named_modules())
+    except AttributeError:
+        return None
+    segments = [s for s in inner.split("/")[:-1] if s]   # the last segment is the node's own name
+    found = ""
+    for k in range(len(segments), 0, -1):   # the exporter writes full paths (body.0); accept body/0 too
+        hit = next((c for c in (segments[k - 1], ".".join(segments[:k])) if c in modules), None)
+        if hit is not None:
+            found = hit
+            break
+    return (f"{prefix}.{found}" if found else prefix), type(modules[found]).__name__
+
+
+def _ensure_part_graphs(manifest: Manifest, parts: Iterable[TrainablePart]) -> None:
     lib = GraphLibrary(manifest)
     todo: dict[str, TrainablePart] = {}
     for part in parts:

@@ -33,10 +33,9 @@ def profile_parts(manifest) -> list:
     """Every part a profiler may train on a board: each span that starts at the model's input or after a cut
     point and ends at a cut point, all of it trainable, with the head there (candidates and chosen stages)."""
     from edge_runtime.wire.part import TrainablePart
-    cuts = manifest.cut_points()
-    starts = [0] + [c + 1 for c in cuts if c + 1 < len(manifest.layers)]
+    cuts = manifest.cut_points()   # only those at or after a frozen prefix (layers that never train)
     return [TrainablePart(tuple(range(a, b + 1)), tuple(range(a, b + 1)), manifest.head_for_boundary(b))
-            for a in starts for b in cuts if b >= a]
+            for a in manifest.stage_starts() for b in cuts if b >= a]
 
 
 def export_for_boards(model: str, model_dir: Path, seed: int = 0) -> Path:

@@ -5,6 +5,7 @@ A round's life:
 1. plan_round(round, devices) decides who trains which span of layers, with which head
    and batch size, from each device's *measured* budget and the profiler's memory model.
    A device that fits nothing is left idle with a reason that says what it would need.
+   No plan trains a layer of the model's frozen prefix (`first_trainable`, `trainable`).
 2. aggregate(plan, results, failures, global_weights) returns the new global weights from
    the accepted results. Each parameter combines only the devices that trained it, by the
    [aggregation] rule (coordinator/strategies/aggregation.py: weighted mean, median, trimmed
@@ -216,6 +217,16 @@ class Strategy(ABC):
         """
 
     # -- shared decisions -------------------------------------------------------------------
+    @property
+    def first_trainable(self) -> int:
+        """The first layer a schedule may train. The layers before it are the model's frozen prefix
+        (Manifest.frozen_prefix: no gradient reaches them); devices run them only as the cached prefix."""
+        return self.manifest.frozen_prefix
+
+    def trainable(self, layers) -> tuple[int, ...]:
+        """Those of `layers` a schedule may train: never one of the frozen prefix."""
+        return self.manifest.trainable_layers(layers)
+
     def fit(self, device: Device, first: int, last: int) -> tuple[int, int] | None:
         """(largest batch, predicted peak) at which layers first..last fit the device's budget, or None."""
         for batch in self.batch_sizes:

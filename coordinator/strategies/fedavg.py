@@ -1,5 +1,6 @@
 """Full-model FedAvg: the baseline. Every device trains the whole model, so devices whose
-budget cannot hold whole-model training are excluded, as a real deployment must."""
+budget cannot hold whole-model training are excluded, as a real deployment must. (The whole
+model less its frozen prefix, if it has one: those layers never train, and come cached.)"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,16 +24,16 @@ class FedAvg(Strategy):
         self.rounds_done = 0
 
     def plan_round(self, round_no, devices):
-        last = len(self.manifest.layers) - 1
+        first, last = self.first_trainable, len(self.manifest.layers) - 1   # the frozen prefix comes cached
         head = self.manifest.final_head.index
         assignments, idle = [], {}
         for d in devices:
-            fit = self.fit(d, 0, last)
+            fit = self.fit(d, first, last)
             if fit is None:
                 idle[d.device_id] = f"excluded: whole-model training does not fit {d.budget_bytes / 2**20:.0f} MB; " \
-                                    + self.need_text(0, last)
+                                    + self.need_text(first, last)
                 continue
-            assignments.append(Assignment(d.device_id, 0, last, tuple(range(last + 1)), head, *fit))
+            assignments.append(Assignment(d.device_id, first, last, tuple(range(first, last + 1)), head, *fit))
         return RoundPlan(round_no, tuple(assignments), idle, {"phase": "fedavg", "round": self.rounds_done})
 
     def advance(self, plan, before, after, results=()):

@@ -1,6 +1,7 @@
 """Federated layer-wise learning with depth dropout (Guo et al., arXiv 2309.05213).
 
-One layer trains at a time, front to back, plus a head. By default the head is the small
+One layer trains at a time, front to back, plus a head (layers of the model's frozen
+prefix never train: the first is the one after it). By default the head is the small
 output head right after that layer (greedy layer-wise learning): the device's graph is
 the layer and its head, with the frozen layers before it read from its activation
 cache, so its memory is one layer's. `frozen_after` keeps that many frozen layers after
@@ -66,7 +67,7 @@ class LayerWise(Strategy):
         self.rule = freeze_rule
         m = self.manifest
         self.last = len(m.layers) - 1
-        self.layers = [l.index for l in m.layers if l.params]   # the units that train, in order
+        self.layers = list(self.trainable(l.index for l in m.layers if l.params))   # the units that train, in order
         self.position = 0
         self.rounds_in_stage = 0
         self.movement = BlockMovement(self.rule)

@@ -7,6 +7,9 @@ of the frozen blocks before it, so a device needs the memory of that block, not 
   `shrink_rounds` rounds on top of the still-initial prefix, which gives every block and
   head starting parameters shaped by the position they will hold. (Block 0 is skipped: it
   is the growing stage's first step anyway.) shrink_rounds=0 turns the stage off.
+- A model with a frozen prefix (Manifest.frozen_prefix) starts where its first trainable
+  layer is: block 0 above means that layer's block, whose frozen layers stay in the cached
+  prefix, and blocks wholly inside the prefix never get a stage.
 - Growing stage, front to back: block t trains with its head on top of the trained,
   frozen prefix until the effective-movement rule (coordinator/strategies/freezing.py) says it has
   converged (after `min_rounds_per_block`) or `max_rounds_per_block` is reached; then it
@@ -57,15 +60,22 @@ class Progressive(Strategy):
         self.max_extra_blocks = max_extra_blocks
         self.rule = freeze_rule
         n = len(self.manifest.blocks)
-        self.phase = "shrinking" if shrink_rounds > 0 and n > 1 else "growing"
-        self.block = n - 1 if self.phase == "shrinking" else 0
+        self.first_block = self.manifest.layers[self.first_trainable].block   # the first block that can train
+        self.phase = "shrinking" if shrink_rounds > 0 and n - self.first_block > 1 else "growing"
+        self.block = n - 1 if self.phase == "shrinking" else self.first_block
         self.rounds_in_stage = 0
         self.movement = BlockMovement(self.rule)
         self.em_log: list[dict] = []
 
     # -- stages -------------------------------------------------------------------------------
     def _span(self, first_block: int, last_block: int) -> tuple[int, int]:
-        return self.manifest.blocks[first_block].layers[0], self.manifest.blocks[last_block].layers[-1]
+        """The layers blocks first..last train: less the frozen prefix, which the device reads from its cache."""
+        first = max(self.manifest.blocks[first_block].layers[0], self.first_trainable)
+        return first, self.manifest.blocks[last_block].layers[-1]
+
+    def _block_params(self) -> list[str]:
+        """The current block's trainable parameters, whose movement decides when it freezes."""
+        return self.manifest.param_names(self.trainable(self.manifest.blocks[self.block].layers), kind="param")
 
     def plan_round(self, round_no, devices):
         if self.finished:
@@ -101,7 +111,7 @@ class Progressive(Strategy):
             if self.rounds_in_stage >= self.shrink_rounds:
                 self._next_stage()
             return
-        names = self.manifest.param_names(self.manifest.blocks[self.block].layers, kind="param")
+        names = self._block_params()
         em = self.movement.observe({k: before[k] for k in names}, {k: after[k] for k in names})
         # None until the window is full (the rule's own NaN is not valid JSON)
         self.em_log.append({"round": plan.round, "block": self.block,
@@ -116,8 +126,8 @@ class Progressive(Strategy):
         self.movement = BlockMovement(self.rule)
         if self.phase == "shrinking":
             self.block -= 1
-            if self.block < 1:
-                self.phase, self.block = "growing", 0
+            if self.block <= self.first_block:
+                self.phase, self.block = "growing", self.first_block
         else:
             self.block += 1
             if self.block >= n:
@@ -131,9 +141,11 @@ class Progressive(Strategy):
         if self.finished:
             return 0, 0
         n = len(self.manifest.blocks)
-        if self.phase == "shrinking":   # this block's shrink rounds, the blocks down to 1, then every block grows
-            shrink = self.shrink_rounds - self.rounds_in_stage + (self.block - 1) * self.shrink_rounds
-            return shrink + n * self.min_rounds, shrink + n * self.max_rounds
+        grow = n - self.first_block   # every block that can train has a growing stage
+        if self.phase == "shrinking":   # this block's shrink rounds, the blocks down to first_block + 1, then growing
+            shrink = (self.shrink_rounds - self.rounds_in_stage
+                      + (self.block - self.first_block - 1) * self.shrink_rounds)
+            return shrink + grow * self.min_rounds, shrink + grow * self.max_rounds
         later = n - 1 - self.block
         return (max(1, self.min_rounds - self.rounds_in_stage) + later * self.min_rounds,
                 self.max_rounds - self.rounds_in_stage + later * self.max_rounds)
@@ -160,7 +172,7 @@ class Progressive(Strategy):
         """Refill the movement window with the current block's last changes, as if never restarted."""
         if self.phase != "growing" or self.rounds_in_stage == 0:
             return
-        names = self.manifest.param_names(self.manifest.blocks[self.block].layers, kind="param")
+        names = self._block_params()
         mine = [(b, a) for stage, b, a in history
                 if stage.get("phase") == "growing" and stage.get("block") == self.block][-self.rounds_in_stage:]
         changes = ((load(b), load(a)) for b, a in mine[-self.rule.window:])

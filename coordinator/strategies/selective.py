@@ -19,6 +19,7 @@ to the final head, at the device's batch, plus the margin. Frozen layers inside 
 still keep activations for the backward pass, so the span is what the device must hold;
 it is an upper bound, because frozen layers keep no optimizer state. A device scores only
 the layers it could ever train: those from the lowest layer whose span fits its budget.
+No unit lies in the model's frozen prefix (Manifest.frozen_prefix): those layers never train.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ class Selective(Strategy):
         self.rounds, self.rescore_every, self.lam, self.max_units = rounds, rescore_every, lam, max_units
         m = self.manifest
         self.last = len(m.layers) - 1
-        self.units = [l.index for l in m.layers if l.params] + [HEAD]
+        self.units = [*self.trainable(l.index for l in m.layers if l.params), HEAD]
         self.phase = "score"
         self.train_rounds_done = 0
         self.scores: dict[str, dict[str, float]] = {}     # device -> {unit key: score}
@@ -73,7 +74,8 @@ class Selective(Strategy):
         return max(b for b in options if self._lowest(device, b) == lowest)
 
     def _lowest(self, device, batch: int) -> int:
-        return next(l for l in range(self.last + 1) if self._cost(l, batch) <= device.budget_bytes)
+        return next(l for l in range(self.first_trainable, self.last + 1)
+                    if self._cost(l, batch) <= device.budget_bytes)
 
     # -- the contract -------------------------------------------------------------------------
     def plan_round(self, round_no, devices):
@@ -117,7 +119,8 @@ class Selective(Strategy):
             return self._cost(min(layers) if layers else self.last, scored[i][1])
 
         # a device that can hold the whole model trains twice as many units: more memory, more training
-        caps = [2 * self.max_units if self._cost(0, b) <= d.budget_bytes else self.max_units for d, b in scored]
+        caps = [2 * self.max_units if self._cost(self.first_trainable, b) <= d.budget_bytes else self.max_units
+                for d, b in scored]
         problem = SelectionProblem(table, [d.budget_bytes for d, _ in scored], cost, lam=self.lam, max_units=caps)
         selection = solve(problem)
         out, chosen_log = [], {}

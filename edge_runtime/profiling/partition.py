@@ -4,7 +4,9 @@ Dynamic programming over the layer boundaries where a head exists: the fewest st
 (largest blocks, fewest progressive stages) whose every stage is predicted to fit the
 usable budget; among equal stage counts, the largest batch size (on the CPUs measured,
 time per sample falls or stays flat as the batch grows, so the largest fitting batch
-trains at least as fast), then the lowest worst-stage peak (most headroom).
+trains at least as fast), then the lowest worst-stage peak (most headroom). A model with a
+frozen prefix (Manifest.frozen_prefix) is cut from its first trainable layer: the layers
+before it never train, and every stage reads them from its cache.
 """
 from __future__ import annotations
 
@@ -34,26 +36,30 @@ class NoPartition(Exception):
 
 
 def best_partition(n_layers: int, cut_points: Sequence[int], batch_size: int,
-                   predict: Callable[[int, int, int], float], usable_bytes: float) -> Partition | None:
-    """Fewest stages covering layers 0..n-1 at one batch size, every stage predicted <= usable_bytes."""
-    cuts = sorted(set(cut_points))
+                   predict: Callable[[int, int, int], float], usable_bytes: float,
+                   first: int = 0) -> Partition | None:
+    """Fewest stages covering layers first..n-1 at one batch size, every stage predicted <= usable_bytes.
+
+    first: the first layer that trains (the frozen prefix's length); cut points before it are ignored.
+    """
+    cuts = sorted({c for c in cut_points if c >= first})
     if not cuts or cuts[-1] != n_layers - 1:
         raise ValueError("the last layer must be a cut point (the model's own classifier head)")
-    starts = [0] + [c + 1 for c in cuts[:-1]]
+    starts = [first] + [c + 1 for c in cuts[:-1]]
     # best[c] = (stages, worst peak, previous cut) for the prefix ending after layer c
     best: dict[int, tuple[int, float, int | None]] = {}
     for c in cuts:
-        for first in starts:
-            if first > c:
+        for start in starts:
+            if start > c:
                 break
-            prev = first - 1
-            if prev >= 0 and prev not in best:
+            prev = start - 1
+            if start > first and prev not in best:
                 continue
-            peak = predict(first, c, batch_size)
+            peak = predict(start, c, batch_size)
             if peak > usable_bytes:
                 continue
-            stages, worst = (0, 0.0) if prev < 0 else best[prev][:2]
-            cand = (stages + 1, max(worst, peak), prev if prev >= 0 else None)
+            stages, worst = (0, 0.0) if start == first else best[prev][:2]
+            cand = (stages + 1, max(worst, peak), prev if start > first else None)
             if c not in best or cand[:2] < best[c][:2]:
                 best[c] = cand
     last = n_layers - 1
@@ -62,21 +68,21 @@ def best_partition(n_layers: int, cut_points: Sequence[int], batch_size: int,
     stages, c = [], last
     while c is not None:
         prev = best[c][2]
-        first = 0 if prev is None else prev + 1
-        stages.append(Stage(first, c, int(predict(first, c, batch_size))))
+        start = first if prev is None else prev + 1
+        stages.append(Stage(start, c, int(predict(start, c, batch_size))))
         c = prev
     return Partition(batch_size, tuple(reversed(stages)))
 
 
 def choose_partition(n_layers: int, cut_points: Sequence[int], batch_sizes: Sequence[int],
-                     predict: Callable[[int, int, int], float], usable_bytes: float) -> Partition:
-    """The best partition over every batch size; NoPartition says why none fits."""
+                     predict: Callable[[int, int, int], float], usable_bytes: float, first: int = 0) -> Partition:
+    """The best partition of layers first..n-1 over every batch size; NoPartition says why none fits."""
     found = [p for b in sorted(set(batch_sizes), reverse=True)
-             if (p := best_partition(n_layers, cut_points, b, predict, usable_bytes)) is not None]
+             if (p := best_partition(n_layers, cut_points, b, predict, usable_bytes, first)) is not None]
     if not found:
         b = min(batch_sizes)
-        cuts = sorted(set(cut_points))
-        starts = [0] + [c + 1 for c in cuts[:-1]]
+        cuts = sorted({c for c in cut_points if c >= first})
+        starts = [first] + [c + 1 for c in cuts[:-1]]
         needs = [(predict(s, c, b), s, c) for s, c in zip(starts, cuts)]
         worst = max(needs)
         raise NoPartition(f"layers {worst[1]}-{worst[2]} alone need {worst[0] / 2**20:.0f} MB at batch {b}, "

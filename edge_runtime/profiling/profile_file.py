@@ -1,7 +1,8 @@
 """The profile file: what the profiler measured and chose per tier, as the coordinator reads it.
 
 Format `edgeblock-profile/1` (documented in docs/profiler.md). Every field is checked on
-load; a malformed file is rejected with the field and the reason.
+load; a malformed file is rejected with the field and the reason. A model with a frozen
+prefix (Manifest.frozen_prefix) adds `frozen_prefix`: its tiers' stages start there.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ class Profile:
     span_model: dict = field(default_factory=dict)
     tiers: list[TierPlan] = field(default_factory=list)
     format: str = FORMAT
+    frozen_prefix: int = 0      # the manifest's: layers before it never train, and no stage covers them
 
     def tier(self, name: str) -> TierPlan:
         for t in self.tiers:
@@ -64,7 +66,10 @@ class Profile:
 
     def save(self, path: Path) -> None:
         from edge_runtime.store import atomic_write_text
-        atomic_write_text(Path(path), json.dumps(asdict(self), indent=1))
+        d = asdict(self)
+        if not self.frozen_prefix:   # a model that trains every layer keeps the file it always had
+            d.pop("frozen_prefix")
+        atomic_write_text(Path(path), json.dumps(d, indent=1))
 
     @classmethod
     def load(cls, path: Path) -> "Profile":
@@ -130,6 +135,7 @@ def _parse(raw: dict) -> Profile:
     if raw.get("format") != FORMAT:
         shown = repr(raw.get("format"))
         raise ProfileError(f"format is {printable(shown, 60)}, expected {FORMAT!r}")
+    frozen_prefix = _int(raw, "frozen_prefix", "profile") if "frozen_prefix" in raw else 0
     tiers = []
     for i, t in enumerate(_need(raw, "tiers", list, "profile")):
         where = f"tiers[{i}]"
@@ -141,7 +147,7 @@ def _parse(raw: dict) -> Profile:
         stages = []
         if feasible:
             batch = _positive(t, "batch_size", where)
-            expected_first = 0
+            expected_first = frozen_prefix   # the stages cover every layer that trains
             for j, s in enumerate(_need(t, "stages", list, where)):
                 sw = f"{where}.stages[{j}]"
                 _object(s, sw)
@@ -166,4 +172,4 @@ def _parse(raw: dict) -> Profile:
                    measurements=_need(raw, "measurements", list, "profile"),
                    fits=_need(raw, "fits", list, "profile") if "fits" in raw else [],
                    span_model=_need(raw, "span_model", dict, "profile") if "span_model" in raw else {},
-                   tiers=tiers)
+                   tiers=tiers, frozen_prefix=frozen_prefix)

@@ -49,8 +49,10 @@ def measure_baseline() -> int:
 
 
 def default_candidates(manifest: Manifest) -> list[tuple[int, int]]:
-    """Each block and each pair of neighbouring blocks, as (first layer, last layer)."""
-    spans = [(b.layers[0], b.layers[-1]) for b in manifest.blocks]
+    """Each block and each pair of neighbouring blocks, as (first layer, last layer), less the model's frozen
+    prefix: a block inside it never trains, and one that straddles it trains from its first trainable layer."""
+    start = manifest.frozen_prefix
+    spans = [(max(b.layers[0], start), b.layers[-1]) for b in manifest.blocks if b.layers[-1] >= start]
     return spans + [(a[0], b[1]) for a, b in zip(spans, spans[1:])]
 
 
@@ -91,8 +93,12 @@ class Profiler:
             rng.integers(0, self.manifest.num_classes, n))
 
     def _part(self, first: int, last: int) -> TrainablePart:
-        return TrainablePart(span=tuple(range(first, last + 1)), trainable_layers=tuple(range(first, last + 1)),
+        """Layers first..last, all trainable, with the head after last; refused (ManifestError, an
+        EdgeRuntimeError) for a span that reaches into the frozen prefix, before any child runs."""
+        part = TrainablePart(span=tuple(range(first, last + 1)), trainable_layers=tuple(range(first, last + 1)),
                              head=self.manifest.head_for_boundary(last))
+        part.validate(self.manifest)
+        return part
 
     def _spec(self, task: str, first: int, last: int, batch: int, steps: int) -> JobSpec:
         part = self._part(first, last)
@@ -163,7 +169,8 @@ def run_profile(manifest_path: Path, tiers: list, batches: list[int], workdir: P
                                   f"of {baseline / MIB:.0f} MB: nothing can train"))
             continue
         try:
-            part = choose_partition(len(m.layers), m.cut_points(), batches, predictor.predict, usable)
+            part = choose_partition(len(m.layers), m.cut_points(), batches, predictor.predict, usable,
+                                    first=m.frozen_prefix)
         except NoPartition as exc:
             plans.append(TierPlan(tier.name, tier.budget_bytes, usable, False, str(exc)))
             continue
@@ -182,7 +189,7 @@ def run_profile(manifest_path: Path, tiers: list, batches: list[int], workdir: P
                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    device=probe(prof.workdir, margin).to_dict(), baseline_bytes=baseline, margin=margin,
                    measurements=[asdict(p) for p in points], fits=[asdict(f) for f in fits],
-                   span_model=asdict(span_model), tiers=plans)
+                   span_model=asdict(span_model), tiers=plans, frozen_prefix=m.frozen_prefix)
 
 
 def format_profile(profile: Profile) -> str:

@@ -12,6 +12,10 @@ of layers is therefore concatenation.
 
 A manifest travels to devices as a blob, so loading one checks every field's type and range
 before anything uses it: a malformed manifest is a ManifestError naming the field.
+
+`frozen_prefix` (written only when not 0, so older manifests load unchanged) is the number
+of leading layers that never train, because the export found an op no gradient passes
+through in the last of them; they run forward only.
 """
 from __future__ import annotations
 
@@ -103,6 +107,11 @@ class Manifest:
     weights: GraphRef | None = None  # initial weights (safetensors)
     format: str = FORMAT
     root: Path | None = field(default=None, compare=False)
+    # Leading layers that never train: no gradient flows back through layer frozen_prefix - 1 (the export
+    # found an op there that a device cannot differentiate). They still run forward, as every part's cached
+    # prefix and in evaluation. Heads attached inside it never train either. frozen_reason says why, for logs.
+    frozen_prefix: int = 0
+    frozen_reason: str = ""
 
     # -- queries -----------------------------------------------------------------
     @property
@@ -143,8 +152,31 @@ class Manifest:
                             f"(export the model with a boundary_head factory to cut at any layer)")
 
     def cut_points(self) -> list[int]:
-        """Layers after which a part may end (a head exists there)."""
-        return sorted({h.attach_after_layer for h in self.heads})
+        """Layers after which a part may end: a head exists there, after the frozen prefix."""
+        return sorted({h.attach_after_layer for h in self.heads if h.attach_after_layer >= self.frozen_prefix})
+
+    def stage_starts(self) -> list[int]:
+        """Layers at which a run of trainable layers may start: the first layer after the frozen prefix, and
+        the layer after each cut point."""
+        return [self.frozen_prefix] + [c + 1 for c in self.cut_points() if c + 1 < len(self.layers)]
+
+    def trainable_layers(self, layers=None) -> tuple[int, ...]:
+        """Those of `layers` (default: every layer) that may train: the ones after the frozen prefix."""
+        chosen = range(len(self.layers)) if layers is None else layers
+        return tuple(i for i in chosen if i >= self.frozen_prefix)
+
+    def head_can_train(self, head: int) -> bool:
+        """A head attached inside the frozen prefix never trains: no part that trains a layer can end there."""
+        return self.heads[head].attach_after_layer >= self.frozen_prefix
+
+    def frozen_prefix_text(self) -> str:
+        """The frozen prefix in words, for messages: 'layers 0-1 (blocks.0.0 .. blocks.1.0)'; why is frozen_reason."""
+        p = self.frozen_prefix
+        if p == 0:
+            return "no layer"
+        if p == 1:
+            return f"layer 0 ({self.layers[0].name})"
+        return f"layers 0-{p - 1} ({self.layers[0].name} .. {self.layers[p - 1].name})"
 
     def graph_path(self, ref: GraphRef) -> Path:
         return self.file(ref.file)
@@ -159,6 +191,9 @@ class Manifest:
     def to_json(self) -> str:
         d = asdict(self)
         d.pop("root")
+        if not self.frozen_prefix:   # a model that trains every layer keeps the manifest it always had
+            d.pop("frozen_prefix")
+            d.pop("frozen_reason")
         return json.dumps(d, indent=1)
 
     def save(self, path: Path) -> None:
@@ -298,7 +333,8 @@ def _parse(raw: dict, root: Path | None) -> Manifest:
     m = Manifest(model=_get(raw, "model", "", str), input_shape=_ints(raw, "input_shape", ""),
                  num_classes=_int(raw, "num_classes", "", lo=1), opset=_int(raw, "opset", "", lo=1), layers=layers,
                  heads=heads, blocks=blocks, weights=None if weights is None else _graph(weights, "weights"),
-                 root=root)
+                 root=root, frozen_prefix=_count(_get(raw, "frozen_prefix", "", int, 0), "frozen_prefix"),
+                 frozen_reason=_get(raw, "frozen_reason", "", str, ""))
     validate(m)
     return m
 
@@ -334,6 +370,9 @@ def validate(m: Manifest) -> None:
     for h in m.heads:
         if not 0 <= h.attach_after_layer < len(m.layers):
             raise ManifestError(f"head {h.name} attaches after missing layer {h.attach_after_layer}")
+    if not 0 <= m.frozen_prefix < len(m.layers):
+        raise ManifestError(f"frozen_prefix {m.frozen_prefix} must leave at least one of the {len(m.layers)} "
+                            f"layers to train (0 to {len(m.layers) - 1})")
     names = Counter(m.all_param_names())
     if any(n > 1 for n in names.values()):
         dup = sorted(name for name, n in names.items() if n > 1)

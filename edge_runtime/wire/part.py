@@ -20,6 +20,8 @@ class TrainablePart:
     in the span that are not trainable are frozen but still run forward and pass gradients back.
     Layers in `skip` (depth dropout) are frozen span layers the manifest marks skippable that
     the training graph replaces by identity: they do not run, and their weights are not needed.
+    No part trains a layer of the model's own frozen prefix (Manifest.frozen_prefix: no gradient
+    reaches it) or a head attached inside it; those layers may only run, before or in the span.
     """
     span: tuple[int, ...]
     trainable_layers: tuple[int, ...]
@@ -29,12 +31,17 @@ class TrainablePart:
 
     @classmethod
     def block(cls, manifest, block: int) -> "TrainablePart":
-        b = manifest.blocks[block]
-        return cls(span=tuple(b.layers), trainable_layers=tuple(b.layers), head=b.head)
+        """The block and its head, less the layers of the model's frozen prefix (they stay in the cached prefix)."""
+        return cls.blocks(manifest, block, block)
 
     @classmethod
     def blocks(cls, manifest, first: int, last: int) -> "TrainablePart":
-        layers = tuple(i for b in range(first, last + 1) for i in manifest.blocks[b].layers)
+        """Blocks first..last ending in block last's head; layers of the frozen prefix stay in the cached prefix."""
+        layers = manifest.trainable_layers(i for b in range(first, last + 1) for i in manifest.blocks[b].layers)
+        if not layers:
+            what = f"block {first} lies" if first == last else f"blocks {first}-{last} lie"
+            raise _in_frozen_prefix(manifest, what, f"train blocks from block "
+                                    f"{manifest.layers[manifest.frozen_prefix].block} on")
         return cls(span=layers, trainable_layers=layers, head=manifest.blocks[last].head)
 
     @classmethod
@@ -113,6 +120,15 @@ class TrainablePart:
             raise ManifestError("nothing to train: no trainable layers and a frozen head")
         if not 0 <= self.head < len(manifest.heads) or manifest.heads[self.head].attach_after_layer != span[-1]:
             raise ManifestError(f"head {self.head} does not attach after layer {span[-1]}")
+        frozen = [i for i in self.trainable_layers if i < manifest.frozen_prefix]
+        if frozen:
+            names = ", ".join(manifest.layers[i].name for i in frozen)
+            raise _in_frozen_prefix(manifest, f"cannot train layer(s) {frozen} ({names}): they lie",
+                                    f"train layers from {manifest.frozen_prefix} on")
+        if self.train_head and not manifest.head_can_train(self.head):
+            raise _in_frozen_prefix(manifest, f"cannot train head {self.head} ({manifest.heads[self.head].name}): it "
+                                    f"attaches", f"end the part at a head after a later layer (heads attach after "
+                                    f"layers {manifest.cut_points()})")
         for i in self.skip:
             if not _is_integer(i):
                 raise ManifestError(f"skip must hold integer layer indices, got {i!r}")
@@ -152,6 +168,13 @@ class TrainablePart:
     def all_names(self, manifest) -> list[str]:
         """Every parameter of the training graph: the span less skipped layers, and the head."""
         return manifest.param_names([i for i in self.span if i not in self.skip], [self.head])
+
+
+def _in_frozen_prefix(manifest, what: str, instead: str) -> ManifestError:
+    """`what` (it lies / they lie) inside the model's frozen prefix, what to do instead, and why it is frozen."""
+    why = f" (frozen because {manifest.frozen_reason})" if manifest.frozen_reason else ""
+    return ManifestError(f"{what} in the model's frozen prefix, {manifest.frozen_prefix_text()}, which never trains; "
+                         f"{instead}{why}")
 
 
 def _index_tuple(values, what: str) -> tuple:
