@@ -7,9 +7,10 @@ over the local data (or `max_steps` batches), forward and backward only: no opti
 step, so no weight changes and nothing to send back but the scores.
 
 Scoring uses the same machinery as training: the part's step graph (the same graph
-training the part uses) and the activation cache of the frozen prefix. Only the part's trainable layers (and its head, if it trains) have gradients, so
-those are the layers that get a score; to score every layer, score
-`TrainablePart.for_layers(manifest, range(len(manifest.layers)))`.
+training the part uses) and the activation cache of the frozen prefix. Only the part's
+trainable layers (and its head, if it trains) have gradients, so those are the layers that
+get a score; to score every layer that can train, score
+`TrainablePart.for_layers(manifest, manifest.trainable_layers())`.
 """
 from __future__ import annotations
 
