@@ -136,24 +136,34 @@ def _settings(args) -> dict:
     return load_config(DEFAULTS, args.config, overrides)
 
 
+EXIT_REFUSED = 2   # a start-up refusal: the service unit does not restart (deploy/systemd/edge-coordinator.service)
+
+
+class StartRefused(Exception):
+    """The run cannot start as configured (settings, model, evaluation data, workdir): restarting cannot help."""
+
+
 def start_over(settings: dict) -> None:
     """--fresh: discard the workdir's run but keep its model, unless the settings name another one."""
     import shutil
 
     from coordinator.model import sources
+    from edge_runtime.errors import EdgeRuntimeError
     work = Path(settings["service"]["workdir"])
     if not work.is_dir():
         return
     s = settings["service"]
     if s["model"]:   # install (or keep) the named model before anything is deleted: a bad --model loses nothing
-        sources.install(s["model"], work / "model", s["seed"], replace=True)
+        try:
+            sources.install(s["model"], work / "model", s["seed"], replace=True)
+        except (EdgeRuntimeError, ValueError) as exc:
+            raise StartRefused(str(exc)) from exc
     for entry in work.iterdir():
         if entry.name != "model":
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
 def run(settings: dict, stop: threading.Event) -> dict:
-    from coordinator.service import Coordinator
     from edge_runtime.wire.mqtt_link import is_loopback, parse_broker_url
     work = Path(settings["service"]["workdir"]).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -162,7 +172,7 @@ def run(settings: dict, stop: threading.Event) -> dict:
     if s["broker"]:
         host, port = parse_broker_url(s["broker"])
         if not is_loopback(host) and not (s["username"] or s["tls_cert"]):
-            raise ValueError(f"broker {s['broker']} is not on this machine and the coordinator logs in with no "
+            raise StartRefused(f"broker {s['broker']} is not on this machine and the coordinator logs in with no "
                              f"name: anyone who reaches it could read every task and send updates for any "
                              f"device. Give --username and --password-file (or a client certificate), as "
                              f"docs/broker.md sets up")
@@ -179,10 +189,24 @@ def run(settings: dict, stop: threading.Event) -> dict:
         logging.getLogger("edge-coordinator").info("embedded broker at %s (devices: --broker %s)", broker.url,
                                                    broker.url)
     try:
-        return Coordinator(settings, host, port).run(stop)
+        return _start(settings, host, port).run(stop)
     finally:
         if broker is not None:
             broker.stop()
+
+
+def _start(settings: dict, host: str, port: int):
+    """The Coordinator, or StartRefused saying why this configuration cannot run (before any round)."""
+    from coordinator.service import Coordinator
+    from edge_runtime.errors import EdgeRuntimeError
+    try:
+        return Coordinator(settings, host, port)
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            raise
+        raise StartRefused(str(exc.code)) from None
+    except (EdgeRuntimeError, ValueError) as exc:
+        raise StartRefused(str(exc)) from exc
 
 
 def status(workdir: Path, as_json: bool) -> int:
@@ -275,7 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export":
         return export_model(args.model, args.out, args.seed)
     logs.configure(args.log_level, "%(asctime)s %(name)s %(levelname)s %(message)s")
-    settings = _settings(args)
+    try:
+        settings = _settings(args)
+    except SystemExit as exc:   # ConfigError: the file and the key, said once
+        if exc.code is None or isinstance(exc.code, int):
+            raise
+        print(f"edge-coordinator: {exc.code}", file=sys.stderr)
+        return EXIT_REFUSED
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -284,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.fresh:
             start_over(settings)
         summary = run(settings, stop)
+    except StartRefused as exc:
+        print(f"edge-coordinator: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     except (EdgeRuntimeError, ValueError, ConnectionError) as exc:
         print(f"edge-coordinator: {exc}", file=sys.stderr)
         return 1

@@ -133,7 +133,7 @@ def test_the_readmes_own_model_path_trains_keeps_its_model_and_names_bad_data(si
     # another model in the same workdir is refused, naming both; the run's model is untouched
     other = subprocess.run([".venv/bin/edge-coordinator", "run", "--workdir", "runs/mine", "--model", "fmnist_cnn"],
                            cwd=site, capture_output=True, text=True, timeout=120, env=device_child_env())
-    assert other.returncode != 0
+    assert other.returncode == 2
     assert "holds a run of" in other.stderr and "zoo model fmnist_cnn" in other.stderr, other.stderr
     assert json.loads((site / "runs/mine/model/manifest.json").read_text())["model"] == "mine"
 
@@ -159,7 +159,7 @@ def test_an_unknown_model_is_refused_with_the_forms_that_work(site):
     r = subprocess.run([".venv/bin/edge-coordinator", "run", "--workdir", "runs/unknown", "--model", "digits_cnn",
                         "--broker", "mqtt://127.0.0.1:1"], cwd=site, capture_output=True, text=True, timeout=120,
                        env=device_child_env())
-    assert r.returncode != 0 and "unknown model 'digits_cnn'" in r.stderr
+    assert r.returncode == 2 and "unknown model 'digits_cnn'" in r.stderr
     assert "export directory" in r.stderr and "FILE.py[:NAME]" in r.stderr
 
 
@@ -179,7 +179,14 @@ def test_bad_evaluation_data_stops_the_coordinator_before_any_round_naming_the_c
         make(site / f"eval-{cause}")
         flags = ["--eval-data", f"eval-{cause}"]
     r = _start(site, exported, f"runs/bad-eval-{cause}", *flags)
-    assert r.returncode != 0, case
+    assert r.returncode == 2, (case, r.stderr[-2000:])   # a refusal: the service unit does not restart it
     assert cause in r.stderr, (case, r.stderr[-2000:])
     assert "Traceback" not in r.stderr, (case, r.stderr[-2000:])
     assert not (site / f"runs/bad-eval-{cause}/state.db").exists()   # stopped before any round
+
+
+def test_a_bad_settings_file_is_a_refusal_naming_the_key(site):
+    (site / "bad.toml").write_text('[service]\nmodle = "mine.py:build"\n')
+    r = subprocess.run([".venv/bin/edge-coordinator", "run", "--config", "bad.toml"], cwd=site, capture_output=True,
+                       text=True, timeout=120, env=device_child_env())
+    assert r.returncode == 2 and "unknown setting service.modle" in r.stderr, r.stderr[-2000:]
