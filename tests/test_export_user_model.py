@@ -274,3 +274,16 @@ def test_a_job_after_the_frozen_prefix_trains_and_changes_only_trainable_weights
     # the coordinator's evaluation runs the whole model forward, frozen prefix included
     ev = evaluate(m, {**initial, **update}, x, y)
     assert ev["samples"] == 64 and np.isfinite(ev["loss"])
+
+
+def test_a_model_left_with_one_trainable_block_is_profiled_at_enough_batch_sizes(tmp_path):
+    """GroupNorm in layer 2 freezes layers 0-2: one candidate span is left, and the span model needs four
+    points, so the profiler measures it at more batch sizes than it was given (the partition keeps the given)."""
+    from edge_runtime.profiling.profiler import _enough_batches, run_profile
+    assert _enough_batches([16], 1) == [2, 4, 8, 16] and _enough_batches([32, 64], 1) == [8, 16, 32, 64]
+    assert _enough_batches([32, 64], 3) == [32, 64]
+    m = export.export(_model(norm_in=2, name="gn-late"), tmp_path / "model")
+    assert m.frozen_prefix == 3 and default_candidates(m) == [(3, 3)]
+    profile = run_profile(m.root / "manifest.json", [], [16], tmp_path / "prof", verify=False, log=lambda s: None)
+    assert sorted(p["batch_size"] for p in profile.measurements) == [2, 4, 8, 16]
+    assert all((p["first"], p["last"]) == (3, 3) for p in profile.measurements)

@@ -135,20 +135,36 @@ class Profiler:
         return m
 
 
+SPAN_MODEL_POINTS = 4   # the span model fits four coefficients (memory_model.fit_span_model)
+
+
+def _enough_batches(batches: list[int], candidates: int) -> list[int]:
+    """The batch sizes to measure: the given ones, plus halves and doubles when a model with few trainable
+    spans (one block, or one after a frozen prefix) would give the span model fewer points than it fits.
+    The partition still chooses among the given batch sizes only."""
+    measured = sorted(set(batches))
+    while candidates * len(measured) < SPAN_MODEL_POINTS:
+        smaller = measured[0] // 2
+        measured = sorted(set(measured) | ({smaller} if smaller >= 1 and smaller not in measured
+                                           else {measured[-1] * 2}))
+    return measured
+
+
 def run_profile(manifest_path: Path, tiers: list, batches: list[int], workdir: Path, margin: float = 0.10,
                 candidates: list[tuple[int, int]] | None = None, verify: bool = True, steps: int = 6,
                 log: Callable[[str], None] = print) -> Profile:
     """Measure, fit, choose a partition per tier, and (with verify) measure the chosen stages."""
-    prof = Profiler(manifest_path, workdir, max(batches), steps, log)
+    candidates = candidates or default_candidates(Manifest.load(Path(manifest_path)))
+    measured_batches = _enough_batches(batches, len(candidates))
+    prof = Profiler(manifest_path, workdir, max(measured_batches), steps, log)
     m = prof.manifest
-    candidates = candidates or default_candidates(m)
     log("runtime baseline: measuring a process that only imports the runtime")
     baseline = measure_baseline()
     log(f"runtime baseline: {baseline / MIB:.0f} MB")
-    points, total, k = [], len(candidates) * len(batches), 0
+    points, total, k = [], len(candidates) * len(measured_batches), 0
     t0 = time.monotonic()
     for first, last in candidates:
-        for b in batches:
+        for b in measured_batches:
             k += 1
             point = prof.measure(first, last, b)
             points.append(point)
