@@ -244,7 +244,8 @@ def _parser() -> argparse.ArgumentParser:
     me = sub.add_parser("measure", help="measure candidate spans, fit the memory model, choose partitions per tier")
     src = me.add_mutually_exclusive_group(required=True)
     src.add_argument("--manifest", type=Path, help="an exported model's manifest.json (what a board has)")
-    src.add_argument("--model", help="export this zoo model first (needs the server install: torch)")
+    src.add_argument("--model", help="export this model first: a zoo name or FILE.py[:NAME] building a BlockModel "
+                                     "(needs the server install: torch)")
     me.add_argument("--tiers", type=Path, default=DEFAULT_PROFILES_DIR,
                     help="directory of tier TOML files (default: the repo's profiles/)")
     me.add_argument("--tier", action="append", help="only this tier (repeatable); default: every tier")
