@@ -213,7 +213,7 @@ def test_reading_a_large_cache_does_not_grow_resident_memory(tmp_path):
     script = f"""
 import numpy as np
 from pathlib import Path
-from edge_runtime.train.activation_cache import ArrayReader
+from edge_runtime.train.datasets import ArrayReader
 from edge_runtime.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 r = ArrayReader(Path({str(tmp_path / 'big.npy')!r}))
 reset_peak_rss(); before = current_rss_bytes()

@@ -229,7 +229,7 @@ def _child_ort(spec_path: Path) -> dict:
     from onnxruntime.training import api
 
     from edge_runtime.memory import release_free_heap
-    from edge_runtime.train.activation_cache import ArrayReader
+    from edge_runtime.train.datasets import ArrayReader
     from edge_runtime.wire.weights import WeightFile
 
     spec = json.loads(spec_path.read_text())
@@ -278,7 +278,7 @@ def _child_torch(spec_path: Path) -> dict:
     from torch import nn
 
     from coordinator.model import zoo
-    from edge_runtime.train.activation_cache import ArrayReader
+    from edge_runtime.train.datasets import ArrayReader
     from edge_runtime.wire.weights import WeightFile
 
     spec = json.loads(spec_path.read_text())

@@ -4,7 +4,7 @@ A cache file holds the output of layers [0, boundary) for every local sample, co
 with the prefix's forward graph (the coordinator composes it; BatchNorm in inference mode).
 Its key hashes that graph, the prefix weights and the data, so a changed prefix or new
 data is a miss and the prefix runs again; anything else is a hit and the prefix never
-runs. Reads copy just the rows of a batch (see ArrayReader), so reading a cache larger
+runs. Reads copy just the rows of a batch (datasets.ArrayReader), so reading a cache larger
 than the budget costs one batch of resident memory.
 """
 from __future__ import annotations
@@ -17,70 +17,12 @@ from typing import Callable, Iterator
 import numpy as np
 
 from edge_runtime.store import digest_of, sha256_file
-from edge_runtime.train.datasets import LocalDataset
+from edge_runtime.train.datasets import ArrayReader, LocalDataset
 from edge_runtime.wire import weights as wcodec
 from edge_runtime.wire.manifest import Manifest
 from edge_runtime.wire.model_blobs import read_part_graph
 
 FLUSH_BYTES = 8 << 20
-
-
-class ArrayReader:
-    """Rows of a .npy file by index, as float32, read with pread into fresh buffers.
-
-    Not through mmap: on recent kernels a fault on a file mapping maps whole large page-cache
-    folios around it, so 64 random rows of a 250 MB cache put about 90 MB into the resident
-    set at once (measured). pread copies exactly the rows asked for; the file's pages stay
-    in the page cache, outside the process's resident memory.
-    """
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._fd = os.open(self.path, os.O_RDONLY)
-        with open(self.path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read_header(f)
-            self._offset = f.tell()
-        if fortran:
-            raise ValueError(f"{path}: Fortran-ordered arrays are not supported")
-        self._shape, self._dtype = tuple(shape), np.dtype(dtype)
-        self._row_bytes = int(np.prod(self._shape[1:], dtype=np.int64)) * self._dtype.itemsize
-        expected = self._offset + self._shape[0] * self._row_bytes
-        if os.fstat(self._fd).st_size < expected:
-            raise ValueError(f"{path} is truncated: {os.fstat(self._fd).st_size} bytes, expected {expected}")
-
-    def __len__(self) -> int:
-        return self._shape[0]
-
-    @property
-    def row_shape(self) -> tuple[int, ...]:
-        return self._shape[1:]
-
-    def take(self, indices: np.ndarray) -> np.ndarray:
-        raw = np.empty((len(indices),) + self.row_shape, dtype=self._dtype)
-        view = memoryview(raw.reshape(-1).view(np.uint8))
-        rb = self._row_bytes
-        for pos in np.argsort(indices, kind="stable"):  # ascending file offsets
-            row = int(indices[pos])
-            if not 0 <= row < self._shape[0]:
-                raise IndexError(f"row {row} out of range for {self.path} ({self._shape[0]} rows)")
-            got = os.preadv(self._fd, [view[pos * rb:(pos + 1) * rb]], self._offset + row * rb)
-            if got != rb:
-                raise IOError(f"short read of row {row} from {self.path}")
-        return raw if raw.dtype == np.float32 else raw.astype(np.float32)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 def write_npy_stream(path: Path, shape: tuple[int, ...], dtype, chunks: Iterator[np.ndarray]) -> None:

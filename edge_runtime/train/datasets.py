@@ -1,4 +1,4 @@
-"""Local data on a device: Fashion-MNIST IDX files, stored as .npy files the runtime memory-maps.
+"""Local data on a device: Fashion-MNIST IDX files, stored as .npy files the runtime reads row by row (pread).
 
 Also the data contract (check_arrays, LocalDataset.check): what a model's inputs and labels
 must be, checked where the data is, in chunks, so that a wrong shape, a label outside the
@@ -112,7 +112,7 @@ class LocalDataset:
                     return DataSummary.from_dict(saved["summary"])
             except (ValueError, KeyError, TypeError):
                 pass  # a cache: checking again is the cost of losing it
-        with NpyRows(self.inputs_path) as inputs, NpyRows(self.labels_path) as labels:
+        with ArrayReader(self.inputs_path, DataError) as inputs, ArrayReader(self.labels_path, DataError) as labels:
             summary = check_arrays(inputs, labels, input_shape, num_classes, source=str(self.inputs_path),
                                    labels_source=str(self.labels_path), fingerprint=fingerprint)
         if cache_file is not None:
@@ -167,75 +167,108 @@ class DataSummary:
                    label_counts=tuple(int(c) for c in raw["label_counts"]), fingerprint=raw.get("fingerprint"))
 
 
-class NpyRows:
-    """A .npy file as an array of rows read with plain reads, a slice at a time (`rows[a:b]`).
+class ArrayReader:
+    """Rows of a .npy file read with pread into fresh buffers: by index as float32 (`take`, a training
+    batch) or as a contiguous slice in the file's own dtype (`rows[a:b]`, a pass over the whole file).
 
-    Not memory-mapped: every page of a mapping that is read stays in the resident set until
-    unmapped, so scanning a 200 MB dataset through one would grow the agent by 200 MB.
-    The header is checked when opened: DataError for a file that is not a .npy array.
+    Not through mmap: on recent kernels a fault on a file mapping maps whole large page-cache
+    folios around it, so 64 random rows of a 250 MB cache put about 90 MB into the resident
+    set at once (measured), and every page a scan reads stays resident until unmapped. pread
+    copies exactly the rows asked for; the file's pages stay in the page cache, outside the
+    process's resident memory. The header is checked when opened: `error` (DataError for a
+    device's data) for a file that is not a whole C-ordered .npy array.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, error: type[Exception] = ValueError):
         self.path = Path(path)
         try:
-            self._file = open(self.path, "rb")
+            self._fd = os.open(self.path, os.O_RDONLY)
         except OSError as exc:
-            raise DataError(f"{self.path}: cannot read it ({exc.strerror}); check the file and its permissions") \
+            raise error(f"{self.path}: cannot read it ({exc.strerror}); check the file and its permissions") \
                 from None
         try:
-            version = np.lib.format.read_magic(self._file)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read_header(self._file)
+            with open(self.path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read_header(f)
+                self._offset = f.tell()
         except (ValueError, OSError) as exc:
-            self._file.close()
-            raise DataError(f"{self.path} is not a .npy file ({str(exc).splitlines()[0][:120]}); "
-                            f"write it with numpy.save") from None
-        self._offset = self._file.tell()
+            self.close()
+            raise error(f"{self.path} is not a .npy file ({str(exc).splitlines()[0][:120]}); "
+                        f"write it with numpy.save") from None
         self.shape, self.dtype = tuple(int(d) for d in shape), np.dtype(dtype)
-        self.ndim = len(self.shape)
-        if fortran and self.ndim > 1:
-            self._file.close()
-            raise DataError(f"{self.path}: the array is stored in Fortran order; save it in C order: "
-                            f"numpy.save(path, numpy.ascontiguousarray(array))")
+        self._row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
+        if fortran and len(self.shape) > 1:
+            self.close()
+            raise error(f"{self.path}: the array is stored in Fortran order; save it in C order: "
+                        f"numpy.save(path, numpy.ascontiguousarray(array))")
         if not self.dtype.hasobject:
             needed = self._offset + math.prod(self.shape) * self.dtype.itemsize
-            size = os.fstat(self._file.fileno()).st_size
+            size = os.fstat(self._fd).st_size
             if size < needed:
-                self._file.close()
-                raise DataError(f"{self.path} is truncated: {size} bytes where an array of shape {self.shape} "
-                                f"({self.dtype}) needs {needed}; write it again")
+                self.close()
+                raise error(f"{self.path} is truncated: {size} bytes where an array of shape {self.shape} "
+                            f"({self.dtype}) needs {needed}; write it again")
 
     def __len__(self) -> int:
         return self.shape[0] if self.shape else 0
 
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return self.shape[1:]
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """The rows at `indices`, in that order, as float32."""
+        raw = np.empty((len(indices),) + self.row_shape, dtype=self.dtype)
+        view = memoryview(raw.reshape(-1).view(np.uint8))
+        rb = self._row_bytes
+        for pos in np.argsort(indices, kind="stable"):  # ascending file offsets
+            row = int(indices[pos])
+            if not 0 <= row < len(self):
+                raise IndexError(f"row {row} out of range for {self.path} ({len(self)} rows)")
+            got = os.preadv(self._fd, [view[pos * rb:(pos + 1) * rb]], self._offset + row * rb)
+            if got != rb:
+                raise IOError(f"short read of row {row} from {self.path}")
+        return raw if raw.dtype == np.float32 else raw.astype(np.float32)
+
     def __getitem__(self, rows: slice) -> np.ndarray:
+        """Contiguous rows in the file's own dtype, in one read (what a check of the whole file needs)."""
         start, stop, step = rows.indices(len(self))
         if step != 1:
-            raise ValueError("NpyRows reads contiguous rows only")
-        row_items = math.prod(self.shape[1:])
-        self._file.seek(self._offset + start * row_items * self.dtype.itemsize)
-        count = max(0, stop - start) * row_items
-        out = np.fromfile(self._file, dtype=self.dtype, count=count)
-        if out.size != count:
+            raise ValueError("ArrayReader slices contiguous rows only")
+        count = max(0, stop - start)
+        raw = np.empty((count,) + self.row_shape, dtype=self.dtype)
+        want = count * self._row_bytes
+        got = os.preadv(self._fd, [memoryview(raw.reshape(-1).view(np.uint8))],
+                        self._offset + start * self._row_bytes) if want else 0
+        if got != want:
             raise DataError(f"{self.path}: short read at row {start}; the file changed while it was read")
-        return out.reshape((max(0, stop - start),) + self.shape[1:])
+        return raw
 
     def close(self) -> None:
-        self._file.close()
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
 
-    def __enter__(self) -> "NpyRows":
+    def __enter__(self) -> "ArrayReader":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 def check_arrays(inputs, labels, input_shape: Sequence[int], num_classes: int, source: str,
                  labels_source: str | None = None, fingerprint: str | None = None) -> DataSummary:
     """Check a dataset against a model's data contract; its summary, or DataError saying every problem found.
 
-    inputs and labels are numpy arrays (in memory or memory-mapped) or NpyRows: anything with
+    inputs and labels are numpy arrays (in memory or memory-mapped) or ArrayReaders: anything with
     shape, dtype and row slices. They are read CHECK_CHUNK_BYTES of inputs at a time. The
     contract: inputs float32 of shape (N, *input_shape), labels of an integer dtype (int64
     expected) and shape (N,), N > 0, every label in 0..num_classes-1, every input value finite.

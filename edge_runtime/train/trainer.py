@@ -21,8 +21,8 @@ import numpy as np
 from edge_runtime.errors import EdgeRuntimeError, ManifestError
 from edge_runtime.memory import peak_rss_bytes, release_free_heap
 from edge_runtime.store import atomic_write_text, digest_of
-from edge_runtime.train.activation_cache import ActivationCache, ArrayReader
-from edge_runtime.train.datasets import DATA_CHECK_FILE, DataError, LocalDataset, check_batch
+from edge_runtime.train.activation_cache import ActivationCache
+from edge_runtime.train.datasets import DATA_CHECK_FILE, ArrayReader, DataError, LocalDataset, check_batch
 from edge_runtime.train.optimizers import make_optimizer
 from edge_runtime.wire import weights as wcodec
 from edge_runtime.wire.manifest import Manifest
