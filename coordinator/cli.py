@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 
 from coordinator import strategies
-from coordinator.config import load_config
+from coordinator.config import ConfigError, load_config
 from coordinator.service import DEFAULTS
 from edge_runtime import logs
 
@@ -136,11 +136,7 @@ def _settings(args) -> dict:
     return load_config(DEFAULTS, args.config, overrides)
 
 
-EXIT_REFUSED = 2   # a start-up refusal: the service unit does not restart (deploy/systemd/edge-coordinator.service)
-
-
-class StartRefused(Exception):
-    """The run cannot start as configured (settings, model, evaluation data, workdir): restarting cannot help."""
+EXIT_REFUSED = 2   # a ConfigError: the service unit does not restart (deploy/systemd/edge-coordinator.service)
 
 
 def start_over(settings: dict) -> None:
@@ -157,7 +153,7 @@ def start_over(settings: dict) -> None:
         try:
             sources.install(s["model"], work / "model", s["seed"], replace=True)
         except (EdgeRuntimeError, ValueError) as exc:
-            raise StartRefused(str(exc)) from exc
+            raise ConfigError(str(exc)) from exc
     for entry in work.iterdir():
         if entry.name != "model":
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
@@ -172,7 +168,7 @@ def run(settings: dict, stop: threading.Event) -> dict:
     if s["broker"]:
         host, port = parse_broker_url(s["broker"])
         if not is_loopback(host) and not (s["username"] or s["tls_cert"]):
-            raise StartRefused(f"broker {s['broker']} is not on this machine and the coordinator logs in with no "
+            raise ConfigError(f"broker {s['broker']} is not on this machine and the coordinator logs in with no "
                              f"name: anyone who reaches it could read every task and send updates for any "
                              f"device. Give --username and --password-file (or a client certificate), as "
                              f"docs/broker.md sets up")
@@ -196,17 +192,13 @@ def run(settings: dict, stop: threading.Event) -> dict:
 
 
 def _start(settings: dict, host: str, port: int):
-    """The Coordinator, or StartRefused saying why this configuration cannot run (before any round)."""
+    """The Coordinator, or ConfigError saying why this configuration cannot run (before any round)."""
     from coordinator.service import Coordinator
     from edge_runtime.errors import EdgeRuntimeError
     try:
         return Coordinator(settings, host, port)
-    except SystemExit as exc:
-        if exc.code is None or isinstance(exc.code, int):
-            raise
-        raise StartRefused(str(exc.code)) from None
-    except (EdgeRuntimeError, ValueError) as exc:
-        raise StartRefused(str(exc)) from exc
+    except (EdgeRuntimeError, ValueError) as exc:   # the model, its export or its profile does not fit
+        raise ConfigError(str(exc)) from exc
 
 
 def status(workdir: Path, as_json: bool) -> int:
@@ -299,22 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export":
         return export_model(args.model, args.out, args.seed)
     logs.configure(args.log_level, "%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        settings = _settings(args)
-    except SystemExit as exc:   # ConfigError: the file and the key, said once
-        if exc.code is None or isinstance(exc.code, int):
-            raise
-        print(f"edge-coordinator: {exc.code}", file=sys.stderr)
-        return EXIT_REFUSED
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     from edge_runtime.errors import EdgeRuntimeError
     try:
+        settings = _settings(args)
         if args.fresh:
             start_over(settings)
         summary = run(settings, stop)
-    except StartRefused as exc:
+    except ConfigError as exc:
         print(f"edge-coordinator: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     except (EdgeRuntimeError, ValueError, ConnectionError) as exc:

@@ -14,7 +14,9 @@ from edge_runtime.store import TOML_INTS, read_toml
 
 
 class ConfigError(SystemExit):
-    """A bad settings file: exits with a message naming the file and the field."""
+    """A configuration that cannot run (a bad settings file, a model, evaluation data or workdir that does not
+    fit): exits with a message naming what to fix. edge-coordinator exits 2 on it, which its service unit
+    does not restart."""
 
 
 def _checked(value, default, where: str):

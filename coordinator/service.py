@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from coordinator import intake, strategies
+from coordinator.config import ConfigError
 from coordinator.global_model import GlobalModel
 from coordinator.guards import Admission, Fetches, GuardSettings, RateLimit, Uploads, benched_devices
 from coordinator.model import sources
@@ -155,7 +156,7 @@ class Coordinator:
             self.state.set_meta("run", have)
             self.state.set_meta("settings", self.settings)
         elif {k: have[k] for k in key} != key:
-            raise SystemExit(f"{self.work} holds a {have['strategy']} run of another model or strategy; "
+            raise ConfigError(f"{self.work} holds a {have['strategy']} run of another model or strategy; "
                              f"use another --workdir or --fresh")
         self.run_tag = have["tag"]
 
@@ -189,7 +190,7 @@ class Coordinator:
             specs = self.model.manifest.param_specs()
             wrong = sorted(n for n in specs if n not in pretrained or pretrained[n].shape != tuple(specs[n].shape))
             if wrong:
-                raise SystemExit(f"init_weights {given} does not fit the model: {len(wrong)} parameter(s) missing "
+                raise ConfigError(f"init_weights {given} does not fit the model: {len(wrong)} parameter(s) missing "
                                  f"or of another shape, e.g. {wrong[:3]}")
             weights = {n: pretrained[n] for n in specs}
             log.info("starting from the weights in %s", given)
@@ -674,7 +675,7 @@ def _device_list(path: str) -> list[str]:
     try:
         return read_device_ids(Path(path))
     except (AclError, OSError) as exc:
-        raise SystemExit(f"devices_file: {exc}") from None
+        raise ConfigError(f"devices_file: {exc}") from None
 
 
 def _task_id(round_no: int, run_tag: str, device_id: str) -> str:
@@ -694,7 +695,7 @@ def _test_set(eval_data: str, manifest, samples: int) -> tuple[np.ndarray, np.nd
     shape, classes = tuple(manifest.input_shape), manifest.num_classes
     if not eval_data:
         if shape != (1, 28, 28) or classes != 10:
-            raise SystemExit(f"model {manifest.model} takes inputs of shape {shape} and {classes} classes, and the "
+            raise ConfigError(f"model {manifest.model} takes inputs of shape {shape} and {classes} classes, and the "
                              f"default evaluation set is Fashion-MNIST's (1, 28, 28), 10 classes: give the "
                              f"coordinator held-out data of the fleet's kind with --eval-data DIR (inputs.npy: "
                              f"float32 N x {' x '.join(map(str, shape))}, normalised like the devices' data; "
@@ -705,11 +706,11 @@ def _test_set(eval_data: str, manifest, samples: int) -> tuple[np.ndarray, np.nd
         return x[:samples], y[:samples]
     data = LocalDataset(Path(eval_data))
     if not data.labels_path.exists() or not data.inputs_path.exists():
-        raise SystemExit(f"eval_data {eval_data} is not a dataset directory (inputs.npy and labels.npy)")
+        raise ConfigError(f"eval_data {eval_data} is not a dataset directory (inputs.npy and labels.npy)")
     try:
         data.check(shape, classes)
     except EdgeRuntimeError as exc:
-        raise SystemExit(f"eval_data: {exc}") from None
+        raise ConfigError(f"eval_data: {exc}") from None
     return np.load(data.inputs_path, mmap_mode="r")[:samples], data.labels()[:samples]
 
 
@@ -719,7 +720,7 @@ def _predictor(settings: dict, work: Path, model: GlobalModel):
     from edge_runtime.profiling.profile_file import Profile, ProfileError
     given = settings["service"]["profile"]
     if given and not Path(given).exists():
-        raise SystemExit(f"profile {given} does not exist (make one with `edge-profile measure`)")
+        raise ConfigError(f"profile {given} does not exist (make one with `edge-profile measure`)")
     path = Path(given) if given else measured_profile(
         work, model.manifest.model, settings["train"]["batch_sizes"], settings["service"]["seed"],
         margin=settings["train"]["margin"], log=lambda text: log.info("no profile given: %s", text))
