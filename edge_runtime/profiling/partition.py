@@ -35,6 +35,12 @@ class NoPartition(Exception):
     """No cut of the model fits; the message names the layer that does not fit and what it needs."""
 
 
+def _cuts_and_starts(cut_points: Sequence[int], first: int) -> tuple[list[int], list[int]]:
+    """Where stages may end (cut points from `first` on) and where each finest stage starts."""
+    cuts = sorted({c for c in cut_points if c >= first})
+    return cuts, [first] + [c + 1 for c in cuts[:-1]]
+
+
 def best_partition(n_layers: int, cut_points: Sequence[int], batch_size: int,
                    predict: Callable[[int, int, int], float], usable_bytes: float,
                    first: int = 0) -> Partition | None:
@@ -42,10 +48,9 @@ def best_partition(n_layers: int, cut_points: Sequence[int], batch_size: int,
 
     first: the first layer that trains (the frozen prefix's length); cut points before it are ignored.
     """
-    cuts = sorted({c for c in cut_points if c >= first})
+    cuts, starts = _cuts_and_starts(cut_points, first)
     if not cuts or cuts[-1] != n_layers - 1:
         raise ValueError("the last layer must be a cut point (the model's own classifier head)")
-    starts = [first] + [c + 1 for c in cuts[:-1]]
     # best[c] = (stages, worst peak, previous cut) for the prefix ending after layer c
     best: dict[int, tuple[int, float, int | None]] = {}
     for c in cuts:
@@ -81,8 +86,7 @@ def choose_partition(n_layers: int, cut_points: Sequence[int], batch_sizes: Sequ
              if (p := best_partition(n_layers, cut_points, b, predict, usable_bytes, first)) is not None]
     if not found:
         b = min(batch_sizes)
-        cuts = sorted({c for c in cut_points if c >= first})
-        starts = [first] + [c + 1 for c in cuts[:-1]]
+        cuts, starts = _cuts_and_starts(cut_points, first)
         needs = [(predict(s, c, b), s, c) for s, c in zip(starts, cuts)]
         worst = max(needs)
         raise NoPartition(f"layers {worst[1]}-{worst[2]} alone need {worst[0] / 2**20:.0f} MB at batch {b}, "
