@@ -278,14 +278,16 @@ class Agent:
 
     def _produce(self, task: Task, downloaded_before: int) -> Update | Scores:
         """Fetch, lay out, train within the budget; the update is stored in uploads/ and described on disk."""
+        data = None
         if self.checks_data and self.blobs.has(task.manifest["sha256"]):
             # the model is known from an earlier task: data that breaks its contract fails before any download
-            self._check_data_for(Manifest.load(self.blobs.path(task.manifest["sha256"])))
+            data = self._check_data_for(Manifest.load(self.blobs.path(task.manifest["sha256"])))
         downloaded = downloaded_before + self._fetch(task)
         self._save_current(task, downloaded)
         manifest_path, weight_files = materialize(task.manifest["sha256"], task.blobs, self.blobs, self.models,
                                                   part=task.part)
-        data = self._check_data_for(Manifest.load(manifest_path)) if self.checks_data else None
+        if self.checks_data and data is None:   # a model new to this device: checked once it is here
+            data = self._check_data_for(Manifest.load(manifest_path))
         spec = self._spec(task, manifest_path, weight_files)
         report, child = self.jobs.run(spec)
         if task.kind == "score":
