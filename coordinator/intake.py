@@ -103,12 +103,12 @@ def _check_task(msg: Update | Failed | Scores, sender: str, state: StateStore,
 
 def judge_update(update: Update, sender: str, state: StateStore, open_round: int | None, incoming: BlobStore,
                  manifest: Manifest, global_weights: Mapping[str, np.ndarray],
-                 check: UpdateCheck = UpdateCheck(), recent_losses: list[float] | None = None) -> Verdict:
-    """recent_losses: the fleet's recently accepted training losses, for the plausibility of this one's."""
+                 check: UpdateCheck = UpdateCheck()) -> Verdict:
     task, verdict = _check_task(update, sender, state, open_round)
     if verdict is not None:
         return verdict
-    why = implausible_loss(update.loss, manifest.num_classes, recent_losses or [])
+    # the fleet's range is read only for an update that answers a task of the open round
+    why = implausible_loss(update.loss, manifest.num_classes, state.recent_losses(task.round))
     if why:
         return _rejected(why, settles=True)
     expected = expected_shapes(manifest, task)

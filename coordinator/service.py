@@ -441,10 +441,8 @@ class Coordinator:
         return row.round if row is not None and row.state == "open" else None
 
     def _take_update(self, sender: str, update: Update) -> None:
-        open_round = self._open_round_no()
-        verdict = intake.judge_update(update, sender, self.state, open_round, self.incoming,
-                                      self.model.manifest, self.global_weights, self.check,
-                                      self.state.recent_losses(open_round or 0))
+        verdict = intake.judge_update(update, sender, self.state, self._open_round_no(), self.incoming,
+                                      self.model.manifest, self.global_weights, self.check)
         if verdict.status == "pending":
             self.pending[update.task_id] = (sender, update)
             return
