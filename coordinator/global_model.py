@@ -16,6 +16,7 @@ import numpy as np
 
 from coordinator.model.graphs import evaluate
 from coordinator.model.part_graphs import ensure_part_graphs
+from edge_runtime.store import read_verified
 from edge_runtime.wire import model_blobs
 from edge_runtime.wire.manifest import Manifest
 from edge_runtime.wire.transfer import BlobStore
@@ -40,6 +41,13 @@ class GlobalModel:
     def load(self, index_sha: str) -> dict[str, np.ndarray]:
         return model_blobs.load_index(self.index(index_sha), self.store)
 
+    # -- a schedule's own blobs (strategies/base.WeightVault) ----------------------------------
+    def put_bytes(self, data: bytes) -> str:
+        return self.store.put_bytes(data)
+
+    def get_bytes(self, sha: str) -> bytes:
+        return read_verified(self.store.path(sha), sha, "a schedule's blob")
+
     # -- what a task names ------------------------------------------------------------------
     def manifest_ref(self) -> dict:
         return {"sha256": self.manifest_sha, "size": self.store.path(self.manifest_sha).stat().st_size}
@@ -48,21 +56,25 @@ class GlobalModel:
         """Build the graphs of parts not trained before (one builder child for all of a round's parts)."""
         ensure_part_graphs(self.manifest, parts)
 
-    def task_blobs(self, part, index_sha: str) -> list[dict]:
-        """Every blob a task for `part` names: its graphs (stored as blobs here) and its weight groups."""
+    def task_blobs(self, part, index_sha: str, evaluation: bool = False) -> list[dict]:
+        """Every blob a task for `part` names: its graphs (stored as blobs here) and its weight groups.
+        evaluation: the part's eval graph too (a task that holds rows out measures accuracy with it)."""
         step, prefix = model_blobs.part_graph_paths(self.manifest, part)
         graphs = {model_blobs.STEP_GRAPH: self.store.put_file(step)}
         if prefix is not None:
             graphs[model_blobs.PREFIX_GRAPH] = self.store.put_file(prefix)
+        if evaluation:
+            graphs[model_blobs.EVAL_GRAPH] = self.store.put_file(model_blobs.part_eval_graph_path(self.manifest, part))
         return model_blobs.task_blobs(self.manifest, part, self.index(index_sha), self.store, graphs)
 
-    def collect_garbage(self, keep_indexes) -> int:
-        """Delete every blob but the manifest, the given weight indexes and the groups they name; how many.
+    def collect_garbage(self, keep_indexes, keep_blobs=()) -> int:
+        """Delete every blob but the manifest, the given weight indexes and the groups they name, and the other
+        blobs given (a schedule's own); how many.
 
         Each round stores the weight groups it changed, so a long run would fill the disk with weights no
         one can ask for any more. Part graphs are stored again from the export when a task names them.
         """
-        keep = {self.manifest_sha}
+        keep = {self.manifest_sha, *keep_blobs}
         for index in keep_indexes:
             keep.add(index)
             keep.update(self.index(index).values())

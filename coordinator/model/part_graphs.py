@@ -7,7 +7,9 @@ directory (edge_runtime/wire/model_blobs.py names the layout):
   parameter an input, the loss and each trainable parameter's gradient as outputs
   (coordinator/model/step_graph.py);
 - `prefix.onnx`: the forward graph of the frozen layers before the span, when there are
-  any (coordinator/model/graphs.py).
+  any (coordinator/model/graphs.py);
+- `eval.onnx`: the forward graph of the span and its head (inference mode), with which a
+  job measures accuracy on the rows it holds out.
 
 Building a step graph needs onnxruntime-training's gradient builder, which exists only
 for x86-64 and Python up to 3.12 and is frozen at 1.19.2. It is kept apart from the
@@ -36,7 +38,7 @@ from coordinator.model.graphs import GraphLibrary, compose, forward_graph, scope
 from edge_runtime.errors import EdgeRuntimeError, UnsupportedOpError
 from edge_runtime.store import atomic_write_bytes, sha256_bytes, sha256_file
 from edge_runtime.wire.manifest import Manifest
-from edge_runtime.wire.model_blobs import PREFIX_GRAPH, STEP_GRAPH, part_folder, record_part_hashes
+from edge_runtime.wire.model_blobs import EVAL_GRAPH, PREFIX_GRAPH, STEP_GRAPH, part_folder, record_part_hashes
 from edge_runtime.wire.part import TrainablePart
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,10 @@ def _ensure_part_graphs(manifest: Manifest, parts: Iterable[TrainablePart]) -> N
             prefix = forward_graph(lib, range(part.span[0]), None).SerializeToString()
             atomic_write_bytes(folder / PREFIX_GRAPH, prefix)
             record_part_hashes(folder, {PREFIX_GRAPH: sha256_bytes(prefix)})
+        if not (folder / EVAL_GRAPH).exists():
+            evaluation = forward_graph(lib, part.span, part.head, skip=part.skip).SerializeToString()
+            atomic_write_bytes(folder / EVAL_GRAPH, evaluation)
+            record_part_hashes(folder, {EVAL_GRAPH: sha256_bytes(evaluation)})
         if not (folder / STEP_GRAPH).exists():
             todo[part.key(manifest)] = part
     if not todo:

@@ -302,11 +302,17 @@ class Agent:
                         loss=result["loss"], steps=result["steps"], peak_rss_bytes=child.peak_rss_bytes,
                         seconds=child.seconds, downloaded_bytes=downloaded, agent_peak_rss_bytes=self.own_peak(),
                         input_mean=_wire_float(data.input_mean) if data else None,
-                        input_std=_wire_float(data.input_std) if data else None)
+                        input_std=_wire_float(data.input_std) if data else None,
+                        holdout_examples=result.get("holdout_examples", 0),
+                        holdout_accuracy_before=result.get("holdout_accuracy_before"),
+                        holdout_accuracy=result.get("holdout_accuracy"))
         atomic_write_text(self._update_file(task), update.encode().decode())
         resumed = f" (resumed at step {result['resumed_from_step']})" if result["resumed_from_step"] else ""
-        log.info("task %s: trained %d steps in %.1f s%s, loss %.4f", task.task_id, update.steps, update.seconds,
-                 resumed, update.loss)
+        held = "" if update.holdout_accuracy is None else \
+            f", held-out accuracy {100 * update.holdout_accuracy_before:.1f}% -> {100 * update.holdout_accuracy:.1f}% " \
+            f"({update.holdout_examples} rows)"
+        log.info("task %s: trained %d steps in %.1f s%s, loss %.4f%s", task.task_id, update.steps, update.seconds,
+                 resumed, update.loss, held)
         return update
 
     def _scored(self, task: Task, report: dict, child: ChildResult) -> Scores:

@@ -59,6 +59,18 @@ def load_fashion_mnist(split: str = "train", root: Path | None = None) -> tuple[
     return images[:, None, :, :], labels
 
 
+HOLDOUT_SEED = 0x0EB1   # fixed: the held-out rows must be the same rows in every task, on every run
+
+
+def holdout_split(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(rows to train on, held-out rows) of n local rows, both sorted: round(fraction x n) rows held out, at
+    least one when fraction > 0 and n > 1, never all. The same n and fraction give the same rows every time:
+    a held-out row is never trained on, in this task or any other."""
+    held = 0 if fraction <= 0 or n < 2 else min(n - 1, max(1, round(fraction * n)))
+    order = np.random.default_rng([HOLDOUT_SEED, n]).permutation(n)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
 @dataclass(frozen=True)
 class LocalDataset:
     """A device's training data on disk: inputs.npy (float32) and labels.npy (int64)."""

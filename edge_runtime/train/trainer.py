@@ -22,11 +22,18 @@ from edge_runtime.errors import EdgeRuntimeError, ManifestError
 from edge_runtime.memory import peak_rss_bytes, release_free_heap
 from edge_runtime.store import atomic_write_text, digest_of
 from edge_runtime.train.activation_cache import ActivationCache
-from edge_runtime.train.datasets import DATA_CHECK_FILE, ArrayReader, DataError, LocalDataset, check_batch
+from edge_runtime.train.datasets import (
+    DATA_CHECK_FILE,
+    ArrayReader,
+    DataError,
+    LocalDataset,
+    check_batch,
+    holdout_split,
+)
 from edge_runtime.train.optimizers import make_optimizer
 from edge_runtime.wire import weights as wcodec
 from edge_runtime.wire.manifest import Manifest
-from edge_runtime.wire.model_blobs import part_graph_paths, read_part_graph
+from edge_runtime.wire.model_blobs import part_eval_graph_path, part_graph_paths, read_part_graph
 from edge_runtime.wire.part import TrainablePart
 from edge_runtime.wire.train_config import TrainConfig
 
@@ -48,6 +55,10 @@ class TrainResult:
     micro_batch_size: int = 0
     step_seconds: float = 0.0         # median wall time of an optimizer step (first step excluded)
     losses: list[float] = field(default_factory=list)
+    # accuracy on the rows held out of training (TrainConfig.holdout): of the model received, of the one trained
+    holdout_examples: int = 0
+    holdout_accuracy_before: float | None = None
+    holdout_accuracy: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -162,6 +173,18 @@ class PartTensors:
         return loss
 
 
+def holdout_accuracy(session, tensors: Mapping[str, np.ndarray], reader: ArrayReader, labels: np.ndarray,
+                     rows: np.ndarray, micro: int) -> float:
+    """The fraction of `rows` whose largest logit is their label, through the part's eval graph (a ForwardSession
+    reading the part's tensors by name), a micro-batch at a time."""
+    correct = 0
+    for start in range(0, len(rows), micro):
+        chunk = rows[start:start + micro]
+        logits = session.run(reader.take(chunk), tensors)
+        correct += int(np.sum(np.argmax(logits, axis=1) == labels[chunk]))
+    return correct / max(1, len(rows))
+
+
 def _check_graph_matches(session, manifest: Manifest, part: TrainablePart) -> None:
     """ManifestError unless the step graph trains exactly the part's parameters, with the manifest's shapes."""
     itf, specs = session.interface, manifest.param_specs()
@@ -267,11 +290,16 @@ def train(manifest: Manifest, weights: Mapping[str, np.ndarray], dataset: LocalD
     step_graph, inputs, labels, prefix_computed = prepare_part(manifest, part, weights, dataset, config, state_dir,
                                                                progress)
     micro = config.micro()
-    n = len(labels)
+    train_rows, held_rows = holdout_split(len(labels), config.holdout)
+    n = len(train_rows)
 
-    from edge_runtime.train.ort_backend import StepSession
+    from edge_runtime.train.ort_backend import ForwardSession, StepSession
     session = StepSession(step_graph, threads=config.threads)
     tensors = PartTensors(session, manifest, part, weights)
+    evaluator, accuracy_before = None, None
+    if len(held_rows):   # the model as received, before a checkpoint (if any) puts trained values back
+        evaluator = ForwardSession(read_part_graph(part_eval_graph_path(manifest, part)), threads=config.threads)
+        accuracy_before = holdout_accuracy(evaluator, tensors.tensors, inputs, labels, held_rows, micro)
     trainable = session.interface.trainable
     optimizer = make_optimizer(config.optimizer, {name: tensors.tensors[name] for name in trainable},
                                **config.optimizer_settings())
@@ -286,7 +314,8 @@ def train(manifest: Manifest, weights: Mapping[str, np.ndarray], dataset: LocalD
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = _total_steps(n, config)
     step_times = []
-    for step, idx in _batches(n, config.batch_size, total, config.seed, start=state.step):
+    for step, positions in _batches(n, config.batch_size, total, config.seed, start=state.step):
+        idx = train_rows[positions]       # rows of the files (every row when nothing is held out)
         t_step = time.monotonic()
         try:
             loss = tensors.batch(inputs, labels, idx, micro)
@@ -315,12 +344,14 @@ def train(manifest: Manifest, weights: Mapping[str, np.ndarray], dataset: LocalD
                 (run_dir / old).unlink(missing_ok=True)
         if progress:
             progress("train", done, total)
+    accuracy = None if evaluator is None else \
+        holdout_accuracy(evaluator, tensors.tensors, inputs, labels, held_rows, micro)
     inputs.close()
 
     samples = sum(min(config.batch_size, n - (s % steps_per_epoch) * config.batch_size) for s in range(total))
     # Written straight from the trainer's arrays, one tensor at a time: no second copy.
     wcodec.save_streaming(run_dir / "update.safetensors", part.update_names(manifest), tensors.tensors.__getitem__)
-    del session, tensors, optimizer
+    del session, tensors, optimizer, evaluator
     trained = wcodec.load(run_dir / "update.safetensors") if return_weights else {}
     last_epoch = state.losses[-min(len(state.losses), steps_per_epoch):] or [float("nan")]
     result = TrainResult(task_id=task_id, steps=total, samples=samples, num_examples=n,
@@ -328,7 +359,8 @@ def train(manifest: Manifest, weights: Mapping[str, np.ndarray], dataset: LocalD
                          peak_rss_bytes=peak_rss_bytes(), prefix_computed=prefix_computed,
                          resumed_from_step=resumed_from, micro_batch_size=micro,
                          step_seconds=float(np.median(step_times[1:] or step_times or [0.0])),
-                         losses=[float(x) for x in state.losses])
+                         losses=[float(x) for x in state.losses], holdout_examples=len(held_rows),
+                         holdout_accuracy_before=accuracy_before, holdout_accuracy=accuracy)
     atomic_write_text(done_file, json.dumps({"fingerprint": fingerprint, "result": asdict(result)}))
     for ckpt in run_dir.glob("ckpt-*"):
         ckpt.unlink(missing_ok=True)

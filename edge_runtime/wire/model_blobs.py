@@ -9,6 +9,8 @@ the groups whose weights changed: in progressive training, the block being train
 Blob names in a task say where a blob goes on the device:
     parts/<key>/step.onnx    the part's step graph (forward and backward, standard ONNX), key = TrainablePart.key
     parts/<key>/prefix.onnx  the forward graph of the frozen layers before the part (absent when it starts at 0)
+    parts/<key>/eval.onnx    the forward graph of the part's span and head (only in a task that holds rows out,
+                             TrainConfig.holdout: the job measures accuracy with it)
     weights/<group>          a weight group, passed to the training job as one of its weight files
 
 The per-layer graphs the manifest names stay on the coordinator: a device runs only the
@@ -31,9 +33,9 @@ from edge_runtime.wire.manifest import Manifest
 from edge_runtime.wire.protocol import ProtocolError
 from edge_runtime.wire.transfer import BlobStore
 
-_PART_NAME = re.compile(r"^parts/[0-9a-f]{32}/(step|prefix)\.onnx$")
+_PART_NAME = re.compile(r"^parts/[0-9a-f]{32}/(step|prefix|eval)\.onnx$")
 _WEIGHT_NAME = re.compile(r"^weights/(layer|head)\.[0-9]{1,5}$")
-STEP_GRAPH, PREFIX_GRAPH = "step.onnx", "prefix.onnx"
+STEP_GRAPH, PREFIX_GRAPH, EVAL_GRAPH = "step.onnx", "prefix.onnx", "eval.onnx"
 GRAPH_HASHES = "hashes.json"   # beside a part's graphs: their sha256, checked every time a job reads them
 
 
@@ -53,6 +55,15 @@ def part_graph_paths(manifest: Manifest, part) -> tuple[Path, Path | None]:
                                  f"{folder}: a part's graphs are built by the coordinator (they come with a task, "
                                  f"or with an export made for profiling)")
     return step, prefix
+
+
+def part_eval_graph_path(manifest: Manifest, part) -> Path:
+    """Where a part's evaluation graph is (the forward graph of its span and head); IntegrityError when absent."""
+    path = part_folder(manifest, part) / EVAL_GRAPH
+    if not path.exists():
+        raise IntegrityError(f"no {EVAL_GRAPH} for layers {part.span[0]}-{part.span[-1]} + head {part.head} in "
+                             f"{path.parent}: a task that holds rows out must send it")
+    return path
 
 
 def read_part_graph(path: Path) -> bytes:
@@ -118,7 +129,7 @@ def check_blob_names(blobs: list[dict]) -> None:
     for b in blobs:
         name = b["name"]
         if not (_PART_NAME.fullmatch(name) or _WEIGHT_NAME.fullmatch(name)):
-            raise ProtocolError(f"task: blob name {name!r} is neither parts/<key>/(step|prefix).onnx nor "
+            raise ProtocolError(f"task: blob name {name!r} is neither parts/<key>/(step|prefix|eval).onnx nor "
                                 f"weights/<group>")
 
 

@@ -366,11 +366,14 @@ class Update(Message):
     TYPES: ClassVar[dict] = {"task_id": str, "round": int, "device_id": str, "blob_sha256": str,
                              "blob_size": int, "num_examples": int, "loss": float, "steps": int,
                              "peak_rss_bytes": int, "seconds": float, "downloaded_bytes": int,
-                             "agent_peak_rss_bytes": int, "input_mean": float, "input_std": float}
+                             "agent_peak_rss_bytes": int, "input_mean": float, "input_std": float,
+                             "holdout_examples": int, "holdout_accuracy_before": float, "holdout_accuracy": float}
     LIMITS: ClassVar[dict] = {"round": (0, 10 ** 9), "blob_size": (0, 2 ** 40), "num_examples": (1, 10 ** 9),
                               "steps": (0, 10 ** 9), "peak_rss_bytes": (1, 2 ** 44), "downloaded_bytes": (0, 2 ** 50),
-                              "agent_peak_rss_bytes": (0, 2 ** 44), "input_std": (0, 2 ** 50)}
-    OPTIONAL: ClassVar[tuple] = ("downloaded_bytes", "agent_peak_rss_bytes", "input_mean", "input_std")
+                              "agent_peak_rss_bytes": (0, 2 ** 44), "input_std": (0, 2 ** 50),
+                              "holdout_examples": (0, 10 ** 9)}
+    OPTIONAL: ClassVar[tuple] = ("downloaded_bytes", "agent_peak_rss_bytes", "input_mean", "input_std",
+                                 "holdout_examples", "holdout_accuracy_before", "holdout_accuracy")
     task_id: str
     round: int
     device_id: str
@@ -387,6 +390,11 @@ class Update(Message):
     # coordinator can tell when devices normalise their data unlike its evaluation set; None = not sent
     input_mean: float | None = None
     input_std: float | None = None
+    # accuracy on the rows the device held out of training (TrainConfig.holdout) of the model it was sent and of
+    # the one it trained: a personalised model's measure; None = the task held nothing out
+    holdout_examples: int = 0
+    holdout_accuracy_before: float | None = None
+    holdout_accuracy: float | None = None
 
     def validate(self) -> None:
         check_id(self.task_id, "update: task_id")
@@ -396,6 +404,10 @@ class Update(Message):
                 or self.num_examples <= 0 or self.peak_rss_bytes <= 0:
             raise ProtocolError("update: round, blob_size, steps, downloaded_bytes, agent_peak_rss_bytes must be "
                                 ">= 0; num_examples, peak_rss_bytes > 0")
+        for name in ("holdout_accuracy_before", "holdout_accuracy"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and 0 <= value <= 1):
+                raise ProtocolError(f"update: {name} must be a fraction in [0, 1], not {printable(value, 40)}")
 
 
 @dataclass(frozen=True)

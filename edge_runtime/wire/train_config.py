@@ -32,6 +32,10 @@ class TrainConfig:
     checkpoint: str = "full"
     cache_fp16: bool = False          # store prefix activations as float16 (halves disk)
     threads: int = 0                  # onnxruntime intra-op threads (0 = library default)
+    # the fraction of the local rows kept out of training (the same rows every task: datasets.holdout_split);
+    # the job measures the accuracy of the model it received and of the one it trained on them. A personalised
+    # model has no global test set: this is how its accuracy is known. 0 = train on every row, measure nothing.
+    holdout: float = 0.0
 
     @classmethod
     def from_dict(cls, raw) -> "TrainConfig":
@@ -64,6 +68,9 @@ class TrainConfig:
         if cfg.momentum < 0 or cfg.weight_decay < 0 or cfg.adam_eps <= 0 or (cfg.nesterov and cfg.momentum <= 0):
             raise EdgeRuntimeError("momentum and weight_decay must not be negative, adam_eps must be positive, and "
                                    "nesterov needs a momentum")
+        if not 0 <= cfg.holdout <= MAX_HOLDOUT:
+            raise EdgeRuntimeError(f"holdout must be in [0, {MAX_HOLDOUT}] (a fraction of the local rows), "
+                                   f"not {cfg.holdout}")
         if not (cfg.learning_rate > 0 and math.isfinite(cfg.learning_rate)) or cfg.epochs <= 0:
             raise EdgeRuntimeError(f"learning_rate and epochs must be positive (got {cfg.learning_rate}, {cfg.epochs})")
         cfg.micro()
@@ -88,6 +95,7 @@ class TrainConfig:
         return asdict(self)
 
 
+MAX_HOLDOUT = 0.9                  # leave something to train on
 _NONE = type(None)
 _MAX_FLOAT_INT = int(sys.float_info.max)   # the largest float, as an integer: a larger one is no float setting
 _KINDS: dict[str, tuple[type, ...]] = {
@@ -95,4 +103,5 @@ _KINDS: dict[str, tuple[type, ...]] = {
     "nesterov": (bool,), "adam_eps": (float,), "batch_size": (int,),
     "micro_batch_size": (int, _NONE), "epochs": (float,), "max_steps": (int, _NONE), "seed": (int,),
     "checkpoint_every_steps": (int,), "checkpoint": (str,), "cache_fp16": (bool,), "threads": (int,),
+    "holdout": (float,),
 }
