@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -102,8 +102,11 @@ def _check_task(msg: Update | Failed | Scores, sender: str, state: StateStore,
 
 
 def judge_update(update: Update, sender: str, state: StateStore, open_round: int | None, incoming: BlobStore,
-                 manifest: Manifest, global_weights: Mapping[str, np.ndarray],
+                 manifest: Manifest, sent_weights: Callable[[TaskRow], Mapping[str, np.ndarray]],
                  check: UpdateCheck = UpdateCheck()) -> Verdict:
+    """Accepted, pending (its blob is still arriving) or rejected with the reason. The update is checked against
+    the weights its task was sent (sent_weights(task): the global ones, or the device's own in a personalised
+    schedule)."""
     task, verdict = _check_task(update, sender, state, open_round)
     if verdict is not None:
         return verdict
@@ -127,7 +130,7 @@ def judge_update(update: Update, sender: str, state: StateStore, open_round: int
     except IntegrityError as exc:
         return _rejected(str(exc), settles=True)
     try:
-        validate_update(values, expected, global_weights, check)
+        validate_update(values, expected, sent_weights(task), check)
     except UpdateRejected as exc:
         return _rejected(str(exc), settles=True)
     return Verdict("accepted")

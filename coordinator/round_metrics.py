@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Mapping
+from typing import Mapping, Sequence
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,11 @@ class DeviceRound:
     uploaded_bytes: int | None = None
     seconds: float | None = None
     scores: Mapping | None = None          # a score task's answer
+    # accuracy on the rows the device held out of training (TrainConfig.holdout), of the model it was sent and of
+    # the model it trained: how a personalised model is measured
+    holdout_examples: int | None = None
+    holdout_accuracy_before: float | None = None
+    holdout_accuracy: float | None = None
 
     @property
     def accepted(self) -> bool:
@@ -71,7 +76,8 @@ class DeviceRound:
 
 
 _ANSWER_FIELDS = ("num_examples", "loss", "peak_rss_bytes", "agent_peak_rss_bytes", "downloaded_bytes",
-                  "uploaded_bytes", "seconds", "scores")
+                  "uploaded_bytes", "seconds", "scores", "holdout_examples", "holdout_accuracy_before",
+                  "holdout_accuracy")
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,50 @@ class RoundMetrics:
             lo, hi = raw["rounds_left"]
             values["rounds_left"] = (int(lo), int(hi))
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class DeviceAccuracy:
+    """Each device's latest accuracy on its own held-out rows, and what the fleet's operator reads of them."""
+    by_device: Mapping[str, float]         # device -> accuracy of the model it trained, in the last round it reported
+    before: Mapping[str, float]            # device -> accuracy of the model it was sent, that same round
+
+    @property
+    def mean(self) -> float:
+        return sum(self.by_device.values()) / len(self.by_device)
+
+    @property
+    def worst(self) -> tuple[str, float]:
+        device = min(sorted(self.by_device), key=self.by_device.__getitem__)
+        return device, self.by_device[device]
+
+    @property
+    def spread(self) -> float:
+        """Best minus worst device."""
+        return max(self.by_device.values()) - min(self.by_device.values())
+
+    def text(self) -> str:
+        device, worst = self.worst
+        return (f"per-device accuracy mean {100 * self.mean:.1f}%, worst {100 * worst:.1f}% ({device}), "
+                f"spread {100 * self.spread:.1f} points over {len(self.by_device)} device(s)")
+
+    def to_dict(self) -> dict:
+        device, worst = self.worst
+        return {"mean": self.mean, "worst": worst, "worst_device": device, "spread": self.spread,
+                "devices": dict(self.by_device), "before": dict(self.before)}
+
+
+def device_accuracy(rounds: Sequence[RoundMetrics]) -> DeviceAccuracy | None:
+    """Every device's accuracy on its held-out rows from the last round it reported one in; None when no device
+    has (the run holds nothing out: its schedule's model is measured on the coordinator's test set)."""
+    after, before = {}, {}
+    for m in rounds:
+        for device, r in m.devices.items():
+            if r.accepted and r.holdout_accuracy is not None:
+                after[device] = float(r.holdout_accuracy)
+                before[device] = float(r.holdout_accuracy_before if r.holdout_accuracy_before is not None
+                                       else r.holdout_accuracy)
+    return DeviceAccuracy(after, before) if after else None
 
 
 def _known(cls, raw: Mapping) -> dict:

@@ -32,6 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, fields, replace
 from pathlib import Path
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -66,7 +67,7 @@ from edge_runtime.wire.protocol import (
     Update,
     decode_any,
 )
-from edge_runtime.wire.train_config import TrainConfig
+from edge_runtime.wire.train_config import MAX_HOLDOUT, TrainConfig
 from edge_runtime.wire.transfer import DEFAULT_CHUNK_BYTES, BlobStore, ChunkHeader
 
 log = logging.getLogger("edge-coordinator")
@@ -91,7 +92,11 @@ DEFAULTS = {
                 # what one device may cost the coordinator (coordinator/guards.py)
                 **asdict(GuardSettings())},
     "train": {"optimizer": "adamw", "learning_rate": 2e-3, "local_epochs": 1.0, "batch_sizes": [16, 32, 64],
-              "margin": 0.10},
+              "margin": 0.10,
+              # the fraction of each device's rows kept out of training, on which it measures the model it was
+              # sent and the one it trained (TrainConfig.holdout); -1: 0.2 for a personalised schedule (it has no
+              # global model to test), 0 for the others (the coordinator's test set measures their model)
+              "holdout_fraction": -1.0},
     # how accepted updates are combined and what a claimed sample count may weigh (every strategy)
     **aggregation_settings_table(),
     # and one table per strategy, with its defaults, declared beside its code
@@ -122,6 +127,8 @@ class Coordinator:
         self.state = StateStore(self.work / "state.db")
         self._check_same_run()
         self.strategy = strategies.build(settings, m, _predictor(settings, self.work, self.model).predict)
+        self.strategy.attach(self.model)          # a personalised schedule keeps its own weights in the blob store
+        self.holdout = _holdout_fraction(settings["train"]["holdout_fraction"], self.strategy.personalized)
         self.check = UpdateCheck(max_relative_change=s["max_update_relative_change"])
         self.pending: dict[str, tuple[str, Update]] = {}   # task id -> (sender, update) whose blob is incomplete
         # device -> when it was last seen going offline; a broker restart takes every device offline
@@ -294,16 +301,21 @@ class Coordinator:
         for a in plan.assignments:
             part = a.part()
             config = TrainConfig(optimizer=t["optimizer"], learning_rate=t["learning_rate"], batch_size=a.batch_size,
-                                 epochs=t["local_epochs"], seed=int(s["seed"] * 100003 + round_no))
+                                 epochs=t["local_epochs"], seed=int(s["seed"] * 100003 + round_no),
+                                 holdout=self.holdout if a.kind == "train" else 0.0)
+            own = self.strategy.device_weights(a.device_id, self.global_weights)
+            own_index = None if own is None else self.model.save(own)   # only the changed layers are new blobs
             task = Task(task_id=_task_id(round_no, self.run_tag, a.device_id), round=round_no,
-                        manifest=self.model.manifest_ref(), blobs=self.model.task_blobs(part, self.weights_sha),
+                        manifest=self.model.manifest_ref(),
+                        blobs=self.model.task_blobs(part, own_index or self.weights_sha, evaluation=config.holdout > 0),
                         part=part, config=config, deadline_s=s["round_deadline_s"], update_fp16=s["update_fp16"],
                         kind=a.kind)
             task.validate()
-            tasks.append((task, a))
+            tasks.append((task, a, own_index))
         self.state.open_round(round_no, time.time() + s["round_deadline_s"], self.weights_sha, plan.to_dict(),
-                              self.strategy.state(), [(t.task_id, a.device_id, task_spec(a, t)) for t, a in tasks])
-        for task, a in tasks:
+                              self.strategy.state(),
+                              [(t.task_id, a.device_id, task_spec(a, t, own)) for t, a, own in tasks])
+        for task, a, _ in tasks:
             self._publish_task(a.device_id, task)
         who = ", ".join(f"{a.device_id} layers {a.first}-{a.last} batch {a.batch_size}" for a in plan.assignments)
         log.info("round %d opened (%s): %s", round_no, stage_text(plan.stage), who)
@@ -442,7 +454,7 @@ class Coordinator:
 
     def _take_update(self, sender: str, update: Update) -> None:
         verdict = intake.judge_update(update, sender, self.state, self._open_round_no(), self.incoming,
-                                      self.model.manifest, self.global_weights, self.check)
+                                      self.model.manifest, self._sent_weights, self.check)
         if verdict.status == "pending":
             self.pending[update.task_id] = (sender, update)
             return
@@ -452,6 +464,11 @@ class Coordinator:
         self._answer(sender, update, verdict, self.state.record_update,
                      f"update from {sender} accepted ({update.blob_size / 1024:.1f} KB, {update.num_examples} "
                      f"samples, loss {update.loss:.3f}, job peak {update.peak_rss_bytes / 2**20:.0f} MB)")
+
+    def _sent_weights(self, task: TaskRow) -> Mapping[str, np.ndarray]:
+        """The weights a task was sent: the device's own (a personalised schedule's) or the round's global ones."""
+        index = task.weights_index
+        return self.global_weights if index is None else self.model.load(index)
 
     def _check_normalisation(self, sender: str, update: Update) -> None:
         """Warn (once per device) when a device's inputs are scaled unlike the evaluation set's: the model it
@@ -550,7 +567,7 @@ class Coordinator:
         plan = RoundPlan.from_dict(row.plan)
         updates = {u.task_id: u for u in self.state.updates(row.round)}
         by_task = {t.task_id: t for t in tasks}
-        results = stored_results(row.round, updates.values(), by_task, self.incoming)
+        results = stored_results(row.round, updates.values(), by_task, self.incoming, self.model.load)
         scored = {sc["task_id"]: sc for sc in self.state.scores(row.round)}
         for task_id, sc in scored.items():
             results.append(Result(by_task[task_id].assignment, {}, sc["num_examples"], 0.0,
@@ -605,7 +622,8 @@ class Coordinator:
         # replay reads the rounds that changed the weights (_restore's history): the last `keep` of those
         changed = [r for r in self.state.closed_round_rows() if r.weights_after != r.weights_before][-keep:]
         indexes = {self.weights_sha} | {i for r in changed for i in (r.weights_before, r.weights_after) if i}
-        removed = self.model.collect_garbage(indexes)
+        own_indexes, own_blobs = self.strategy.blobs_in_use()
+        removed = self.model.collect_garbage(indexes | own_indexes, own_blobs)
         if removed:
             log.debug("collected %d blob(s) no round needs any more", removed)
 
@@ -620,7 +638,8 @@ class Coordinator:
             if u is not None:
                 answer = dict(num_examples=u.num_examples, loss=u.loss, peak_rss_bytes=u.peak_rss_bytes,
                               agent_peak_rss_bytes=u.agent_peak_rss_bytes, downloaded_bytes=u.downloaded_bytes,
-                              uploaded_bytes=u.blob_size, seconds=u.seconds)
+                              uploaded_bytes=u.blob_size, seconds=u.seconds, holdout_examples=u.holdout_examples,
+                              holdout_accuracy_before=u.holdout_accuracy_before, holdout_accuracy=u.holdout_accuracy)
             if sc is not None:
                 answer = dict(num_examples=sc["num_examples"], scores=sc["scores"], peak_rss_bytes=sc["peak_rss_bytes"],
                               agent_peak_rss_bytes=sc["agent_peak_rss_bytes"], seconds=sc["seconds"])
@@ -646,8 +665,10 @@ class Coordinator:
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def stored_results(round_no: int, updates, by_task: dict, incoming: BlobStore) -> list[Result]:
-    """The round's accepted updates as Results whose tensors are read lazily, one at a time.
+def stored_results(round_no: int, updates, by_task: dict[str, TaskRow], incoming: BlobStore,
+                   load_index: Callable[[str], Mapping[str, np.ndarray]]) -> list[Result]:
+    """The round's accepted updates as Results whose tensors are read lazily, one at a time; a task that was
+    sent the device's own weights (a personalised schedule) has them as its Result's `start` (load_index).
 
     Aggregation then holds only its running sums, never every update at once (N devices x
     the part each trained). A stored update that is gone or no longer matches its hash
@@ -663,8 +684,19 @@ def stored_results(round_no: int, updates, by_task: dict, incoming: BlobStore) -
         except (OSError, EdgeRuntimeError) as exc:
             log.error("round %d: the stored update of %s is unreadable, left out: %s", round_no, u.device_id, exc)
             continue
-        results.append(Result(by_task[u.task_id].assignment, values, u.num_examples, u.loss))
+        task = by_task[u.task_id]
+        start = load_index(task.weights_index) if task.weights_index else None
+        results.append(Result(task.assignment, values, u.num_examples, u.loss, start=start))
     return results
+
+
+def _holdout_fraction(setting: float, personalized: bool) -> float:
+    """[train] holdout_fraction: -1 (the default) is 0.2 for a personalised schedule, 0 for the others."""
+    if setting < 0:
+        return 0.2 if personalized else 0.0
+    if not 0 <= setting <= MAX_HOLDOUT:
+        raise ConfigError(f"train.holdout_fraction must be -1 (automatic) or in [0, {MAX_HOLDOUT}], not {setting}")
+    return float(setting)
 
 
 def _device_list(path: str) -> list[str]:

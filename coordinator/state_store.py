@@ -44,6 +44,9 @@ CREATE TABLE IF NOT EXISTS scores (
     scores TEXT NOT NULL, num_examples INTEGER NOT NULL, peak_rss_bytes INTEGER NOT NULL,
     agent_peak_rss_bytes INTEGER NOT NULL, seconds REAL NOT NULL, received_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS tasks_by_device ON tasks (round, device_id);
+CREATE TABLE IF NOT EXISTS holdouts (
+    task_id TEXT PRIMARY KEY REFERENCES updates(task_id), examples INTEGER NOT NULL, accuracy_before REAL,
+    accuracy REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS rejections (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, device_id TEXT, task_id TEXT, reason TEXT NOT NULL);
 """
@@ -80,10 +83,20 @@ class TaskRow:
     def task(self) -> Task:
         return Task.decode(json.dumps(self.spec["task"]).encode())
 
+    @property
+    def weights_index(self) -> str | None:
+        """The index of the weights this task was sent when they were the device's own (a personalised
+        schedule's), not the round's global weights; None otherwise."""
+        return self.spec.get("weights")
 
-def task_spec(assignment: Assignment, task: Task) -> dict:
-    """What the store keeps of a task: the assignment the strategy planned and the message the device gets."""
-    return {"assignment": asdict(assignment), "task": json.loads(task.encode())}
+
+def task_spec(assignment: Assignment, task: Task, weights_index: str | None = None) -> dict:
+    """What the store keeps of a task: the assignment the strategy planned, the message the device gets, and the
+    index of the weights it was sent when they were the device's own rather than the global ones."""
+    spec = {"assignment": asdict(assignment), "task": json.loads(task.encode())}
+    if weights_index is not None:
+        spec["weights"] = weights_index
+    return spec
 
 
 @dataclass(frozen=True)
@@ -99,6 +112,10 @@ class UpdateRow:
     blob_size: int = 0
     downloaded_bytes: int = 0
     agent_peak_rss_bytes: int = 0
+    # accuracy on the rows the device held out (a table of its own: a workdir from before it opens unchanged)
+    holdout_examples: int | None = None
+    holdout_accuracy_before: float | None = None
+    holdout_accuracy: float | None = None
 
 
 class StateStore:
@@ -220,6 +237,10 @@ class StateStore:
                  getattr(update, "downloaded_bytes", 0), getattr(update, "agent_peak_rss_bytes", 0)))
             if cur.rowcount == 0:
                 return False
+            if getattr(update, "holdout_accuracy", None) is not None:
+                self._db.execute("INSERT INTO holdouts VALUES (?, ?, ?, ?)",
+                                 (update.task_id, update.holdout_examples, update.holdout_accuracy_before,
+                                  update.holdout_accuracy))
             self._db.execute("UPDATE tasks SET status = 'accepted' WHERE task_id = ?", (update.task_id,))
             self._db.execute("UPDATE devices SET last_seen = ? WHERE device_id = ?", (time.time(), update.device_id))
             return True
@@ -250,9 +271,10 @@ class StateStore:
         return cur.rowcount == 1
 
     def updates(self, round_no: int) -> list[UpdateRow]:
-        rows = self._db.execute("SELECT task_id, round, device_id, blob_sha256, num_examples, loss, peak_rss_bytes, "
-                                "seconds, blob_size, downloaded_bytes, agent_peak_rss_bytes FROM updates "
-                                "WHERE round = ? ORDER BY task_id", (round_no,)).fetchall()
+        rows = self._db.execute("SELECT u.task_id, round, device_id, blob_sha256, num_examples, loss, peak_rss_bytes, "
+                                "seconds, blob_size, downloaded_bytes, agent_peak_rss_bytes, h.examples, "
+                                "h.accuracy_before, h.accuracy FROM updates u LEFT JOIN holdouts h "
+                                "ON h.task_id = u.task_id WHERE round = ? ORDER BY u.task_id", (round_no,)).fetchall()
         return [UpdateRow(*r) for r in rows]
 
     def recent_losses(self, round_no: int, rounds: int = 3) -> list[float]:

@@ -42,7 +42,7 @@ def _judge(setup, values=None, raw=None, **fields):
     base = dict(task_id="r1-pi-01", round=1, device_id="pi-01", blob_sha256=sha, blob_size=len(data),
                 num_examples=100, loss=0.5, steps=10, peak_rss_bytes=80 << 20, seconds=1.0)
     base.update(fields)
-    return intake.judge_update(Update(**base), sender, state, 1, incoming, m, w, UpdateCheck(max_relative_change=1.0))
+    return intake.judge_update(Update(**base), sender, state, 1, incoming, m, lambda task: w, UpdateCheck(max_relative_change=1.0))
 
 
 def test_a_good_update_is_accepted_and_a_second_copy_is_a_duplicate(setup):
@@ -71,7 +71,7 @@ def test_a_replayed_update_for_a_closed_round_is_rejected(setup):
     m, w, state, incoming, good = setup
     data = wcodec.encode(good)
     u = Update("r1-pi-01", 1, "pi-01", incoming.put_bytes(data), len(data), 100, 0.5, 10, 1, 1.0)
-    v = intake.judge_update(u, "pi-01", state, 2, incoming, m, w)   # round 2 is open now
+    v = intake.judge_update(u, "pi-01", state, 2, incoming, m, lambda task: w)   # round 2 is open now
     assert v.status == "rejected" and "round 1 is closed" in v.reason
 
 
@@ -97,7 +97,7 @@ def test_tensor_level_rejections(setup):
 def test_an_incomplete_blob_waits_and_a_failure_report_settles_its_task(setup):
     m, w, state, incoming, good = setup
     u = Update("r1-pi-01", 1, "pi-01", "ee" * 32, 1000, 100, 0.5, 10, 1, 1.0)
-    assert intake.judge_update(u, "pi-01", state, 1, incoming, m, w).status == "pending"
+    assert intake.judge_update(u, "pi-01", state, 1, incoming, m, lambda task: w).status == "pending"
     ok = intake.judge_failure(Failed("r1-pi-02", 1, "pi-02", "needs 120 MB"), "pi-02", state, 1)
     assert ok.status == "accepted" and ok.settles_task
     forged = intake.judge_failure(Failed("r1-pi-01", 1, "pi-01", "no"), "pi-02", state, 1)

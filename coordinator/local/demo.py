@@ -44,7 +44,7 @@ def _defaults() -> dict:
 DEFAULTS = _defaults()
 # --quick: the CI-sized run (about a minute on 2 cores): the same fleet on less data, shorter stages
 QUICK = {"demo": {"samples": 5000, "baseline_rounds": 2},
-         "progressive": {"min_rounds_per_block": 1, "max_rounds_per_block": 1}}
+         "progressive": {"min_rounds_per_block": 1, "max_rounds_per_block": 1}, "pfedla": {"rounds": 4}}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -171,24 +171,31 @@ def run_fleet(coordinator: dict, work: Path, specs, broker_url: str, fleet_name:
 def round_line(m: RoundMetrics, elapsed: float) -> str:
     """The line a closed round leaves above the live one: its stage, updates, accuracy and largest device peak."""
     from coordinator.observe.run_data import MB
+    from coordinator.round_metrics import device_accuracy
     from coordinator.strategies.base import stage_text
     trained = list(m.accepted().values())
     worst_mb = max(r.device_peak_bytes for r in trained) / MB if trained else 0
     idle = f", {len(m.idle)} idle" if m.idle else ""
+    own = device_accuracy([m])    # a personalised schedule: each device's model on its held-out rows
+    accuracy = f"test accuracy {m.accuracy:6.2%}" if own is None else \
+        f"device accuracy mean {own.mean:6.2%} worst {own.worst[1]:6.2%}"
     return (f"round {m.round:>3} closed  {stage_text(m.stage):<20} updates {m.updates}/{len(m.devices)}"
-            f"{idle}, rejected {m.rejected}  accuracy {m.accuracy:6.2%}  largest device peak {worst_mb:4.0f} MB  "
+            f"{idle}, rejected {m.rejected}  {accuracy}  largest device peak {worst_mb:4.0f} MB  "
             f"({elapsed:.0f} s)")
 
 
 def summarize(rounds: Sequence[RoundMetrics], specs) -> dict:
     """What summary.json holds; a device's worst peak (job + agent) is held against its whole budget, not the job's."""
     from coordinator.observe.run_data import MB, tally_devices
+    from coordinator.round_metrics import device_accuracy
     rows = tally_devices(rounds)
+    own = device_accuracy(rounds)
     answered = dict.fromkeys(d for m in rounds for d in m.accepted())     # in the order the devices first answered
     peak_mb = {d: rows[d].device_peak_bytes / MB for d in answered}
     budget_mb = {s.device_id: s.budget_bytes / MB for s in specs}
     return {"rounds": len(rounds), "finished": bool(rounds and rounds[-1].finished),
             "final_test_accuracy": rounds[-1].accuracy if rounds else None,
+            "device_accuracy": own.to_dict() if own else None,
             "peak_mb": peak_mb, "budget_mb": budget_mb,
             "over_budget": sorted(d for d, p in peak_mb.items() if p > budget_mb[d])}
 
@@ -289,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
+    if summary["device_accuracy"] is not None:
+        own = summary["device_accuracy"]
+        print(f"\n{summary['rounds']} rounds: each device's own model on its held-out rows: mean {own['mean']:.2%}, "
+              f"worst {own['worst']:.2%} ({own['worst_device']}), spread {100 * own['spread']:.1f} points")
     if summary["final_test_accuracy"] is not None:
         print(f"\n{summary['rounds']} rounds: test accuracy {summary['final_test_accuracy']:.2%}; every device's "
               f"largest peak (training job + agent) against its budget: " +

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, NamedTuple
 
-from coordinator.round_metrics import DeviceRound, RoundMetrics
+from coordinator.round_metrics import DeviceRound, RoundMetrics, device_accuracy
 from coordinator.state_store import RoundRow, StateStore
 from coordinator.strategies.base import stage_text
 
@@ -272,6 +272,13 @@ def summary_items(run: Run, baseline: Run | None, devices: list[DeviceRow]) -> l
         best = max(rs, key=lambda m: m.accuracy)
         items += [("final-accuracy", "final accuracy", f"{_pct(rs[-1].accuracy)} (round {rs[-1].round})"),
                   ("best-accuracy", "best accuracy", f"{_pct(best.accuracy)} (round {best.round})")]
+    own = device_accuracy(rs)
+    if own is not None:
+        device, worst = own.worst
+        items += [("device-accuracy", "device accuracy", f"mean {_pct(own.mean)}, worst {_pct(worst)} ({device}), "
+                                                          f"spread {100 * own.spread:.1f} points over "
+                                                          f"{len(own.by_device)} devices, each its own model on its "
+                                                          f"held-out rows")]
     if baseline is not None and baseline.rounds:
         items.append(("baseline-accuracy", "baseline",
                       f"{_pct(baseline.rounds[-1].accuracy)} after {len(baseline.rounds)} rounds of "

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.observe.run_data import parse_round
+from coordinator.round_metrics import device_accuracy
 from coordinator.state_store import StateStore
 from coordinator.strategies.base import stage_text
 
@@ -34,6 +35,7 @@ class Snapshot:
     failed: int = 0
     tasks: int = 0
     accuracy: float | None = None     # after the last closed round
+    device_accuracy: dict | None = None   # a personalised run: each device's held-out accuracy (DeviceAccuracy)
     rounds_closed: int = 0
     finished: bool = False
     rounds_left: tuple[int, int] | None = None
@@ -69,6 +71,8 @@ def _read(state: StateStore) -> Snapshot:
     last = parse_round(closed[-1]) if closed else None
     if last is not None:
         snap.accuracy, snap.finished, snap.rounds_left = last.accuracy, bool(last.finished), last.rounds_left
+    own = device_accuracy(rounds)
+    snap.device_accuracy = own.to_dict() if own else None
     row = state.current_round()
     if row is not None:
         snap.round, snap.round_open, snap.stage = row.round, row.state == "open", row.plan.get("stage", {})
@@ -121,6 +125,8 @@ def progress_line(snap: Snapshot, elapsed_s: float) -> str:
     """One line: round, stage, devices online per tier, updates, accuracy, elapsed and left."""
     tiers = " ".join(f"{t} {on}/{n}" for t, (on, n) in snap.tiers.items()) or "none yet"
     acc = "-" if snap.accuracy is None else f"{snap.accuracy:.2%}"
+    if snap.device_accuracy is not None:
+        acc = f"devices mean {snap.device_accuracy['mean']:.2%} worst {snap.device_accuracy['worst']:.2%}"
     if snap.round is None:
         where = "waiting for devices"
     else:
@@ -146,8 +152,13 @@ def status_lines(snap: Snapshot, devices: list[dict], now: float | None = None) 
         if snap.round_open:
             line += f"; {snap.accepted} of {snap.tasks} updates accepted, {snap.rejected} rejected, {snap.failed} failed"
         out.append(line)
+    if snap.device_accuracy is not None:
+        own = snap.device_accuracy
+        out.append(f"device accuracy (each device's own model on its held-out rows): mean {own['mean']:.2%}, worst "
+                   f"{own['worst']:.2%} ({own['worst_device']}), spread {100 * own['spread']:.1f} points")
     if snap.accuracy is not None:
-        out.append(f"test accuracy: {snap.accuracy:.2%}")
+        out.append(f"test accuracy{' (the mean of the devices’ own models)' if snap.device_accuracy else ''}: "
+                   f"{snap.accuracy:.2%}")
     if snap.rounds_left is not None and not snap.finished:
         lo, hi = snap.rounds_left
         out.append(f"rounds left: {lo}" + (f" to {hi}" if hi != lo else "") + f" ({eta_text(snap)})")

@@ -16,6 +16,14 @@ A round's life:
 3. advance(plan, before, after) moves the schedule on (freezing, next stage) from what
    the round changed, and `finished` says when training is over.
 
+A personalised schedule (`personalized`: pFedLA) gives each device weights of its own:
+device_weights(device) names what a device's task starts from (None: the global weights),
+each Result carries those as `start`, and the weights aggregate returns are only the
+fleet's reference model. It keeps what it learns (per-device layers, hypernetworks) in the
+coordinator's blob store through the WeightVault the service attaches, naming the blobs in
+its state() and in blobs_in_use(), so a restarted coordinator finds them and the garbage
+collector leaves them.
+
 The service owns timing, MQTT and persistence; a strategy owns only decisions and
 arithmetic. Its schedule state is a JSON-able dict (state/load_state), persisted with
 every round so a restarted coordinator continues the same schedule.
@@ -24,7 +32,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Callable, ClassVar, Mapping, Sequence
+from typing import Callable, ClassVar, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -122,11 +130,30 @@ class Result:
     loss: float
     scores: Mapping | None = None      # a score task's answer: {layer index or "head": score}
     weight: float | None = None        # what the update weighs in aggregation; None = num_examples (as claimed)
+    start: Mapping[str, np.ndarray] | None = None   # the weights the task started from, when they were the
+    #                                                  device's own (a personalised schedule); None = the global ones
 
     @property
     def aggregation_weight(self) -> float:
         """The weight aggregation gives this update: `weight` once the service has capped the claim, else the claim."""
         return float(self.num_examples if self.weight is None else self.weight)
+
+
+class WeightVault(Protocol):
+    """Where a schedule keeps weights beyond the global model: the coordinator's content-addressed blob store
+    (coordinator/global_model.py). Every blob is named by its hash; the hashes go in the schedule's state."""
+
+    def save(self, weights: Mapping[str, np.ndarray]) -> str:
+        """Store model weights a layer per blob; the hash of the index naming them."""
+
+    def load(self, index_sha: str) -> dict[str, np.ndarray]:
+        """The weights an index names."""
+
+    def put_bytes(self, data: bytes) -> str:
+        """Store any bytes; their hash."""
+
+    def get_bytes(self, sha: str) -> bytes:
+        """The bytes of a blob, hash-checked."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +167,9 @@ class Strategy(ABC):
     their defaults in `Settings`, a frozen dataclass beside its code."""
     name: ClassVar[str] = ""
     Settings: ClassVar[type] = NoSettings
+    # each device trains a model of its own: its accuracy is measured on the rows it holds out
+    # (TrainConfig.holdout), and the global test set sees only the fleet's reference model
+    personalized: ClassVar[bool] = False
 
     def __init__(self, manifest, predict: PeakPredictor, batch_sizes: Sequence[int], margin: float = 0.10,
                  aggregation: AggregationSettings = AggregationSettings()):
@@ -215,6 +245,19 @@ class Strategy(ABC):
         weights index after), oldest first; load(index) gives those weights. The default
         schedule keeps nothing outside state().
         """
+
+    # -- personalised schedules ---------------------------------------------------------------
+    def attach(self, vault: WeightVault) -> None:
+        """Give the schedule the store it keeps its own weights in (the service does, before load_state)."""
+        self.vault = vault
+
+    def device_weights(self, device_id: str, global_weights: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray] | None:
+        """The weights a device's task starts from this round; None: the global weights (every shared schedule)."""
+        return None
+
+    def blobs_in_use(self) -> tuple[set[str], set[str]]:
+        """(weight indexes, other blobs) the schedule's state names: the blob collector keeps them."""
+        return set(), set()
 
     # -- shared decisions -------------------------------------------------------------------
     @property
