@@ -57,7 +57,8 @@ REPO = Path(__file__).resolve().parent.parent
 IMAGE = REPO / "docs" / "img" / "bench_federated.png"
 IMAGE_FINETUNE = REPO / "docs" / "img" / "bench_federated_finetune.png"
 TIERS = {"tiny": 134, "small": 150, "big": 296}
-SCRATCH = tuple(strategies.names())          # every registered schedule, from scratch
+# every registered schedule with a global model, from scratch (personalised ones: tools/bench_personalized.py)
+SCRATCH = tuple(n for n, cls in strategies.registry().items() if not cls.personalized)
 FINETUNE = ("finetune-fedavg", "finetune-selective")
 
 
