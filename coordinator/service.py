@@ -42,7 +42,7 @@ from coordinator.global_model import GlobalModel
 from coordinator.guards import Admission, Fetches, GuardSettings, RateLimit, Uploads, benched_devices
 from coordinator.model import sources
 from coordinator.model.zoo_profile import measured_profile
-from coordinator.round_metrics import DeviceRound, RoundMetrics
+from coordinator.round_metrics import DeviceRound, RoundMetrics, device_accuracy
 from coordinator.state_store import StateStore, TaskRow, task_spec
 from coordinator.strategies.aggregation import AggregationSettings, UpdateCheck, aggregation_settings_table
 from coordinator.strategies.base import Device, Result, RoundPlan, stage_text
@@ -586,7 +586,8 @@ class Coordinator:
         else:
             after, weights_after = before, row.weights_before
         ev = self.model.evaluate(after, self.test_x, self.test_y, upto_block=self.eval_block)
-        metrics = self._round_metrics(row, plan, tasks, updates, scored, why, aggregated, ev).to_dict()
+        measured = self._round_metrics(row, plan, tasks, updates, scored, why, aggregated, ev)
+        metrics = measured.to_dict()
         self.state.close_round(row.round, weights_after, self.strategy.state(), metrics)
         self.global_weights, self.weights_sha, self.next_round = after, weights_after, row.round + 1
         with open(self.metrics_path, "a") as f:
@@ -598,9 +599,10 @@ class Coordinator:
         self.uploads.forget_unclaimed()
         self.pending.clear()
         self._collect_garbage()
-        log.info("round %d closed (%s): %d of %d update(s)%s; test accuracy %.2f%% (blocks 0-%d)", row.round, why,
+        own = device_accuracy([measured])
+        log.info("round %d closed (%s): %d of %d update(s)%s; %stest accuracy %.2f%% (blocks 0-%d)", row.round, why,
                  len(results), len(tasks), "" if aggregated else f", fewer than {s['min_updates']}: weights kept",
-                 100 * ev["accuracy"], self.eval_block)
+                 "" if own is None else own.text() + "; ", 100 * ev["accuracy"], self.eval_block)
 
     def _capped(self, round_no: int, results: list[Result]) -> list[Result]:
         """The results with the weight each claimed sample count earns (AggregationSettings.weights): a device

@@ -75,6 +75,7 @@ CONFIGS = st.builds(
     batch_size=st.integers(1, 2 ** 62), micro_batch_size=st.none() | st.integers(0, 2 ** 62), epochs=POSITIVE,
     max_steps=st.none() | INDICES, seed=INDICES, checkpoint_every_steps=INDICES,
     checkpoint=st.sampled_from(["full", "weights"]), cache_fp16=st.booleans(), threads=INDICES,
+    holdout=st.floats(0, 0.9),
 ).filter(lambda c: not (c.nesterov and c.momentum <= 0))
 BLOB_SIZES = st.integers(0, 2 ** 40)
 SPECIAL = {   # fields whose validate() asks more than their type and LIMITS
@@ -87,6 +88,8 @@ SPECIAL = {   # fields whose validate() asks more than their type and LIMITS
                                                        "name": st.text(max_size=200)}), max_size=4),
     ("task", "part"): PARTS, ("task", "config"): CONFIGS,
     ("fetch", "chunks"): st.none() | st.lists(st.integers(0, 10 ** 7 - 1), max_size=20),
+    ("update", "holdout_accuracy_before"): st.none() | st.floats(0, 1),
+    ("update", "holdout_accuracy"): st.none() | st.floats(0, 1),
     ("scores", "scores"): st.dictionaries(st.just("head") | st.integers(0, 99_999).map(str),
                                           st.floats(0, MAX_FLOAT) | st.integers(0, 10 ** 15), max_size=20),
 }

@@ -29,6 +29,8 @@ MESSAGES = [
     Fetch(SHA),
     Update("r3-pi-01", 3, "pi-01", SHA, 123456, 600, 0.42, 19, 150 << 20, 12.5),
     Update("r3-pi-01", 3, "pi-01", SHA, 123456, 600, 0.42, 19, 150 << 20, 12.5, 5000, 40 << 20),
+    Update("r3-pi-01", 3, "pi-01", SHA, 123456, 480, 0.42, 19, 150 << 20, 12.5, holdout_examples=120,
+           holdout_accuracy_before=0.25, holdout_accuracy=0.9),
     Failed("r3-pi-01", 3, "pi-01", "does not fit a budget of 90 MB: needs 102 MB", 102 << 20),
     Ack("r3-pi-01", False, "norm 1e9 exceeds the bound 1e3"),
     Idle(4, "block 0 does not fit 90 MB; layers 0-0 need 99 MB at batch 32 (with margin)"),
@@ -143,3 +145,21 @@ def test_untrusted_text_is_one_log_line():
     assert "\n" not in shown and "\r" not in shown and "\x1b" not in shown
     assert shown.startswith("disk full\\n2026")
     assert len(printable("y" * 10_000)) < 400
+
+
+@pytest.mark.parametrize("field,value", [("holdout_accuracy", 1.5), ("holdout_accuracy_before", -0.1),
+                                         ("holdout_examples", -1)])
+def test_held_out_accuracy_is_a_fraction_and_its_row_count_not_negative(field, value):
+    raw = json.loads(Update("r3-pi-01", 3, "pi-01", SHA, 1, 600, 0.42, 19, 150 << 20, 12.5, holdout_examples=120,
+                            holdout_accuracy_before=0.25, holdout_accuracy=0.9).encode())
+    raw[field] = value
+    with pytest.raises(ProtocolError, match=field):
+        Update.decode(json.dumps(raw).encode())
+
+
+def test_a_task_holds_out_at_most_nine_tenths_of_the_rows():
+    from edge_runtime.errors import EdgeRuntimeError
+    from edge_runtime.wire.train_config import TrainConfig
+    assert TrainConfig.from_dict({"holdout": 0.2}).holdout == 0.2
+    with pytest.raises(EdgeRuntimeError, match="holdout"):
+        TrainConfig.from_dict({"holdout": 0.95})
