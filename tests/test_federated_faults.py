@@ -169,3 +169,45 @@ def test_one_poisoned_device_claiming_a_billion_samples_does_not_wreck_the_model
     assert accuracy[-1] >= 0.45 and accuracy[-1] > accuracy[0], accuracy
     assert [m["devices"]["rogue"]["status"] for m in metrics] == ["accepted"] * 3
     assert "rogue claimed 1000000000 samples, weighs" in log
+
+
+def test_a_personalised_run_killed_mid_round_continues_with_every_devices_own_state(env, tmp_path):
+    """pFedLA keeps each device's own layers and hypernetwork as blobs named in the round's state: a restart
+    resends the open round's tasks with the same per-device weights and folds in the updates already accepted."""
+    def sent_weights(round_no):
+        with sqlite3.connect(work / "state.db") as db:
+            rows = db.execute("SELECT device_id, spec FROM tasks WHERE round = ?", (round_no,)).fetchall()
+        return {d: json.loads(spec)["weights"] for d, spec in rows}
+
+    with EmbeddedBroker(tmp_path / "broker") as broker, LocalFleet(tmp_path, broker.url, "kill-pfedla") as fleet:
+        work = tmp_path / "coordinator"
+        config = settings(work, env["profile"], "pfedla", min_devices=3)
+        config["pfedla"] = {"rounds": 3}
+        fleet.start_run(config, env["specs"])
+
+        def some_but_not_all_accepted():
+            row = open_round(work)
+            if row is None or row.round != 2:
+                return None
+            done = [u for u in _updates(work) if u[0] == row.round]
+            return 1 <= len(done) < 3 and done
+        before = wait_for(some_but_not_all_accepted, 180, "round 2 to hold some accepted updates", fleet, 0.02)
+        sent_before = sent_weights(2)
+        fleet.kill("coordinator")
+        fleet.start_coordinator(config)
+        assert fleet.wait("coordinator", 300) == 0, fleet.log_tail("coordinator")
+    assert sent_weights(2) == sent_before and len(set(sent_before.values())) == 3   # each device its own, kept
+    rows = _updates(work)
+    assert len(rows) == len(set(rows)) == 9 and set(before) <= set(rows)
+    metrics = read_metrics(work)
+    assert [m["round"] for m in metrics] == [1, 2, 3] and all(m["updates"] == 3 for m in metrics)
+    assert all(r["holdout_accuracy"] is not None for m in metrics for r in m["devices"].values())
+    # every device's own layers and hypernetwork named by the final state are in the blob store, whole
+    from coordinator.global_model import GlobalModel
+    from edge_runtime.wire.transfer import BlobStore
+    with sqlite3.connect(work / "state.db") as db:
+        state = json.loads(db.execute("SELECT strategy_state FROM rounds ORDER BY round DESC").fetchone()[0])
+    model = GlobalModel(work / "model", BlobStore(work / "blobs"))
+    assert sorted(state["own"]) == sorted(state["hn"]) == ["d0", "d1", "d2"]
+    for device in state["own"]:
+        assert model.load(state["own"][device]) and model.get_bytes(state["hn"][device])

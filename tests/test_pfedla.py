@@ -176,3 +176,12 @@ def test_pfedla_over_mosquitto_personalises_two_tiers_within_their_budgets(tmp_p
     # what each device's mixture drew on is reported, a row per layer and a column per device
     alphas = metrics[-1]["schedule"]["alphas"]
     assert set(alphas) == set(budgets) and all(abs(sum(row) - 1) < 1e-3 for rows in alphas.values() for row in rows)
+    # status and the report show the mean, the worst device and the spread of the devices' last accuracies
+    from coordinator.observe.run_data import device_rows, load_run, summary_items
+    from coordinator.observe.run_status import snapshot, status_lines
+    worst = min(last, key=last.get)
+    status = "\n".join(status_lines(snapshot(root / "run" / "coordinator"), []))
+    assert f"mean {sum(last.values()) / len(last):.2%}" in status and f"worst {last[worst]:.2%} ({worst})" in status
+    run = load_run(root / "run" / "coordinator")
+    header = dict((key, text) for key, _, text in summary_items(run, None, device_rows(run)))
+    assert f"({worst})" in header["device-accuracy"] and "spread" in header["device-accuracy"]

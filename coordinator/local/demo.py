@@ -177,7 +177,7 @@ def round_line(m: RoundMetrics, elapsed: float) -> str:
     worst_mb = max(r.device_peak_bytes for r in trained) / MB if trained else 0
     idle = f", {len(m.idle)} idle" if m.idle else ""
     own = device_accuracy([m])    # a personalised schedule: each device's model on its held-out rows
-    accuracy = f"test accuracy {m.accuracy:6.2%}" if own is None else \
+    accuracy = f"accuracy {m.accuracy:6.2%}" if own is None else \
         f"device accuracy mean {own.mean:6.2%} worst {own.worst[1]:6.2%}"
     return (f"round {m.round:>3} closed  {stage_text(m.stage):<20} updates {m.updates}/{len(m.devices)}"
             f"{idle}, rejected {m.rejected}  {accuracy}  largest device peak {worst_mb:4.0f} MB  "
