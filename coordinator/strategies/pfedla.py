@@ -52,7 +52,10 @@ class PFedLASettings:
     """[pfedla]: rounds; k_local layers kept local (0: pFedLA, k > 0: HeurpFedLA); the hypernetworks."""
     rounds: int = 10
     k_local: int = 0
-    hn_lr: float = 0.05
+    # the step on a mixing weight is an inner product over a whole layer: 5 lets the hypernetworks learn within a
+    # few rounds on fmnist_cnn (0.05 left them uniform: docs/benchmarks.md); lower it if a model's layers are far
+    # larger and each device's weights collapse onto its own copy within a round or two
+    hn_lr: float = 5.0
     embedding_dim: int = 100
     hidden_dim: int = 100
 
@@ -159,7 +162,8 @@ class PFedLA(Strategy):
         for a in assignments:    # every newcomer joins before any mixture of the round is made
             if a.device_id not in self.roster:
                 self._join(a.device_id)
-        stage = {"phase": "heurpfedla" if self.k_local else "pfedla", "round": self.rounds_done}
+        phase = "pfedla" if not self.k_local else "local" if self.k_local >= len(self.unit_names) else "heurpfedla"
+        stage = {"phase": phase, "round": self.rounds_done}
         return RoundPlan(round_no, tuple(assignments), idle, stage)
 
     def device_weights(self, device_id, global_weights):
