@@ -185,3 +185,6 @@ def test_pfedla_over_mosquitto_personalises_two_tiers_within_their_budgets(tmp_p
     run = load_run(root / "run" / "coordinator")
     header = dict((key, text) for key, _, text in summary_items(run, None, device_rows(run)))
     assert f"({worst})" in header["device-accuracy"] and "spread" in header["device-accuracy"]
+    from coordinator.observe.run_report import write_report
+    page = write_report(root / "run" / "coordinator").read_text()
+    assert 'id="device-accuracy"' in page and "held-out rows" in page

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 
 from coordinator.observe.run_data import MB, DeviceRow, Run, freezing_series, ranges_text, round_bytes
-from coordinator.round_metrics import DeviceRound
+from coordinator.round_metrics import DeviceRound, device_accuracy
 from coordinator.strategies.base import stage_text
 
 PLOT_NAMES = ("accuracy", "memory", "bytes", "timeline", "freezing")
@@ -44,13 +44,24 @@ def _png(fig) -> bytes:
 
 
 def plot_accuracy(run: Run, baseline: Run | None) -> bytes | None:
-    """Test accuracy per round; score rounds and rounds that kept the weights marked; the baseline dashed."""
+    """Test accuracy per round; score rounds and rounds that kept the weights marked; the baseline dashed. A run whose
+    devices report held-out accuracy (a personalised one) also draws their mean and worst device per round."""
     rs = run.rounds
     if not rs:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4))
-    ax.plot([m.round for m in rs], [100 * m.accuracy for m in rs], marker="o", ms=4, label=run.strategy)
+    own = [(m.round, device_accuracy([m])) for m in rs]
+    own = [(r, a) for r, a in own if a is not None]
+    title = "test accuracy of the global model after each round"
+    if own:   # a personalised run: each device's own model on its held-out rows is the measure
+        ax.plot([r for r, _ in own], [100 * a.mean for _, a in own], marker="o", ms=4, color="tab:green",
+                label="devices' own models, mean (held-out rows)")
+        ax.plot([r for r, _ in own], [100 * a.worst[1] for _, a in own], linestyle="--", color="tab:green",
+                label="worst device")
+        title = "each device's own model on its held-out rows; the reference model on the test set"
+    ax.plot([m.round for m in rs], [100 * m.accuracy for m in rs], marker="o", ms=4,
+            label=f"{run.strategy}: mean of the devices' models (reference)" if own else run.strategy)
     score = [m for m in rs if m.stage.get("phase") == "score"]
     if score:
         ax.scatter([m.round for m in score], [100 * m.accuracy for m in score], s=60, facecolors="none",
@@ -63,8 +74,7 @@ def plot_accuracy(run: Run, baseline: Run | None) -> bytes | None:
         b = baseline.rounds
         ax.plot([m.round for m in b], [100 * m.accuracy for m in b], linestyle="--", marker=".",
                 color="k", label=f"full-model {baseline.strategy} baseline")
-    ax.set(xlabel="round", ylabel="test accuracy (%)", title="test accuracy of the global model after each round",
-           ylim=(0, 100))
+    ax.set(xlabel="round", ylabel="accuracy (%)" if own else "test accuracy (%)", title=title, ylim=(0, 100))
     _integer_rounds(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")

@@ -268,17 +268,18 @@ def summary_items(run: Run, baseline: Run | None, devices: list[DeviceRow]) -> l
     rs = run.rounds
     items = [("model", "model", run.model), ("strategy", "strategy", run.strategy), ("state", "state", _state(run)),
              ("rounds", "rounds closed", str(len(rs)))]
-    if rs:
-        best = max(rs, key=lambda m: m.accuracy)
-        items += [("final-accuracy", "final accuracy", f"{_pct(rs[-1].accuracy)} (round {rs[-1].round})"),
-                  ("best-accuracy", "best accuracy", f"{_pct(best.accuracy)} (round {best.round})")]
     own = device_accuracy(rs)
-    if own is not None:
+    if own is not None:   # a personalised run: no global model; each device's own, on the rows it held out
         device, worst = own.worst
         items += [("device-accuracy", "device accuracy", f"mean {_pct(own.mean)}, worst {_pct(worst)} ({device}), "
                                                           f"spread {100 * own.spread:.1f} points over "
                                                           f"{len(own.by_device)} devices, each its own model on its "
                                                           f"held-out rows")]
+    if rs:
+        best = max(rs, key=lambda m: m.accuracy)
+        which = " (reference: the mean of the devices' models, on the test set)" if own is not None else ""
+        items += [("final-accuracy", "final accuracy" + which, f"{_pct(rs[-1].accuracy)} (round {rs[-1].round})"),
+                  ("best-accuracy", "best accuracy", f"{_pct(best.accuracy)} (round {best.round})")]
     if baseline is not None and baseline.rounds:
         items.append(("baseline-accuracy", "baseline",
                       f"{_pct(baseline.rounds[-1].accuracy)} after {len(baseline.rounds)} rounds of "
