@@ -602,7 +602,7 @@ class Coordinator:
         own = device_accuracy([measured])
         log.info("round %d closed (%s): %d of %d update(s)%s; %stest accuracy %.2f%% (blocks 0-%d)", row.round, why,
                  len(results), len(tasks), "" if aggregated else f", fewer than {s['min_updates']}: weights kept",
-                 "" if own is None else own.text() + "; ", 100 * ev["accuracy"], self.eval_block)
+                 "" if own is None else f"per-device accuracy {own.text()}; ", 100 * ev["accuracy"], self.eval_block)
 
     def _capped(self, round_no: int, results: list[Result]) -> list[Result]:
         """The results with the weight each claimed sample count earns (AggregationSettings.weights): a device

@@ -297,9 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
     if summary["device_accuracy"] is not None:
-        own = summary["device_accuracy"]
-        print(f"\n{summary['rounds']} rounds: each device's own model on its held-out rows: mean {own['mean']:.2%}, "
-              f"worst {own['worst']:.2%} ({own['worst_device']}), spread {100 * own['spread']:.1f} points")
+        from coordinator.round_metrics import accuracy_text
+        print(f"\n{summary['rounds']} rounds: each device's own model on its held-out rows: "
+              f"{accuracy_text(summary['device_accuracy'])}")
     if summary["final_test_accuracy"] is not None:
         print(f"\n{summary['rounds']} rounds: test accuracy {summary['final_test_accuracy']:.2%}; every device's "
               f"largest peak (training job + agent) against its budget: " +

@@ -270,11 +270,7 @@ def summary_items(run: Run, baseline: Run | None, devices: list[DeviceRow]) -> l
              ("rounds", "rounds closed", str(len(rs)))]
     own = device_accuracy(rs)
     if own is not None:   # a personalised run: no global model; each device's own, on the rows it held out
-        device, worst = own.worst
-        items += [("device-accuracy", "device accuracy", f"mean {_pct(own.mean)}, worst {_pct(worst)} ({device}), "
-                                                          f"spread {100 * own.spread:.1f} points over "
-                                                          f"{len(own.by_device)} devices, each its own model on its "
-                                                          f"held-out rows")]
+        items += [("device-accuracy", "device accuracy", f"{own.text()}, each its own model on its held-out rows")]
     if rs:
         best = max(rs, key=lambda m: m.accuracy)
         which = " (reference: the mean of the devices' models, on the test set)" if own is not None else ""

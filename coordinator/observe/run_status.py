@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.observe.run_data import parse_round
-from coordinator.round_metrics import device_accuracy
+from coordinator.round_metrics import accuracy_text, device_accuracy
 from coordinator.state_store import StateStore
 from coordinator.strategies.base import stage_text
 
@@ -153,9 +153,8 @@ def status_lines(snap: Snapshot, devices: list[dict], now: float | None = None) 
             line += f"; {snap.accepted} of {snap.tasks} updates accepted, {snap.rejected} rejected, {snap.failed} failed"
         out.append(line)
     if snap.device_accuracy is not None:
-        own = snap.device_accuracy
-        out.append(f"device accuracy (each device's own model on its held-out rows): mean {own['mean']:.2%}, worst "
-                   f"{own['worst']:.2%} ({own['worst_device']}), spread {100 * own['spread']:.1f} points")
+        out.append(f"device accuracy (each device's own model on its held-out rows): "
+                   f"{accuracy_text(snap.device_accuracy)}")
     if snap.accuracy is not None:
         out.append(f"test accuracy{' (the mean of the devices’ own models)' if snap.device_accuracy else ''}: "
                    f"{snap.accuracy:.2%}")
