@@ -40,6 +40,15 @@ def _updates(work) -> list[tuple]:
         return db.execute("SELECT round, device_id, task_id FROM updates ORDER BY round, device_id").fetchall()
 
 
+def _partly_accepted(work, round_no: int, devices: int = 3) -> list[tuple] | None:
+    """The updates accepted so far in round `round_no` while it is open and still owes some; else None."""
+    row = open_round(work)
+    if row is None or row.round != round_no:
+        return None
+    done = [u for u in _updates(work) if u[0] == round_no]
+    return done if 1 <= len(done) < devices else None
+
+
 def _log_says(fleet, name, text):
     return lambda: text in fleet.log_tail(name, 200)
 
@@ -68,14 +77,7 @@ def test_a_coordinator_killed_mid_round_continues_it_without_losing_or_repeating
         config = settings(work, env["profile"], "progressive", min_devices=3, max_rounds=3)
         config["progressive"].update(shrink_rounds=0)
         fleet.start_run(config, env["specs"])
-
-        def some_but_not_all_accepted():
-            row = open_round(work)
-            if row is None or row.round != 2:
-                return None
-            done = [u for u in _updates(work) if u[0] == row.round]
-            return 1 <= len(done) < 3 and done
-        before = wait_for(some_but_not_all_accepted, 180, "round 2 to hold some accepted updates", fleet, 0.02)
+        before = wait_for(lambda: _partly_accepted(work, 2), 180, "round 2 to hold some accepted updates", fleet, 0.02)
         fleet.kill("coordinator")
         fleet.start_coordinator(config)
         assert fleet.wait("coordinator", 300) == 0, fleet.log_tail("coordinator")
@@ -184,14 +186,7 @@ def test_a_personalised_run_killed_mid_round_continues_with_every_devices_own_st
         config = settings(work, env["profile"], "pfedla", min_devices=3)
         config["pfedla"] = {"rounds": 3}
         fleet.start_run(config, env["specs"])
-
-        def some_but_not_all_accepted():
-            row = open_round(work)
-            if row is None or row.round != 2:
-                return None
-            done = [u for u in _updates(work) if u[0] == row.round]
-            return 1 <= len(done) < 3 and done
-        before = wait_for(some_but_not_all_accepted, 180, "round 2 to hold some accepted updates", fleet, 0.02)
+        before = wait_for(lambda: _partly_accepted(work, 2), 180, "round 2 to hold some accepted updates", fleet, 0.02)
         sent_before = sent_weights(2)
         fleet.kill("coordinator")
         fleet.start_coordinator(config)
