@@ -38,11 +38,17 @@ class BlockModel(nn.Module):
     boundary_head, if given, maps a layer's output shape to an output head; the model then
     also carries a head after every layer that does not end a block (`boundary_heads.{i}`),
     so the profiler may cut the model at any layer boundary, not only at the given blocks.
+
+    members, if given, makes the model a family (FedIN): {member name: block index}, smallest
+    first. The blocks before the first member's are the shared extractor, the last block's
+    head is the shared classifier, and each member is its block of shape-keeping Residual
+    layers; a member's model skips every other member's block (`forward(x, member=name)`).
     """
 
     def __init__(self, name: str, input_shape: Sequence[int], num_classes: int,
                  blocks: Sequence[Sequence[nn.Module]], heads: Sequence[nn.Module],
-                 boundary_head: Callable[[tuple[int, ...]], nn.Module] | None = None):
+                 boundary_head: Callable[[tuple[int, ...]], nn.Module] | None = None,
+                 members: dict[str, int] | None = None):
         super().__init__()
         _check_structure(name, blocks, heads)
         if len(blocks) != len(heads):
@@ -55,6 +61,9 @@ class BlockModel(nn.Module):
         self.blocks = nn.ModuleList(nn.ModuleList(b) for b in blocks)
         self.heads = nn.ModuleList(heads)
         self.boundary_heads = nn.ModuleDict()
+        self.members = dict(members or {})
+        if self.members and sorted(self.members.values()) != list(range(len(blocks) - len(self.members), len(blocks))):
+            raise ValueError(f"{name}: members {self.members} must name the last {len(self.members)} blocks, one each")
         if boundary_head is not None:
             block_ends = {sum(len(b) for b in blocks[: k + 1]) - 1 for k in range(len(blocks))}
             for i, shape in enumerate(self.layer_output_shapes()):
@@ -75,15 +84,23 @@ class BlockModel(nn.Module):
         return [(f"blocks.{b}.{l}", layer, b)
                 for b, block in enumerate(self.blocks) for l, layer in enumerate(block)]
 
-    def features(self, x, upto_block: int | None = None):
+    def features(self, x, upto_block: int | None = None, member: str | None = None):
         last = len(self.blocks) - 1 if upto_block is None else upto_block
-        for block in self.blocks[: last + 1]:
+        others = {b for m, b in self.members.items() if m != member} if member is not None else set()
+        for b, block in enumerate(self.blocks[: last + 1]):
+            if b in others:
+                continue
             for layer in block:
                 x = layer(x)
         return x
 
-    def forward(self, x, upto_block: int | None = None):
-        """Logits of the sub-model blocks[0..upto_block] -> heads[upto_block] (default: the whole model)."""
+    def forward(self, x, upto_block: int | None = None, member: str | None = None):
+        """Logits of the sub-model blocks[0..upto_block] -> heads[upto_block] (default: the whole model); of a
+        family, `member` runs the extractor, that member's block and the classifier."""
+        if member is not None:
+            if member not in self.members:
+                raise ValueError(f"{self.name} has no member {member!r}; members: {', '.join(self.members)}")
+            return self.heads[-1](self.features(x, None, member))
         last = len(self.blocks) - 1 if upto_block is None else upto_block
         return self.heads[last](self.features(x, last))
 

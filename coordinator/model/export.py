@@ -37,7 +37,7 @@ from coordinator.model.graphs import LOGITS, act_name, head_scope, layer_scope, 
 from edge_runtime.errors import ManifestError, UnsupportedOpError
 from edge_runtime.store import atomic_write_bytes, sha256_bytes
 from edge_runtime.wire import weights as wcodec
-from edge_runtime.wire.manifest import BlockSpec, GraphRef, HeadSpec, LayerSpec, Manifest, ParamSpec
+from edge_runtime.wire.manifest import BlockSpec, GraphRef, HeadSpec, LayerSpec, Manifest, MemberSpec, ParamSpec
 
 OPSET = 17
 log = logging.getLogger(__name__)
@@ -198,9 +198,10 @@ def export(model: BlockModel, out_dir: Path, check_trainable: bool = True) -> Ma
     weights_data = wcodec.encode(state)
     wsha = sha256_bytes(weights_data)
     atomic_write_bytes(out_dir / "weights" / f"{wsha}.safetensors", weights_data)
+    members = tuple(MemberSpec(name, blocks[b].layers) for name, b in getattr(model, "members", {}).items())
     manifest = Manifest(model=model.name, input_shape=model.input_shape, num_classes=model.num_classes,
                         opset=OPSET, layers=tuple(layers), heads=tuple(heads), blocks=tuple(blocks),
-                        weights=GraphRef(f"weights/{wsha}.safetensors", wsha), root=out_dir)
+                        weights=GraphRef(f"weights/{wsha}.safetensors", wsha), root=out_dir, members=members)
     manifest.save(out_dir / "manifest.json")
     manifest = Manifest.load(out_dir / "manifest.json")
     if check_trainable:

@@ -118,11 +118,60 @@ def mobilenet_v2(num_classes: int = 10, seed: int = 0) -> BlockModel:
     return BlockModel("mobilenet_v2", (3, 32, 32), num_classes, blocks, heads, _any_boundary_head(num_classes))
 
 
+def _bottleneck(channels: int, width: int) -> nn.Module:
+    """A FedIN intermediate layer: x -> relu(x + conv(relu(conv(x)))), `width` channels inside; it keeps its
+    input's shape, so a family member may leave it out."""
+    return Residual(nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(width, channels, 3, padding=1)))
+
+
+def _family(name: str, input_shape: tuple[int, ...], extractor: nn.Module, channels: int,
+            members: dict[str, tuple[int, int]], classifier: Callable[[], nn.Module],
+            num_classes: int) -> BlockModel:
+    """A FedIN family: one shared extractor, per member `depth` intermediate layers `width` channels wide inside,
+    one shared classifier. Each member block carries a head of the classifier's shape (a BlockModel has a head per
+    block); only the last block's is the family's classifier."""
+    blocks = [[extractor]] + [[_bottleneck(channels, width) for _ in range(depth)] for depth, width in members.values()]
+    heads = [classifier() for _ in blocks]
+    return BlockModel(name, input_shape, num_classes, blocks, heads,
+                      members={m: b + 1 for b, m in enumerate(members)})
+
+
+# FedIN's Fashion-MNIST family: (depth, inner width) of each member's intermediate layers, smallest first
+FMNIST_FAMILY = {"small": (1, 32), "medium": (2, 96), "large": (3, 192)}
+CIFAR_FAMILY = {"small": (1, 32), "medium": (2, 96), "large": (4, 192)}
+
+
+def fmnist_fedin(num_classes: int = 10, seed: int = 0) -> BlockModel:
+    """A model family for 1x28x28 (FedIN): extractor conv 1->32 + pool (s_in: 32x14x14), members of 1, 2 and 3
+    residual layers 32, 96 and 192 channels wide inside, classifier conv 32->64 stride 2 + GAP + linear."""
+    torch.manual_seed(seed)
+
+    def classifier() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(64, num_classes))
+    return _family("fmnist_fedin", (1, 28, 28), _conv(1, 32, pool=True), 32, FMNIST_FAMILY, classifier, num_classes)
+
+
+def cifar_fedin(num_classes: int = 10, seed: int = 0) -> BlockModel:
+    """A model family for 3x32x32 (FedIN): extractor conv 3->32 + pool (s_in: 32x16x16), members of 1, 2 and 4
+    residual layers, classifier two stride-2 convolutions + GAP + linear."""
+    torch.manual_seed(seed)
+
+    def classifier() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+                             nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(128, num_classes))
+    return _family("cifar_fedin", (3, 32, 32), _conv(3, 32, pool=True), 32, CIFAR_FAMILY, classifier, num_classes)
+
+
 ZOO: dict[str, Callable[..., BlockModel]] = {
     "fmnist_cnn": fmnist_cnn,
     "vgg_cifar": vgg_cifar,
     "resnet_small": resnet_small,
     "mobilenet_v2": mobilenet_v2,
+    "fmnist_fedin": fmnist_fedin,
+    "cifar_fedin": cifar_fedin,
 }
 
 

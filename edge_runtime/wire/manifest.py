@@ -96,6 +96,14 @@ class BlockSpec:
 
 
 @dataclass(frozen=True)
+class MemberSpec:
+    """One architecture of a model family (FedIN): the shared extractor, these intermediate layers, the shared
+    classifier. Every other member's layers are skipped as identity, so each layer maps s_in's shape to itself."""
+    name: str
+    layers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Manifest:
     model: str
     input_shape: tuple[int, ...]
@@ -112,6 +120,10 @@ class Manifest:
     # prefix and in evaluation. Heads attached inside it never train either. frozen_reason says why, for logs.
     frozen_prefix: int = 0
     frozen_reason: str = ""
+    # A model family (FedIN): the layers before the first member's are the shared extractor, the final head is
+    # the shared classifier, and each member is a run of intermediate layers, smallest member first. Empty for
+    # one architecture; written only when not empty, so other manifests load unchanged.
+    members: tuple[MemberSpec, ...] = ()
 
     # -- queries -----------------------------------------------------------------
     @property
@@ -187,6 +199,34 @@ class Manifest:
             raise ManifestError("manifest was not loaded from a directory; its files cannot be found")
         return self.root / relative
 
+    # -- model families (FedIN) ------------------------------------------------------
+    def member(self, name: str) -> MemberSpec:
+        for m in self.members:
+            if m.name == name:
+                return m
+        raise ManifestError(f"{self.model} has no member {name!r}"
+                            + (f"; its members: {', '.join(m.name for m in self.members)}" if self.members
+                               else ": it is not a model family"))
+
+    @property
+    def extractor_layers(self) -> tuple[int, ...]:
+        """The family's shared front: every layer before the first member layer (empty for one architecture)."""
+        if not self.members:
+            return ()
+        return tuple(range(min(i for m in self.members for i in m.layers)))
+
+    def member_skip(self, name: str) -> tuple[int, ...]:
+        """The layers a member does not have: every other member's, replaced by identity in its graphs."""
+        own = set(self.member(name).layers)
+        return tuple(sorted(i for m in self.members if m.name != name for i in m.layers if i not in own))
+
+    def member_of(self, skip) -> MemberSpec | None:
+        """The member whose graphs skip exactly `skip`, or None."""
+        for m in self.members:
+            if tuple(sorted(skip)) == self.member_skip(m.name):
+                return m
+        return None
+
     # -- (de)serialisation ---------------------------------------------------------
     def to_json(self) -> str:
         d = asdict(self)
@@ -194,6 +234,8 @@ class Manifest:
         if not self.frozen_prefix:   # a model that trains every layer keeps the manifest it always had
             d.pop("frozen_prefix")
             d.pop("frozen_reason")
+        if not self.members:
+            d.pop("members")
         return json.dumps(d, indent=1)
 
     def save(self, path: Path) -> None:
@@ -320,6 +362,11 @@ def _block(raw, where: str) -> BlockSpec:
     return BlockSpec(_int(raw, "index", where), _ints(raw, "layers", where), _int(raw, "head", where))
 
 
+def _member(raw, where: str) -> MemberSpec:
+    _object(raw, where)
+    return MemberSpec(_get(raw, "name", where, str), _ints(raw, "layers", where))
+
+
 def _parse(raw: dict, root: Path | None) -> Manifest:
     if not isinstance(raw, dict):
         raise ManifestError(f"a manifest must be a JSON object, not {type(raw).__name__}")
@@ -334,7 +381,8 @@ def _parse(raw: dict, root: Path | None) -> Manifest:
                  num_classes=_int(raw, "num_classes", "", lo=1), opset=_int(raw, "opset", "", lo=1), layers=layers,
                  heads=heads, blocks=blocks, weights=None if weights is None else _graph(weights, "weights"),
                  root=root, frozen_prefix=_count(_get(raw, "frozen_prefix", "", int, 0), "frozen_prefix"),
-                 frozen_reason=_get(raw, "frozen_reason", "", str, ""))
+                 frozen_reason=_get(raw, "frozen_reason", "", str, ""),
+                 members=tuple(_member(x, f"members[{i}]") for i, x in enumerate(_get(raw, "members", "", list, []))))
     validate(m)
     return m
 
@@ -373,7 +421,31 @@ def validate(m: Manifest) -> None:
     if not 0 <= m.frozen_prefix < len(m.layers):
         raise ManifestError(f"frozen_prefix {m.frozen_prefix} must leave at least one of the {len(m.layers)} "
                             f"layers to train (0 to {len(m.layers) - 1})")
+    _validate_members(m)
     names = Counter(m.all_param_names())
     if any(n > 1 for n in names.values()):
         dup = sorted(name for name, n in names.items() if n > 1)
         raise ManifestError(f"parameter names are not unique: {dup[:5]}")
+
+
+def _validate_members(m: Manifest) -> None:
+    """A family's members: named once, each a contiguous run of skippable layers, together every layer after the
+    shared extractor, the extractor trainable; so any member's graph is the extractor, its layers, the classifier."""
+    if not m.members:
+        return
+    names = [x.name for x in m.members]
+    if len(set(names)) != len(names) or not all(names):
+        raise ManifestError(f"member names must be unique and not empty: {names}")
+    covered = sorted(i for x in m.members for i in x.layers)
+    first = covered[0] if covered else 0
+    if not covered or covered != list(range(first, len(m.layers))):
+        raise ManifestError(f"the members' layers {covered} must cover every layer after the extractor exactly once")
+    if first == 0 or m.frozen_prefix >= first:
+        raise ManifestError("a model family needs a trainable shared extractor before its members' layers")
+    for x in m.members:
+        if not x.layers or list(x.layers) != list(range(x.layers[0], x.layers[-1] + 1)):
+            raise ManifestError(f"member {x.name}: layers {x.layers} are not a contiguous run")
+        fixed = [i for i in x.layers if not m.layers[i].skippable]
+        if fixed:
+            raise ManifestError(f"member {x.name}: layer(s) {fixed} are not skippable (shape-keeping residual "
+                                f"layers): another member could not leave them out")

@@ -45,6 +45,14 @@ class TrainablePart:
         return cls(span=layers, trainable_layers=layers, head=manifest.blocks[last].head)
 
     @classmethod
+    def member(cls, manifest, name: str) -> "TrainablePart":
+        """A family member (FedIN) trained whole: the shared extractor (less any frozen prefix), the member's own
+        layers and the shared classifier; every other member's layers are skipped as identity."""
+        own = manifest.member(name).layers
+        return cls.for_layers(manifest, manifest.trainable_layers(manifest.extractor_layers) + tuple(own),
+                              skip=manifest.member_skip(name))
+
+    @classmethod
     def for_layers(cls, manifest, layers, head: int | None = None, train_head: bool = True,
                    skip=()) -> "TrainablePart":
         """Train an arbitrary set of layers (selective fine-tuning), ending in `head`.
