@@ -36,6 +36,19 @@ class TrainConfig:
     # the job measures the accuracy of the model it received and of the one it trained on them. A personalised
     # model has no global test set: this is how its accuracy is known. 0 = train on every row, measure nothing.
     holdout: float = 0.0
+    # FedIN (a family member's part): besides cross-entropy, the member's intermediate layers learn to map other
+    # devices' shared extractor outputs (s_in) to their classifier inputs (s_out); the IN gradient is projected so
+    # it never opposes the local one (edge_runtime/train/reconcile.py), then added with this weight (lambda).
+    # 0 = no IN training.
+    in_weight: float = 0.0
+    in_batch_size: int = 32           # shared rows per IN step (one IN step per optimizer step)
+    # rows of (s_in, s_out, labels) of this device's data, through the trained weights, put into the update for
+    # other devices' IN training; 0 = share nothing
+    share_rows: int = 0
+    # Gaussian noise on the shared s_in and s_out: std = share_noise x that tensor's own std over the shared rows
+    share_noise: float = 0.0
+    # the origin (in the shared-feature file) of this device's own rows: not used for its IN training; -1 = none
+    in_origin: int = -1
 
     @classmethod
     def from_dict(cls, raw) -> "TrainConfig":
@@ -71,6 +84,11 @@ class TrainConfig:
         if not 0 <= cfg.holdout <= MAX_HOLDOUT:
             raise EdgeRuntimeError(f"holdout must be in [0, {MAX_HOLDOUT}] (a fraction of the local rows), "
                                    f"not {cfg.holdout}")
+        if cfg.in_weight < 0 or cfg.in_batch_size < 1 or cfg.share_noise < 0:
+            raise EdgeRuntimeError(f"in_weight and share_noise must not be negative and in_batch_size must be at "
+                                   f"least 1 (got {cfg.in_weight}, {cfg.share_noise}, {cfg.in_batch_size})")
+        if not 0 <= cfg.share_rows <= MAX_SHARE_ROWS:
+            raise EdgeRuntimeError(f"share_rows must be in [0, {MAX_SHARE_ROWS}], not {cfg.share_rows}")
         if not (cfg.learning_rate > 0 and math.isfinite(cfg.learning_rate)) or cfg.epochs <= 0:
             raise EdgeRuntimeError(f"learning_rate and epochs must be positive (got {cfg.learning_rate}, {cfg.epochs})")
         cfg.micro()
@@ -96,6 +114,7 @@ class TrainConfig:
 
 
 MAX_HOLDOUT = 0.9                  # leave something to train on
+MAX_SHARE_ROWS = 256               # shared features per update: a few MB for a 32x14x14 s_in, not the dataset
 _NONE = type(None)
 _MAX_FLOAT_INT = int(sys.float_info.max)   # the largest float, as an integer: a larger one is no float setting
 _KINDS: dict[str, tuple[type, ...]] = {
@@ -103,5 +122,6 @@ _KINDS: dict[str, tuple[type, ...]] = {
     "nesterov": (bool,), "adam_eps": (float,), "batch_size": (int,),
     "micro_batch_size": (int, _NONE), "epochs": (float,), "max_steps": (int, _NONE), "seed": (int,),
     "checkpoint_every_steps": (int,), "checkpoint": (str,), "cache_fp16": (bool,), "threads": (int,),
-    "holdout": (float,),
+    "holdout": (float,), "in_weight": (float,), "in_batch_size": (int,), "share_rows": (int,),
+    "share_noise": (float,), "in_origin": (int,),
 }
