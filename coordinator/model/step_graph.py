@@ -37,12 +37,15 @@ from coordinator.model.gradient_rewrites import (  # noqa: F401  (the builder's 
     unsupported_nodes,
 )
 from edge_runtime.wire.step_interface import (  # noqa: F401  (re-exported for the coordinator's callers)
+    CROSS_ENTROPY,
     GRAD_SUFFIX,
     LABELS,
     LOSS,
     LOSS_SCALE,
     METADATA_KEY,
+    MSE,
     STAT_SUFFIX,
+    TARGET,
     InterfaceError,
     StepGraphInterface,
     interface_from_metadata,
@@ -97,12 +100,45 @@ def _stderr_captured():
 _NO_GRADIENT = re.compile(r"gradient builder has not been registered: (\S+) for node (\S+)")
 
 
-def _training_block(forward: onnx.ModelProto, trainable: Sequence[str], frozen: Sequence[str]):
+def _training_block(forward: onnx.ModelProto, trainable: Sequence[str], frozen: Sequence[str],
+                    loss: str = CROSS_ENTROPY):
     """Run onnxruntime-training's gradient builder; return (training model, (trainable, frozen) tensors).
 
-    The loss is loss_scale * sum of per-sample cross-entropy over the single output.
+    The loss is loss_scale * sum of per-sample cross-entropy over the single output (labels), or with
+    loss=MSE loss_scale * sum over samples of the mean over elements of (output - target)^2.
     """
     _, onnxblock = _import_ort_training()
+
+    class ScaledSumMeanSquaredError(onnxblock.Block):
+        """Sub, Mul, ReduceSum and Mul by constants: the builder differentiates them into standard ops
+        (Expand, Mul, Sub, Neg...), so the IN step graph needs no rewrite of its own."""
+
+        def build(self, output: str) -> str:
+            g = self.base.graph
+            vi = next(o for o in g.output if o.name == output)
+            dims = [d.dim_value for d in vi.type.tensor_type.shape.dim[1:]]
+            if not dims or any(d <= 0 for d in dims):
+                raise StepGraphError(f"an MSE step graph needs an output of static shape per sample, not {dims}")
+            elements = 1
+            for d in dims:
+                elements *= d
+            batch = vi.type.tensor_type.shape.dim[0]
+            g.input.append(helper.make_tensor_value_info(TARGET, TensorProto.FLOAT,
+                                                         [batch.dim_param or "N", *dims]))
+            g.input.append(helper.make_tensor_value_info(LOSS_SCALE, TensorProto.FLOAT, []))
+            g.initializer.append(helper.make_tensor("step_graph/mse_per_element", TensorProto.FLOAT, [],
+                                                    [1.0 / elements]))
+            g.node.extend([
+                helper.make_node("Sub", [output, TARGET], ["step_graph/mse_diff"], name="step_graph/mse_diff"),
+                helper.make_node("Mul", ["step_graph/mse_diff", "step_graph/mse_diff"], ["step_graph/mse_sq"],
+                                 name="step_graph/mse_sq"),
+                helper.make_node("ReduceSum", ["step_graph/mse_sq"], ["step_graph/mse_sum"], keepdims=0,
+                                 name="step_graph/mse_sum"),
+                helper.make_node("Mul", ["step_graph/mse_sum", "step_graph/mse_per_element"],
+                                 ["step_graph/mse_mean_sum"], name="step_graph/mse_mean"),
+                helper.make_node("Mul", ["step_graph/mse_mean_sum", LOSS_SCALE], [LOSS],
+                                 name="step_graph/loss_scale")])
+            return LOSS
 
     class ScaledSumCrossEntropy(onnxblock.Block):
         def __init__(self) -> None:
@@ -118,7 +154,7 @@ def _training_block(forward: onnx.ModelProto, trainable: Sequence[str], frozen: 
     class Step(onnxblock.TrainingBlock):
         def __init__(self) -> None:
             super().__init__()
-            self._loss = ScaledSumCrossEntropy()
+            self._loss = ScaledSumMeanSquaredError() if loss == MSE else ScaledSumCrossEntropy()
 
         def build(self, logits: str) -> str:
             return self._loss(logits)
@@ -192,7 +228,7 @@ def _check_forward(forward: onnx.ModelProto, trainable: Sequence[str], frozen: S
         raise StepGraphError(f"parameter(s) {missing} are not initializers of the forward graph "
                              "(folded into constants by the export, or misnamed)")
     values = {v for n in g.node for v in list(n.input) + list(n.output)} | set(inits) | {inputs[0]}
-    clash = sorted(values & {LABELS, LOSS_SCALE, LOSS})
+    clash = sorted(values & {LABELS, TARGET, LOSS_SCALE, LOSS})
     if clash:
         raise StepGraphError(f"the forward graph already uses the reserved name(s) {clash}")
     return inputs[0]
@@ -238,13 +274,15 @@ def gradient_graph(forward: onnx.ModelProto, trainable: Sequence[str], frozen: S
 # --------------------------------------------------------------------------- the step graph
 
 def build_step_graph(forward: onnx.ModelProto, trainable: Sequence[str], frozen: Sequence[str],
-                     conv_weight_grad: ConvWeightGrad = "taps") -> onnx.ModelProto:
+                     conv_weight_grad: ConvWeightGrad = "taps", loss: str = CROSS_ENTROPY) -> onnx.ModelProto:
     """A forward+backward graph of `forward` in standard ONNX (opset 17, default domain only).
 
     forward: exported by the training recipe (one float input with a dynamic batch, one
     logits output, parameters as initializers). Its other initializers stay constants.
     conv_weight_grad: "taps" (one MatMul per kernel tap; measured faster, see NOTES.md) or
     "conv" (a Conv of the transposed input with the transposed output gradient).
+    loss: CROSS_ENTROPY (int64 labels) or MSE (a float target shaped like the output: FedIN's IN step graph,
+    whose forward ends at an intermediate activation).
     The interface is described in step_interface.py and recorded in the metadata
     (`step_graph_interface(model)`).
     Raises UnsupportedOpError (op_type, node_name) for an operator that cannot be trained.
@@ -257,7 +295,9 @@ def build_step_graph(forward: onnx.ModelProto, trainable: Sequence[str], frozen:
     if trainable_stats:
         raise StepGraphError(f"BatchNorm running statistics cannot be trainable: {trainable_stats}")
     stat_inputs = [s for s in stats if s not in frozen]
-    training, _ = _training_block(fwd, trainable, frozen + stat_inputs)
+    if loss not in (CROSS_ENTROPY, MSE):
+        raise StepGraphError(f"unknown loss {loss!r}: {CROSS_ENTROPY} or {MSE}")
+    training, _ = _training_block(fwd, trainable, frozen + stat_inputs, loss)
 
     bad = unsupported_nodes(training)
     if bad:
@@ -281,13 +321,16 @@ def build_step_graph(forward: onnx.ModelProto, trainable: Sequence[str], frozen:
         rw.emit("Identity", [rw.stat_outputs[s]], out)
         stat_updates.append((out, s))
     iface = StepGraphInterface(batch_input=batch_input, trainable=tuple(trainable), frozen=tuple(frozen),
-                               stat_inputs=tuple(stat_inputs), stat_updates=tuple(stat_updates))
+                               stat_inputs=tuple(stat_inputs), stat_updates=tuple(stat_updates),
+                               labels_input=TARGET if loss == MSE else LABELS, loss=loss)
 
     by_name = {i.name: i for i in training.graph.input}
     batch_vi = next(i for i in fwd.graph.input if i.name == batch_input)
     dim0 = batch_vi.type.tensor_type.shape.dim[0]
     batch_dim: int | str = dim0.dim_param or (dim0.dim_value if dim0.HasField("dim_value") else "N")
+    out_dims = [d.dim_value for d in fwd.graph.output[0].type.tensor_type.shape.dim[1:]]
     inputs = [batch_vi,
+              helper.make_tensor_value_info(TARGET, TensorProto.FLOAT, [batch_dim, *out_dims]) if loss == MSE else
               helper.make_tensor_value_info(LABELS, TensorProto.INT64, [batch_dim]),
               helper.make_tensor_value_info(LOSS_SCALE, TensorProto.FLOAT, [])]
     inputs += [by_name[name] for name in iface.param_inputs + iface.stat_inputs]
@@ -331,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     for request in requests:
         report: dict[str, Any] = {"what": request.get("what", "")}
         try:
-            model = build_step_graph(onnx.load(request["forward"]), request["trainable"], request["frozen"])
+            model = build_step_graph(onnx.load(request["forward"]), request["trainable"], request["frozen"],
+                                     loss=request.get("loss", CROSS_ENTROPY))
             out = request["out"]
             os.makedirs(os.path.dirname(out), exist_ok=True)
             tmp = f"{out}.{os.getpid()}.tmp"

@@ -92,7 +92,8 @@ class ForwardSession:
 class StepSession:
     """Forward and backward of one part: the loss of a micro-batch, its gradients, updated BatchNorm statistics.
 
-    The loss is loss_scale x the summed cross-entropy of the micro-batch: with loss_scale =
+    The loss is loss_scale x the summed cross-entropy of the micro-batch (an IN step graph: the summed per-sample
+    mean squared error against a float target, passed as `labels`): with loss_scale =
     1/batch for each micro-batch of a batch, the summed gradients are the gradient of the
     batch-mean loss, whatever the split (and for any optimizer).
     """
@@ -118,7 +119,8 @@ class StepSession:
         b.clear_binding_inputs()
         b.clear_binding_outputs()
         batch = np.ascontiguousarray(inputs, dtype=np.float32)
-        label_array = np.ascontiguousarray(labels, dtype=np.int64)
+        # an IN step graph (loss "mse") reads a float target shaped like its output, a step graph int64 labels
+        label_array = np.ascontiguousarray(labels, dtype=np.float32 if itf.float_target else np.int64)
         scale = np.asarray(loss_scale, dtype=np.float32)
         b.bind_cpu_input(itf.batch_input, batch)
         b.bind_cpu_input(itf.labels_input, label_array)

@@ -11,6 +11,10 @@ runtime it already has (`InferenceSession(...).get_modelmeta().custom_metadata_m
              "<stat>_updated" for each BatchNorm running statistic (the value torch would
              hold after this forward pass: momentum update, unbiased variance)
 
+An IN step graph (FedIN: a family member's intermediate layers trained to map shared s_in to s_out) has
+loss = "mse": it reads a float32 "target" shaped like its output in place of the labels, and its loss is
+loss_scale * sum over samples of the mean over elements of (output - target)^2.
+
 Feeding loss_scale = 1/batch to every micro-batch and summing the returned gradients gives
 exactly the gradient of the batch-mean loss, whatever the micro-batch split.
 """
@@ -22,6 +26,8 @@ from dataclasses import dataclass
 from typing import Mapping
 
 LABELS = "labels"
+TARGET = "target"           # an IN step graph's float target (in place of the labels)
+CROSS_ENTROPY, MSE = "cross_entropy", "mse"   # the losses a step graph computes
 LOSS_SCALE = "loss_scale"
 LOSS = "loss"
 GRAD_SUFFIX = "_grad"       # onnxruntime-training's own naming, kept
@@ -45,6 +51,12 @@ class StepGraphInterface:
     labels_input: str = LABELS
     loss_scale_input: str = LOSS_SCALE
     loss_output: str = LOSS
+    loss: str = CROSS_ENTROPY                    # CROSS_ENTROPY (int64 labels) | MSE (a float32 target)
+
+    @property
+    def float_target(self) -> bool:
+        """Whether labels_input takes a float32 target (MSE) rather than int64 class labels."""
+        return self.loss == MSE
 
     @property
     def param_inputs(self) -> tuple[str, ...]:
@@ -72,6 +84,8 @@ class StepGraphInterface:
         for key in ("trainable", "frozen", "stat_inputs"):
             d[key] = tuple(d[key])
         d["stat_updates"] = tuple((o, s) for o, s in d["stat_updates"])
+        if d.get("loss", CROSS_ENTROPY) not in (CROSS_ENTROPY, MSE):
+            raise ValueError(f"unknown loss {d['loss']!r}")
         return cls(**d)
 
 
