@@ -9,7 +9,13 @@ directory (edge_runtime/wire/model_blobs.py names the layout):
 - `prefix.onnx`: the forward graph of the frozen layers before the span, when there are
   any (coordinator/model/graphs.py);
 - `eval.onnx`: the forward graph of the span and its head (inference mode), with which a
-  job measures accuracy on the rows it holds out.
+  job measures accuracy on the rows it holds out;
+- for a family member's part (FedIN, model_blobs.trained_member): `in_step.onnx`, the IN step
+  graph (the member's layers from s_in to s_out, other members skipped, no head; loss
+  loss_scale x sum over samples of the mean squared error against a float target; the
+  gradient of every parameter of the member's layers), `s_in.onnx` (the extractor's forward
+  graph from the part's input to s_in) and `s_out.onnx` (the member's forward graph, s_in ->
+  s_out), with which a job computes the features it shares.
 
 Building a step graph needs onnxruntime-training's gradient builder, which exists only
 for x86-64 and Python up to 3.12 and is frozen at 1.19.2. It is kept apart from the
@@ -38,7 +44,18 @@ from coordinator.model.graphs import GraphLibrary, compose, forward_graph, scope
 from edge_runtime.errors import EdgeRuntimeError, UnsupportedOpError
 from edge_runtime.store import atomic_write_bytes, sha256_bytes, sha256_file
 from edge_runtime.wire.manifest import Manifest
-from edge_runtime.wire.model_blobs import EVAL_GRAPH, PREFIX_GRAPH, STEP_GRAPH, part_folder, record_part_hashes
+from edge_runtime.wire.model_blobs import (
+    EVAL_GRAPH,
+    IN_STEP_GRAPH,
+    PREFIX_GRAPH,
+    S_IN_GRAPH,
+    S_OUT_GRAPH,
+    STEP_GRAPH,
+    in_span,
+    part_folder,
+    record_part_hashes,
+    trained_member,
+)
 from edge_runtime.wire.part import TrainablePart
 
 log = logging.getLogger(__name__)
@@ -116,38 +133,68 @@ def _module_of(model: Any, prefix: str, inner: str) -> tuple[str, str] | None:
     return (f"{prefix}.{found}" if found else prefix), type(modules[found]).__name__
 
 
+def _write_forward(folder: Path, name: str, model) -> None:
+    data = model.SerializeToString()
+    atomic_write_bytes(folder / name, data)
+    record_part_hashes(folder, {name: sha256_bytes(data)})
+
+
 def _ensure_part_graphs(manifest: Manifest, parts: Iterable[TrainablePart]) -> None:
     lib = GraphLibrary(manifest)
-    todo: dict[str, TrainablePart] = {}
-    for part in parts:
-        part.validate(manifest)
-        folder = part_folder(manifest, part)
-        if part.span[0] > 0 and not (folder / PREFIX_GRAPH).exists():
-            prefix = forward_graph(lib, range(part.span[0]), None).SerializeToString()
-            atomic_write_bytes(folder / PREFIX_GRAPH, prefix)
-            record_part_hashes(folder, {PREFIX_GRAPH: sha256_bytes(prefix)})
-        if not (folder / EVAL_GRAPH).exists():
-            evaluation = forward_graph(lib, part.span, part.head, skip=part.skip).SerializeToString()
-            atomic_write_bytes(folder / EVAL_GRAPH, evaluation)
-            record_part_hashes(folder, {EVAL_GRAPH: sha256_bytes(evaluation)})
-        if not (folder / STEP_GRAPH).exists():
-            todo[part.key(manifest)] = part
-    if not todo:
-        return
+    requests: list[dict] = []
+    built: list[Path] = []   # step graphs the builder writes, hashed once it has
     with tempfile.TemporaryDirectory(prefix="edgeblock-steps-") as tmp:
-        requests = []
-        for key, part in todo.items():
-            forward = compose(lib, part.span, part.head, _Zeros(manifest, part), skip=part.skip)
-            path = Path(tmp) / f"{key}.forward.onnx"
-            path.write_bytes(forward.SerializeToString())
-            requests.append({"forward": str(path), "trainable": part.trainable_names(manifest),
-                             "frozen": part.frozen_names(manifest),
-                             "out": str(part_folder(manifest, part) / STEP_GRAPH),
-                             "what": f"layers {part.span[0]}-{part.span[-1]} + head {part.head}"})
-        _run_builder(requests, Path(tmp))
-    for part in todo.values():
-        folder = part_folder(manifest, part)
-        record_part_hashes(folder, {STEP_GRAPH: sha256_file(folder / STEP_GRAPH)})
+        for part in parts:
+            part.validate(manifest)
+            folder = part_folder(manifest, part)
+            if part.span[0] > 0 and not (folder / PREFIX_GRAPH).exists():
+                _write_forward(folder, PREFIX_GRAPH, forward_graph(lib, range(part.span[0]), None))
+            if not (folder / EVAL_GRAPH).exists():
+                _write_forward(folder, EVAL_GRAPH, forward_graph(lib, part.span, part.head, skip=part.skip))
+            out = folder / STEP_GRAPH
+            if not out.exists() and out not in built:
+                forward = compose(lib, part.span, part.head, _Zeros(manifest, part.all_names(manifest)),
+                                  skip=part.skip)
+                requests.append(_request(Path(tmp), forward, part.trainable_names(manifest),
+                                         part.frozen_names(manifest), out,
+                                         f"layers {part.span[0]}-{part.span[-1]} + head {part.head}"))
+                built.append(out)
+            member = trained_member(manifest, part)
+            if member is not None:
+                requests += _member_graphs(lib, part, member, folder, Path(tmp), built)
+        if requests:
+            _run_builder(requests, Path(tmp))
+    for out in built:
+        record_part_hashes(out.parent, {out.name: sha256_file(out)})
+
+
+def _member_graphs(lib: GraphLibrary, part: TrainablePart, member, folder: Path, tmp: Path,
+                   built: list[Path]) -> list[dict]:
+    """Write a member part's s_in and s_out forward graphs; return the builder's request for its IN step graph
+    (none when it exists). The IN graphs run the layers after the extractor, skipping the other members'."""
+    manifest = lib.manifest
+    layers = in_span(manifest)
+    skip = tuple(i for i in part.skip if i in layers)
+    if not (folder / S_IN_GRAPH).exists():
+        _write_forward(folder, S_IN_GRAPH, forward_graph(lib, range(part.span[0], layers[0]), None))
+    if not (folder / S_OUT_GRAPH).exists():
+        _write_forward(folder, S_OUT_GRAPH, forward_graph(lib, layers, None, skip=skip))
+    out = folder / IN_STEP_GRAPH
+    if out.exists() or out in built:
+        return []
+    ran = [i for i in layers if i not in skip]
+    trainable = manifest.param_names(sorted(member.layers), kind="param")
+    frozen = [n for n in manifest.param_names([i for i in ran if i not in member.layers], kind="param")]
+    forward = compose(lib, layers, None, _Zeros(manifest, manifest.param_names(ran)), skip=skip)
+    built.append(out)
+    return [dict(_request(tmp, forward, trainable, frozen, out, f"the IN step of member {member.name}"), loss="mse")]
+
+
+def _request(tmp: Path, forward, trainable: list[str], frozen: list[str], out: Path, what: str) -> dict:
+    """One step graph for the builder child: the forward graph goes into a temporary file."""
+    path = tmp / f"{sha256_bytes(str(out).encode())[:16]}.forward.onnx"
+    path.write_bytes(forward.SerializeToString())
+    return {"forward": str(path), "trainable": trainable, "frozen": frozen, "out": str(out), "what": what}
 
 
 def _run_builder(requests: list[dict], tmp: Path) -> None:
@@ -170,10 +217,10 @@ def _run_builder(requests: list[dict], tmp: Path) -> None:
 
 
 class _Zeros(dict):
-    """Zero values for a part's parameters: the gradient builder needs them as initializers; the step graph it
+    """Zero values for a graph's parameters: the gradient builder needs them as initializers; the step graph it
     makes takes them as inputs, so the values never matter."""
 
-    def __init__(self, manifest: Manifest, part: TrainablePart):
+    def __init__(self, manifest: Manifest, names):
         specs = manifest.param_specs()
-        super().__init__({n: np.zeros(specs[n].shape, np.float32) for n in part.all_names(manifest)})
+        super().__init__({n: np.zeros(specs[n].shape, np.float32) for n in names})
 

@@ -11,7 +11,13 @@ Blob names in a task say where a blob goes on the device:
     parts/<key>/prefix.onnx  the forward graph of the frozen layers before the part (absent when it starts at 0)
     parts/<key>/eval.onnx    the forward graph of the part's span and head (only in a task that holds rows out,
                              TrainConfig.holdout: the job measures accuracy with it)
+    parts/<key>/in_step.onnx FedIN, a family member's part: the IN step graph (the member's layers, s_in -> s_out,
+                             MSE loss against a float target, the gradient of every parameter of the member's layers)
+    parts/<key>/s_in.onnx    FedIN: the forward graph of the shared extractor (the part's input -> s_in)
+    parts/<key>/s_out.onnx   FedIN: the forward graph of the member's layers (s_in -> s_out, other members skipped)
     weights/<group>          a weight group, passed to the training job as one of its weight files
+    features/<sha256>        FedIN: shared features of other devices (safetensors: s_in, s_out, labels, origin),
+                             laid out as features/<sha256>.safetensors beside the manifest (task_features_path)
 
 The per-layer graphs the manifest names stay on the coordinator: a device runs only the
 graphs composed for its part.
@@ -29,13 +35,16 @@ import numpy as np
 from edge_runtime.errors import IntegrityError
 from edge_runtime.store import atomic_write_text, read_verified
 from edge_runtime.wire import weights as wcodec
-from edge_runtime.wire.manifest import Manifest
+from edge_runtime.wire.manifest import Manifest, MemberSpec
 from edge_runtime.wire.protocol import ProtocolError
 from edge_runtime.wire.transfer import BlobStore
 
-_PART_NAME = re.compile(r"^parts/[0-9a-f]{32}/(step|prefix|eval)\.onnx$")
+_PART_NAME = re.compile(r"^parts/[0-9a-f]{32}/(step|prefix|eval|in_step|s_in|s_out)\.onnx$")
 _WEIGHT_NAME = re.compile(r"^weights/(layer|head)\.[0-9]{1,5}$")
+_FEATURES_NAME = re.compile(r"^features/[0-9a-f]{64}$")
 STEP_GRAPH, PREFIX_GRAPH, EVAL_GRAPH = "step.onnx", "prefix.onnx", "eval.onnx"
+IN_STEP_GRAPH, S_IN_GRAPH, S_OUT_GRAPH = "in_step.onnx", "s_in.onnx", "s_out.onnx"   # a family member's part
+FEATURES_PREFIX = "features/"
 GRAPH_HASHES = "hashes.json"   # beside a part's graphs: their sha256, checked every time a job reads them
 
 
@@ -64,6 +73,45 @@ def part_eval_graph_path(manifest: Manifest, part) -> Path:
         raise IntegrityError(f"no {EVAL_GRAPH} for layers {part.span[0]}-{part.span[-1]} + head {part.head} in "
                              f"{path.parent}: a task that holds rows out must send it")
     return path
+
+
+def trained_member(manifest: Manifest, part) -> MemberSpec | None:
+    """The family member (FedIN) a part trains: its graphs skip exactly every other member's layers, it trains
+    every layer of that member and starts inside the shared extractor (so s_in is computed by the part); or None."""
+    member = manifest.member_of(part.skip) if manifest.members else None
+    if member is None or not set(member.layers) <= set(part.trainable_layers) \
+            or part.span[0] >= len(manifest.extractor_layers):
+        return None
+    return member
+
+
+def in_span(manifest: Manifest) -> tuple[int, ...]:
+    """The layers of a family's IN graphs: every layer after the shared extractor (s_in = their input, s_out =
+    the output of the last one); a member's graphs skip the other members' layers among them."""
+    return tuple(range(len(manifest.extractor_layers), len(manifest.layers)))
+
+
+def member_graph_paths(manifest: Manifest, part) -> tuple[Path, Path, Path]:
+    """Where a member part's IN step graph, s_in graph and s_out graph are; IntegrityError naming what is
+    missing (the coordinator builds them for a family member's part and sends them with a FedIN task)."""
+    folder = part_folder(manifest, part)
+    paths = (folder / IN_STEP_GRAPH, folder / S_IN_GRAPH, folder / S_OUT_GRAPH)
+    for path in paths:
+        if not path.exists():
+            raise IntegrityError(f"no {path.name} for layers {part.span[0]}-{part.span[-1]} + head {part.head} in "
+                                 f"{folder}: a FedIN task of a family member's part must send it")
+    return paths
+
+
+def task_features_path(manifest_path_or_root, blobs: list[dict]) -> str | None:
+    """The shared-feature file a task names (features/<sha256>), where materialize laid it out, or None."""
+    root = Path(manifest_path_or_root)
+    if root.name == "manifest.json":
+        root = root.parent
+    for b in blobs:
+        if _FEATURES_NAME.fullmatch(b["name"]):
+            return str(root / (b["name"] + ".safetensors"))
+    return None
 
 
 def read_part_graph(path: Path) -> bytes:
@@ -114,13 +162,17 @@ def part_groups(manifest: Manifest, part) -> list[str]:
 
 
 def task_blobs(manifest: Manifest, part, index: Mapping[str, str], store: BlobStore,
-               graphs: Mapping[str, str]) -> list[dict]:
-    """The blob list of a task: the part's graphs ({"step.onnx": sha, "prefix.onnx": sha}), then its weight groups."""
+               graphs: Mapping[str, str], features_sha: str | None = None) -> list[dict]:
+    """The blob list of a task: the part's graphs ({"step.onnx": sha, "prefix.onnx": sha}), then its weight groups,
+    then (FedIN) the shared-feature blob."""
     key = part.key(manifest)
     out = [{"sha256": sha, "size": store.path(sha).stat().st_size, "name": f"parts/{key}/{name}"}
            for name, sha in sorted(graphs.items())]
     for g in part_groups(manifest, part):
         out.append({"sha256": index[g], "size": store.path(index[g]).stat().st_size, "name": f"weights/{g}"})
+    if features_sha is not None:
+        out.append({"sha256": features_sha, "size": store.path(features_sha).stat().st_size,
+                    "name": FEATURES_PREFIX + features_sha})
     return out
 
 
@@ -128,16 +180,17 @@ def check_blob_names(blobs: list[dict]) -> None:
     """Refuse a task whose blob names are not ones this module writes (no path tricks)."""
     for b in blobs:
         name = b["name"]
-        if not (_PART_NAME.fullmatch(name) or _WEIGHT_NAME.fullmatch(name)):
-            raise ProtocolError(f"task: blob name {name!r} is neither parts/<key>/(step|prefix|eval).onnx nor "
-                                f"weights/<group>")
+        if not (_PART_NAME.fullmatch(name) or _WEIGHT_NAME.fullmatch(name) or _FEATURES_NAME.fullmatch(name)):
+            raise ProtocolError(f"task: blob name {name!r} is neither parts/<key>/(step|prefix|eval|in_step|s_in|"
+                                f"s_out).onnx nor weights/<group> nor features/<sha256>")
 
 
 def materialize(manifest_sha: str, blobs: list[dict], store: BlobStore, models_root: Path,
                 part=None) -> tuple[Path, list[str]]:
     """Lay a task's blobs out as a model directory the runtime loads; return (manifest path, weight files).
 
-    Graph files are hard links into the blob store (no copy). With `part`, its graphs must be
+    Graph files are hard links into the blob store (no copy); so is a shared-feature blob, as
+    features/<sha256>.safetensors (task_features_path finds it): it is no weight file. With `part`, its graphs must be
     the ones the task names for that part of this manifest: a task cannot pair a part with
     another part's graphs.
     """
@@ -156,6 +209,13 @@ def materialize(manifest_sha: str, blobs: list[dict], store: BlobStore, models_r
             target.parent.mkdir(parents=True, exist_ok=True)
             _link(store.path(b["sha256"]), target)
             record_part_hashes(target.parent, {target.name: b["sha256"]})
+        elif b["name"].startswith(FEATURES_PREFIX):
+            if b["name"] != FEATURES_PREFIX + b["sha256"]:
+                raise IntegrityError(f"task names shared features {b['name']} by another hash than their own "
+                                     f"({b['sha256']})")
+            target = root / (b["name"] + ".safetensors")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _link(store.path(b["sha256"]), target)
         else:
             weight_files.append(str(store.path(b["sha256"])))
     return root / "manifest.json", weight_files
