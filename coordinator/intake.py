@@ -18,6 +18,7 @@ import numpy as np
 
 from coordinator.state_store import StateStore, TaskRow
 from coordinator.strategies.aggregation import UpdateCheck, UpdateRejected, validate_update
+from coordinator.strategies.shared_features import feature_limit_bytes, is_integer, split_update, validate_features
 from edge_runtime.errors import IntegrityError
 from edge_runtime.wire import weights as wcodec
 from edge_runtime.wire.manifest import Manifest
@@ -44,9 +45,16 @@ def expected_shapes(manifest: Manifest, task: TaskRow) -> dict[str, tuple[int, .
     return {n: tuple(specs[n].shape) for n in task.assignment.trained_names(manifest)}
 
 
+def share_rows(task: TaskRow) -> int:
+    """How many rows of features the task asked its device to share (FedIN); 0 for every other task."""
+    return int(task.spec["task"].get("config", {}).get("share_rows", 0) or 0)
+
+
 def update_limit_bytes(manifest: Manifest, task: TaskRow) -> int:
-    """The most bytes a task's update blob can take: its tensors in float32 and the safetensors header."""
-    return sum(int(np.prod(s)) * 4 for s in expected_shapes(manifest, task).values()) + BLOB_SLACK_BYTES
+    """The most bytes a task's update blob can take: its tensors in float32, the features it may share, and the
+    safetensors header."""
+    return (sum(int(np.prod(s)) * 4 for s in expected_shapes(manifest, task).values())
+            + feature_limit_bytes(manifest, share_rows(task)) + BLOB_SLACK_BYTES)
 
 
 # A cross-entropy loss is never negative, and one far above both a random model's (ln C) and the fleet's
@@ -126,10 +134,12 @@ def judge_update(update: Update, sender: str, state: StateStore, open_round: int
     if size != update.blob_size:
         return _rejected(f"declared size {update.blob_size} bytes, but the blob has {size}", settles=True)
     try:
-        values = wcodec.decode(path.read_bytes(), what=f"update of {update.task_id}")
+        values, features = split_update(wcodec.decode(path.read_bytes(), what=f"update of {update.task_id}",
+                                                      integers=is_integer))
     except IntegrityError as exc:
         return _rejected(str(exc), settles=True)
     try:
+        validate_features(features, manifest, share_rows(task))
         validate_update(values, expected, sent_weights(task), check)
     except UpdateRejected as exc:
         return _rejected(str(exc), settles=True)

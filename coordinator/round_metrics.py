@@ -41,6 +41,7 @@ class DeviceRound:
     holdout_examples: int | None = None
     holdout_accuracy_before: float | None = None
     holdout_accuracy: float | None = None
+    member: str | None = None              # the family member it trained (FedIN)
 
     @property
     def accepted(self) -> bool:
@@ -101,6 +102,8 @@ class RoundMetrics:
     finished: bool = False
     rounds_left: tuple[int, int] | None = None             # (fewest, most) the schedule can still take
     schedule: Mapping = field(default_factory=dict)        # what the strategy measured (e.g. freezing)
+    models: Mapping = field(default_factory=dict)          # a model family's members on the test set (FedIN):
+    #                                                        {name: {"accuracy", "loss"}}; `accuracy` is the largest's
 
     @property
     def seconds(self) -> float | None:
@@ -115,6 +118,7 @@ class RoundMetrics:
         """The JSON form; a non-finite number (a diverged evaluation) becomes null, never NaN."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["stage"], out["idle"], out["schedule"] = dict(self.stage), dict(self.idle), dict(self.schedule)
+        out["models"] = {k: dict(v) for k, v in self.models.items()}
         out["devices"] = {d: r.to_dict() for d, r in self.devices.items()}
         out["rounds_left"] = list(self.rounds_left) if self.rounds_left is not None else None
         return _finite(out)
@@ -126,7 +130,7 @@ class RoundMetrics:
             raise ValueError("a round's metrics need an integer round and a numeric accuracy")
         values = _known(cls, raw)
         values["devices"] = {str(d): DeviceRound.from_dict(r) for d, r in (raw.get("devices") or {}).items()}
-        for key in ("stage", "idle", "schedule"):
+        for key in ("stage", "idle", "schedule", "models"):
             values[key] = dict(raw.get(key) or {})
         if raw.get("rounds_left") is not None:
             lo, hi = raw["rounds_left"]

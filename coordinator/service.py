@@ -46,6 +46,7 @@ from coordinator.round_metrics import DeviceRound, RoundMetrics, device_accuracy
 from coordinator.state_store import StateStore, TaskRow, task_spec
 from coordinator.strategies.aggregation import AggregationSettings, UpdateCheck, aggregation_settings_table
 from coordinator.strategies.base import Device, Result, RoundPlan, stage_text
+from coordinator.strategies.shared_features import is_feature
 from edge_runtime.errors import EdgeRuntimeError, IntegrityError
 from edge_runtime.logs import printable
 from edge_runtime.store import atomic_write_text, sha256_file
@@ -302,12 +303,16 @@ class Coordinator:
             part = a.part()
             config = TrainConfig(optimizer=t["optimizer"], learning_rate=t["learning_rate"], batch_size=a.batch_size,
                                  epochs=t["local_epochs"], seed=int(s["seed"] * 100003 + round_no),
-                                 holdout=self.holdout if a.kind == "train" else 0.0)
+                                 holdout=self.holdout if a.kind == "train" else 0.0,
+                                 **(self.strategy.train_settings(a) if a.kind == "train" else {}))
             own = self.strategy.device_weights(a.device_id, self.global_weights)
             own_index = None if own is None else self.model.save(own)   # only the changed layers are new blobs
+            features = self.strategy.task_features(a) if config.in_weight > 0 else None
             task = Task(task_id=_task_id(round_no, self.run_tag, a.device_id), round=round_no,
                         manifest=self.model.manifest_ref(),
-                        blobs=self.model.task_blobs(part, own_index or self.weights_sha, evaluation=config.holdout > 0),
+                        blobs=self.model.task_blobs(part, own_index or self.weights_sha, evaluation=config.holdout > 0,
+                                                    fedin=config.in_weight > 0 or config.share_rows > 0,
+                                                    features_sha=features),
                         part=part, config=config, deadline_s=s["round_deadline_s"], update_fp16=s["update_fp16"],
                         kind=a.kind)
             task.validate()
@@ -586,7 +591,12 @@ class Coordinator:
         else:
             after, weights_after = before, row.weights_before
         ev = self.model.evaluate(after, self.test_x, self.test_y, upto_block=self.eval_block)
-        measured = self._round_metrics(row, plan, tasks, updates, scored, why, aggregated, ev)
+        # a model family's members, each tested as the devices run it (FedIN): the largest is the headline
+        models = {name: self.model.evaluate(after, self.test_x, self.test_y, skip=skip)
+                  for name, skip in self.strategy.evaluations().items()}
+        if models:
+            ev = models[list(models)[-1]]
+        measured = self._round_metrics(row, plan, tasks, updates, scored, why, aggregated, ev, models)
         metrics = measured.to_dict()
         self.state.close_round(row.round, weights_after, self.strategy.state(), metrics)
         self.global_weights, self.weights_sha, self.next_round = after, weights_after, row.round + 1
@@ -630,7 +640,7 @@ class Coordinator:
             log.debug("collected %d blob(s) no round needs any more", removed)
 
     def _round_metrics(self, row, plan: RoundPlan, tasks: list[TaskRow], updates, scored, why: str,
-                       aggregated: bool, ev: dict) -> RoundMetrics:
+                       aggregated: bool, ev: dict, models: Mapping[str, dict]) -> RoundMetrics:
         devices = {d["device_id"]: d for d in self.state.devices()}
         per_device = {}
         for t in tasks:
@@ -649,7 +659,9 @@ class Coordinator:
                 tier=devices[t.device_id]["tier"], budget_bytes=devices[t.device_id]["budget_bytes"], kind=a.kind,
                 trainable=tuple(a.trainable), train_head=a.train_head, layers=(a.first, a.last), head=a.head,
                 batch_size=a.batch_size, predicted_peak_bytes=a.predicted_peak_bytes, status=t.status,
-                reason=t.reason, trained_bytes=self.model.param_bytes(a.trained_names(self.model.manifest)), **answer)
+                reason=t.reason, trained_bytes=self.model.param_bytes(a.trained_names(self.model.manifest)),
+                member=member.name if (member := self.model.manifest.member_of(a.skip)) and a.skip else None,
+                **answer)
         return RoundMetrics(round=row.round, strategy=self.settings["service"]["strategy"], stage=plan.stage,
                             closed_because=why, aggregated=aggregated, accuracy=ev["accuracy"], loss=ev["loss"],
                             eval_block=self.eval_block, opened_at=row.opened_at, closed_at=time.time(),
@@ -658,7 +670,8 @@ class Coordinator:
                             failed=sum(t.status == "failed" for t in tasks), devices=per_device,
                             idle=dict(plan.idle), finished=self.strategy.finished,
                             rounds_left=tuple(self.strategy.rounds_left()),   # (fewest, most): progress and ETAs
-                            schedule=self.strategy.round_report(row.round))
+                            schedule=self.strategy.round_report(row.round),
+                            models={name: {"accuracy": e["accuracy"], "loss": e["loss"]} for name, e in models.items()})
 
     def summary(self) -> dict:
         rounds = self.state.closed_rounds()
@@ -688,7 +701,12 @@ def stored_results(round_no: int, updates, by_task: dict[str, TaskRow], incoming
             continue
         task = by_task[u.task_id]
         start = load_index(task.weights_index) if task.weights_index else None
-        results.append(Result(task.assignment, values, u.num_examples, u.loss, start=start))
+        shared = [n for n in values if is_feature(n)]
+        features = None
+        if shared:   # FedIN's shared rows travel in the update: read now (a few rows), kept out of the parameters
+            features = {n: values[n] for n in shared}
+            values = wcodec.WeightFile(path, names=[n for n in values if not is_feature(n)])
+        results.append(Result(task.assignment, values, u.num_examples, u.loss, start=start, features=features))
     return results
 
 

@@ -44,7 +44,9 @@ def _defaults() -> dict:
 DEFAULTS = _defaults()
 # --quick: the CI-sized run (about a minute on 2 cores): the same fleet on less data, shorter stages
 QUICK = {"demo": {"samples": 5000, "baseline_rounds": 2},
-         "progressive": {"min_rounds_per_block": 1, "max_rounds_per_block": 1}, "pfedla": {"rounds": 4}}
+         "progressive": {"min_rounds_per_block": 1, "max_rounds_per_block": 1}, "pfedla": {"rounds": 4},
+         "fedin": {"rounds": 4}}
+FAMILY_MODEL = "fmnist_fedin"   # what --strategy fedin trains unless a model is named: it needs a model family
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
   edge-demo                                  # 5 devices in 3 tiers, 16k samples, progressive (a few minutes)
   edge-demo --quick                          # the same fleet on 5k samples, one round per block (about a minute)
   edge-demo --baseline                       # then full-model FedAvg on the same fleet, for the report's comparison
+  edge-demo --strategy fedin                 # a model per tier (FedIN): small, medium, large members of one family
   edge-demo --samples 60000 --alpha 100      # more data, nearly IID
   edge-demo --fleet generic-256mb:3 --fleet pi-4b-2gb:1 --fleet lab-board:2:180
   edge-demo --config demo.toml               # [demo], [train] and a table per strategy; flags win
@@ -66,7 +69,8 @@ logs: WORKDIR/fleet/logs/; status from another terminal: edge-coordinator status
     p.add_argument("--config", type=Path, help="TOML file with [demo] and [train] tables and a table per strategy "
                                                   f"({', '.join(f'[{n}]' for n in strategies.names())})")
     p.add_argument("--workdir", help="where the broker, coordinator, devices and results live (resumable)")
-    p.add_argument("--model", help="zoo model trained on Fashion-MNIST (fmnist_cnn, resnet_small)")
+    p.add_argument("--model", help="zoo model trained on Fashion-MNIST (fmnist_cnn, resnet_small; --strategy fedin: "
+                                   f"the family {FAMILY_MODEL}, the default for it)")
     p.add_argument("--samples", type=int, help="Fashion-MNIST training images split across the fleet")
     p.add_argument("--alpha", type=float, help="Dirichlet concentration: 0.5 is strongly non-IID, 100 nearly IID")
     p.add_argument("--strategy", choices=strategies.names(),
@@ -179,6 +183,8 @@ def round_line(m: RoundMetrics, elapsed: float) -> str:
     own = device_accuracy([m])    # a personalised schedule: each device's model on its held-out rows
     accuracy = f"accuracy {m.accuracy:6.2%}" if own is None else \
         f"device accuracy mean {own.mean:6.2%} worst {own.worst[1]:6.2%}"
+    if m.models:      # a model family (FedIN): each member's model on the test set
+        accuracy = "accuracy " + " ".join(f"{name} {e['accuracy']:6.2%}" for name, e in m.models.items())
     return (f"round {m.round:>3} closed  {stage_text(m.stage):<20} updates {m.updates}/{len(m.devices)}"
             f"{idle}, rejected {m.rejected}  {accuracy}  largest device peak {worst_mb:4.0f} MB  "
             f"({elapsed:.0f} s)")
@@ -195,6 +201,7 @@ def summarize(rounds: Sequence[RoundMetrics], specs) -> dict:
     budget_mb = {s.device_id: s.budget_bytes / MB for s in specs}
     return {"rounds": len(rounds), "finished": bool(rounds and rounds[-1].finished),
             "final_test_accuracy": rounds[-1].accuracy if rounds else None,
+            "member_accuracy": {k: v["accuracy"] for k, v in rounds[-1].models.items()} if rounds else {},
             "device_accuracy": own.to_dict() if own else None,
             "peak_mb": peak_mb, "budget_mb": budget_mb,
             "over_budget": sorted(d for d, p in peak_mb.items() if p > budget_mb[d])}
@@ -274,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
                     if (overrides.get(table) or {}).get(key) is None:
                         settings[table][key] = value
         parse_fleet(settings["demo"]["fleet"])
+        if settings["demo"]["strategy"] == "fedin" and settings["demo"]["model"] == DEFAULTS["demo"]["model"] \
+                and args.model is None:
+            settings["demo"]["model"] = FAMILY_MODEL
     except ConfigError as exc:
         print(f"edge-demo: {exc}", file=sys.stderr)
         return 2
@@ -300,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         from coordinator.round_metrics import accuracy_text
         print(f"\n{summary['rounds']} rounds: each device's own model on its held-out rows: "
               f"{accuracy_text(summary['device_accuracy'])}")
+    if summary["member_accuracy"]:
+        print(f"\n{summary['rounds']} rounds: each member's model on the test set: " +
+              ", ".join(f"{name} {acc:.2%}" for name, acc in summary["member_accuracy"].items()))
     if summary["final_test_accuracy"] is not None:
         print(f"\n{summary['rounds']} rounds: test accuracy {summary['final_test_accuracy']:.2%}; every device's "
               f"largest peak (training job + agent) against its budget: " +

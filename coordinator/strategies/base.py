@@ -39,8 +39,9 @@ import numpy as np
 from coordinator.strategies.aggregation import AggregationSettings, aggregate_updates
 from edge_runtime.wire.part import TrainablePart
 
-# peak bytes of training layers first..last (head after last) at a batch size
-PeakPredictor = Callable[[int, int, int], float]
+# peak bytes of training layers first..last (head after last) at a batch size; a family member's part (FedIN)
+# passes the layers it skips as the keyword `skip`
+PeakPredictor = Callable[..., float]
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class Result:
     weight: float | None = None        # what the update weighs in aggregation; None = num_examples (as claimed)
     start: Mapping[str, np.ndarray] | None = None   # the weights the task started from, when they were the
     #                                                  device's own (a personalised schedule); None = the global ones
+    features: Mapping[str, np.ndarray] | None = None   # the rows of features the device shared (FedIN), checked
 
     @property
     def aggregation_weight(self) -> float:
@@ -255,6 +257,20 @@ class Strategy(ABC):
         """The weights a device's task starts from this round; None: the global weights (every shared schedule)."""
         return None
 
+    # -- what a task carries beyond its part -------------------------------------------------
+    def train_settings(self, assignment: Assignment) -> dict:
+        """TrainConfig fields this schedule sets for one task (FedIN: IN training and feature sharing); {} for most."""
+        return {}
+
+    def task_features(self, assignment: Assignment) -> str | None:
+        """The blob of shared features a task carries (FedIN's s_in/s_out batch), or None."""
+        return None
+
+    def evaluations(self) -> dict[str, tuple[int, ...]]:
+        """Models the coordinator tests each round besides the global one, as {name: layers skipped}: a model
+        family's members (FedIN). {}: the global model alone."""
+        return {}
+
     def blobs_in_use(self) -> tuple[set[str], set[str]]:
         """(weight indexes, other blobs) the schedule's state names: the blob collector keeps them."""
         return set(), set()
@@ -270,10 +286,10 @@ class Strategy(ABC):
         """Those of `layers` a schedule may train: never one of the frozen prefix."""
         return self.manifest.trainable_layers(layers)
 
-    def fit(self, device: Device, first: int, last: int) -> tuple[int, int] | None:
-        """(largest batch, predicted peak) at which layers first..last fit the device's budget, or None."""
+    def fit(self, device: Device, first: int, last: int, skip: tuple[int, ...] = ()) -> tuple[int, int] | None:
+        """(largest batch, predicted peak) at which layers first..last (less `skip`) fit the device's budget, or None."""
         for batch in self.batch_sizes:
-            peak = self.predict(first, last, batch)
+            peak = self.predict(first, last, batch, skip=skip) if skip else self.predict(first, last, batch)
             if peak * (1 + self.margin) <= device.budget_bytes:
                 return batch, int(peak)
         return None

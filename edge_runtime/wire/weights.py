@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 from safetensors import SafetensorError
@@ -27,23 +27,27 @@ Weights = dict[str, np.ndarray]
 
 
 def encode(weights: Mapping[str, np.ndarray], fp16: bool = False) -> bytes:
+    """Float tensors as float32 (float16 with fp16); integer tensors (labels, indices) as int64."""
     dtype = np.float16 if fp16 else np.float32
-    return _st_save({k: np.ascontiguousarray(v, dtype=dtype) for k, v in sorted(weights.items())})
+    return _st_save({k: np.ascontiguousarray(v, dtype=np.int64 if np.issubdtype(np.asarray(v).dtype, np.integer)
+                                             else dtype) for k, v in sorted(weights.items())})
 
 
-def decode(data: bytes, what: str = "weights") -> Weights:
-    """Decode safetensors bytes into float32 arrays; raise IntegrityError on garbage."""
+def decode(data: bytes, what: str = "weights", integers: Callable[[str], bool] = lambda name: False) -> Weights:
+    """Decode safetensors bytes into float32 arrays (int64 for the tensors `integers` names, e.g. shared labels);
+    raise IntegrityError on garbage or another dtype."""
     where = f"{what}: not a valid safetensors payload"
     n = _header_length(data[:8], len(data), where)
     for k, (dtype, _, _) in _tensors(data[8:8 + n], len(data) - 8 - n, _NUMPY_DTYPES, where).items():
-        if dtype not in (np.float32, np.float16):
-            raise IntegrityError(f"{what}: tensor {k} has dtype {np.dtype(dtype)}; only float32 and float16 are "
-                                 f"accepted")
+        allowed = (np.int64,) if integers(k) else (np.float32, np.float16)
+        if dtype not in allowed:
+            raise IntegrityError(f"{what}: tensor {k} has dtype {np.dtype(dtype)}; only "
+                                 f"{' and '.join(np.dtype(a).name for a in allowed)} accepted")
     try:
         raw = _st_load(data)
     except SafetensorError as exc:   # what safetensors asks beyond the header: no gaps between tensors, ...
         raise IntegrityError(f"{where} ({exc})") from None
-    return {k: v.astype(np.float32, copy=False) for k, v in raw.items()}
+    return {k: v if integers(k) else v.astype(np.float32, copy=False) for k, v in raw.items()}
 
 
 def save(path: Path, weights: Mapping[str, np.ndarray], fp16: bool = False) -> None:

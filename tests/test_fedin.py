@@ -1,0 +1,178 @@
+"""FedIN: a model per tier from one family, aggregation within architectures, shared features, over Mosquitto.
+
+The device's side (IN training, the gradient projection, the features it computes) is tested in
+tests/test_fedin_device.py; here the schedule: which member each device trains, what
+aggregation may touch, how shared features are checked and pooled, and a real fleet.
+"""
+import numpy as np
+import pytest
+
+from coordinator.global_model import GlobalModel
+from coordinator.strategies.aggregation import AggregationSettings, UpdateRejected
+from coordinator.strategies.base import Device, Result
+from coordinator.strategies.fedin import FedIN
+from coordinator.strategies.shared_features import (
+    LABELS,
+    S_IN,
+    S_OUT,
+    assemble,
+    feature_limit_bytes,
+    feature_shapes,
+    validate_features,
+)
+from edge_runtime.wire import weights as wcodec
+from edge_runtime.wire.transfer import BlobStore
+
+MB = 2 ** 20
+# what each member costs in the tests' memory model: a device's budget picks its member
+COST = {"small": 100 * MB, "medium": 200 * MB, "large": 300 * MB}
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """fmnist_fedin exported once: (manifest, initial weights)."""
+    from coordinator.model import export, zoo
+    m = export.export(zoo.fmnist_fedin(), tmp_path_factory.mktemp("fmnist_fedin"))
+    return m, export.load_weights(m)
+
+
+@pytest.fixture()
+def vault(family, tmp_path):
+    m, _ = family
+    return GlobalModel(m.file("manifest.json").parent, BlobStore(tmp_path / "blobs"))
+
+
+def _strategy(model: GlobalModel, aggregation=AggregationSettings(), **settings) -> FedIN:
+    m = model.manifest
+
+    def predict(first, last, batch, skip=()):
+        member = m.member_of(skip)
+        return COST[member.name] if member else 10_000 * MB
+    s = FedIN(m, predict, batch_sizes=[32], margin=0.0, aggregation=aggregation, **settings)
+    s.attach(model)
+    return s
+
+
+def _features(m, rows: int, rng, labels=None) -> dict:
+    s_in, s_out = feature_shapes(m)
+    return {S_IN: rng.standard_normal((rows, *s_in)).astype(np.float32),
+            S_OUT: rng.standard_normal((rows, *s_out)).astype(np.float32),
+            LABELS: np.asarray(labels if labels is not None else rng.integers(0, 10, rows), dtype=np.int64)}
+
+
+def test_each_device_trains_the_largest_member_its_budget_holds(vault):
+    s = _strategy(vault)
+    m = vault.manifest
+    devices = [Device("tiny", "t", 50 * MB), Device("a", "t", 150 * MB), Device("b", "t", 250 * MB),
+               Device("c", "t", 4000 * MB)]
+    plan = s.plan_round(0, devices)
+    chosen = {a.device_id: m.member_of(a.skip).name for a in plan.assignments}
+    assert chosen == {"a": "small", "b": "medium", "c": "large"}
+    assert "tiny" in plan.idle and "member small needs 100 MB" in plan.idle["tiny"]
+    for a in plan.assignments:   # the extractor and the member's own layers train, and the shared classifier
+        member = m.member_of(a.skip)
+        assert set(a.trainable) == set(m.extractor_layers) | set(member.layers)
+        assert a.head == m.final_head.index and a.train_head
+    only = _strategy(vault, member="large").plan_round(0, devices)     # the FedAvg baseline of one member
+    assert [a.device_id for a in only.assignments] == ["c"] and set(only.idle) == {"tiny", "a", "b"}
+    assert "excluded" in only.idle["a"]
+
+
+def test_aggregation_touches_intermediate_layers_only_within_an_architecture(vault, family):
+    m, w0 = family
+    s = _strategy(vault, AggregationSettings(rule="mean", max_share=1.0))   # plain FedAvg weights, to read them
+    plan = s.plan_round(0, [Device("a", "t", 150 * MB), Device("b", "t", 150 * MB), Device("c", "t", 4000 * MB)])
+    rng = np.random.default_rng(0)
+    results = []
+    for a, n in zip(plan.assignments, (100, 300, 600)):
+        trained = {k: (w0[k] + rng.standard_normal(w0[k].shape)).astype(np.float32) for k in a.trained_names(m)}
+        results.append(Result(a, trained, n, 1.0))
+    new = s.aggregate(plan, results, {}, w0)
+    by_device = {r.assignment.device_id: r for r in results}
+    small, large = m.member("small").layers, m.member("large").layers
+    for name, value in new.items():
+        layer = next((l.index for l in m.layers if any(p.name == name for p in l.params)), None)
+        if layer in m.extractor_layers or name in {p.name for p in m.final_head.params}:
+            # shared: every device, weighted by samples
+            weights = {"a": 100, "b": 300, "c": 600}
+            expected = sum(weights[d] * by_device[d].update[name] for d in weights) / 1000
+        elif layer in small:        # a and b trained the small member: only their values mix
+            expected = (100 * by_device["a"].update[name] + 300 * by_device["b"].update[name]) / 400
+        elif layer in large:        # c alone trained the large member
+            expected = by_device["c"].update[name]
+        else:                       # the medium member and the unused heads: nobody trained them
+            expected = w0[name]
+        np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_shared_features_are_checked_like_updates(family):
+    m, _ = family
+    rng = np.random.default_rng(1)
+    good = _features(m, 8, rng)
+    validate_features(good, m, share_rows=8)
+    validate_features({}, m, share_rows=8)                  # a device may withhold its features
+    cases = {
+        "did not ask": (good, 0),
+        "wrong names": ({**good, "features/extra": good[LABELS]}, 8),
+        "rows": (_features(m, 9, rng), 8),
+        "dtype": ({**good, S_IN: good[S_IN].astype(np.float64)}, 8),
+        "shape": ({**good, S_OUT: good[S_OUT][:, :3]}, 8),
+        "row count": ({**good, S_IN: good[S_IN][:7]}, 8),
+        "NaN": ({**good, S_IN: np.where(np.arange(good[S_IN].size).reshape(good[S_IN].shape) == 5, np.nan,
+                                        good[S_IN]).astype(np.float32)}, 8),
+        "label": ({**good, LABELS: np.array([0, 1, 2, 3, 4, 5, 6, 10])}, 8),
+        "label dtype": ({**good, LABELS: good[LABELS].astype(np.float32)}, 8),
+    }
+    for what, (features, rows) in cases.items():
+        with pytest.raises(UpdateRejected):
+            validate_features(features, m, share_rows=rows)
+            pytest.fail(f"accepted: {what}")
+    s_in, s_out = feature_shapes(m)
+    assert feature_limit_bytes(m, 8) == 8 * (4 * (np.prod(s_in) + np.prod(s_out)) + 8)
+
+
+def test_the_shared_batch_gives_each_device_an_equal_share_tagged_with_its_origin(family):
+    m, _ = family
+    rng = np.random.default_rng(2)
+    shared = [(0, _features(m, 32, rng)), (1, _features(m, 5, rng)), (2, _features(m, 32, rng)), (3, {})]
+    batch = assemble(shared, max_rows=30, seed=0)
+    assert sorted(batch) == ["labels", "origin", "s_in", "s_out"]
+    counts = np.bincount(batch["origin"], minlength=4)
+    assert counts.tolist() == [10, 5, 10, 0]
+    for origin, f in shared[:3]:   # every row is one of its device's own rows, s_in, s_out and label together
+        mine = batch["origin"] == origin
+        for s_in, s_out, y in zip(batch["s_in"][mine], batch["s_out"][mine], batch["labels"][mine]):
+            k = int(np.flatnonzero((f[S_IN] == s_in).all(axis=(1, 2, 3)))[0])
+            assert np.array_equal(f[S_OUT][k], s_out) and f[LABELS][k] == y
+    assert assemble([(0, {})], 10, 0) is None
+
+
+def test_the_schedule_keeps_its_shared_batch_and_origins_across_a_restart(vault, family):
+    m, w0 = family
+    s = _strategy(vault, rounds=3)
+    plan = s.plan_round(0, [Device("a", "t", 150 * MB), Device("b", "t", 4000 * MB)])
+    assert all(s.train_settings(a)["in_weight"] == 0 for a in plan.assignments)   # nothing shared yet
+    rng = np.random.default_rng(3)
+    results = [Result(a, {k: w0[k] for k in a.trained_names(m)}, 100, 1.0, features=_features(m, 4, rng))
+               for a in plan.assignments]
+    s.aggregate(plan, results, {}, w0)
+    s.advance(plan, w0, w0, results)
+    assert s.shared is not None and s.blobs_in_use()[1] == {s.shared}
+    batch = wcodec.decode(vault.get_bytes(s.shared), integers=lambda n: n in ("labels", "origin"))
+    assert len(batch["labels"]) == 8 and set(batch["origin"].tolist()) == {0, 1}
+    again = _strategy(vault, rounds=3)
+    again.load_state(s.state())
+    nxt = again.plan_round(1, [Device("a", "t", 150 * MB), Device("b", "t", 4000 * MB)])
+    settings = {a.device_id: again.train_settings(a) for a in nxt.assignments}
+    assert settings["a"]["in_weight"] == 1.0 and settings["a"]["in_origin"] == s.origins["a"]
+    assert settings["b"]["in_origin"] == s.origins["b"] != settings["a"]["in_origin"]
+    assert all(again.task_features(a) == s.shared for a in nxt.assignments)
+    assert again.rounds_left() == (2, 2)
+    off = _strategy(vault, share_features=False)
+    assert off.train_settings(nxt.assignments[0])["share_rows"] == 0 and off.task_features(nxt.assignments[0]) is None
+
+
+def test_fedin_refuses_a_model_that_is_not_a_family(fmnist_model):
+    m, _ = fmnist_model
+    with pytest.raises(ValueError, match="model family"):
+        FedIN(m, lambda *a, **k: 0, batch_sizes=[32])
