@@ -16,6 +16,7 @@ import numpy as np
 
 from coordinator.model.graphs import evaluate
 from coordinator.model.part_graphs import ensure_part_graphs
+from edge_runtime.errors import IntegrityError
 from edge_runtime.store import read_verified
 from edge_runtime.wire import model_blobs
 from edge_runtime.wire.manifest import Manifest
@@ -56,16 +57,26 @@ class GlobalModel:
         """Build the graphs of parts not trained before (one builder child for all of a round's parts)."""
         ensure_part_graphs(self.manifest, parts)
 
-    def task_blobs(self, part, index_sha: str, evaluation: bool = False) -> list[dict]:
+    def task_blobs(self, part, index_sha: str, evaluation: bool = False, fedin: bool = False,
+                   features_sha: str | None = None) -> list[dict]:
         """Every blob a task for `part` names: its graphs (stored as blobs here) and its weight groups.
-        evaluation: the part's eval graph too (a task that holds rows out measures accuracy with it)."""
+        evaluation: the part's eval graph too (a task that holds rows out measures accuracy with it).
+        fedin: a family member's IN step, s_in and s_out graphs too (built by prepare_parts; IntegrityError when
+        the part is no member's); features_sha: the shared-feature blob (already in the store), named
+        features/<sha256>, for the device's IN training."""
         step, prefix = model_blobs.part_graph_paths(self.manifest, part)
         graphs = {model_blobs.STEP_GRAPH: self.store.put_file(step)}
         if prefix is not None:
             graphs[model_blobs.PREFIX_GRAPH] = self.store.put_file(prefix)
         if evaluation:
             graphs[model_blobs.EVAL_GRAPH] = self.store.put_file(model_blobs.part_eval_graph_path(self.manifest, part))
-        return model_blobs.task_blobs(self.manifest, part, self.index(index_sha), self.store, graphs)
+        if fedin:
+            for path in model_blobs.member_graph_paths(self.manifest, part):
+                graphs[path.name] = self.store.put_file(path)
+        if features_sha is not None and not self.store.has(features_sha):
+            raise IntegrityError(f"shared features {features_sha} are not in the blob store")
+        return model_blobs.task_blobs(self.manifest, part, self.index(index_sha), self.store, graphs,
+                                      features_sha=features_sha)
 
     def collect_garbage(self, keep_indexes, keep_blobs=()) -> int:
         """Delete every blob but the manifest, the given weight indexes and the groups they name, and the other
@@ -90,5 +101,5 @@ class GlobalModel:
         return sum(specs[n].nbytes for n in names)
 
     def evaluate(self, weights: Mapping[str, np.ndarray], inputs: np.ndarray, labels: np.ndarray,
-                 upto_block: int | None = None) -> dict:
-        return evaluate(self.manifest, weights, inputs, labels, upto_block=upto_block)
+                 upto_block: int | None = None, skip: tuple[int, ...] = ()) -> dict:
+        return evaluate(self.manifest, weights, inputs, labels, upto_block=upto_block, skip=skip)
