@@ -174,6 +174,30 @@ def accuracy_text(summary: Mapping) -> str:
             f"spread {100 * summary['spread']:.1f} points over {len(summary['devices'])} device(s)")
 
 
+def member_tiers(rounds: Sequence[RoundMetrics]) -> dict[str, list[str]]:
+    """A model family's members (FedIN) and the tiers whose devices last trained each one."""
+    latest: dict[str, tuple[str, str]] = {}
+    for m in rounds:
+        for device, r in m.devices.items():
+            if r.member:
+                latest[device] = (r.member, r.tier)
+    out: dict[str, set[str]] = {}
+    for member, tier in latest.values():
+        out.setdefault(member, set()).add(tier)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def models_text(models: Mapping, tiers: Mapping[str, Sequence[str]] | None = None) -> str:
+    """RoundMetrics.models in words, as every view shows them: 'small 80.12% (generic-256mb), large 82.30%
+    (pi-3b-plus, pi-zero-2w)', a member no device trains marked so."""
+    parts = []
+    for name, e in models.items():
+        acc = "-" if e.get("accuracy") is None else f"{e['accuracy']:.2%}"
+        who = "" if tiers is None else f" ({', '.join(tiers[name]) if tiers.get(name) else 'no device'})"
+        parts.append(f"{name} {acc}{who}")
+    return ", ".join(parts)
+
+
 def device_accuracy(rounds: Sequence[RoundMetrics]) -> DeviceAccuracy | None:
     """Every device's accuracy on its held-out rows from the last round it reported one in; None when no device
     has (the run holds nothing out: its schedule's model is measured on the coordinator's test set)."""

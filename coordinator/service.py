@@ -42,7 +42,7 @@ from coordinator.global_model import GlobalModel
 from coordinator.guards import Admission, Fetches, GuardSettings, RateLimit, Uploads, benched_devices
 from coordinator.model import sources
 from coordinator.model.zoo_profile import measured_profile
-from coordinator.round_metrics import DeviceRound, RoundMetrics, device_accuracy
+from coordinator.round_metrics import DeviceRound, RoundMetrics, device_accuracy, models_text
 from coordinator.state_store import StateStore, TaskRow, task_spec
 from coordinator.strategies.aggregation import AggregationSettings, UpdateCheck, aggregation_settings_table
 from coordinator.strategies.base import Device, Result, RoundPlan, stage_text
@@ -610,9 +610,11 @@ class Coordinator:
         self.pending.clear()
         self._collect_garbage()
         own = device_accuracy([measured])
-        log.info("round %d closed (%s): %d of %d update(s)%s; %stest accuracy %.2f%% (blocks 0-%d)", row.round, why,
-                 len(results), len(tasks), "" if aggregated else f", fewer than {s['min_updates']}: weights kept",
-                 "" if own is None else f"per-device accuracy {own.text()}; ", 100 * ev["accuracy"], self.eval_block)
+        tested = f"test accuracy per member {models_text(models)}" if models else \
+            f"test accuracy {100 * ev['accuracy']:.2f}% (blocks 0-{self.eval_block})"
+        log.info("round %d closed (%s): %d of %d update(s)%s; %s%s", row.round, why, len(results), len(tasks),
+                 "" if aggregated else f", fewer than {s['min_updates']}: weights kept",
+                 "" if own is None else f"per-device accuracy {own.text()}; ", tested)
 
     def _capped(self, round_no: int, results: list[Result]) -> list[Result]:
         """The results with the weight each claimed sample count earns (AggregationSettings.weights): a device

@@ -175,7 +175,7 @@ def run_fleet(coordinator: dict, work: Path, specs, broker_url: str, fleet_name:
 def round_line(m: RoundMetrics, elapsed: float) -> str:
     """The line a closed round leaves above the live one: its stage, updates, accuracy and largest device peak."""
     from coordinator.observe.run_data import MB
-    from coordinator.round_metrics import device_accuracy
+    from coordinator.round_metrics import device_accuracy, models_text
     from coordinator.strategies.base import stage_text
     trained = list(m.accepted().values())
     worst_mb = max(r.device_peak_bytes for r in trained) / MB if trained else 0
@@ -184,7 +184,7 @@ def round_line(m: RoundMetrics, elapsed: float) -> str:
     accuracy = f"accuracy {m.accuracy:6.2%}" if own is None else \
         f"device accuracy mean {own.mean:6.2%} worst {own.worst[1]:6.2%}"
     if m.models:      # a model family (FedIN): each member's model on the test set
-        accuracy = "accuracy " + " ".join(f"{name} {e['accuracy']:6.2%}" for name, e in m.models.items())
+        accuracy = "accuracy " + models_text(m.models)
     return (f"round {m.round:>3} closed  {stage_text(m.stage):<20} updates {m.updates}/{len(m.devices)}"
             f"{idle}, rejected {m.rejected}  {accuracy}  largest device peak {worst_mb:4.0f} MB  "
             f"({elapsed:.0f} s)")

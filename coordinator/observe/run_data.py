@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, NamedTuple
 
-from coordinator.round_metrics import DeviceRound, RoundMetrics, device_accuracy
+from coordinator.round_metrics import DeviceRound, RoundMetrics, device_accuracy, member_tiers, models_text
 from coordinator.state_store import RoundRow, StateStore
 from coordinator.strategies.base import stage_text
 
@@ -271,6 +271,9 @@ def summary_items(run: Run, baseline: Run | None, devices: list[DeviceRow]) -> l
     own = device_accuracy(rs)
     if own is not None:   # a personalised run: no global model; each device's own, on the rows it held out
         items += [("device-accuracy", "device accuracy", f"{own.text()}, each its own model on its held-out rows")]
+    if rs and rs[-1].models:   # a model family (FedIN): each member's model, and the tiers that train it
+        items += [("member-accuracy", "final accuracy per member",
+                   f"{models_text(rs[-1].models, member_tiers(rs))} (round {rs[-1].round})")]
     if rs:
         best = max(rs, key=lambda m: m.accuracy)
         which = " (reference: the mean of the devices' models, on the test set)" if own is not None else ""

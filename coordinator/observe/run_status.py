@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.observe.run_data import parse_round
-from coordinator.round_metrics import accuracy_text, device_accuracy
+from coordinator.round_metrics import accuracy_text, device_accuracy, member_tiers, models_text
 from coordinator.state_store import StateStore
 from coordinator.strategies.base import stage_text
 
@@ -36,6 +36,8 @@ class Snapshot:
     tasks: int = 0
     accuracy: float | None = None     # after the last closed round
     device_accuracy: dict | None = None   # a personalised run: each device's held-out accuracy (DeviceAccuracy)
+    models: dict = field(default_factory=dict)        # a model family (FedIN): each member's test accuracy
+    member_tiers: dict = field(default_factory=dict)  # and the tiers training each member
     rounds_closed: int = 0
     finished: bool = False
     rounds_left: tuple[int, int] | None = None
@@ -71,6 +73,7 @@ def _read(state: StateStore) -> Snapshot:
     last = parse_round(closed[-1]) if closed else None
     if last is not None:
         snap.accuracy, snap.finished, snap.rounds_left = last.accuracy, bool(last.finished), last.rounds_left
+        snap.models, snap.member_tiers = dict(last.models), member_tiers(rounds)
     own = device_accuracy(rounds)
     snap.device_accuracy = own.to_dict() if own else None
     row = state.current_round()
@@ -127,6 +130,8 @@ def progress_line(snap: Snapshot, elapsed_s: float) -> str:
     acc = "-" if snap.accuracy is None else f"{snap.accuracy:.2%}"
     if snap.device_accuracy is not None:
         acc = f"devices mean {snap.device_accuracy['mean']:.2%} worst {snap.device_accuracy['worst']:.2%}"
+    if snap.models:
+        acc = models_text(snap.models)
     if snap.round is None:
         where = "waiting for devices"
     else:
@@ -155,7 +160,9 @@ def status_lines(snap: Snapshot, devices: list[dict], now: float | None = None) 
     if snap.device_accuracy is not None:
         out.append(f"device accuracy (each device's own model on its held-out rows): "
                    f"{accuracy_text(snap.device_accuracy)}")
-    if snap.accuracy is not None:
+    if snap.models:
+        out.append(f"test accuracy per member (tiers training it): {models_text(snap.models, snap.member_tiers)}")
+    elif snap.accuracy is not None:
         out.append(f"test accuracy{' (the mean of the devices’ own models)' if snap.device_accuracy else ''}: "
                    f"{snap.accuracy:.2%}")
     if snap.rounds_left is not None and not snap.finished:
