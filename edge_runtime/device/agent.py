@@ -41,7 +41,7 @@ from edge_runtime.train.datasets import DATA_CHECK_FILE, DataError, DataSummary,
 from edge_runtime.wire import weights as wcodec
 from edge_runtime.wire.blob_exchange import fetch_blob, send_blob
 from edge_runtime.wire.manifest import Manifest
-from edge_runtime.wire.model_blobs import check_blob_names, materialize
+from edge_runtime.wire.model_blobs import check_blob_names, materialize, task_features_path
 from edge_runtime.wire.mqtt_link import MqttLink, Received
 from edge_runtime.wire.part import TrainablePart
 from edge_runtime.wire.protocol import (
@@ -353,7 +353,8 @@ class Agent:
                        config=replace(task.config, threads=threads),
                        update_out=None if scoring else str(files / f"{task.task_id}.update.safetensors"),
                        progress_file=str(files / f"{task.task_id}.progress.json"),
-                       mode=task.kind, scores_out=str(files / f"{task.task_id}.scores.json") if scoring else None)
+                       mode=task.kind, scores_out=str(files / f"{task.task_id}.scores.json") if scoring else None,
+                       features=task_features_path(manifest_path, task.blobs))
 
     # -- sending and acknowledgement -------------------------------------------------------
     def _deliver(self, task: Task, update: Update | Scores) -> None:
@@ -477,9 +478,11 @@ def _wire_float(value: float) -> float | None:
 
 def _reencode_fp16(path: Path) -> None:
     """Halve the update for the wire, as the task asks; read tensor by tensor, so the agent never
-    holds the fp32 update whole."""
+    holds the fp32 update whole. Float tensors only: shared labels (features/labels) stay int64."""
     update = wcodec.WeightFile(path)
-    wcodec.save(path, {name: update[name].astype(np.float16) for name in update}, fp16=True)
+    def half(tensor: np.ndarray) -> np.ndarray:
+        return tensor if np.issubdtype(tensor.dtype, np.integer) else tensor.astype(np.float16)
+    wcodec.save(path, {name: half(update[name]) for name in update}, fp16=True)
     release_free_heap()
 
 

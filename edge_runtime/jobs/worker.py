@@ -44,6 +44,7 @@ class JobSpec:
     extra: dict = field(default_factory=dict)
     mode: str = "train"           # "train" | "score" (layer gradient scores, no weight change)
     scores_out: str | None = None  # score mode: where to write the score result (JSON)
+    features: str | None = None   # FedIN: other devices' shared features (safetensors), for IN training
 
     def __post_init__(self):
         if isinstance(self.part, dict):
@@ -113,7 +114,8 @@ def run_job(spec: JobSpec, progress=None) -> dict:
             atomic_write_text(Path(spec.scores_out), json.dumps(result))
         return {"ok": True, "mode": "score", "result": result, "update": None, "scores_out": spec.scores_out}
     _, result = train(manifest, weights, LocalDataset(Path(spec.dataset)), part, config,
-                      Path(spec.state_dir), spec.task_id, progress=progress, return_weights=False)
+                      Path(spec.state_dir), spec.task_id, progress=progress, return_weights=False,
+                      features=spec.features)
     if spec.update_out:
         import shutil
         update = Path(spec.state_dir) / "runs" / spec.task_id / "update.safetensors"
