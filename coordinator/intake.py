@@ -47,7 +47,7 @@ def expected_shapes(manifest: Manifest, task: TaskRow) -> dict[str, tuple[int, .
 
 def share_rows(task: TaskRow) -> int:
     """How many rows of features the task asked its device to share (FedIN); 0 for every other task."""
-    return int(task.spec["task"].get("config", {}).get("share_rows", 0) or 0)
+    return int(task.spec.get("task", {}).get("config", {}).get("share_rows", 0) or 0)
 
 
 def update_limit_bytes(manifest: Manifest, task: TaskRow) -> int:

@@ -160,8 +160,12 @@ class BudgetedJobs:
                 log(f"{plans_file} is unreadable; calibrating again")
 
     def key(self, spec: JobSpec) -> str:
+        """What a plan depends on: the part, the batch, and whether the job also trains on shared features (FedIN's
+        IN step holds its own gradients and activations) or computes features to share."""
+        c = spec.config
+        fedin = f"in:{c.in_batch_size}" if c.in_weight > 0 and spec.features else "in:off"
         return digest_of(spec.mode, sha256_file(Path(spec.manifest)), json.dumps(spec.part.to_dict(), sort_keys=True),
-                         str(spec.config.batch_size), repr(self.margin))
+                         str(c.batch_size), repr(self.margin), fedin, f"share:{c.share_rows}")
 
     def run(self, spec: JobSpec) -> tuple[dict, ChildResult]:
         """Train at the cached micro-batch when this part was planned before, else calibrate first."""
