@@ -4,8 +4,9 @@ import itertools
 import numpy as np
 import pytest
 
-from edge_runtime.profiling.memory_model import Measurement, fit_candidate, fit_span_model
-from edge_runtime.profiling.partition import NoPartition, best_partition, choose_partition
+from edge_runtime.profiling.memory_model import (CandidateFit, Measurement, Predictor, SpanModel, fit_candidate,
+                                                 fit_span_model)
+from edge_runtime.profiling.partition import NoPartition, best_partition, choose_member, choose_partition
 
 
 def _brute_force(n, cuts, batch, predict, usable):
@@ -84,3 +85,46 @@ def test_span_model_generalises_from_features():
            for i, (p, a) in enumerate([(1e6, 2e4), (8e6, 1e4), (2e5, 9e4), (3e6, 5e4)]) for b in (16, 64)]
     model = fit_span_model(pts, base)
     assert model.predict(5e6, 3e4, 32) == pytest.approx(truth(5e6, 3e4, 32), rel=1e-6)
+
+
+# a family of three members whose peaks grow with the member and the batch: 10 + need x batch
+FAMILY = [(name, lambda b, need=need: 10 + need * b) for name, need in (("small", 1), ("medium", 2), ("large", 20))]
+
+
+@pytest.mark.parametrize("usable, member, batch", [
+    (10 + 20 * 8, "large", 8),     # the largest member at the largest batch
+    (10 + 20 * 4, "large", 4),     # the largest member at a smaller batch: a member is worth more than a batch
+    (10 + 20 * 2 - 1, "medium", 8),  # between medium and large at every batch: the smaller, at its largest batch
+    (10 + 2 * 4, "medium", 4),
+    (10 + 2 * 2, "medium", 2),
+    (10 + 2 * 2 - 1, "small", 2),
+])
+def test_choose_member_takes_the_largest_member_that_fits_then_the_largest_batch(usable, member, batch):
+    got = choose_member(FAMILY, [2, 4, 8], usable)
+    assert (got.member, got.batch_size) == (member, batch)
+    assert got.predicted_peak_bytes <= usable
+
+
+def test_choose_member_says_what_the_smallest_member_needs():
+    with pytest.raises(NoPartition, match=r"the smallest member, small, needs 0 MB at batch 2, more than the usable"):
+        choose_member(FAMILY, [8, 2, 4], usable_bytes=11)
+
+
+def test_a_fit_with_skip_is_its_own_key_and_json_lists_become_tuples():
+    base = 60 << 20
+    span = SpanModel(base, 0.0, 1e6, 0.0, 0.0, 0.0)
+    whole = CandidateFit(0, 6, 5e6, 1e5, 0.0)
+    member = CandidateFit(0, 6, 2e6, 3e4, 0.0, skip=[5, 4, 6])   # as a profile file's JSON holds it
+    assert member.skip == (4, 5, 6) and Measurement(0, 6, 3, 16, 1, 0.1, 1, 1, [3, 1]).skip == (1, 3)
+    predictor = Predictor(None, base, [whole, member], span)    # no manifest: every span asked for was measured
+    assert predictor.predict(0, 6, 32) == whole.predict(base, 32)                    # as callers pass it today
+    assert predictor.predict(0, 6, 32, skip=(6, 5, 4)) == member.predict(base, 32)  # any order of the same set
+    assert predictor.predict(0, 6, 32, skip=[4, 5, 6]) != predictor.predict(0, 6, 32)
+
+
+def test_candidate_fit_keeps_the_skip_and_refuses_mixed_spans():
+    base = 60 << 20
+    pts = [Measurement(0, 6, 3, b, base + 1_000_000 + 50_000 * b, 0.01, 10, 10, (1, 2)) for b in (16, 64)]
+    assert fit_candidate(pts, base).skip == (1, 2)
+    with pytest.raises(ValueError, match="one span"):
+        fit_candidate([pts[0], Measurement(0, 6, 3, 64, base + 2, 0.01, 10, 10)], base)

@@ -10,9 +10,11 @@ from edge_runtime.device.tiers import Tier
 from edge_runtime.jobs.child import device_child_env
 from edge_runtime.jobs.worker import JobSpec, run_worker
 from edge_runtime.memory import MIB
-from edge_runtime.profiling.memory_model import Predictor, fit_candidate, fit_span_model
-from edge_runtime.profiling.profile_file import Profile, ProfileError
-from edge_runtime.profiling.profiler import Profiler, run_profile
+from edge_runtime.profiling.memory_model import (CandidateFit, Measurement, Predictor, fit_candidate, fit_span_model,
+                                                 span_features)
+from edge_runtime.profiling.profile_file import Profile, ProfileError, StagePlan, TierPlan
+from edge_runtime.profiling.profiler import Profiler, format_profile, run_profile
+from edge_runtime.wire.manifest import Manifest
 from edge_runtime.wire.part import TrainablePart
 
 BATCHES = [16, 64]
@@ -127,6 +129,9 @@ def test_profile_file_round_trips(profiled, tmp_path):
     profile.save(tmp_path / "p.json")
     again = Profile.load(tmp_path / "p.json")
     assert again.tiers == profile.tiers and again.baseline_bytes == profile.baseline_bytes
+    raw = json.loads((tmp_path / "p.json").read_text())   # a model without members writes the file it always did
+    assert not any("member" in t for t in raw["tiers"])
+    assert not any("skip" in e for e in raw["measurements"] + raw["fits"])
 
 
 @pytest.mark.parametrize("breakage, message", [
@@ -147,6 +152,136 @@ def test_malformed_profile_is_rejected_with_the_reason(profiled, tmp_path, break
     (tmp_path / "p.json").write_text(json.dumps(raw))
     with pytest.raises(ProfileError, match=message):
         Profile.load(tmp_path / "p.json")
+
+
+# -- a model family (FedIN): each tier trains the largest member that fits ----------------------------------
+
+FAMILY_BATCHES = [16, 32]
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """fmnist_fedin as the coordinator profiles a model when it is given no profile (zoo_profile.measured_profile):
+    exported, then every member's part measured at small batches. Its members differ a lot in activation memory:
+    1 layer 32 wide, 2 layers 96 wide, 3 layers 192 wide at 32x14x14."""
+    from coordinator.model.zoo_profile import measured_profile
+    root = tmp_path_factory.mktemp("fedin")
+    profile = Profile.load(measured_profile(root, "fmnist_fedin", FAMILY_BATCHES))
+    return Manifest.load(root / "model" / "manifest.json"), profile
+
+
+def test_a_family_profile_measures_every_member_and_larger_members_need_more(family):
+    m, profile = family
+    last = len(m.layers) - 1
+    points = [Measurement(**p) for p in profile.measurements]
+    members = {x.name: m.member_skip(x.name) for x in m.members}
+    assert sorted((p.skip, p.batch_size) for p in points) == sorted((s, b) for s in members.values()
+                                                                      for b in FAMILY_BATCHES)
+    assert {(p.first, p.last, p.head) for p in points} == {(0, last, m.final_head.index)}
+    assert sorted(tuple(f["skip"]) for f in profile.fits) == sorted(members.values())
+    for p in points:   # a member's part trains the extractor, its own layers and the classifier
+        own = m.extractor_layers + m.member_of(p.skip).layers
+        assert p.param_bytes == sum(m.layers[i].param_bytes for i in own) + m.final_head.param_bytes
+        assert p.activation_bytes_per_sample == (sum(m.layers[i].activation_bytes_per_sample for i in own)
+                                                 + m.final_head.activation_bytes_per_sample)
+    for b in FAMILY_BATCHES:
+        peaks = [next(p.peak_bytes for p in points if (p.skip, p.batch_size) == (skip, b))
+                 for skip in members.values()]
+        assert peaks[0] < peaks[1] < peaks[2], (b, [f"{x / MIB:.0f} MB" for x in peaks])
+
+
+def test_predict_with_a_member_skip_is_that_members_own_fit(family):
+    m, profile = family
+    last = len(m.layers) - 1
+    predictor = Predictor.from_profile(m, profile)
+    for x in m.members:
+        part = TrainablePart.member(m, x.name)
+        fit = next(CandidateFit(**f) for f in profile.fits if tuple(f["skip"]) == part.skip)
+        for b in (8, 16, 24, 64):
+            assert predictor.predict(part.span[0], part.span[-1], b, skip=part.skip) == \
+                fit.predict(profile.baseline_bytes, b)
+    # what was never measured (the whole family, nothing skipped; one member's layers alone) comes from the span
+    # model, with the skipped layers left out of its features
+    span = predictor.span_model
+    for skip in ((), (1, 2, 3, 4, 5)):
+        assert predictor.predict(0, last, 32, skip=skip) == span.predict(*span_features(m, 0, last, skip), 32)
+    assert span_features(m, 0, last, (1, 2, 3, 4, 5)) < span_features(m, 0, last)
+    assert predictor.predict(0, last, 32) == predictor.predict(0, last, 32, skip=())   # callers without skip
+
+
+def test_each_tier_gets_the_largest_member_that_fits(family, tmp_path):
+    m, calibration = family
+    predictor = Predictor.from_profile(m, calibration)
+    need_mb = {x.name: predictor.predict(0, len(m.layers) - 1, FAMILY_BATCHES[0], skip=m.member_skip(x.name)) / MIB
+               for x in m.members}
+    budget = lambda usable_mb: int(usable_mb * (1 + MARGIN)) + 1  # noqa: E731
+    tiers = [_tier("too-small", budget((calibration.baseline_bytes / MIB + need_mb["small"]) / 2)),
+             _tier("between", budget((need_mb["medium"] + need_mb["large"]) / 2)),   # large fits at no batch
+             _tier("roomy", 400)]
+    lines = []
+    profile = run_profile(m.root / "manifest.json", tiers, FAMILY_BATCHES, tmp_path, margin=MARGIN, verify=True,
+                          steps=4, log=lines.append)
+    too_small, between, roomy = (profile.tier(t.name) for t in tiers)
+    assert not too_small.feasible and too_small.member is None
+    assert too_small.reason.startswith("the smallest member, small, needs")
+    assert (between.member, roomy.member) == ("medium", "large")
+    assert roomy.batch_size == FAMILY_BATCHES[-1]
+    fits = Predictor.from_profile(m, profile)
+    medium = [b for b in FAMILY_BATCHES
+              if fits.predict(0, len(m.layers) - 1, b, skip=m.member_skip("medium")) <= between.usable_bytes]
+    assert between.batch_size == max(medium)   # the largest batch at which the member fits
+    for t in (between, roomy):
+        (stage,) = t.stages
+        assert (stage.first, stage.last, stage.head) == (0, len(m.layers) - 1, m.final_head.index)
+        assert stage.measured_peak_bytes <= t.budget_bytes
+    assert any(line.startswith("between: trains member medium") for line in lines)
+    assert "member medium, trained whole at batch" in format_profile(profile)
+    profile.save(tmp_path / "p.json")
+    assert Profile.load(tmp_path / "p.json").tiers == profile.tiers
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda r: r["measurements"][0].update(skip=[1, 9]), r"measurements\[0\]: skip\[1\] must be a layer index"),
+    (lambda r: r["fits"][0].update(skip="1"), r"fits\[0\]: field 'skip' must be list"),
+    (lambda r: r["fits"][1].update(skip=[2, 2]), "names a layer twice"),
+    (lambda r: r["tiers"][0].update(member=3), r"tiers\[0\]: field 'member' must be str"),
+    (lambda r: r["tiers"][0]["stages"].append(dict(r["tiers"][0]["stages"][0], first=7, last=7)),
+     "trained whole, in one stage"),
+    (lambda r: r["tiers"][1].update(feasible=False, reason="no", member="small"),
+     "an infeasible tier names no member"),
+])
+def test_malformed_member_fields_are_rejected(family, tmp_path, breakage, message):
+    m, profile = family
+    profile.tiers = [TierPlan("t", 500 * MIB, 400 * MIB, True, None, 16,
+                              (StagePlan(0, len(m.layers) - 1, m.final_head.index, 100 * MIB),), "large")] * 2
+    profile.save(tmp_path / "p.json")
+    raw = json.loads((tmp_path / "p.json").read_text())
+    breakage(raw)
+    (tmp_path / "p.json").write_text(json.dumps(raw))
+    with pytest.raises(ProfileError, match=message):
+        Profile.load(tmp_path / "p.json")
+
+
+def test_a_profile_written_before_members_loads_unchanged(tmp_path):
+    old = {"format": "edgeblock-profile/1", "model": "fmnist_cnn", "manifest_sha256": "0" * 64,
+           "created": "2026-11-21T07:55:00+00:00", "device": {}, "baseline_bytes": 50 * MIB, "margin": 0.1,
+           "measurements": [{"first": 0, "last": 1, "head": 0, "batch_size": b, "peak_bytes": (60 + b) * MIB,
+                             "step_seconds": 0.01, "param_bytes": 1000, "activation_bytes_per_sample": 100}
+                            for b in (16, 64)],
+           "fits": [{"first": 0, "last": 1, "fixed_bytes": 1e7, "per_sample_bytes": 1e6, "max_rel_error": 0.0}],
+           "span_model": {"baseline_bytes": 50 * MIB, "per_param_byte": 0.0, "fixed_bytes": 0.0,
+                          "per_activation_byte": 0.0, "per_sample_bytes": 0.0, "max_rel_error": 0.0},
+           "tiers": [{"tier": "t", "budget_bytes": 200 * MIB, "usable_bytes": 180 * MIB, "feasible": True,
+                      "reason": None, "batch_size": 64,
+                      "stages": [{"first": 0, "last": 1, "head": 0, "predicted_peak_bytes": 124 * MIB,
+                                  "measured_peak_bytes": None, "step_seconds": None}]}]}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    profile = Profile.load(tmp_path / "old.json")
+    assert profile.tier("t").member is None and profile.tier("t").stages[0].last == 1
+    assert Measurement(**profile.measurements[0]).skip == ()
+    assert Predictor.from_profile(None, profile).predict(0, 1, 32) == 50 * MIB + 1e7 + 1e6 * 32
+    profile.save(tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text())["tiers"] == old["tiers"]
 
 
 # A board has none of these: the profiler there runs on the graphs its export came with.

@@ -31,11 +31,13 @@ def export_zoo_model(name: str, directory: Path) -> Path:
 
 def profile_parts(manifest) -> list:
     """Every part a profiler may train on a board: each span that starts at the model's input or after a cut
-    point and ends at a cut point, all of it trainable, with the head there (candidates and chosen stages)."""
+    point and ends at a cut point, all of it trainable, with the head there (candidates and chosen stages),
+    and a model family's member parts (its candidates, TrainablePart.member)."""
     from edge_runtime.wire.part import TrainablePart
     cuts = manifest.cut_points()   # only those at or after a frozen prefix (layers that never train)
-    return [TrainablePart(tuple(range(a, b + 1)), tuple(range(a, b + 1)), manifest.head_for_boundary(b))
-            for a in manifest.stage_starts() for b in cuts if b >= a]
+    spans = [TrainablePart(tuple(range(a, b + 1)), tuple(range(a, b + 1)), manifest.head_for_boundary(b))
+             for a in manifest.stage_starts() for b in cuts if b >= a]
+    return spans + [TrainablePart.member(manifest, x.name) for x in manifest.members]
 
 
 def export_for_boards(model: str, model_dir: Path, seed: int = 0) -> Path:
@@ -57,7 +59,8 @@ def measured_profile(root: Path, model: str = "fmnist_cnn", batch_sizes=(32, 64)
     if not profile.exists():
         manifest = ensure_export(root / "model", model, seed)
         if log:
-            log(f"measuring the memory of training {model}'s blocks on this machine (once, about 20 s)")
+            log(f"measuring the memory of training {model}'s blocks (a model family's members) on this machine "
+                f"(once, about 20 s)")
         run_profile(manifest, [], sorted(batch_sizes), root / "profiling", margin=margin,
                     candidates=candidates, verify=False, log=lambda _: None).save(profile)
     return profile

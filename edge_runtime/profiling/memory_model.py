@@ -10,10 +10,14 @@ Two fits, both plain least squares over measured peaks (never parameter counts a
       peak = baseline + a x P + c + (k x A + d) x batch
 
 A measured span is predicted by its own fit; any other span by the model fit.
+
+A span may skip layers (`skip`): a model family's member (FedIN) trains the shared extractor, its own
+layers and the classifier, and every other member's layers are replaced by identity. Skipped layers
+cost neither parameters nor activations, and a measured (first, last, skip) has its own fit.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -26,8 +30,12 @@ class Measurement:
     batch_size: int
     peak_bytes: int            # the training process's own VmHWM
     step_seconds: float
-    param_bytes: int           # trainable parameter bytes (span + head)
-    activation_bytes_per_sample: int  # span layers + head, from the manifest
+    param_bytes: int           # trainable parameter bytes (span less skipped layers, + head)
+    activation_bytes_per_sample: int  # span layers less skipped ones, + head, from the manifest
+    skip: tuple[int, ...] = ()  # span layers replaced by identity (a family member's part); () for a plain span
+
+    def __post_init__(self):
+        object.__setattr__(self, "skip", _layer_tuple(self.skip))   # a profile file's JSON list
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,14 @@ class CandidateFit:
     fixed_bytes: float
     per_sample_bytes: float
     max_rel_error: float       # largest |predicted - measured| / measured over the fitted points
+    skip: tuple[int, ...] = ()  # as the measurements it was fitted to
+
+    def __post_init__(self):
+        object.__setattr__(self, "skip", _layer_tuple(self.skip))
+
+    @property
+    def key(self) -> tuple[int, int, tuple[int, ...]]:
+        return self.first, self.last, self.skip
 
     def predict(self, baseline_bytes: int, batch_size: int) -> float:
         return baseline_bytes + self.fixed_bytes + self.per_sample_bytes * batch_size
@@ -62,14 +78,18 @@ def _rel_errors(pred: np.ndarray, actual: np.ndarray) -> np.ndarray:
 
 def fit_candidate(points: list[Measurement], baseline_bytes: int) -> CandidateFit:
     """Least-squares line through one span's peaks against batch size (needs two batch sizes)."""
+    first = points[0]
+    if any((p.first, p.last, p.skip) != (first.first, first.last, first.skip) for p in points):
+        raise ValueError("fit_candidate fits the measurements of one span (first, last, skip) at a time")
     batches = np.array([p.batch_size for p in points], dtype=np.float64)
     if len(set(batches)) < 2:
-        raise ValueError(f"span {points[0].first}-{points[0].last} needs measurements at two batch sizes to fit")
+        raise ValueError(f"span {first.first}-{first.last}{_skip_text(first.skip)} needs measurements at two "
+                         f"batch sizes to fit")
     peaks = np.array([p.peak_bytes for p in points], dtype=np.float64)
     per_sample, intercept = np.polyfit(batches, peaks - baseline_bytes, 1)
-    fit = CandidateFit(points[0].first, points[0].last, float(intercept), float(per_sample), 0.0)
+    fit = CandidateFit(first.first, first.last, float(intercept), float(per_sample), 0.0, first.skip)
     err = _rel_errors(np.array([fit.predict(baseline_bytes, b) for b in batches]), peaks)
-    return CandidateFit(fit.first, fit.last, fit.fixed_bytes, fit.per_sample_bytes, float(err.max()))
+    return replace(fit, max_rel_error=float(err.max()))
 
 
 def fit_span_model(points: list[Measurement], baseline_bytes: int) -> SpanModel:
@@ -95,7 +115,7 @@ class Predictor:
     def __init__(self, manifest, baseline_bytes: int, fits: list[CandidateFit], span_model: SpanModel):
         self.manifest = manifest
         self.baseline_bytes = baseline_bytes
-        self.fits = {(f.first, f.last): f for f in fits}
+        self.fits = {f.key: f for f in fits}
         self.span_model = span_model
 
     @classmethod
@@ -104,28 +124,51 @@ class Predictor:
         return cls(manifest, profile.baseline_bytes, [CandidateFit(**f) for f in profile.fits],
                    SpanModel(**profile.span_model))
 
-    def features(self, first: int, last: int) -> tuple[int, int]:
-        return span_features(self.manifest, first, last)
+    def features(self, first: int, last: int, skip=()) -> tuple[int, int]:
+        return span_features(self.manifest, first, last, skip)
 
-    def predict(self, first: int, last: int, batch_size: int) -> float:
-        fit = self.fits.get((first, last))
+    def predict(self, first: int, last: int, batch_size: int, skip=()) -> float:
+        """Peak bytes of training layers first..last, less the layers in `skip`, with the head after last."""
+        skip = _layer_tuple(skip)
+        fit = self.fits.get((first, last, skip))
         if fit is not None:
             return fit.predict(self.baseline_bytes, batch_size)
-        p, a = self.features(first, last)
+        p, a = self.features(first, last, skip)
         return self.span_model.predict(p, a, batch_size)
 
     def max_rel_error(self) -> float:
         return max([self.span_model.max_rel_error] + [f.max_rel_error for f in self.fits.values()])
 
 
-def span_features(manifest, first: int, last: int) -> tuple[int, int]:
-    """(trainable parameter bytes, activation bytes per sample) of layers first..last plus their head."""
+def span_features(manifest, first: int, last: int, skip=()) -> tuple[int, int]:
+    """(trainable parameter bytes, activation bytes per sample) of layers first..last less `skip`, plus their head.
+
+    A skipped layer runs as identity: it holds no parameters and no activations. The layers that remain train
+    (less any of the model's frozen prefix, which never does), so a family member's part counts the extractor,
+    the member's own layers and the classifier, as TrainablePart.member trains them."""
+    skipped = set(skip)
     head = manifest.heads[manifest.head_for_boundary(last)]
-    layers = [manifest.layers[i] for i in range(first, last + 1)]
-    params = sum(l.param_bytes for l in layers) + head.param_bytes
+    layers = [manifest.layers[i] for i in range(first, last + 1) if i not in skipped]
+    params = sum(l.param_bytes for l in layers if l.index >= manifest.frozen_prefix) + head.param_bytes
     acts = sum(l.activation_bytes_per_sample for l in layers) + head.activation_bytes_per_sample
     return params, acts
 
 
 def to_dict(obj) -> dict:
-    return asdict(obj)
+    """A Measurement or CandidateFit as a profile file holds it: `skip` only when the span skips a layer, so a
+    model without members keeps the file it always had."""
+    d = asdict(obj)
+    if "skip" in d:
+        d["skip"] = list(d["skip"])
+        if not d["skip"]:
+            d.pop("skip")
+    return d
+
+
+def _layer_tuple(values) -> tuple[int, ...]:
+    """Layer indices as a sorted tuple without repeats: equal sets are one key."""
+    return tuple(sorted({int(i) for i in values}))
+
+
+def _skip_text(skip: tuple[int, ...]) -> str:
+    return f" less layers {', '.join(map(str, skip))}" if skip else ""

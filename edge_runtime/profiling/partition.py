@@ -7,6 +7,9 @@ time per sample falls or stays flat as the batch grows, so the largest fitting b
 trains at least as fast), then the lowest worst-stage peak (most headroom). A model with a
 frozen prefix (Manifest.frozen_prefix) is cut from its first trainable layer: the layers
 before it never train, and every stage reads them from its cache.
+
+A model family (FedIN) is not cut: each tier trains the largest member whose whole part fits
+(choose_member).
 """
 from __future__ import annotations
 
@@ -92,3 +95,32 @@ def choose_partition(n_layers: int, cut_points: Sequence[int], batch_sizes: Sequ
         raise NoPartition(f"layers {worst[1]}-{worst[2]} alone need {worst[0] / 2**20:.0f} MB at batch {b}, "
                           f"more than the usable {usable_bytes / 2**20:.0f} MB")
     return min(found, key=lambda p: (len(p.stages), -p.batch_size, p.worst_peak_bytes))
+
+
+@dataclass(frozen=True)
+class MemberChoice:
+    member: str
+    batch_size: int
+    predicted_peak_bytes: int
+
+
+def choose_member(members: Sequence[tuple[str, Callable[[int], float]]], batch_sizes: Sequence[int],
+                  usable_bytes: float) -> MemberChoice:
+    """The largest member of a model family (FedIN) whose part fits, at the largest batch at which it fits.
+
+    members: (name, peak of its part at a batch size), smallest member first, as the manifest lists them.
+    A family member is trained whole, never cut into stages: a larger member has more to learn with, so it is
+    worth more than a larger batch of a smaller one. NoPartition says what the smallest member needs when none fits.
+    """
+    if not members:
+        raise ValueError("a model family needs at least one member")
+    batches = sorted(set(batch_sizes), reverse=True)
+    for name, predict in reversed(members):
+        for b in batches:
+            peak = predict(b)
+            if peak <= usable_bytes:
+                return MemberChoice(name, b, int(peak))
+    name, predict = members[0]
+    b = batches[-1]
+    raise NoPartition(f"the smallest member, {name}, needs {predict(b) / 2**20:.0f} MB at batch {b}, "
+                      f"more than the usable {usable_bytes / 2**20:.0f} MB")

@@ -2,7 +2,10 @@
 
 Format `edgeblock-profile/1` (documented in docs/profiler.md). Every field is checked on
 load; a malformed file is rejected with the field and the reason. A model with a frozen
-prefix (Manifest.frozen_prefix) adds `frozen_prefix`: its tiers' stages start there.
+prefix (Manifest.frozen_prefix) adds `frozen_prefix`: its tiers' stages start there. A model
+family (Manifest.members, FedIN) adds `skip` to the measurements and fits of its member parts and
+`member` to each feasible tier: the member that tier trains, as one stage. Files without them load
+unchanged, and a model without members writes neither.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ class TierPlan:
     reason: str | None = None               # why not, when infeasible
     batch_size: int | None = None
     stages: tuple[StagePlan, ...] = ()
+    member: str | None = None               # a model family's member this tier trains whole (one stage), FedIN
 
 
 @dataclass
@@ -69,6 +73,9 @@ class Profile:
         d = asdict(self)
         if not self.frozen_prefix:   # a model that trains every layer keeps the file it always had
             d.pop("frozen_prefix")
+        for t in d["tiers"]:
+            if t["member"] is None:  # so does a model without members
+                t.pop("member")
         atomic_write_text(Path(path), json.dumps(d, indent=1))
 
     @classmethod
@@ -129,6 +136,24 @@ def _object(value, where: str) -> None:
         raise ProfileError(f"{where}: must be an object, not {type(value).__name__}")
 
 
+def _skips(entries: list, where: str) -> list:
+    """Measurements or fits whose optional `skip` (the layers a family member's part skips) is a list of
+    distinct layer indices inside the span first..last."""
+    for i, e in enumerate(entries):
+        ew = f"{where}[{i}]"
+        _object(e, ew)
+        if "skip" not in e:
+            continue
+        skip = _need(e, "skip", list, ew)
+        first, last = _int(e, "first", ew), _int(e, "last", ew)
+        for j, layer in enumerate(skip):
+            if isinstance(layer, bool) or not isinstance(layer, int) or not first <= layer <= last:
+                raise ProfileError(f"{ew}: skip[{j}] must be a layer index from {first} to {last}, not {layer!r}")
+        if len(set(skip)) != len(skip):
+            raise ProfileError(f"{ew}: skip names a layer twice: {skip}")
+    return entries
+
+
 def _parse(raw: dict) -> Profile:
     if not isinstance(raw, dict):
         raise ProfileError(f"a profile must be a JSON object, not {type(raw).__name__}")
@@ -161,15 +186,22 @@ def _parse(raw: dict) -> Profile:
             if not stages:
                 raise ProfileError(f"{where}: a feasible tier needs at least one stage")
             reason = _optional(t, "reason", _text, where)
+            member = _optional(t, "member", _text, where)
+            if member is not None and len(stages) != 1:
+                raise ProfileError(f"{where}: member {printable(member, 60)} is trained whole, in one stage, "
+                                   f"not {len(stages)}")
         else:
-            batch = None
+            batch = member = None
             reason = _text(t, "reason", where)
-        tiers.append(TierPlan(_text(t, "tier", where), budget, usable, feasible, reason, batch, tuple(stages)))
+            if t.get("member") is not None:
+                raise ProfileError(f"{where}: an infeasible tier names no member")
+        tiers.append(TierPlan(_text(t, "tier", where), budget, usable, feasible, reason, batch, tuple(stages),
+                              member))
     return Profile(model=_text(raw, "model", "profile"), manifest_sha256=_text(raw, "manifest_sha256", "profile"),
                    created=_text(raw, "created", "profile"), device=_need(raw, "device", dict, "profile"),
                    baseline_bytes=_positive(raw, "baseline_bytes", "profile"),
                    margin=float(_number(raw, "margin", "profile")),
-                   measurements=_need(raw, "measurements", list, "profile"),
-                   fits=_need(raw, "fits", list, "profile") if "fits" in raw else [],
+                   measurements=_skips(_need(raw, "measurements", list, "profile"), "measurements"),
+                   fits=_skips(_need(raw, "fits", list, "profile"), "fits") if "fits" in raw else [],
                    span_model=_need(raw, "span_model", dict, "profile") if "span_model" in raw else {},
                    tiers=tiers, frozen_prefix=frozen_prefix)

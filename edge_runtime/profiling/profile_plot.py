@@ -19,18 +19,21 @@ def plot(profile: Profile, out: Path) -> None:
     except ImportError:
         raise EdgeRuntimeError("plotting needs matplotlib (pip install matplotlib, or the server install)") from None
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
-    spans = sorted({(p["first"], p["last"]) for p in profile.measurements})
-    fits = {(f["first"], f["last"]): f for f in profile.fits}
+    spans = sorted({_key(p) for p in profile.measurements})
+    fits = {_key(f): f for f in profile.fits}
     batches = sorted({p["batch_size"] for p in profile.measurements})
     xs = [0, max(batches) * 1.1]
     for i, span in enumerate(spans):
-        pts = [p for p in profile.measurements if (p["first"], p["last"]) == span]
+        pts = [p for p in profile.measurements if _key(p) == span]
         color = plt.cm.tab10(i % 10)
+        skipped = f" less {','.join(map(str, span[2]))}" if span[2] else ""   # a family member's part
         ax.plot([p["batch_size"] for p in pts], [p["peak_bytes"] / MIB for p in pts], "o", color=color,
-                label=f"layers {span[0]}-{span[1]}")
+                label=f"layers {span[0]}-{span[1]}{skipped}")
         f = fits.get(span)
         if f:
-            ax.plot(xs, [(profile.baseline_bytes + f["fixed_bytes"] + f["per_sample_bytes"] * x) / MIB for x in xs],
+            # many points: on the log axis a line through only its two ends would bend away from the fit
+            line = [xs[1] * i / 64 for i in range(65)]
+            ax.plot(line, [(profile.baseline_bytes + f["fixed_bytes"] + f["per_sample_bytes"] * x) / MIB for x in line],
                     "-", color=color, alpha=0.6, linewidth=1)
     for t in profile.tiers:
         ax.axhline(t.budget_bytes / MIB, color="grey", linestyle="--", linewidth=0.8)
@@ -55,3 +58,8 @@ def plot(profile: Profile, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)
+
+
+def _key(entry: dict) -> tuple:
+    """A measurement's or fit's span: (first, last, skipped layers)."""
+    return entry["first"], entry["last"], tuple(sorted(entry.get("skip", ())))

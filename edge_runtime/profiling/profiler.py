@@ -8,6 +8,11 @@ baseline (a process that only imports it) is measured apart. From these, a memor
 predicts every span at every batch (edge_runtime/profiling/memory_model.py), and a dynamic program
 over the layer boundaries chooses each tier's stages (edge_runtime/profiling/partition.py). With
 verification on (the default), every chosen stage is then measured at its chosen batch.
+
+A model family (FedIN: Manifest.members) is not cut into stages. Its candidates are its members'
+parts (the shared extractor, the member's own layers and the classifier, every other member's layers
+skipped), and each tier trains the largest member that fits, at the largest batch at which it fits
+(edge_runtime/profiling/partition.py: choose_member).
 """
 from __future__ import annotations
 
@@ -27,8 +32,9 @@ from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.jobs.child import device_child_env, run_child
 from edge_runtime.jobs.worker import JobSpec, run_worker
 from edge_runtime.memory import MIB
-from edge_runtime.profiling.memory_model import Measurement, Predictor, fit_candidate, fit_span_model, span_features
-from edge_runtime.profiling.partition import NoPartition, choose_partition
+from edge_runtime.profiling.memory_model import (Measurement, Predictor, fit_candidate, fit_span_model, span_features,
+                                                 to_dict)
+from edge_runtime.profiling.partition import NoPartition, choose_member, choose_partition
 from edge_runtime.profiling.profile_file import Profile, StagePlan, TierPlan
 from edge_runtime.store import sha256_file
 from edge_runtime.train.datasets import LocalDataset
@@ -54,6 +60,46 @@ def default_candidates(manifest: Manifest) -> list[tuple[int, int]]:
     start = manifest.frozen_prefix
     spans = [(max(b.layers[0], start), b.layers[-1]) for b in manifest.blocks if b.layers[-1] >= start]
     return spans + [(a[0], b[1]) for a, b in zip(spans, spans[1:])]
+
+
+def candidate_part(manifest: Manifest, first: int, last: int, skip=()) -> TrainablePart:
+    """Layers first..last less `skip`, all trainable, with the head after last (a family member's part when
+    `skip` is every other member's layers); refused (ManifestError, an EdgeRuntimeError) for a span that
+    reaches into the frozen prefix or skips a layer it may not, before any child runs."""
+    skipped = set(skip)
+    part = TrainablePart(span=tuple(range(first, last + 1)),
+                         trainable_layers=tuple(i for i in range(first, last + 1) if i not in skipped),
+                         head=manifest.head_for_boundary(last), skip=tuple(sorted(skipped)))
+    part.validate(manifest)
+    return part
+
+
+def part_text(part: TrainablePart, manifest: Manifest) -> str:
+    """A candidate in words, for progress lines and errors: 'layers 1-2', or 'member small (layers 0-6 less 2-6)'."""
+    first, last = part.span[0], part.span[-1]
+    layers = f"layers {first}-{last}"
+    if not part.skip:
+        return layers
+    less = f"{layers} less {_runs(part.skip)}"
+    member = manifest.member_of(part.skip)
+    return f"member {member.name} ({less})" if member is not None else less
+
+
+def _runs(layers) -> str:
+    """Sorted layer indices as runs: (1, 4, 5, 6) -> '1,4-6'."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs)
+
+
+def member_parts(manifest: Manifest) -> list[tuple[str, TrainablePart]]:
+    """A model family's members and the part each trains (TrainablePart.member), smallest first; [] for a model
+    that is not a family."""
+    return [(x.name, TrainablePart.member(manifest, x.name)) for x in manifest.members]
 
 
 PART_GRAPH_BUILDERS = "edgeblock.part_graphs"
@@ -84,7 +130,7 @@ class Profiler:
         self.workdir = Path(workdir).resolve()
         self.steps = max(steps, 4)
         self.log = log
-        self._cache: dict[tuple[int, int, int], Measurement] = {}
+        self._cache: dict[tuple[int, int, tuple[int, ...], int], Measurement] = {}
         # Synthetic local data: memory depends on shapes, not values.
         rng = np.random.default_rng(0)
         n = max_batch * 2
@@ -92,45 +138,52 @@ class Profiler:
             self.workdir / "data", rng.standard_normal((n,) + tuple(self.manifest.input_shape)).astype(np.float32),
             rng.integers(0, self.manifest.num_classes, n))
 
-    def _part(self, first: int, last: int) -> TrainablePart:
-        """Layers first..last, all trainable, with the head after last; refused (ManifestError, an
-        EdgeRuntimeError) for a span that reaches into the frozen prefix, before any child runs."""
-        part = TrainablePart(span=tuple(range(first, last + 1)), trainable_layers=tuple(range(first, last + 1)),
-                             head=self.manifest.head_for_boundary(last))
-        part.validate(self.manifest)
-        return part
+    def _part(self, first: int, last: int, skip=()) -> TrainablePart:
+        """candidate_part of this profiler's manifest (refused before any child runs)."""
+        return candidate_part(self.manifest, first, last, skip)
 
-    def _spec(self, task: str, first: int, last: int, batch: int, steps: int) -> JobSpec:
-        part = self._part(first, last)
+    def _spec(self, task: str, part: TrainablePart, batch: int, steps: int) -> JobSpec:
         return JobSpec(manifest=str(self.manifest_path), weights=str(self.manifest.graph_path(self.manifest.weights)),
                        dataset=str(self.dataset.root), state_dir=str(self.workdir / "state"), task_id=task,
                        part=part.to_dict(),
                        config={"batch_size": batch, "max_steps": steps, "epochs": 1000.0,
                                "checkpoint_every_steps": max(2, steps // 2)})
 
-    def measure(self, first: int, last: int, batch: int) -> Measurement:
-        key = (first, last, batch)
+    def measure(self, first: int, last: int, batch: int, skip=()) -> Measurement:
+        """Peak and step time of training layers first..last less `skip` at `batch`, in a fresh child process."""
+        return self.measure_part(self._part(first, last, skip), batch)
+
+    def measure_part(self, part: TrainablePart, batch: int) -> Measurement:
+        """measure() of a part as profile candidates are: every layer of its span that is not skipped trains, and
+        so does its head (a family member's part, TrainablePart.member, is one)."""
+        first, last, skip = part.span[0], part.span[-1], tuple(part.skip)
+        if tuple(part.trainable_layers) != tuple(i for i in part.span if i not in skip) or not part.train_head:
+            raise EdgeRuntimeError(f"the profiler measures parts whose every layer trains, less skipped ones, "
+                                   f"and their head; not {part}")
+        key = (first, last, skip, batch)
         if key in self._cache:
             return self._cache[key]
+        what = part_text(part, self.manifest)
         jobs = self.workdir / "jobs"
         if self.build_graphs is not None:
-            self.build_graphs(self.manifest, [self._part(first, last)])
-        stamp = f"{first}-{last}-b{batch}-{time.monotonic_ns()}"
-        report, child = run_worker(self._spec(f"prep-{stamp}", first, last, batch, 1), jobs)
+            self.build_graphs(self.manifest, [part])
+        stamp = f"{first}-{last}" + (f"-skip{'.'.join(map(str, skip))}" if skip else "") \
+            + f"-b{batch}-{time.monotonic_ns()}"
+        report, child = run_worker(self._spec(f"prep-{stamp}", part, batch, 1), jobs)
         if not report or not report["ok"]:
-            raise EdgeRuntimeError(f"preparing layers {first}-{last} failed: "
+            raise EdgeRuntimeError(f"preparing {what} failed: "
                                    f"{report['error'] if report else child.stderr[-500:]}")
-        report, child = run_worker(self._spec(f"measure-{stamp}", first, last, batch, self.steps), jobs)
+        report, child = run_worker(self._spec(f"measure-{stamp}", part, batch, self.steps), jobs)
         if not report or not report["ok"]:
-            raise EdgeRuntimeError(f"measuring layers {first}-{last} at batch {batch} failed: "
+            raise EdgeRuntimeError(f"measuring {what} at batch {batch} failed: "
                                    f"{report['error'] if report else child.stderr[-500:]}")
         result = report["result"]
         if result["prefix_computed"]:
             raise EdgeRuntimeError("the measured run had to compute its prefix cache; its peak would not be "
                                    "training alone")
-        params, acts = span_features(self.manifest, first, last)
-        m = Measurement(first, last, self.manifest.head_for_boundary(last), batch, child.peak_rss_bytes,
-                        result["step_seconds"], params, acts)
+        params, acts = span_features(self.manifest, first, last, skip)
+        m = Measurement(first, last, part.head, batch, child.peak_rss_bytes, result["step_seconds"], params, acts,
+                        skip)
         self._cache[key] = m
         return m
 
@@ -153,25 +206,35 @@ def _enough_batches(batches: list[int], candidates: int) -> list[int]:
 def run_profile(manifest_path: Path, tiers: list, batches: list[int], workdir: Path, margin: float = 0.10,
                 candidates: list[tuple[int, int]] | None = None, verify: bool = True, steps: int = 6,
                 log: Callable[[str], None] = print) -> Profile:
-    """Measure, fit, choose a partition per tier, and (with verify) measure the chosen stages."""
-    candidates = candidates or default_candidates(Manifest.load(Path(manifest_path)))
-    measured_batches = _enough_batches(batches, len(candidates))
+    """Measure, fit, choose per tier (a partition, or a model family's member), and (with verify) measure the choice.
+
+    candidates: the spans (first, last) to measure, default each block and each pair of neighbouring blocks. A model
+    family's candidates are always its members' parts (a family is not cut into stages), so it takes none."""
+    manifest = Manifest.load(Path(manifest_path))
+    members = member_parts(manifest)
+    if members and candidates:
+        raise EdgeRuntimeError(f"{manifest.model} is a model family: its candidates are its members' parts "
+                               f"({', '.join(name for name, _ in members)}), not given spans")
+    parts = [part for _, part in members] or [candidate_part(manifest, a, z)
+                                              for a, z in candidates or default_candidates(manifest)]
+    measured_batches = _enough_batches(batches, len(parts))
     prof = Profiler(manifest_path, workdir, max(measured_batches), steps, log)
     m = prof.manifest
     log("runtime baseline: measuring a process that only imports the runtime")
     baseline = measure_baseline()
     log(f"runtime baseline: {baseline / MIB:.0f} MB")
-    points, total, k = [], len(candidates) * len(measured_batches), 0
+    points, total, k = [], len(parts) * len(measured_batches), 0
     t0 = time.monotonic()
-    for first, last in candidates:
+    for part in parts:
         for b in measured_batches:
             k += 1
-            point = prof.measure(first, last, b)
+            point = prof.measure_part(part, b)
             points.append(point)
             eta = (time.monotonic() - t0) / k * (total - k)
-            log(f"[{k}/{total}] layers {first}-{last} batch {b}: peak {point.peak_bytes / MIB:.0f} MB, "
+            log(f"[{k}/{total}] {part_text(part, m)} batch {b}: peak {point.peak_bytes / MIB:.0f} MB, "
                 f"step {point.step_seconds * 1000:.0f} ms  (about {eta:.0f} s left)")
-    fits = [fit_candidate([p for p in points if (p.first, p.last) == c], baseline) for c in candidates]
+    keys = list(dict.fromkeys((p.first, p.last, p.skip) for p in points))
+    fits = [fit_candidate([p for p in points if (p.first, p.last, p.skip) == key], baseline) for key in keys]
     span_model = fit_span_model(points, baseline)
     predictor = Predictor(m, baseline, fits, span_model)
     log(f"memory model: worst fit error {predictor.max_rel_error():.1%} (per-candidate and span model)")
@@ -185,27 +248,51 @@ def run_profile(manifest_path: Path, tiers: list, batches: list[int], workdir: P
                                   f"of {baseline / MIB:.0f} MB: nothing can train"))
             continue
         try:
-            part = choose_partition(len(m.layers), m.cut_points(), batches, predictor.predict, usable,
-                                    first=m.frozen_prefix)
+            member, batch, chosen = (_choose_member(members, predictor, batches, usable) if members
+                                     else _choose_stages(m, predictor, batches, usable))
         except NoPartition as exc:
             plans.append(TierPlan(tier.name, tier.budget_bytes, usable, False, str(exc)))
+            if members:
+                log(f"{tier.name}: trains no member: {exc}")
             continue
+        if member is not None:
+            log(f"{tier.name}: trains member {member} at batch {batch}, predicted "
+                f"{chosen[0][1] / MIB:.0f} MB of a usable {usable / MIB:.0f} MB")
         stages = []
-        for s in part.stages:
+        for part, predicted in chosen:
             measured = step = None
             if verify:
-                point = prof.measure(s.first, s.last, part.batch_size)
+                point = prof.measure_part(part, batch)
                 measured, step = point.peak_bytes, point.step_seconds
-                log(f"{tier.name}: verified layers {s.first}-{s.last} at batch {part.batch_size}: "
-                    f"{measured / MIB:.0f} MB (predicted {s.predicted_peak_bytes / MIB:.0f} MB)")
-            stages.append(StagePlan(s.first, s.last, m.head_for_boundary(s.last), s.predicted_peak_bytes,
-                                    measured, step))
-        plans.append(TierPlan(tier.name, tier.budget_bytes, usable, True, None, part.batch_size, tuple(stages)))
+                log(f"{tier.name}: verified {part_text(part, m)} at batch {batch}: "
+                    f"{measured / MIB:.0f} MB (predicted {predicted / MIB:.0f} MB)")
+            stages.append(StagePlan(part.span[0], part.span[-1], part.head, predicted, measured, step))
+        plans.append(TierPlan(tier.name, tier.budget_bytes, usable, True, None, batch, tuple(stages), member))
     return Profile(model=m.model, manifest_sha256=sha256_file(prof.manifest_path),
                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    device=probe(prof.workdir, margin).to_dict(), baseline_bytes=baseline, margin=margin,
-                   measurements=[asdict(p) for p in points], fits=[asdict(f) for f in fits],
+                   measurements=[to_dict(p) for p in points], fits=[to_dict(f) for f in fits],
                    span_model=asdict(span_model), tiers=plans, frozen_prefix=m.frozen_prefix)
+
+
+Chosen = tuple[str | None, int, list[tuple[TrainablePart, int]]]   # (member, batch, [(stage part, predicted peak)])
+
+
+def _choose_stages(manifest: Manifest, predictor: Predictor, batches: list[int], usable: int) -> Chosen:
+    """The fewest stages that fit, then the largest batch, then the most headroom (partition.choose_partition)."""
+    part = choose_partition(len(manifest.layers), manifest.cut_points(), batches, predictor.predict, usable,
+                            first=manifest.frozen_prefix)
+    return None, part.batch_size, [(candidate_part(manifest, s.first, s.last), s.predicted_peak_bytes)
+                                   for s in part.stages]
+
+
+def _choose_member(members: list[tuple[str, TrainablePart]], predictor: Predictor, batches: list[int],
+                   usable: int) -> Chosen:
+    """The largest member that fits, at the largest batch at which it does (partition.choose_member)."""
+    def peak(part: TrainablePart) -> Callable[[int], float]:
+        return lambda batch: predictor.predict(part.span[0], part.span[-1], batch, skip=part.skip)
+    choice = choose_member([(name, peak(part)) for name, part in members], batches, usable)
+    return choice.member, choice.batch_size, [(dict(members)[choice.member], choice.predicted_peak_bytes)]
 
 
 def format_profile(profile: Profile) -> str:
@@ -216,7 +303,8 @@ def format_profile(profile: Profile) -> str:
         if not t.feasible:
             out.append(f"  cannot train: {t.reason}")
             continue
-        out.append(f"  {len(t.stages)} stage(s) at batch {t.batch_size}")
+        out.append(f"  member {t.member}, trained whole at batch {t.batch_size}" if t.member
+                   else f"  {len(t.stages)} stage(s) at batch {t.batch_size}")
         out.append(f"  {'stage':>5} {'layers':>7} {'predicted MB':>12} {'measured MB':>11} {'headroom MB':>11} "
                    f"{'step ms':>7}")
         for i, s in enumerate(t.stages):
