@@ -39,8 +39,6 @@ from coordinator.round_metrics import RoundMetrics, member_tiers
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = REPO / "docs" / "img" / "bench_fedin.png"
 MODEL = "fmnist_fedin"
-AGENT_MB = 48           # what a tier's budget keeps for the agent beside its jobs (profiles/*.toml)
-SLACK = 0.06            # a tier's job budget: its member's need (with margin) plus this fraction
 BATCH = 32
 MARGIN = 0.10           # [train] margin: what the coordinator adds to a predicted peak
 RUNS = {"fedin": {}, "fedin-no-in": {"share_features": False},
@@ -48,26 +46,6 @@ RUNS = {"fedin": {}, "fedin-no-in": {"share_features": False},
         "fedavg-large": {"member": "large", "share_features": False}}
 LABELS = {"fedin": "FedIN", "fedin-no-in": "FedIN without IN training", "fedavg-small": "FedAvg, smallest member",
           "fedavg-large": "FedAvg, largest member (devices that fit it)"}
-
-
-def tier_budgets(profile_path: Path, manifest_path: Path, margin: float) -> dict[str, float]:
-    """Each member's tier: a device budget (MB) that holds that member at batch 32 and not the next one."""
-    from edge_runtime.profiling.memory_model import Predictor
-    from edge_runtime.profiling.profile_file import Profile
-    from edge_runtime.wire.manifest import Manifest
-    from edge_runtime.wire.part import TrainablePart
-    m = Manifest.load(manifest_path)
-    predictor = Predictor.from_profile(m, Profile.load(profile_path))
-    needs = {}
-    for member in m.members:
-        part = TrainablePart.member(m, member.name)
-        needs[member.name] = predictor.predict(part.span[0], part.span[-1], BATCH, skip=part.skip) * (1 + margin)
-    names = list(needs)
-    for a, b in zip(names, names[1:]):
-        if needs[a] * (1 + SLACK) >= needs[b]:
-            raise SystemExit(f"members {a} and {b} need {needs[a] / 2**20:.0f} and {needs[b] / 2**20:.0f} MB at "
-                             f"batch {BATCH}: too close for a budget between them on this machine")
-    return {f"tier-{n}": needs[n] * (1 + SLACK) / 2**20 + AGENT_MB for n in names}
 
 
 def _settings(args, work: Path, root: Path, run: str, n_devices: int) -> dict:
@@ -152,14 +130,15 @@ def main(argv: list[str] | None = None) -> int:
         args.samples, args.rounds = 3000, 2
     from coordinator.local.data import write_fleet_data
     from coordinator.local.fleet import DeviceSpec
-    from coordinator.model.zoo_profile import measured_profile
+    from coordinator.model.zoo_profile import measured_profile, member_budgets
     from coordinator.ops.broker import EmbeddedBroker
     root = (args.workdir or Path(tempfile.mkdtemp(prefix="bench-fedin-"))).resolve()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     log(f"workdir {root}")
     margin = MARGIN
     profile = measured_profile(root, MODEL, [BATCH, 2 * BATCH], args.seed, margin=margin, log=log)
-    budgets = tier_budgets(profile, root / "model" / "manifest.json", margin)
+    budgets = {f"tier-{member}": mb for member, mb in
+               member_budgets(profile, root / "model" / "manifest.json", BATCH, margin).items()}
     log("tiers: " + ", ".join(f"{t} {mb:.0f} MB" for t, mb in budgets.items()))
     ids = [f"{tier}-{i}" for tier in budgets for i in range(args.per_tier)]
     dirs = write_fleet_data(root / "data", ids, args.samples, args.alpha, args.seed)
@@ -217,8 +196,8 @@ def _section(args, text: str, verdict: str, budgets: dict, worst: dict, minutes:
 `python tools/bench_fedin.py --write-docs` ({sum(minutes.values()):.0f} min on {machine()}).
 
 The fleet: {len(ids)} devices, {args.per_tier} per tier, each tier's budget between its member's
-measured need at batch {BATCH} (with the 10 % margin) and the next member's (this machine's
-profile of `{MODEL}`, plus {AGENT_MB} MB for the agent). {args.samples} Fashion-MNIST images split by
+measured need at batch {BATCH} (with the 10 % margin, plus 6 %) and the next member's (this machine's
+profile of `{MODEL}`, `zoo_profile.member_budgets`, plus the agent's 48 MB reserve). {args.samples} Fashion-MNIST images split by
 Dirichlet({args.alpha:g}), the same split for every run; {args.rounds} rounds of {args.local_epochs:g} local
 epoch(s), AdamW at {args.learning_rate:g}. A tier's accuracy is the last round's test accuracy (10,000
 images) of the member its devices trained; FedIN shares 32 rows per device per round and trains

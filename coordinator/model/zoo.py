@@ -144,24 +144,27 @@ CIFAR_FAMILY = {"small": (1, 32), "medium": (2, 96), "large": (4, 192)}
 
 def fmnist_fedin(num_classes: int = 10, seed: int = 0) -> BlockModel:
     """A model family for 1x28x28 (FedIN): extractor conv 1->32 + pool (s_in: 32x14x14), members of 1, 2 and 3
-    residual layers 32, 96 and 192 channels wide inside, classifier conv 32->64 stride 2 + GAP + linear."""
+    residual layers 32, 96 and 192 channels wide inside, classifier conv 32->64 stride 2 + linear.
+
+    The classifier flattens rather than pools: with global average pooling every member learnt about three times
+    slower (one epoch of 1,500 images: 42-44 % against 77 % test accuracy, torch, centralised)."""
     torch.manual_seed(seed)
 
     def classifier() -> nn.Module:
-        return nn.Sequential(nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                             nn.Flatten(), nn.Linear(64, num_classes))
+        return nn.Sequential(nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(64 * 7 * 7, num_classes))
     return _family("fmnist_fedin", (1, 28, 28), _conv(1, 32, pool=True), 32, FMNIST_FAMILY, classifier, num_classes)
 
 
 def cifar_fedin(num_classes: int = 10, seed: int = 0) -> BlockModel:
     """A model family for 3x32x32 (FedIN): extractor conv 3->32 + pool (s_in: 32x16x16), members of 1, 2 and 4
-    residual layers, classifier two stride-2 convolutions + GAP + linear."""
+    residual layers, classifier two stride-2 convolutions + linear."""
     torch.manual_seed(seed)
 
     def classifier() -> nn.Module:
         return nn.Sequential(nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-                             nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                             nn.Flatten(), nn.Linear(128, num_classes))
+                             nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(128 * 4 * 4, num_classes))
     return _family("cifar_fedin", (3, 32, 32), _conv(3, 32, pool=True), 32, CIFAR_FAMILY, classifier, num_classes)
 
 

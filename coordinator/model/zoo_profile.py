@@ -64,3 +64,27 @@ def measured_profile(root: Path, model: str = "fmnist_cnn", batch_sizes=(32, 64)
         run_profile(manifest, [], sorted(batch_sizes), root / "profiling", margin=margin,
                     candidates=candidates, verify=False, log=lambda _: None).save(profile)
     return profile
+
+
+def member_budgets(profile: Path, manifest_path: Path, batch: int, margin: float = 0.10,
+                   slack: float = 0.06) -> dict[str, float]:
+    """For a model family on this machine: per member, a device budget in MB (the agent's reserve included) that
+    holds the member at `batch` with the margin, plus `slack`, and not the next member; so a one-machine fleet can
+    give each tier its own member. SystemExit when two members' measured needs are too close for that."""
+    from edge_runtime.device.tiers import AGENT_RESERVE_MB
+    from edge_runtime.profiling.memory_model import Predictor
+    from edge_runtime.profiling.profile_file import Profile
+    from edge_runtime.wire.manifest import Manifest
+    from edge_runtime.wire.part import TrainablePart
+    m = Manifest.load(manifest_path)
+    predictor = Predictor.from_profile(m, Profile.load(profile))
+    needs = {}
+    for member in m.members:
+        part = TrainablePart.member(m, member.name)
+        needs[member.name] = predictor.predict(part.span[0], part.span[-1], batch, skip=part.skip) * (1 + margin)
+    names = list(needs)
+    for a, b in zip(names, names[1:]):
+        if needs[a] * (1 + slack) >= needs[b]:
+            raise SystemExit(f"members {a} and {b} need {needs[a] / 2**20:.0f} and {needs[b] / 2**20:.0f} MB at "
+                             f"batch {batch}: too close for a budget between them on this machine")
+    return {n: needs[n] * (1 + slack) / 2**20 + AGENT_RESERVE_MB for n in names}
