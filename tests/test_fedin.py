@@ -228,3 +228,47 @@ def test_fedin_over_mosquitto_trains_a_member_per_tier_within_their_budgets(tmp_
     from coordinator.observe.run_status import snapshot, status_lines
     status = "\n".join(status_lines(snapshot(root / "run" / "coordinator"), []))
     assert f"large {last['large']['accuracy']:.2%} (tier-large)" in status, status
+
+
+def test_intake_judges_shared_features_with_the_update_blob(tmp_path, family):
+    """The update blob with its features goes through intake as a device sends it: good rows are accepted; bad ones,
+    unasked ones or a blob larger than the parameters and the asked rows can take reject the whole update."""
+    from dataclasses import asdict
+
+    from coordinator import intake
+    from coordinator.state_store import StateStore
+    from edge_runtime.wire.protocol import Hello, Update
+    m, w0 = family
+    state = StateStore(tmp_path / "state.db")
+    plan = _strategy(GlobalModel(m.file("manifest.json").parent, BlobStore(tmp_path / "blobs"))).plan_round(
+        1, [Device("pi-01", "t", 150 * MB), Device("pi-02", "t", 150 * MB)])
+    specs = []
+    for a, rows in zip(plan.assignments, (8, 0)):
+        state.upsert_device(Hello(a.device_id, "t", 150 * MB, "0.1", 1, 10 ** 9))
+        specs.append((f"r1-{a.device_id}", a.device_id, {"assignment": asdict(a), "task": {"config": {"share_rows": rows}}}))
+    state.open_round(1, 1e12, "ab" * 32, {}, {}, specs)
+    incoming = BlobStore(tmp_path / "incoming")
+    params = {n: w0[n] + np.float32(0.01) for n in plan.assignments[0].trained_names(m)}
+    rng = np.random.default_rng(4)
+
+    def judge(features, device="pi-01", size=None):
+        data = wcodec.encode({**params, **features})
+        sha = incoming.put_bytes(data)
+        u = Update(f"r1-{device}", 1, device, sha, size or len(data), 100, 0.5, 10, 80 * MB, 1.0)
+        return intake.judge_update(u, device, state, 1, incoming, m, lambda task: w0)
+
+    good = _features(m, 8, rng)
+    assert judge(good).status == "accepted"
+    nan = {**good, S_OUT: good[S_OUT].copy()}
+    nan[S_OUT][3, 0, 0, 0] = np.inf
+    limit = intake.update_limit_bytes(m, state.task("r1-pi-01"))
+    for what, v, reason in [
+        ("non-finite", judge(nan), "NaN or infinite"),
+        ("too many rows", judge(_features(m, 9, rng)), "at most 8"),
+        ("float labels", judge({**good, LABELS: good[LABELS].astype(np.float32)}), "int64"),
+        ("unasked", judge(_features(m, 1, rng), device="pi-02"), "did not ask for"),
+        ("oversize", judge(good, size=limit + 1), "exceeds"),
+    ]:
+        assert v.status == "rejected" and reason in v.reason, (what, v)
+    # the limit is the parameters' bytes plus exactly what the asked rows can take
+    assert limit - intake.update_limit_bytes(m, state.task("r1-pi-02")) == feature_limit_bytes(m, 8)

@@ -284,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         if settings["demo"]["strategy"] == "fedin" and settings["demo"]["model"] == DEFAULTS["demo"]["model"] \
                 and args.model is None:
             settings["demo"]["model"] = FAMILY_MODEL
+            if settings["train"]["batch_sizes"] == DEFAULTS["train"]["batch_sizes"]:
+                # the smallest member needs about 98 MB at batch 32 (with the margin): a 256 MB board's 96 MB
+                # holds it at 16 only, and a member's layers cannot be split across stages as a block's can
+                settings["train"]["batch_sizes"] = [16, *DEFAULTS["train"]["batch_sizes"]]
     except ConfigError as exc:
         print(f"edge-demo: {exc}", file=sys.stderr)
         return 2
