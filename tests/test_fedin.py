@@ -272,3 +272,29 @@ def test_intake_judges_shared_features_with_the_update_blob(tmp_path, family):
         assert v.status == "rejected" and reason in v.reason, (what, v)
     # the limit is the parameters' bytes plus exactly what the asked rows can take
     assert limit - intake.update_limit_bytes(m, state.task("r1-pi-02")) == feature_limit_bytes(m, 8)
+
+
+@pytest.mark.parametrize("name", ["fmnist_fedin", "cifar_fedin"])
+def test_each_members_exported_graph_is_that_members_torch_model(name, tmp_path):
+    """A member's model is the extractor, its own layers and the classifier: the ONNX graph that skips the other
+    members' layers computes what the torch family computes for that member, and the members differ."""
+    import torch
+
+    from coordinator.model import export, zoo
+    from coordinator.model.graphs import GraphLibrary, forward_graph
+    from edge_runtime.train.ort_backend import ForwardSession
+    model = zoo.build(name)
+    m = export.export(model, tmp_path / name)
+    weights = export.load_weights(m)
+    assert [x.name for x in m.members] == ["small", "medium", "large"]
+    x = np.random.default_rng(5).standard_normal((4, *m.input_shape)).astype(np.float32)
+    outputs = {}
+    for member in m.members:
+        graph = forward_graph(GraphLibrary(m), range(len(m.layers)), m.final_head.index, skip=m.member_skip(member.name))
+        session = ForwardSession(graph.SerializeToString())
+        got = session.run(x, {n: weights[n] for n in session.param_names})
+        with torch.no_grad():
+            want = model(torch.from_numpy(x), member=member.name).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=member.name)
+        outputs[member.name] = got
+    assert not np.allclose(outputs["small"], outputs["large"])
