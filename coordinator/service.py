@@ -322,7 +322,8 @@ class Coordinator:
                               [(t.task_id, a.device_id, task_spec(a, t, own)) for t, a, own in tasks])
         for task, a, _ in tasks:
             self._publish_task(a.device_id, task)
-        who = ", ".join(f"{a.device_id} layers {a.first}-{a.last} batch {a.batch_size}" for a in plan.assignments)
+        who = ", ".join(f"{a.device_id} {_part_text(self.model.manifest, a)} batch {a.batch_size}"
+                        for a in plan.assignments)
         log.info("round %d opened (%s): %s", round_no, stage_text(plan.stage), who)
         for device_id, why in sorted(plan.idle.items()):  # a device that fits nothing is told why
             log.info("round %d: %s idle: %s", round_no, device_id, why)
@@ -710,6 +711,12 @@ def stored_results(round_no: int, updates, by_task: dict[str, TaskRow], incoming
             values = wcodec.WeightFile(path, names=[n for n in values if not is_feature(n)])
         results.append(Result(task.assignment, values, u.num_examples, u.loss, start=start, features=features))
     return results
+
+
+def _part_text(manifest, a) -> str:
+    """'layers 2-4', or a family's 'member small' (FedIN: its span is the whole family, less the others' layers)."""
+    member = manifest.member_of(a.skip) if a.skip else None
+    return f"member {member.name}" if member else f"layers {a.first}-{a.last}"
 
 
 def _holdout_fraction(setting: float, personalized: bool) -> float:
