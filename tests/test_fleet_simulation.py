@@ -119,8 +119,11 @@ def test_devices_take_their_budget_from_the_tier_files():
     assert len({d.device_id for d in devices}) == 5
     zero = find_tier("pi-zero-2w")
     assert devices[0].budget_bytes == zero.device_budget_bytes and devices[0].cores == zero.cores
-    # like a real agent of the tier, it announces the tier's job budget (within the agent's few MB of slack)
-    assert abs(job_budget(devices[0]) - zero.budget_bytes) <= 2 * MIB
+    # like a real agent of the tier, it announces the tier's job budget: the agent fits the tier's reserve (to within
+    # 2 MB), and leaves at most 4 MB of it unused. A fresh agent's RSS is 37.3-39.6 MB on this machine: about 17 MB of
+    # it are pages of its libraries, and how many of those a start-up maps depends on what the page cache holds
+    # (after the whole suite it measured 37.3 MB three times, minutes later 38.5-39.6 MB)
+    assert -2 * MIB <= job_budget(devices[0]) - zero.budget_bytes <= 4 * MIB
     assert plan_devices(["sensor"], 4, 180.0, "sim")[0].budget_bytes == 180 * MIB
     with pytest.raises(SimError, match="give --budget-mb"):
         plan_devices(["sensor"], 4, 0.0, "sim")
