@@ -394,3 +394,25 @@ def test_a_fedin_task_names_the_member_graphs_and_the_features(family, tmp_path,
     gm.prepare_parts([plain])
     with pytest.raises(Exception, match="no in_step.onnx"):    # no member's part: no IN graphs were built
         gm.task_blobs(plain, index, fedin=True)
+
+
+def test_share_noise_adds_gaussian_noise_scaled_to_each_features_own_spread(family, weights_file, local_data,
+                                                                          tmp_path):
+    """The same job with and without share_noise shares the same rows and labels; the noised features differ from
+    the clean ones by noise of share_noise x each tensor's own std, seeded (a second run gives the same bytes)."""
+    from edge_runtime.jobs.worker import run_job
+    m, _, _ = family
+    shared = {}
+    for tag, noise in (("clean", 0.0), ("noised", 0.5), ("again", 0.5)):
+        report = run_job(_job(m, weights_file, local_data, tmp_path / tag, tag, "small", max_steps=2, share_rows=64,
+                              share_noise=noise))
+        update = wcodec.WeightFile(report["update"])
+        shared[tag] = {n: update[n] for n in update if n.startswith("features/")}
+    clean, noised = shared["clean"], shared["noised"]
+    np.testing.assert_array_equal(clean["features/labels"], noised["features/labels"])
+    for name in ("features/s_in", "features/s_out"):
+        spread = float(np.std(clean[name]))
+        added = noised[name] - clean[name]
+        assert abs(float(np.mean(added))) < 0.05 * spread, name
+        assert float(np.std(added)) == pytest.approx(0.5 * spread, rel=0.05), name
+        np.testing.assert_array_equal(noised[name], shared["again"][name])
