@@ -4,8 +4,14 @@ import itertools
 import numpy as np
 import pytest
 
-from edge_runtime.profiling.memory_model import (CandidateFit, Measurement, Predictor, SpanModel, fit_candidate,
-                                                 fit_span_model)
+from edge_runtime.profiling.memory_model import (
+    CandidateFit,
+    Measurement,
+    Predictor,
+    SpanModel,
+    fit_candidate,
+    fit_span_model,
+)
 from edge_runtime.profiling.partition import NoPartition, best_partition, choose_member, choose_partition
 
 

@@ -10,8 +10,14 @@ from edge_runtime.device.tiers import Tier
 from edge_runtime.jobs.child import device_child_env
 from edge_runtime.jobs.worker import JobSpec, run_worker
 from edge_runtime.memory import MIB
-from edge_runtime.profiling.memory_model import (CandidateFit, Measurement, Predictor, fit_candidate, fit_span_model,
-                                                 span_features)
+from edge_runtime.profiling.memory_model import (
+    CandidateFit,
+    Measurement,
+    Predictor,
+    fit_candidate,
+    fit_span_model,
+    span_features,
+)
 from edge_runtime.profiling.profile_file import Profile, ProfileError, StagePlan, TierPlan
 from edge_runtime.profiling.profiler import Profiler, format_profile, run_profile
 from edge_runtime.wire.manifest import Manifest

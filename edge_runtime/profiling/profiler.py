@@ -32,8 +32,14 @@ from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.jobs.child import device_child_env, run_child
 from edge_runtime.jobs.worker import JobSpec, run_worker
 from edge_runtime.memory import MIB
-from edge_runtime.profiling.memory_model import (Measurement, Predictor, fit_candidate, fit_span_model, span_features,
-                                                 to_dict)
+from edge_runtime.profiling.memory_model import (
+    Measurement,
+    Predictor,
+    fit_candidate,
+    fit_span_model,
+    span_features,
+    to_dict,
+)
 from edge_runtime.profiling.partition import NoPartition, choose_member, choose_partition
 from edge_runtime.profiling.profile_file import Profile, StagePlan, TierPlan
 from edge_runtime.store import sha256_file
