@@ -298,3 +298,31 @@ class Strategy(ABC):
         smallest = self.batch_sizes[-1]
         need = self.predict(first, last, smallest) * (1 + self.margin)
         return f"layers {first}-{last} need {need / 2**20:.0f} MB at batch {smallest} (with margin)"
+
+
+class FixedRounds(Strategy):
+    """A schedule that trains for a set number of rounds (FedAvg, pFedLA, FedIN): it counts the rounds it
+    aggregated, is finished at `rounds`, and keeps the count in its state; a subclass adds its own state to
+    super().state() and reads it after super().load_state()."""
+
+    def __init__(self, *args, rounds: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rounds = rounds
+        self.rounds_done = 0
+
+    def advance(self, plan, before, after, results=()):
+        self.rounds_done += 1
+
+    @property
+    def finished(self):
+        return self.rounds_done >= self.rounds
+
+    def rounds_left(self) -> tuple[int, int]:
+        left = max(0, self.rounds - self.rounds_done)
+        return left, left
+
+    def state(self):
+        return {"rounds_done": self.rounds_done}
+
+    def load_state(self, state):
+        self.rounds_done = int(state.get("rounds_done", 0))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from coordinator.strategies.base import Assignment, RoundPlan, Strategy
+from coordinator.strategies.base import Assignment, FixedRounds, RoundPlan
 
 
 @dataclass(frozen=True)
@@ -14,14 +14,12 @@ class FedAvgSettings:
     rounds: int = 10
 
 
-class FedAvg(Strategy):
+class FedAvg(FixedRounds):
     name = "fedavg"
     Settings = FedAvgSettings
 
     def __init__(self, *args, rounds: int = FedAvgSettings.rounds, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.rounds = rounds
-        self.rounds_done = 0
+        super().__init__(*args, rounds=rounds, **kwargs)
 
     def plan_round(self, round_no, devices):
         first, last = self.first_trainable, len(self.manifest.layers) - 1   # the frozen prefix comes cached
@@ -35,20 +33,3 @@ class FedAvg(Strategy):
                 continue
             assignments.append(Assignment(d.device_id, first, last, tuple(range(first, last + 1)), head, *fit))
         return RoundPlan(round_no, tuple(assignments), idle, {"phase": "fedavg", "round": self.rounds_done})
-
-    def advance(self, plan, before, after, results=()):
-        self.rounds_done += 1
-
-    @property
-    def finished(self):
-        return self.rounds_done >= self.rounds
-
-    def rounds_left(self) -> tuple[int, int]:
-        left = max(0, self.rounds - self.rounds_done)
-        return left, left
-
-    def state(self):
-        return {"rounds_done": self.rounds_done}
-
-    def load_state(self, state):
-        self.rounds_done = int(state.get("rounds_done", 0))

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Mapping
 
-from coordinator.strategies.base import Assignment, Device, RoundPlan, Strategy
+from coordinator.strategies.base import Assignment, Device, FixedRounds, RoundPlan
 from coordinator.strategies.shared_features import assemble
 from edge_runtime.wire import weights as wcodec
 from edge_runtime.wire.part import TrainablePart
@@ -54,14 +54,14 @@ class FedINSettings:
     member: str = ""                # "": each device its largest member; a name: that member only
 
 
-class FedIN(Strategy):
+class FedIN(FixedRounds):
     name = "fedin"
     Settings = FedINSettings
 
     def __init__(self, *args, rounds: int = 10, in_weight: float = 1.0, in_batch_size: int = 32,
                  share_features: bool = True, share_rows: int = 32, share_noise: float = 0.0,
                  max_shared_rows: int = 512, member: str = "", seed: int = 0, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, rounds=rounds, **kwargs)
         m = self.manifest
         if not m.members:
             raise ValueError(f"fedin needs a model family (a manifest with members); {m.model} is one architecture: "
@@ -72,11 +72,10 @@ class FedIN(Strategy):
                              f"max_shared_rows >= 1 and share_rows in 0..{MAX_SHARE_ROWS}")
         if member:
             m.member(member)   # ManifestError naming the members
-        self.rounds, self.in_weight, self.in_batch_size = rounds, in_weight, in_batch_size
+        self.in_weight, self.in_batch_size = in_weight, in_batch_size
         self.share_rows = share_rows if share_features else 0
         self.share_noise, self.max_shared_rows, self.only, self.seed = share_noise, max_shared_rows, member, seed
         self.parts = {x.name: TrainablePart.member(m, x.name) for x in m.members}
-        self.rounds_done = 0
         self.origins: dict[str, int] = {}   # device -> its tag in shared batches, in the order devices shared
         self.shared: str | None = None      # blob of the shared batch the next round's tasks carry
 
@@ -150,22 +149,11 @@ class FedIN(Strategy):
             self.shared = self.vault.put_bytes(wcodec.encode(batch))
         return new
 
-    def advance(self, plan, before, after, results=()):
-        self.rounds_done += 1
-
-    @property
-    def finished(self):
-        return self.rounds_done >= self.rounds
-
-    def rounds_left(self) -> tuple[int, int]:
-        left = max(0, self.rounds - self.rounds_done)
-        return left, left
-
     def state(self):
-        return {"rounds_done": self.rounds_done, "origins": dict(self.origins), "shared": self.shared}
+        return {**super().state(), "origins": dict(self.origins), "shared": self.shared}
 
     def load_state(self, state: Mapping):
-        self.rounds_done = int(state.get("rounds_done", 0))
+        super().load_state(state)
         self.origins = {str(k): int(v) for k, v in (state.get("origins") or {}).items()}
         self.shared = state.get("shared")
 

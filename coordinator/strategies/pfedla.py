@@ -36,7 +36,7 @@ from typing import Mapping
 
 import numpy as np
 
-from coordinator.strategies.base import Assignment, RoundPlan, Strategy
+from coordinator.strategies.base import Assignment, FixedRounds, RoundPlan
 from coordinator.strategies.hypernetwork import (
     grow,
     hypernetwork_grads,
@@ -60,7 +60,7 @@ class PFedLASettings:
     hidden_dim: int = 100
 
 
-class PFedLA(Strategy):
+class PFedLA(FixedRounds):
     name = "pfedla"
     Settings = PFedLASettings
     personalized = True
@@ -68,10 +68,10 @@ class PFedLA(Strategy):
     def __init__(self, *args, rounds: int = PFedLASettings.rounds, k_local: int = PFedLASettings.k_local,
                  hn_lr: float = PFedLASettings.hn_lr, embedding_dim: int = PFedLASettings.embedding_dim,
                  hidden_dim: int = PFedLASettings.hidden_dim, seed: int = 0, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, rounds=rounds, **kwargs)
         if rounds < 1 or k_local < 0 or not hn_lr > 0 or embedding_dim < 1 or hidden_dim < 1:
             raise ValueError("need rounds >= 1, k_local >= 0, hn_lr > 0, embedding_dim and hidden_dim >= 1")
-        self.rounds, self.k_local, self.hn_lr = rounds, k_local, hn_lr
+        self.k_local, self.hn_lr = k_local, hn_lr
         self.dims = (embedding_dim, hidden_dim)
         self.seed = seed
         m = self.manifest
@@ -84,7 +84,6 @@ class PFedLA(Strategy):
         self.unit_names = [u for u, names in units if names]
         self.unit_tensors = [names for _, names in units if names]
         self.unit_grads = [[n for n in names if specs[n].kind == "param"] for names in self.unit_tensors]
-        self.rounds_done = 0
         self.roster: list[str] = []            # devices in the order they joined: their column in every head
         self.own: dict[str, str] = {}          # device -> weight index of its own copy theta_i
         self.hn: dict[str, str] = {}           # device -> blob of its hypernetwork's parameters (npz)
@@ -222,15 +221,7 @@ class PFedLA(Strategy):
 
     def advance(self, plan, before, after, results=()):
         if plan.assignments:
-            self.rounds_done += 1
-
-    @property
-    def finished(self):
-        return self.rounds_done >= self.rounds
-
-    def rounds_left(self) -> tuple[int, int]:
-        left = max(0, self.rounds - self.rounds_done)
-        return left, left
+            super().advance(plan, before, after, results)
 
     def round_report(self, round_no: int) -> dict:
         """The layer weights each device's last model was mixed with: rows are layers, columns the roster."""
@@ -241,11 +232,11 @@ class PFedLA(Strategy):
         return set(self.own.values()), set(self.hn.values())
 
     def state(self):
-        return {"rounds_done": self.rounds_done, "roster": list(self.roster), "own": dict(self.own),
+        return {**super().state(), "roster": list(self.roster), "own": dict(self.own),
                 "hn": dict(self.hn), "alphas": dict(self.alphas)}
 
     def load_state(self, state):
-        self.rounds_done = int(state.get("rounds_done", 0))
+        super().load_state(state)
         self.roster = list(state.get("roster", []))
         self.own, self.hn = dict(state.get("own", {})), dict(state.get("hn", {}))
         self.alphas = dict(state.get("alphas", {}))
