@@ -140,6 +140,16 @@ def test_profile_file_round_trips(profiled, tmp_path):
     assert not any("skip" in e for e in raw["measurements"] + raw["fits"])
 
 
+def _refused_when_broken(profile, tmp_path, breakage, message) -> None:
+    """The profile saved, broken on disk by `breakage`, and refused on load with `message`."""
+    profile.save(tmp_path / "p.json")
+    raw = json.loads((tmp_path / "p.json").read_text())
+    breakage(raw)
+    (tmp_path / "p.json").write_text(json.dumps(raw))
+    with pytest.raises(ProfileError, match=message):
+        Profile.load(tmp_path / "p.json")
+
+
 @pytest.mark.parametrize("breakage, message", [
     (lambda r: r.update(format="edgeblock-profile/0"), "format"),
     (lambda r: r.pop("baseline_bytes"), "missing field 'baseline_bytes'"),
@@ -152,12 +162,7 @@ def test_profile_file_round_trips(profiled, tmp_path):
 ])
 def test_malformed_profile_is_rejected_with_the_reason(profiled, tmp_path, breakage, message):
     _, profile, _ = profiled
-    profile.save(tmp_path / "p.json")
-    raw = json.loads((tmp_path / "p.json").read_text())
-    breakage(raw)
-    (tmp_path / "p.json").write_text(json.dumps(raw))
-    with pytest.raises(ProfileError, match=message):
-        Profile.load(tmp_path / "p.json")
+    _refused_when_broken(profile, tmp_path, breakage, message)
 
 
 # -- a model family (FedIN): each tier trains the largest member that fits ----------------------------------
@@ -260,12 +265,7 @@ def test_malformed_member_fields_are_rejected(family, tmp_path, breakage, messag
     m, profile = family
     profile.tiers = [TierPlan("t", 500 * MIB, 400 * MIB, True, None, 16,
                               (StagePlan(0, len(m.layers) - 1, m.final_head.index, 100 * MIB),), "large")] * 2
-    profile.save(tmp_path / "p.json")
-    raw = json.loads((tmp_path / "p.json").read_text())
-    breakage(raw)
-    (tmp_path / "p.json").write_text(json.dumps(raw))
-    with pytest.raises(ProfileError, match=message):
-        Profile.load(tmp_path / "p.json")
+    _refused_when_broken(profile, tmp_path, breakage, message)
 
 
 def test_a_profile_written_before_members_loads_unchanged(tmp_path):
