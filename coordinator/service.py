@@ -663,7 +663,7 @@ class Coordinator:
                 trainable=tuple(a.trainable), train_head=a.train_head, layers=(a.first, a.last), head=a.head,
                 batch_size=a.batch_size, predicted_peak_bytes=a.predicted_peak_bytes, status=t.status,
                 reason=t.reason, trained_bytes=self.model.param_bytes(a.trained_names(self.model.manifest)),
-                member=member.name if (member := self.model.manifest.member_of(a.skip)) and a.skip else None,
+                member=_member_name(self.model.manifest, a),
                 **answer)
         return RoundMetrics(round=row.round, strategy=self.settings["service"]["strategy"], stage=plan.stage,
                             closed_because=why, aggregated=aggregated, accuracy=ev["accuracy"], loss=ev["loss"],
@@ -713,10 +713,16 @@ def stored_results(round_no: int, updates, by_task: dict[str, TaskRow], incoming
     return results
 
 
-def _part_text(manifest, a) -> str:
-    """'layers 2-4', or a family's 'member small' (FedIN: its span is the whole family, less the others' layers)."""
+def _member_name(manifest, a) -> str | None:
+    """The family member an assignment trains (FedIN: the others' layers are its skip), or None."""
     member = manifest.member_of(a.skip) if a.skip else None
-    return f"member {member.name}" if member else f"layers {a.first}-{a.last}"
+    return member.name if member else None
+
+
+def _part_text(manifest, a) -> str:
+    """'layers 2-4', or a family's 'member small' (its span is the whole family, less the others' layers)."""
+    member = _member_name(manifest, a)
+    return f"member {member}" if member else f"layers {a.first}-{a.last}"
 
 
 def _holdout_fraction(setting: float, personalized: bool) -> float:
