@@ -59,7 +59,7 @@ def test_another_model_is_refused_unless_replacing_and_a_bad_one_loses_nothing(t
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("nothing_like_it", "unknown model 'nothing_like_it': give a zoo name \\(fmnist_cnn"),
+    ("nothing_like_it", "unknown model 'nothing_like_it': give a zoo name \\(cifar_fedin, fmnist_cnn"),
     ("{d}/missing.py", "model file .*missing.py does not exist"),
     ("{d}/tiny.py:absent", "has no 'absent'; it defines \\['build'\\]"),
     ("{d}/broken.py", "importing .*broken.py failed: SyntaxError"),
