@@ -1,26 +1,33 @@
-"""The coordinator's durable state: devices, rounds, tasks and updates in SQLite.
+"""The coordinator's durable state: devices, rounds, tasks and updates, in SQLite or PostgreSQL.
 
-Every change is one transaction in a WAL-mode database with synchronous=FULL, committed
-before the coordinator acts on it (an update is acknowledged to its device only after
-record_update returned), so a coordinator killed at any moment restarts with every
-accepted update and continues the same round. Weights live in files named by their hash;
-the database holds the hashes. A task's update can be recorded once: a duplicate
-delivery changes nothing and is reported as such, so no update is ever counted twice.
+Every change is one transaction, committed before the coordinator acts on it (an update is
+acknowledged to its device only after record_update returned), so a coordinator killed at
+any moment restarts with every accepted update and continues the same round. Weights live
+in files named by their hash; the database holds the hashes. A task's update can be recorded
+once: a duplicate delivery changes nothing and is reported as such, so no update is ever
+counted twice, whichever replica receives it.
+
+SQLite (a WAL-mode file with synchronous=FULL) is the embedded default; PostgreSQL lets
+several coordinator replicas share one fleet's state, with a lease that says which one leads.
+The schema carries its version; an older store is migrated in one transaction when a
+coordinator opens it, and a newer one is refused.
 """
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
+from coordinator.state_sql import Cursor, PostgresDb, SqliteDb, StoreError, columns, connect, is_database_url
 from coordinator.strategies.base import Assignment, assignment_from_dict
 from edge_runtime.wire.protocol import Task
 
 MAX_REJECTIONS = 100_000   # rejections kept (about 30 MB); the oldest go first
 
-SCHEMA = """
+# The tables as the first versioned schema has them. Written in SQLite's dialect; PostgresDb.ddl translates.
+SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY, tier TEXT NOT NULL, budget_bytes INTEGER NOT NULL,
@@ -50,6 +57,41 @@ CREATE TABLE IF NOT EXISTS holdouts (
 CREATE TABLE IF NOT EXISTS rejections (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, device_id TEXT, task_id TEXT, reason TEXT NOT NULL);
 """
+# Columns the unversioned stores of earlier releases may lack (their tables grew before the schema had a
+# version): added with the value an old row means.
+UNVERSIONED_COLUMNS = (("rounds", "metrics", "TEXT"), ("tasks", "reason", "TEXT"),
+                       ("updates", "blob_size", "INTEGER NOT NULL DEFAULT 0"),
+                       ("updates", "downloaded_bytes", "INTEGER NOT NULL DEFAULT 0"),
+                       ("updates", "agent_peak_rss_bytes", "INTEGER NOT NULL DEFAULT 0"))
+
+
+def _statements(db: SqliteDb | PostgresDb, script: str) -> None:
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(db.ddl(statement))
+
+
+def _v1_tables(db: SqliteDb | PostgresDb) -> None:
+    """Every table, and the columns an unversioned store from before lacks."""
+    have = {t: db.columns_of(t) for t in {t for t, _, _ in UNVERSIONED_COLUMNS}}
+    for table, column, definition in UNVERSIONED_COLUMNS:
+        if have[table] and column not in have[table]:
+            db.execute(db.ddl(f"ALTER TABLE {table} ADD COLUMN {column} {definition}"))
+    _statements(db, SCHEMA_V1)
+
+
+def _v2_leases(db: SqliteDb | PostgresDb) -> None:
+    """Which replica leads, until when (the database's clock), and an epoch that grows with each new leader."""
+    _statements(db, "CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, "
+                    "expires_at REAL NOT NULL, epoch INTEGER NOT NULL)")
+
+
+# (version, what it changes, the change): append only; a released step is never edited
+MIGRATIONS: list[tuple[int, str, Callable[[SqliteDb | PostgresDb], None]]] = [
+    (1, "the first versioned schema (adds the columns older stores lack)", _v1_tables),
+    (2, "the leader lease of replicated coordinators", _v2_leases),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 @dataclass(frozen=True)
@@ -118,34 +160,107 @@ class UpdateRow:
     holdout_accuracy: float | None = None
 
 
+class LeaseLost(StoreError):
+    """A replica acted as leader after its lease ran out; another replica leads now."""
+
+
 class StateStore:
-    def __init__(self, path: Path, readonly: bool = False, timeout_s: float = 10.0):
-        """readonly: for status tools beside a running coordinator; they must never write its state.
-        timeout_s: how long a read waits for the coordinator's write lock."""
-        self.path = Path(path)
+    def __init__(self, location: Path | str, readonly: bool = False, timeout_s: float = 10.0):
+        """location: the SQLite file, or a postgresql:// URL that several replicas share.
+        readonly: for status tools beside a running coordinator; they must never write its state.
+        timeout_s: how long a read waits for the coordinator's write lock (or a connection)."""
+        self.location = location if is_database_url(location) else Path(location)
+        self._db = connect(location, readonly=readonly, timeout_s=timeout_s)
+        self.shared = isinstance(self._db, PostgresDb)
+        self.migrated: list[int] = []
         if readonly:
-            self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
-                                       check_same_thread=False, timeout=timeout_s)
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
+            self._check_version(self._stored_version())
+        else:
+            self._migrate()
+
+    def describe(self) -> str:
+        return self._db.describe()
 
     def close(self) -> None:
         self._db.close()
 
-    def _tx(self, sql: str, args=()) -> sqlite3.Cursor:
-        with self._db:  # one committed transaction
-            self._db.execute("BEGIN IMMEDIATE")
+    # -- schema versions -------------------------------------------------------------------------
+    def _stored_version(self) -> int:
+        if not self._db.columns_of("meta"):
+            return 0
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return int(json.loads(row[0])) if row else 0
+
+    def _check_version(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"the state store {self.describe()} has schema version {version}, newer than this "
+                             f"edgeblock's {SCHEMA_VERSION}: run the edgeblock release that wrote it, or a newer one")
+        if version < SCHEMA_VERSION:
+            raise StoreError(f"the state store {self.describe()} has schema version {version}, older than this "
+                             f"edgeblock's {SCHEMA_VERSION}: start the coordinator on it once to migrate it")
+
+    def _migrate(self) -> None:
+        """Bring the store to SCHEMA_VERSION in one transaction (a crash leaves it as it was)."""
+        with self._db.transaction():
+            self._db.lock_migrations()
+            version = self._stored_version()
+            if version > SCHEMA_VERSION:
+                self._check_version(version)
+            for number, _what, step in MIGRATIONS:
+                if number > version:
+                    step(self._db)
+                    self._db.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT(key) DO UPDATE "
+                                     "SET value = excluded.value", (json.dumps(number),))
+                    self.migrated.append(number)
+
+    def _tx(self, sql: str, args=()) -> Cursor:
+        with self._db.transaction():  # one committed transaction
             return self._db.execute(sql, args)
 
     # -- meta -----------------------------------------------------------------------------
     def set_meta(self, key: str, value) -> None:
         self._tx("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                  (key, json.dumps(value)))
+
+    def meta_setdefault(self, key: str, value):
+        """The stored value, or `value` stored now: replicas starting together agree on the first one written."""
+        with self._db.transaction():
+            self._db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT DO NOTHING", (key, json.dumps(value)))
+            return json.loads(self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
+
+    # -- the leader lease (replicated coordinators) ---------------------------------------------------
+    def hold_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
+        """Take or renew the lease `name` for ttl_s seconds of the database's clock; its epoch while `holder`
+        holds it (it grows with every change of holder: a fencing token), None while another holder's runs."""
+        with self._db.transaction():
+            cur = self._db.execute(
+                "INSERT INTO leases (name, holder, expires_at, epoch) VALUES (?, ?, NOW() + ?, 1) "
+                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at, "
+                "epoch = leases.epoch + CASE WHEN leases.holder = excluded.holder THEN 0 ELSE 1 END "
+                "WHERE leases.holder = excluded.holder OR leases.expires_at < NOW()", (name, holder, ttl_s))
+            if cur.rowcount != 1:
+                return None
+            return int(self._db.execute("SELECT epoch FROM leases WHERE name = ?", (name,)).fetchone()[0])
+
+    def _check_fence(self, fence: tuple[str, str, int] | None) -> None:
+        """Inside a transaction: refuse a leader's write once its lease (name, holder, epoch) is no longer held.
+        The lease row stays locked to the commit, so a new leader cannot take it in between."""
+        if fence is None:
+            return
+        row = self._db.execute("SELECT 1 FROM leases WHERE name = ? AND holder = ? AND epoch = ? AND expires_at >= "
+                               "NOW()" + (" FOR UPDATE" if self.shared else ""), fence).fetchone()
+        if row is None:
+            raise LeaseLost(f"{fence[1]} no longer holds the {fence[0]} lease of epoch {fence[2]}")
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up at once (a clean stop): a standby need not wait for it to expire."""
+        self._tx("UPDATE leases SET expires_at = 0 WHERE name = ? AND holder = ?", (name, holder))
+
+    def lease(self, name: str) -> dict | None:
+        """Who holds the lease, until when, in which epoch (for status tools)."""
+        cur = self._db.execute("SELECT holder, expires_at, epoch, NOW() AS now FROM leases WHERE name = ?", (name,))
+        row = cur.fetchone()
+        return None if row is None else dict(zip(columns(cur), row))
 
     def meta(self, key: str, default=None):
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -175,16 +290,18 @@ class StateStore:
     def devices(self, online_only: bool = False) -> list[dict]:
         cur = self._db.execute("SELECT * FROM devices" + (" WHERE online = 1" if online_only else "")
                                + " ORDER BY device_id")
-        cols = [c[0] for c in cur.description]
+        cols = columns(cur)
         return [dict(zip(cols, row)) for row in cur.fetchall()]
 
     # -- rounds and tasks ---------------------------------------------------------------------
     def open_round(self, round_no: int, deadline_at: float, weights_before: str, plan: dict,
-                   strategy_state: dict, tasks: list[tuple[str, str, dict]], now: float | None = None) -> None:
-        """Open a round and record its tasks (task_id, device_id, spec) in one transaction."""
+                   strategy_state: dict, tasks: list[tuple[str, str, dict]], now: float | None = None,
+                   fence: tuple[str, str, int] | None = None) -> None:
+        """Open a round and record its tasks (task_id, device_id, spec) in one transaction (refused with
+        LeaseLost when `fence`, the leader's lease, is no longer held)."""
         now = time.time() if now is None else now
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._db.transaction():
+            self._check_fence(fence)
             self._db.execute("INSERT INTO rounds VALUES (?, 'open', ?, ?, ?, NULL, ?, ?, NULL, NULL)",
                              (round_no, now, deadline_at, weights_before, json.dumps(plan), json.dumps(strategy_state)))
             self._db.executemany("INSERT INTO tasks VALUES (?, ?, ?, ?, ?, 'sent', NULL)",
@@ -228,10 +345,11 @@ class StateStore:
 
     def record_update(self, update) -> bool:
         """Durably record an accepted update; False (and nothing changes) if this task's update is already in."""
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._db.transaction():
             cur = self._db.execute(
-                "INSERT OR IGNORE INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO updates (task_id, round, device_id, blob_sha256, num_examples, loss, peak_rss_bytes, "
+                "seconds, received_at, blob_size, downloaded_bytes, agent_peak_rss_bytes) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (update.task_id, update.round, update.device_id, update.blob_sha256, update.num_examples,
                  update.loss, update.peak_rss_bytes, update.seconds, time.time(), update.blob_size,
                  getattr(update, "downloaded_bytes", 0), getattr(update, "agent_peak_rss_bytes", 0)))
@@ -247,9 +365,8 @@ class StateStore:
 
     def record_scores(self, msg) -> bool:
         """Durably record a score task's answer; False (and nothing changes) if it is already in."""
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            cur = self._db.execute("INSERT OR IGNORE INTO scores VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        with self._db.transaction():
+            cur = self._db.execute("INSERT INTO scores VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                                    (msg.task_id, msg.round, msg.device_id, json.dumps(msg.scores), msg.num_examples,
                                     msg.peak_rss_bytes, msg.agent_peak_rss_bytes, msg.seconds, time.time()))
             if cur.rowcount == 0:
@@ -261,7 +378,7 @@ class StateStore:
     def scores(self, round_no: int) -> list[dict]:
         cur = self._db.execute("SELECT task_id, device_id, scores, num_examples, peak_rss_bytes, agent_peak_rss_bytes, "
                                "seconds FROM scores WHERE round = ? ORDER BY task_id", (round_no,))
-        cols = [c[0] for c in cur.description]
+        cols = columns(cur)
         return [dict(zip(cols, r), scores=json.loads(r[2])) for r in cur.fetchall()]
 
     def mark_task(self, task_id: str, status: str, reason: str | None = None) -> bool:
@@ -284,10 +401,11 @@ class StateStore:
         return [float(r[0]) for r in rows]
 
     def close_round(self, round_no: int, weights_after: str, strategy_state: dict, metrics: dict | None = None,
-                    now: float | None = None) -> None:
-        """Close a round: its new weights, the schedule after it, its metrics, and every unsettled task failed."""
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
+                    now: float | None = None, fence: tuple[str, str, int] | None = None) -> None:
+        """Close a round: its new weights, the schedule after it, its metrics, and every unsettled task failed
+        (refused with LeaseLost when `fence`, the leader's lease, is no longer held)."""
+        with self._db.transaction():
+            self._check_fence(fence)
             cur = self._db.execute(
                 "UPDATE rounds SET state = 'closed', weights_after = ?, strategy_state = ?, closed_at = ?, metrics = ? "
                 "WHERE round = ? AND state = 'open'",
@@ -310,7 +428,7 @@ class StateStore:
         for d in device_ids:
             rows = self._db.execute(
                 "SELECT num_examples FROM (SELECT round, num_examples FROM updates WHERE device_id = ? AND round < ? "
-                "UNION ALL SELECT round, num_examples FROM scores WHERE device_id = ? AND round < ?) "
+                "UNION ALL SELECT round, num_examples FROM scores WHERE device_id = ? AND round < ?) AS answers "
                 "ORDER BY round DESC LIMIT ?", (d, before_round, d, before_round, last)).fetchall()
             out[d] = [int(r[0]) for r in rows]
         return out
@@ -325,8 +443,7 @@ class StateStore:
 
     def record_rejections(self, rows: list[tuple[float, str | None, str | None, str]]) -> None:
         """Many rejections in one transaction: a flood of garbage costs one write per tick, not one each."""
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._db.transaction():
             self._db.executemany("INSERT INTO rejections (at, device_id, task_id, reason) VALUES (?, ?, ?, ?)", rows)
             # the newest MAX_REJECTIONS are kept: a flood of garbage must not grow the store without end
             self._db.execute("DELETE FROM rejections WHERE id <= (SELECT MAX(id) FROM rejections) - ?",

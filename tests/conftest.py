@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from postgres_helpers import postgres_server, postgres_url  # noqa: F401  (a real PostgreSQL for tests that ask)
 
 from edge_runtime.train.datasets import LocalDataset, load_fashion_mnist
 

@@ -1,12 +1,17 @@
-"""The coordinator's durable state: duplicates counted once, nothing committed lost to kill -9."""
+"""The coordinator's durable state: duplicates counted once, nothing committed lost to kill -9, old stores
+migrated, on SQLite and on a real PostgreSQL server; the leader lease of replicated coordinators."""
+import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 
-from coordinator.state_store import StateStore
+from coordinator.state_sql import StoreError
+from coordinator.state_store import SCHEMA_VERSION, LeaseLost, StateStore
 from edge_runtime.jobs.child import device_child_env
 from edge_runtime.wire.protocol import Hello, Update
 
@@ -17,8 +22,16 @@ def _update(task, device="pi-01", round_no=1, n=100):
     return Update(task, round_no, device, SHA, 1000, n, 0.5, 10, 100 << 20, 3.0)
 
 
-def test_round_tasks_updates_and_duplicates(tmp_path):
-    s = StateStore(tmp_path / "state.db")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def location(request, tmp_path):
+    """Where a store lives: a SQLite file, or a new database on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        return tmp_path / "state.db"
+    return request.getfixturevalue("postgres_url")
+
+
+def test_round_tasks_updates_and_duplicates(location):
+    s = StateStore(location)
     s.upsert_device(Hello("pi-01", "pi-zero-2w", 300 << 20, "0.1.0", 4, 10 ** 9))
     s.upsert_device(Hello("pi-02", "pi-3b-plus", 700 << 20, "0.1.0", 4, 10 ** 9))
     s.set_online("pi-02", False)
@@ -32,7 +45,10 @@ def test_round_tasks_updates_and_duplicates(tmp_path):
     with pytest.raises(Exception):
         s.record_update(_update("r9-unknown"))                      # not a task of any round
     s.close_round(1, weights_after="ef" * 32, strategy_state={"t": 1})
-    again = StateStore(tmp_path / "state.db")                       # a restarted coordinator
+    assert s.claimed_examples(["pi-01"], before_round=2) == {"pi-01": [100]}
+    s.record_rejections([(time.time(), "pi-01", None, "bad")])
+    assert [r["reason"] for r in s.rejections()] == ["bad"]
+    again = StateStore(location)                                    # a restarted coordinator
     r = again.current_round()
     assert (r.round, r.state, r.strategy_state, r.plan) == (1, "closed", {"t": 1}, {"stage": 0})
     with pytest.raises(ValueError, match="not open"):
@@ -81,3 +97,89 @@ def test_a_diverged_evaluation_is_written_as_null_never_as_nan():
     back = RoundMetrics.from_dict(json.loads(line))
     assert back.loss is None and back.devices["pi-01"].loss is None and back.accuracy == 0.1
     assert not any(isinstance(v, float) and not math.isfinite(v) for v in json.loads(line).values())
+
+
+# The tables as the first release wrote them, before the schema had a version: columns were added since.
+UNVERSIONED = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE devices (device_id TEXT PRIMARY KEY, tier TEXT NOT NULL, budget_bytes INTEGER NOT NULL,
+    runtime_version TEXT NOT NULL, cores INTEGER NOT NULL, disk_free_bytes INTEGER NOT NULL,
+    first_seen REAL NOT NULL, last_seen REAL NOT NULL, online INTEGER NOT NULL);
+CREATE TABLE rounds (round INTEGER PRIMARY KEY, state TEXT NOT NULL CHECK (state IN ('open', 'closed')),
+    opened_at REAL NOT NULL, deadline_at REAL NOT NULL, weights_before TEXT NOT NULL,
+    weights_after TEXT, plan TEXT NOT NULL, strategy_state TEXT NOT NULL, closed_at REAL);
+CREATE TABLE tasks (task_id TEXT PRIMARY KEY, round INTEGER NOT NULL REFERENCES rounds(round),
+    device_id TEXT NOT NULL, spec TEXT NOT NULL, sent_at REAL NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('sent', 'accepted', 'rejected', 'failed')));
+CREATE TABLE updates (task_id TEXT PRIMARY KEY REFERENCES tasks(task_id), round INTEGER NOT NULL,
+    device_id TEXT NOT NULL, blob_sha256 TEXT NOT NULL, num_examples INTEGER NOT NULL, loss REAL NOT NULL,
+    peak_rss_bytes INTEGER NOT NULL, seconds REAL NOT NULL, received_at REAL NOT NULL);
+CREATE TABLE rejections (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, device_id TEXT, task_id TEXT,
+    reason TEXT NOT NULL);
+INSERT INTO meta VALUES ('run', '{"tag": "abc123"}');
+INSERT INTO rounds VALUES (1, 'closed', 1.0, 2.0, 'aa', 'bb', '{}', '{"t": 1}', 3.0);
+INSERT INTO rounds VALUES (2, 'open', 4.0, 5.0, 'bb', NULL, '{}', '{"t": 2}', NULL);
+INSERT INTO tasks VALUES ('r2-x', 2, 'pi-01', '{}', 4.0, 'sent');
+INSERT INTO tasks VALUES ('r1-x', 1, 'pi-01', '{}', 1.0, 'accepted');
+INSERT INTO updates VALUES ('r1-x', 1, 'pi-01', 'cc', 10, 0.5, 1000, 2.0, 1.5);
+"""
+
+
+def test_an_unversioned_store_of_an_earlier_release_is_migrated_with_its_rows(tmp_path):
+    db = tmp_path / "state.db"
+    old = sqlite3.connect(db)
+    old.executescript(UNVERSIONED)
+    old.close()
+    with pytest.raises(StoreError, match="older than this edgeblock's.*start the coordinator on it once"):
+        StateStore(db, readonly=True)               # a status tool never migrates: it says what to do
+    s = StateStore(db)
+    assert s.migrated == list(range(1, SCHEMA_VERSION + 1))
+    assert s.meta("schema_version") == SCHEMA_VERSION and s.meta("run") == {"tag": "abc123"}
+    row = s.current_round()
+    assert (row.round, row.state, row.strategy_state) == (2, "open", {"t": 2})
+    [u] = s.updates(1)                              # an old row reads with the new columns' defaults
+    assert (u.num_examples, u.blob_size, u.downloaded_bytes, u.agent_peak_rss_bytes) == (10, 0, 0, 0)
+    assert s.task("r2-x").reason is None
+    assert s.record_update(_update("r2-x", round_no=2)) is True      # the new columns are written
+    s.close_round(2, "dd" * 32, {"t": 3}, metrics={"round": 2})
+    assert s.closed_rounds()[-1] == {"round": 2}
+    s.close()
+    again = StateStore(db)
+    assert again.migrated == [] and StateStore(db, readonly=True).current_round().state == "closed"
+
+
+def test_a_store_from_a_newer_release_is_refused_not_damaged(location):
+    s = StateStore(location)
+    s.set_meta("schema_version", SCHEMA_VERSION + 1)
+    s.close()
+    for readonly in (False, True):
+        with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer than"):
+            StateStore(location, readonly=readonly)
+
+
+def test_replicas_opening_one_database_together_migrate_it_once(postgres_url):
+    code = f"""
+from coordinator.state_store import StateStore
+print(StateStore({postgres_url!r}).migrated)
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    migrated = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert sorted(migrated, key=len) == [[]] * 3 + [list(range(1, SCHEMA_VERSION + 1))]
+
+
+def test_the_leader_lease_has_one_holder_and_a_new_epoch_per_leader(location):
+    a, b = StateStore(location), StateStore(location)
+    first = a.hold_lease("leader", "a", ttl_s=0.5)
+    assert first is not None and b.hold_lease("leader", "b", ttl_s=0.5) is None
+    assert a.hold_lease("leader", "a", ttl_s=0.5) == first           # renewing keeps the epoch
+    a.open_round(1, 1e12, SHA, {}, {}, [], fence=("leader", "a", first))
+    time.sleep(0.7)                                                  # a's lease ran out
+    second = b.hold_lease("leader", "b", ttl_s=30)
+    assert second == first + 1 and a.hold_lease("leader", "a", ttl_s=30) is None
+    with pytest.raises(LeaseLost):                                   # the old leader cannot close the round
+        a.close_round(1, "ef" * 32, {}, fence=("leader", "a", first))
+    assert b.current_round().state == "open"
+    b.close_round(1, "ef" * 32, {}, fence=("leader", "b", second))
+    b.release_lease("leader", "b")                                   # a clean stop hands over at once
+    assert a.hold_lease("leader", "a", ttl_s=30) == second + 1
+    assert a.lease("leader")["holder"] == "a"

@@ -14,6 +14,8 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)   # certificates for t
 python3 -c "import ensurepip, venv" >/dev/null 2>&1 || need_apt+=(python3-venv)
 # headless, the run report's test loads the page in it (tests/test_run_report.py)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+# the replicated coordinator's state store; the tests start a server of their own (tests/postgres_helpers.py)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "bootstrap: installing Debian packages: ${need_apt[*]}"
     $SUDO apt-get update -qq
