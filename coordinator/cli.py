@@ -5,6 +5,7 @@
   edge-coordinator weights  write a run's current global weights to one safetensors file
   edge-coordinator report   write a run's report: accuracy, memory, bytes and stages as one HTML page
   edge-coordinator acl      write the Mosquitto ACL of a fleet for a production broker (docs/broker.md)
+  edge-coordinator bridge   write a site broker's bridge to the core broker, for a fleet over many sites
   edge-coordinator export   export a model with the graphs a board's profiler trains (edge-profile --manifest)
 
 Without --broker the coordinator starts its own Mosquitto on a free loopback port (it
@@ -39,6 +40,9 @@ EPILOG = """examples:
   edge-coordinator run --broker mqtts://broker.lan --fleet lab --username coordinator \
       --password-file /etc/edgeblock/coordinator.password --tls-ca /etc/edgeblock/ca.crt   # TLS on 8883
   edge-coordinator acl --fleet lab --devices ids.txt --out /etc/mosquitto/edgeblock.acl
+  edge-coordinator bridge --fleet lab --site north --core mqtts://broker.lan --devices north.txt \
+      --password-file ~/edgeblock-secrets/passwords/bridge-north --tls-ca /etc/mosquitto/certs/core-ca.crt \
+      --out edgeblock-bridge-lab.conf                  # see: edge-coordinator bridge --help
   edge-coordinator export fmnist_cnn exported/        # then copy exported/ to a board: edge-profile measure
                                                       #   --manifest exported/manifest.json
 
@@ -109,7 +113,14 @@ def _parser() -> argparse.ArgumentParser:
     acl.add_argument("--devices", type=Path, required=True,
                      help="file of device ids, one a line (each device's broker user name is its id)")
     acl.add_argument("--coordinator-user", default="coordinator", help="the coordinator's broker user name")
+    acl.add_argument("--site", action="append", default=[], metavar="NAME=FILE",
+                     help="a site whose broker bridges to this one (edge-coordinator bridge) and the file of its "
+                          "device ids: its bridge user bridge-NAME carries their topics; repeat for each site")
+    acl.add_argument("--monitor", action="append", default=[], metavar="USER",
+                     help="a read-only user for dashboards: the coordinator's status and metrics, the devices' and "
+                          "sites' states; it may publish nothing. Repeat for more")
     acl.add_argument("--out", type=Path, help="the ACL file to write (default: print it)")
+    _bridge_parser(sub)
     exp = sub.add_parser("export", help="export a zoo model and build the step graphs of every part a board's "
                                         "profiler may train (a board cannot build them)")
     exp.add_argument("model", help="a zoo name (fmnist_cnn, resnet_small, vgg_cifar, ...) or FILE.py[:NAME] / "
@@ -117,6 +128,30 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("out", type=Path, help="directory to write (manifest.json, graphs/, weights/, parts/)")
     exp.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     return p
+
+
+def _bridge_parser(sub) -> None:
+    from coordinator.ops.broker_bridge import HELP
+    bridge = sub.add_parser("bridge", help="write a site broker's bridge to the core broker (a drop-in for the "
+                                           "site's /etc/mosquitto/conf.d)", description=HELP,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    bridge.add_argument("--fleet", required=True, help="fleet name, as in the coordinator's and devices' --fleet")
+    bridge.add_argument("--site", required=True, help="the site's name (its bridge logs in to the core as "
+                                                      "bridge-SITE)")
+    bridge.add_argument("--core", required=True, metavar="ADDRESS",
+                        help="the core broker as the gateway reaches it: mqtts://HOST[:PORT] (TLS, 8883) or HOST:PORT")
+    bridge.add_argument("--devices", type=Path, required=True,
+                        help="file of the ids of the devices that log in to this site's broker, one a line")
+    bridge.add_argument("--password-file", required=True,
+                        help="file whose first line is bridge-SITE's password on the core (make-secrets.sh users)")
+    bridge.add_argument("--tls", action="store_true", help="TLS even without an mqtts:// address")
+    bridge.add_argument("--tls-ca", default="", help="path ON THE GATEWAY of the CA the core's certificate chains "
+                                                     "to (default: the gateway's system CAs)")
+    bridge.add_argument("--tls-cert", default="", help="path on the gateway of a client certificate, for a core "
+                                                       "that asks for one")
+    bridge.add_argument("--tls-key", default="", help="path on the gateway of that certificate's unencrypted key")
+    bridge.add_argument("--out", type=Path, required=True,
+                        help="the drop-in to write (mode 640: it holds the password)")
 
 
 def _settings(args) -> dict:
@@ -250,15 +285,18 @@ def write_report(workdir: Path, baseline: Path | None, no_baseline: bool, out: P
     return 0
 
 
-def write_acl(fleet: str, devices: Path, coordinator_user: str, out: Path | None) -> int:
-    from coordinator.ops.broker_acl import AclError, fleet_acl, read_device_ids, write_fleet_acl
+def write_acl(fleet: str, devices: Path, coordinator_user: str, out: Path | None, sites: list[str] = (),
+              monitors: list[str] = ()) -> int:
+    from coordinator.ops.broker_acl import AclError, fleet_acl, read_device_ids, read_sites, write_fleet_acl
     try:
         ids = read_device_ids(devices)
+        at = read_sites(sites)
         if out is None:
-            print(fleet_acl(fleet, ids, coordinator_user), end="")
+            print(fleet_acl(fleet, ids, coordinator_user, at, monitors), end="")
         else:
-            write_fleet_acl(out, fleet, ids, coordinator_user)
-            print(f"wrote the ACL of fleet {fleet} ({len(ids)} devices) to {out}; reload Mosquitto to apply it")
+            write_fleet_acl(out, fleet, ids, coordinator_user, at, monitors)
+            print(f"wrote the ACL of fleet {fleet} ({len(ids)} devices, {len(at)} sites, {len(monitors)} monitors) "
+                  f"to {out}; reload Mosquitto to apply it")
     except (AclError, OSError) as exc:
         print(f"edge-coordinator: {exc}", file=sys.stderr)
         return 2
@@ -285,7 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "weights":
         return export_weights(args.workdir, args.out)
     if args.command == "acl":
-        return write_acl(args.fleet, args.devices, args.coordinator_user, args.out)
+        return write_acl(args.fleet, args.devices, args.coordinator_user, args.out, args.site, args.monitor)
+    if args.command == "bridge":
+        from coordinator.ops.broker_bridge import cli_write_bridge
+        return cli_write_bridge(args)
     if args.command == "report":
         return write_report(args.workdir, args.baseline, args.no_baseline, args.out)
     if args.command == "export":
