@@ -1,12 +1,14 @@
 """The production broker as deploy/ ships it, for the tests that need one: secrets made by
-make-secrets.sh, the fleet's ACL by its generator, and real Mosquitto running
-deploy/mosquitto/edgeblock.conf with only its paths and ports changed."""
+make-secrets.sh, the fleet's ACL by its generator, and real Mosquitto running Debian's own
+mosquitto.conf with deploy/mosquitto/edgeblock.conf as its conf.d drop-in, with only their paths
+and ports changed (and any further drop-ins a test adds: a site's bridge, another service)."""
 from __future__ import annotations
 
 import os
 import socket
 import subprocess
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from coordinator.ops.broker import find_mosquitto
@@ -17,22 +19,45 @@ from edge_runtime.wire.protocol import Topics
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 CONF = DEPLOY / "mosquitto" / "edgeblock.conf"
+DROP_IN = "00-edgeblock.conf"        # its name in conf.d, as docs/broker.md installs it
 FLEET = "lab"
 WAIT = 5.0           # the bound on every wait for something that should arrive
 USERS = ("coordinator", "dev-a", "dev-b")
+# Debian's /etc/mosquitto/mosquitto.conf (mosquitto 2.0.11-1.2+deb12u2), {work} for its paths
+DEBIAN_MAIN = """# Place your local configuration in /etc/mosquitto/conf.d/
+#
+# A full description of the configuration file is at
+# /usr/share/doc/mosquitto/examples/mosquitto.conf.example
+
+pid_file {work}/mosquitto.pid
+
+persistence true
+persistence_location {work}/persistence/
+
+log_dest file {work}/mosquitto.log
+
+include_dir {work}/conf.d
+"""
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def derive_config(work: Path, secrets: Path, acl: Path, ports: dict[str, int]) -> str:
-    """edgeblock.conf with its paths in `work`/`secrets` and its ports free ones on loopback; nothing else."""
+def debian_main(work: Path) -> str:
+    """Debian's mosquitto.conf with its paths in `work`."""
+    text = DEBIAN_MAIN.format(work=work)
+    if os.geteuid() == 0:   # as root Mosquitto drops to `mosquitto`, which cannot read pytest's tmp dirs
+        text += "user root\n"
+    return text
+
+
+def derive_dropin(secrets: Path, acl: Path, ports: dict[str, int]) -> str:
+    """edgeblock.conf with its paths in `secrets` and its ports free ones on loopback; nothing else."""
     paths = {"cafile": secrets / "ca.crt", "certfile": secrets / "server.crt", "keyfile": secrets / "server.key",
-             "password_file": secrets / "edgeblock.passwd", "acl_file": acl, "pid_file": work / "mosquitto.pid",
-             "persistence_location": f"{work / 'persistence'}/"}
+             "password_file": secrets / "edgeblock.passwd", "acl_file": acl}
     out = []
     for line in CONF.read_text().splitlines():
         words = line.split()
@@ -40,14 +65,10 @@ def derive_config(work: Path, secrets: Path, acl: Path, ports: dict[str, int]) -
             out.append(line)
         elif words[0] in paths:
             out.append(f"{words[0]} {paths[words[0]]}")
-        elif words[0] == "log_dest":
-            out.append(f"log_dest file {work / 'mosquitto.log'}")
         elif words[0] == "listener":
             out.append(f"listener {ports[words[1]]} 127.0.0.1")
         else:
             out.append(line)
-    if os.geteuid() == 0:   # as root Mosquitto drops to `mosquitto`, which cannot read pytest's tmp dirs
-        out.append("user root")
     return "\n".join(out) + "\n"
 
 
@@ -62,21 +83,37 @@ def make_secrets(where: Path, names=("localhost", "127.0.0.1"), users=USERS) -> 
 
 
 class Broker:
-    """Mosquitto on the shipped config, with an ACL for `fleet` and its `devices`."""
+    """Mosquitto on Debian's config and the shipped drop-in, with an ACL for `fleet`, its `devices`, its
+    `sites` ({site: device ids}) and `monitors`; `drop_ins` ({name: text}) go into conf.d beside it."""
 
-    def __init__(self, work: Path, secrets: Path, fleet: str = FLEET, devices=("dev-a", "dev-b")):
+    def __init__(self, work: Path, secrets: Path, fleet: str = FLEET, devices=("dev-a", "dev-b"),
+                 sites: Mapping[str, Sequence[str]] | None = None, monitors: Sequence[str] = (),
+                 drop_ins: Mapping[str, str] | None = None):
         self.work, self.secrets, self.fleet = work, secrets, fleet
         work.mkdir(parents=True, exist_ok=True)
-        self.tls_port, self.plain_port = _free_port(), _free_port()
-        acl = write_fleet_acl(work / "edgeblock.acl", fleet, list(devices))
+        self.tls_port, self.plain_port = free_port(), free_port()
+        acl = write_fleet_acl(work / "edgeblock.acl", fleet, list(devices), sites=sites, monitors=monitors)
         (work / "persistence").mkdir()
+        (work / "conf.d").mkdir()
         self.conf = work / "mosquitto.conf"
-        self.conf.write_text(derive_config(work, secrets, acl, {"8883": self.tls_port, "1883": self.plain_port}))
+        self.conf.write_text(debian_main(work))
+        self.drop_in = work / "conf.d" / DROP_IN
+        self.drop_in.write_text(derive_dropin(secrets, acl, {"8883": self.tls_port, "1883": self.plain_port}))
+        for name, text in (drop_ins or {}).items():
+            (work / "conf.d" / name).write_text(text)
         self.log = work / "mosquitto.log"
-        with open(work / "stderr.log", "wb") as err:
+        self.start()
+
+    def start(self) -> None:
+        with open(self.work / "stderr.log", "ab") as err:
             self.proc = subprocess.Popen([find_mosquitto(), "-c", str(self.conf)], stdout=err, stderr=err,
                                          start_new_session=True)
         self._wait_listening()
+
+    def restart(self) -> None:
+        """Stopped and started again: the same ports, config and persistence (a broker's reboot)."""
+        self.stop()
+        self.start()
 
     def _wait_listening(self) -> None:
         deadline = time.monotonic() + WAIT

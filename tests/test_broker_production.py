@@ -1,8 +1,10 @@
 """The production broker as deploy/ ships it, on real Mosquitto, openssl and mosquitto_passwd.
 
 A CA and a server certificate, a password file and the fleet's ACL are made with the
-shipped script and generator; Mosquitto runs deploy/mosquitto/edgeblock.conf with only its
-paths and ports changed. Then: who may connect, who may publish and read what, and a real
+shipped script and generator; Mosquitto runs Debian's mosquitto.conf with
+deploy/mosquitto/edgeblock.conf as its conf.d drop-in, with only their paths and ports
+changed. Then: who may connect, who may publish and read what (a device, the coordinator,
+a read-only monitor), the drop-in beside another service's listener, and a real
 `edge-device` process over TLS with a password file.
 """
 from __future__ import annotations
@@ -18,10 +20,32 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mosquitto_helpers import CONF, DEPLOY, FLEET, WAIT, Broker, connect, make_secrets, settings_for, wait_message
+from mosquitto_helpers import (
+    CONF,
+    DEBIAN_MAIN,
+    DEPLOY,
+    FLEET,
+    USERS,
+    WAIT,
+    Broker,
+    connect,
+    free_port,
+    make_secrets,
+    settings_for,
+    wait_message,
+)
 
 from coordinator.local.fleet import DeviceSpec, LocalFleet
-from coordinator.ops.broker_acl import DEVICE_READS, DEVICE_WRITES, AclError, fleet_acl, read_device_ids
+from coordinator.ops.broker_acl import (
+    DEVICE_READS,
+    DEVICE_WRITES,
+    AclError,
+    fleet_acl,
+    monitor_reads,
+    read_device_ids,
+    read_sites,
+    site_state_topic,
+)
 from edge_runtime.train.datasets import LocalDataset
 from edge_runtime.wire import protocol
 from edge_runtime.wire.mqtt_link import (
@@ -45,10 +69,13 @@ def _directives(text: str) -> list[str]:
     return [line.split()[0] for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
+MONITOR = "dash"
+
+
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
     work = tmp_path_factory.mktemp("prod-broker")
-    b = Broker(work, make_secrets(work / "secrets"))
+    b = Broker(work, make_secrets(work / "secrets", users=(*USERS, MONITOR)), monitors=[MONITOR])
     yield b
     b.stop()
 
@@ -67,14 +94,25 @@ def topics_received(link: MqttLink, quiet_s: float = QUIET) -> list[str]:
 
 def test_the_derived_config_keeps_every_directive(broker):
     shipped = _directives(CONF.read_text())
-    derived = [d for d in _directives(broker.conf.read_text()) if d != "user"]
-    assert derived == shipped
-    for needed in ("per_listener_settings", "persistence", "persistence_location", "cafile", "certfile", "keyfile",
-                   "tls_version", "password_file", "acl_file", "log_dest", "log_timestamp", "max_packet_size"):
+    assert _directives(broker.drop_in.read_text()) == shipped
+    assert [d for d in _directives(broker.conf.read_text()) if d != "user"] == _directives(DEBIAN_MAIN)
+    for needed in ("per_listener_settings", "persistence", "cafile", "certfile", "keyfile", "tls_version",
+                   "password_file", "acl_file", "log_timestamp", "max_packet_size"):
         assert needed in shipped, needed
     text = CONF.read_text()
     assert "allow_anonymous true" not in text and text.count("allow_anonymous false") == shipped.count("listener")
     assert re.search(r"^listener 1883 127\.0\.0\.1$", text, re.M), "the plain listener must stay on loopback"
+
+
+def test_the_config_is_a_drop_in_beside_debians_own():
+    """Mosquitto refuses a second pid_file, persistence_location or `log_dest file`: Debian's main file has
+    them, so the drop-in names none; per_listener_settings, accepted only before any security setting,
+    comes first."""
+    shipped = _directives(CONF.read_text())
+    assert not {"pid_file", "persistence_location", "log_dest", "include_dir"} & set(shipped)
+    assert shipped[0] == "per_listener_settings"
+    debian = _directives(DEBIAN_MAIN)
+    assert debian[-1] == "include_dir" and not {"password_file", "acl_file", "allow_anonymous", "listener"} & set(debian)
 
 
 def test_the_packet_limit_holds_a_full_chunk_and_no_more():
@@ -106,6 +144,29 @@ def test_the_acl_generator_refuses_what_cannot_work(tmp_path):
         fleet_acl("lab", [])
     (tmp_path / "ids.txt").write_text("# the lab's boards\ndev-a\n\n  dev-b  \n")
     assert read_device_ids(tmp_path / "ids.txt") == ["dev-a", "dev-b"]
+    with pytest.raises(AclError, match="not among the fleet's devices: dev-x"):
+        fleet_acl("lab", ["dev-a"], sites={"north": ["dev-x"]})
+    with pytest.raises(AclError, match="listed at site 'north' and at site 'south'"):
+        fleet_acl("lab", ["dev-a"], sites={"north": ["dev-a"], "south": ["dev-a"]})
+    with pytest.raises(AclError, match="site 'north' has no device ids"):
+        fleet_acl("lab", ["dev-a"], sites={"north": []})
+    with pytest.raises(AclError, match="user names given twice.*bridge-north"):
+        fleet_acl("lab", ["dev-a", "bridge-north"], sites={"north": ["dev-a"]})
+    with pytest.raises(AclError, match="given twice.*dev-a"):
+        fleet_acl("lab", ["dev-a"], monitors=["dev-a"])
+    with pytest.raises(AclError, match="NAME=FILE"):
+        read_sites(["north"])
+    assert read_sites([f"north={tmp_path / 'ids.txt'}"]) == {"north": ["dev-a", "dev-b"]}
+
+
+def test_a_monitor_and_a_bridge_are_denied_their_own_device_topics():
+    """The %u patterns would let any user publish as a device of its own name: not these two."""
+    acl = fleet_acl("lab", ["dev-a", "dev-b"], sites={"north": ["dev-b"]}, monitors=[MONITOR])
+    blocks = {b.splitlines()[0] if not b.startswith("#") else b.splitlines()[1]: b for b in acl.split("\n\n")}
+    assert f"topic deny {T.root}/device/{MONITOR}/#" in blocks[f"user {MONITOR}"]
+    assert f"topic deny {T.root}/device/bridge-north/#" in blocks["user bridge-north"]
+    assert not any(line.startswith(("topic write", "topic readwrite")) for line in blocks[f"user {MONITOR}"].splitlines())
+    assert "user dev-b" not in blocks   # it logs in to its site's broker, not here
 
 
 def test_the_acl_command(tmp_path):
@@ -118,6 +179,12 @@ def test_the_acl_command(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "coordinator.cli", "acl", "--fleet", FLEET, "--devices",
                           str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "missing.txt cannot be read" in bad.stderr and "Traceback" not in bad.stderr
+    with_monitor = subprocess.run([sys.executable, "-m", "coordinator.cli", "acl", "--fleet", FLEET, "--devices",
+                                   str(tmp_path / "ids.txt"), "--monitor", MONITOR, "--site",
+                                   f"north={tmp_path / 'ids.txt'}"], capture_output=True, text=True, timeout=120)
+    assert with_monitor.returncode == 0, with_monitor.stderr
+    assert with_monitor.stdout == fleet_acl(FLEET, ["dev-a", "dev-b"], sites={"north": ["dev-a", "dev-b"]},
+                                            monitors=[MONITOR])
 
 
 def test_the_coordinator_config_example_loads():
@@ -317,6 +384,97 @@ def test_a_device_reads_its_own_tasks_and_the_coordinators_status_only(broker):
     finally:
         for link in (dev_a, dev_b, coordinator):
             link.stop()
+
+
+def test_a_monitor_reads_the_fleets_state_and_publishes_nothing(broker):
+    coordinator = connect(broker, "coordinator", [T.all_devices(k) for k in DEVICE_WRITES] + [T.coordinator_status])
+    coordinator.publish(T.coordinator_status, Status("online", at=2.0).encode(), retain=True, wait_s=WAIT)
+    coordinator.publish(T.coordinator_metrics, b'{"round": 1}', retain=True, wait_s=WAIT)
+    device = connect(broker, "dev-a")
+    device.publish(T.device("dev-a", "status"), Status("online", at=3.0).encode(), retain=True, wait_s=WAIT)
+    coordinator.publish(site_state_topic(T, "north"), b"1", retain=True, wait_s=WAIT)
+    topics_received(coordinator)
+    monitor = connect(broker, MONITOR, [*monitor_reads(T), *(T.all_devices(k) for k in DEVICE_READS + DEVICE_WRITES)])
+    try:
+        got = {}
+        while (msg := monitor.get(timeout_s=QUIET)) is not None:
+            got[msg.topic] = msg.payload
+        # the retained state, and nothing of any device's traffic
+        assert set(got) == {T.coordinator_status, T.coordinator_metrics, T.device("dev-a", "status"),
+                            site_state_topic(T, "north")}
+        assert got[T.coordinator_metrics] == b'{"round": 1}'
+        coordinator.publish(T.device("dev-a", "task"), b"task", wait_s=WAIT)
+        device.publish(T.device("dev-a", "update"), b"update", wait_s=WAIT)
+        assert topics_received(monitor) == []
+        assert topics_received(coordinator) == [T.device("dev-a", "update")]
+        # nothing it publishes arrives: not as a device, not even as a device of its own name, not as the coordinator
+        for topic in [T.device("dev-a", "update"), T.device(MONITOR, "hello"), T.device(MONITOR, "update")]:
+            monitor.publish(topic, b"{}", wait_s=WAIT)
+        monitor.publish(T.coordinator_status, Status("offline").encode(), retain=True, wait_s=WAIT)
+        monitor.publish(T.device("dev-a", "task"), b"task", wait_s=WAIT)
+        device.publish(T.device("dev-a", "hello"), b"marker", wait_s=WAIT)
+        assert topics_received(coordinator) == [T.device("dev-a", "hello")]
+        device.stop()      # its client id is its user name: a second login as dev-a would take over the first
+        late = connect(broker, "dev-a", [T.coordinator_status, T.device("dev-a", "task")])
+        try:   # the retained status is still the coordinator's, and no task came from the monitor
+            assert [(m.topic, Status.decode(m.payload).state) for m in iter(lambda: late.get(QUIET), None)] \
+                == [(T.coordinator_status, "online")]
+        finally:
+            late.stop()
+    finally:
+        for topic in (T.coordinator_metrics, T.device("dev-a", "status"), site_state_topic(T, "north")):
+            coordinator.publish(topic, b"", retain=True, wait_s=WAIT)    # an empty retained message clears it
+        for link in (monitor, device, coordinator):
+            link.stop()
+
+
+def test_the_coordinator_reads_through_a_shared_subscription(broker):
+    """The ACL's read right holds for `$share/<group>/...` too: replicas of the coordinator can split the load."""
+    shared = connect(broker, "coordinator", [f"$share/replicas/{T.all_devices('update')}"])
+    device = connect(broker, "dev-a")
+    try:
+        for i in range(4):
+            device.publish(T.device("dev-a", "update"), b"%d" % i, wait_s=WAIT)
+        assert [wait_message(shared, T.device("dev-a", "update")).payload for _ in range(4)] == [b"0", b"1", b"2", b"3"]
+    finally:
+        device.stop()
+        shared.stop()
+
+
+def test_the_drop_in_lives_beside_another_services_listener(tmp_path):
+    """A broker shared with another service (a Zigbee bridge, say): its own listener, its own password file,
+    each listener's users unknown to the other; both work, and edgeblock's ACL binds only its listeners."""
+    secrets = make_secrets(tmp_path / "secrets")
+    other_port = free_port()
+    (tmp_path / "other.passwd").write_text("zigbee2mqtt:zigbee-secret\n")
+    subprocess.run(["mosquitto_passwd", "-U", str(tmp_path / "other.passwd")], check=True, timeout=30)
+    other = (f"# another service's drop-in, as it would be written for a per-listener broker\n"
+             f"listener {other_port} 127.0.0.1\nallow_anonymous false\npassword_file {tmp_path / 'other.passwd'}\n")
+    b = Broker(tmp_path / "work", secrets, drop_ins={"zigbee2mqtt.conf": other})
+    (tmp_path / "zigbee-password").write_text("zigbee-secret\n")
+    (tmp_path / "zigbee-password").chmod(0o600)
+    zigbee = {"username": "zigbee2mqtt", "password_file": str(tmp_path / "zigbee-password")}
+    theirs = MqttLink("zigbee2mqtt", "127.0.0.1", other_port, [("zigbee2mqtt/#", 1)], session_expiry_s=0,
+                      security=security_from_settings(zigbee, f"mqtt://127.0.0.1:{other_port}"))
+    ours = None
+    try:
+        theirs.start(timeout_s=WAIT)
+        theirs.publish("zigbee2mqtt/bridge/state", b"online", wait_s=WAIT)   # no ACL on their listener
+        assert wait_message(theirs, "zigbee2mqtt/bridge/state").payload == b"online"
+        ours = connect(b, "dev-a")
+        assert ours.max_packet_bytes == 131072
+        with pytest.raises(BrokerRefused, match="user 'zigbee2mqtt'"):
+            MqttLink("z", "localhost", b.tls_port, [], session_expiry_s=0, security=security_from_settings(
+                {**zigbee, "tls_ca": str(secrets / "ca.crt")}, b.url())).start(timeout_s=WAIT)
+        with pytest.raises(BrokerRefused, match="user 'dev-a'"):
+            MqttLink("d", "127.0.0.1", other_port, [], session_expiry_s=0, security=security_from_settings(
+                {"username": "dev-a", "password_file": str(secrets / "passwords" / "dev-a")},
+                f"mqtt://127.0.0.1:{other_port}")).start(timeout_s=WAIT)
+    finally:
+        for link in (ours, theirs):
+            if link is not None:
+                link.stop()
+        b.stop()
 
 
 def test_a_full_chunk_passes_the_packet_limit(broker):
