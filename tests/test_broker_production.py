@@ -112,7 +112,8 @@ def test_the_config_is_a_drop_in_beside_debians_own():
     assert not {"pid_file", "persistence_location", "log_dest", "include_dir"} & set(shipped)
     assert shipped[0] == "per_listener_settings"
     debian = _directives(DEBIAN_MAIN)
-    assert debian[-1] == "include_dir" and not {"password_file", "acl_file", "allow_anonymous", "listener"} & set(debian)
+    assert debian[-1] == "include_dir"
+    assert not {"password_file", "acl_file", "allow_anonymous", "listener"} & set(debian)
 
 
 def test_the_packet_limit_holds_a_full_chunk_and_no_more():
@@ -165,7 +166,8 @@ def test_a_monitor_and_a_bridge_are_denied_their_own_device_topics():
     blocks = {b.splitlines()[0] if not b.startswith("#") else b.splitlines()[1]: b for b in acl.split("\n\n")}
     assert f"topic deny {T.root}/device/{MONITOR}/#" in blocks[f"user {MONITOR}"]
     assert f"topic deny {T.root}/device/bridge-north/#" in blocks["user bridge-north"]
-    assert not any(line.startswith(("topic write", "topic readwrite")) for line in blocks[f"user {MONITOR}"].splitlines())
+    monitor = blocks[f"user {MONITOR}"].splitlines()
+    assert not any(line.startswith(("topic write", "topic readwrite")) for line in monitor)
     assert "user dev-b" not in blocks   # it logs in to its site's broker, not here
 
 
