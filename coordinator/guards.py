@@ -11,7 +11,7 @@ Pure decisions over plain state, the service applies them (coordinator/service.p
 - Stragglers: a device that missed its last deadlines sits out a growing number of rounds.
 
 Every refusal is a reason string the service logs (once per device and minute at most),
-counts as a rejection and, where the device can act on it, sends back.
+counts as a rejection of its kind and, where the device can act on it, sends back.
 """
 from __future__ import annotations
 
@@ -19,6 +19,53 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
+
+from edge_runtime.errors import IntegrityError
+
+# What a rejection is counted under: a closed set, so that a count per kind (the state store's running totals,
+# /metrics) has series known in advance, whatever words a reason uses. Every refusal and intake verdict names one.
+REJECTION_KINDS: dict[str, str] = {
+    "malformed": "not a protocol message: undecodable, on a topic devices do not publish, a chunk that contradicts "
+                 "its own header",
+    "wrong_identity": "names another device than the one whose topic it came on",
+    "unknown_device": "an update or report from a device that never said hello",
+    "not_admitted": "a hello from an id not on the fleet's device list, or with the registry full",
+    "over_limit": "beyond a device's bounds: hellos or fetches a minute, uploads at once, bytes fetched per task",
+    "unsolicited": "an upload from a device that owes no update, or a fetch of a blob no open task of it names",
+    "oversize": "an update or upload larger than its task's parameters can take",
+    "unknown_task": "names a task the coordinator never scheduled",
+    "wrong_task": "answers a task of another device or round, or of another kind (scores for a training task)",
+    "stale": "answers a task already settled or a round already closed (late or replayed)",
+    "implausible_loss": "reports a training loss no valid data gives (negative, or far above chance and the fleet)",
+    "integrity": "bytes that do not match their hash or the size the update declared",
+    "bad_update": "an update blob that is not the task's tensors (names, dtypes, shapes), not finite or moving the "
+                  "weights too far; scores for other layers than the task's",
+    "bad_features": "the shared features of a FedIN update do not fit its task",
+    "other": "none of the above (and every rejection stored before rejections had kinds)",
+}
+
+
+class Refusal(str):
+    """A refusal's reason, carrying the kind it is counted under (REJECTION_KINDS)."""
+    kind: str
+
+    def __new__(cls, kind: str, reason: str) -> "Refusal":
+        if kind not in REJECTION_KINDS:
+            raise ValueError(f"unknown rejection kind {kind!r}; known: {', '.join(REJECTION_KINDS)}")
+        refusal = super().__new__(cls, reason)
+        refusal.kind = kind
+        return refusal
+
+
+def rejection_kind(exc: Exception) -> str:
+    """The kind a message refused with `exc` counts under: a refusal's own (the service raises a guard's refusal as
+    ProtocolError(refusal), so it rides in the exception's args), `integrity` for an assembled blob that fails its
+    hash, and `malformed` for every other protocol error."""
+    given = exc.args[0] if exc.args else None
+    if isinstance(given, Refusal):
+        return given.kind
+    return "integrity" if isinstance(exc, IntegrityError) else "malformed"
+
 
 MISSED = ("no update before the deadline", "device went offline")   # how a task ends when its device did not answer
 
@@ -67,14 +114,16 @@ class Admission:
         self.listed = frozenset(listed) if listed is not None else None
         self._hellos = RateLimit(settings.hellos_per_minute)
 
-    def refuse_hello(self, device_id: str, known: bool, registered: int, now: float | None = None) -> str | None:
+    def refuse_hello(self, device_id: str, known: bool, registered: int,
+                     now: float | None = None) -> Refusal | None:
         """Why this hello is refused, or None to take it."""
         if self.listed is not None and device_id not in self.listed:
-            return f"device {device_id} is not on the fleet's device list"
+            return Refusal("not_admitted", f"device {device_id} is not on the fleet's device list")
         if not known and registered >= self.settings.max_devices:
-            return f"the registry is full ({self.settings.max_devices} devices; max_devices)"
+            return Refusal("not_admitted", f"the registry is full ({self.settings.max_devices} devices; max_devices)")
         if not self._hellos.allow(device_id, now):
-            return f"more than {self.settings.hellos_per_minute} hellos a minute from {device_id}"
+            return Refusal("over_limit",
+                           f"more than {self.settings.hellos_per_minute} hellos a minute from {device_id}")
         return None
 
 
@@ -94,26 +143,32 @@ class Uploads:
         self._unclaimed: dict[str, list[str]] = {}    # device -> complete blobs no update has named yet
 
     def refuse_chunk(self, device_id: str, blob: str, size: int, allowed_bytes: int | None,
-                     now: float | None = None) -> str | None:
+                     now: float | None = None) -> Refusal | None:
         """Why a chunk is refused: the device owes no update (allowed_bytes None), the blob is larger than its
         update can be, or it already uploads as many blobs as it may. None: take it."""
         now = time.monotonic() if now is None else now
         if allowed_bytes is None:
-            return f"{device_id} owes no update this round: upload refused"
+            return Refusal("unsolicited", f"{device_id} owes no update this round: upload refused")
         if size > allowed_bytes:
-            return f"an upload of {size} bytes from {device_id} exceeds the {allowed_bytes} bytes its update can be"
+            return Refusal("oversize", f"an upload of {size} bytes from {device_id} exceeds the {allowed_bytes} bytes "
+                                       f"its update can be")
         known = self._open.get(blob)
         if known is None:
             mine = sum(1 for u in self._open.values() if u.device_id == device_id)
             if mine >= self.settings.max_partial_uploads:
-                return f"{device_id} already uploads {mine} blob(s) (max_partial_uploads)"
+                return Refusal("over_limit", f"{device_id} already uploads {mine} blob(s) (max_partial_uploads)")
             self._open[blob] = _Upload(device_id, size, now)
         else:
             known.last_chunk_at = now
         return None
 
+    def open_blobs(self) -> list[str]:
+        """The blobs being uploaded (replicas: another replica may have completed one)."""
+        return list(self._open)
+
     def done(self, blob: str) -> None:
-        """The upload of `blob` failed and the blob is gone: its slot is free."""
+        """The upload of `blob` failed and the blob is gone (or another replica completed it): its slot is
+        free."""
         self._open.pop(blob, None)
 
     def completed(self, blob: str) -> list[str]:
@@ -168,21 +223,21 @@ class Fetches:
         self.max_tasks = max_tasks
 
     def refuse(self, device_id: str, blob: str, named: Mapping[str, int], task_id: str = "",
-               asked_bytes: int = 0, now: float | None = None) -> str | None:
+               asked_bytes: int = 0, now: float | None = None) -> Refusal | None:
         """Why this fetch is refused, or None to serve it. named: the blobs the device's open task names, with
         their sizes; asked_bytes: what this request asks for (the blob, or the chunks it lists)."""
         if blob not in named:
-            return f"{device_id} asked for blob {blob[:12]}…, which no open task of its names"
+            return Refusal("unsolicited", f"{device_id} asked for blob {blob[:12]}…, which no open task of its names")
         if not self._rate.allow(device_id, now):
-            return f"more than {self.per_minute} fetches a minute from {device_id}"
+            return Refusal("over_limit", f"more than {self.per_minute} fetches a minute from {device_id}")
         served = self._served.pop(task_id, 0) + asked_bytes
         self._served[task_id] = served
         while len(self._served) > self.max_tasks:
             self._served.popitem(last=False)
         most = self.allowance * sum(named.values())
         if served > most:
-            return (f"{device_id} asked for {served} bytes for task {task_id}, more than {self.allowance:g} x its "
-                    f"blobs ({most:.0f} bytes; fetch_allowance)")
+            return Refusal("over_limit", f"{device_id} asked for {served} bytes for task {task_id}, more than "
+                                         f"{self.allowance:g} x its blobs ({most:.0f} bytes; fetch_allowance)")
         return None
 
 

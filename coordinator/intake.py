@@ -4,7 +4,8 @@ Cheap checks that need no blob come first (identity, registration, task, round),
 reported loss (never negative, never far above chance and the fleet's range), then the
 blob (declared size, completeness, format), then the tensors (names, dtypes, shapes,
 finite values, norm of the change; coordinator/strategies/aggregation.py). A rejection carries its
-reason: the service logs it, counts it in the state store and sends it back in the Ack,
+reason and its kind (guards.REJECTION_KINDS): the service logs it, counts it in the state store by kind and
+sends the reason back in the Ack,
 and a rejected update never touches the global model. A second copy of an accepted
 update is a duplicate: acknowledged again, counted once.
 """
@@ -16,6 +17,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from coordinator.guards import REJECTION_KINDS
 from coordinator.state_store import StateStore, TaskRow
 from coordinator.strategies.aggregation import UpdateCheck, UpdateRejected, validate_update
 from coordinator.strategies.shared_features import feature_limit_bytes, is_integer, split_update, validate_features
@@ -33,10 +35,15 @@ class Verdict:
     status: str                  # accepted | duplicate | rejected | pending (blob not complete yet)
     reason: str = ""
     settles_task: bool = False   # a rejection of the scheduled device's own update ends its task
+    kind: str = ""               # a rejection's kind (guards.REJECTION_KINDS), what it is counted under
+
+    def __post_init__(self):
+        if self.status == "rejected" and self.kind not in REJECTION_KINDS:
+            raise ValueError(f"a rejection needs one of the kinds {', '.join(REJECTION_KINDS)}, not {self.kind!r}")
 
 
-def _rejected(reason: str, settles: bool = False) -> Verdict:
-    return Verdict("rejected", reason, settles)
+def _rejected(kind: str, reason: str, settles: bool = False) -> Verdict:
+    return Verdict("rejected", reason, settles, kind)
 
 
 def expected_shapes(manifest: Manifest, task: TaskRow) -> dict[str, tuple[int, ...]]:
@@ -90,22 +97,23 @@ def _check_task(msg: Update | Failed | Scores, sender: str, state: StateStore,
                 open_round: int | None) -> tuple[TaskRow | None, Verdict | None]:
     """The task a message answers, or the verdict that ends it before any blob is read."""
     if msg.device_id != sender:
-        return None, _rejected(f"device {msg.device_id!r} sent on the topic of device {sender!r}")
+        return None, _rejected("wrong_identity", f"device {msg.device_id!r} sent on the topic of device {sender!r}")
     if not state.has_device(sender):
-        return None, _rejected(f"unknown device {sender!r}: it never said hello")
+        return None, _rejected("unknown_device", f"unknown device {sender!r}: it never said hello")
     task = state.task(msg.task_id)
     if task is None:
-        return None, _rejected(f"unknown task {msg.task_id!r}")
+        return None, _rejected("unknown_task", f"unknown task {msg.task_id!r}")
     if task.device_id != sender:
-        return None, _rejected(f"task {msg.task_id} was scheduled to {task.device_id}, not {sender}")
+        return None, _rejected("wrong_task", f"task {msg.task_id} was scheduled to {task.device_id}, not {sender}")
     if msg.round != task.round:
-        return None, _rejected(f"says round {msg.round}, but task {msg.task_id} is of round {task.round}")
+        return None, _rejected("wrong_task", f"says round {msg.round}, but task {msg.task_id} is of round "
+                                             f"{task.round}")
     if task.status == "accepted":
         return task, Verdict("duplicate", "already stored")
     if task.status != "sent":
-        return None, _rejected(f"task {msg.task_id} is already {task.status}: {task.reason}")
+        return None, _rejected("stale", f"task {msg.task_id} is already {task.status}: {task.reason}")
     if open_round != task.round:
-        return None, _rejected(f"round {task.round} is closed: a late or replayed message")
+        return None, _rejected("stale", f"round {task.round} is closed: a late or replayed message")
     return task, None
 
 
@@ -121,28 +129,31 @@ def judge_update(update: Update, sender: str, state: StateStore, open_round: int
     # the fleet's range is read only for an update that answers a task of the open round
     why = implausible_loss(update.loss, manifest.num_classes, state.recent_losses(task.round))
     if why:
-        return _rejected(why, settles=True)
+        return _rejected("implausible_loss", why, settles=True)
     expected = expected_shapes(manifest, task)
     limit = update_limit_bytes(manifest, task)
     if update.blob_size > limit:
-        return _rejected(f"declared update size {update.blob_size} bytes exceeds the {limit} bytes its "
-                         f"parameters can take", settles=True)
+        return _rejected("oversize", f"declared update size {update.blob_size} bytes exceeds the {limit} bytes its "
+                                     f"parameters can take", settles=True)
     if not incoming.has(update.blob_sha256):
         return Verdict("pending", "update blob not complete yet")
     path = incoming.path(update.blob_sha256)
     size = path.stat().st_size
     if size != update.blob_size:
-        return _rejected(f"declared size {update.blob_size} bytes, but the blob has {size}", settles=True)
+        return _rejected("integrity", f"declared size {update.blob_size} bytes, but the blob has {size}", settles=True)
     try:
         values, features = split_update(wcodec.decode(path.read_bytes(), what=f"update of {update.task_id}",
                                                       integers=is_integer))
-    except IntegrityError as exc:
-        return _rejected(str(exc), settles=True)
+    except IntegrityError as exc:   # the blob matched its hash: what it holds is not an update
+        return _rejected("bad_update", str(exc), settles=True)
     try:
         validate_features(features, manifest, share_rows(task))
+    except UpdateRejected as exc:
+        return _rejected("bad_features", str(exc), settles=True)
+    try:
         validate_update(values, expected, sent_weights(task), check)
     except UpdateRejected as exc:
-        return _rejected(str(exc), settles=True)
+        return _rejected("bad_update", str(exc), settles=True)
     return Verdict("accepted")
 
 
@@ -153,10 +164,12 @@ def judge_scores(msg: Scores, sender: str, state: StateStore, open_round: int | 
         return verdict
     a = task.assignment
     if a.kind != "score":
-        return _rejected(f"task {msg.task_id} is a training task: it needs an update, not scores", settles=True)
+        return _rejected("wrong_task", f"task {msg.task_id} is a training task: it needs an update, not scores",
+                         settles=True)
     expected = {str(i) for i in a.trainable} | ({"head"} if a.train_head else set())
     if set(msg.scores) != expected:
-        return _rejected(f"scores name {sorted(msg.scores)}, the task asked for {sorted(expected)}", settles=True)
+        return _rejected("bad_update", f"scores name {sorted(msg.scores)}, the task asked for {sorted(expected)}",
+                         settles=True)
     return Verdict("accepted")
 
 

@@ -39,7 +39,7 @@ import numpy as np
 from coordinator import intake, strategies
 from coordinator.config import ConfigError
 from coordinator.global_model import GlobalModel
-from coordinator.guards import Admission, Fetches, GuardSettings, RateLimit, Uploads, benched_devices
+from coordinator.guards import Admission, Fetches, GuardSettings, RateLimit, Uploads, benched_devices, rejection_kind
 from coordinator.model import sources
 from coordinator.model.zoo_profile import measured_profile
 from coordinator.round_metrics import DeviceRound, RoundMetrics, device_accuracy, models_text
@@ -368,7 +368,8 @@ class Coordinator:
                 raise ProtocolError(f"devices do not publish {kind} messages")
             getattr(self, f"_on_{kind}")(device_id, msg)
         except (ProtocolError, EdgeRuntimeError) as exc:
-            self._rejected(self._registered_sender(msg.topic), None, f"{printable(msg.topic, 120)}: {exc}")
+            self._rejected(self._registered_sender(msg.topic), None, f"{printable(msg.topic, 120)}: {exc}",
+                           rejection_kind(exc))
         except Exception:  # a bug must not take the fleet's coordinator down
             log.exception("error while handling a message on %s", msg.topic)
         finally:
@@ -514,7 +515,7 @@ class Coordinator:
             self._reject(sender, failed.task_id, verdict)
 
     def _reject(self, sender: str, task_id: str, verdict: intake.Verdict) -> None:
-        self._rejected(sender, task_id, verdict.reason)
+        self._rejected(sender, task_id, verdict.reason, verdict.kind)
         if verdict.settles_task:
             self.state.mark_task(task_id, "rejected", verdict.reason)
 
@@ -526,10 +527,11 @@ class Coordinator:
             return None
         return device_id if self.state.has_device(device_id) else None
 
-    def _rejected(self, sender: str | None, task_id: str | None, reason: str) -> None:
-        """Count a rejection (stored with the next tick, in one transaction) and log it: once a minute per
-        registered device, and once a minute for all the rest (a flood from invented ids is one line a minute)."""
-        self._rejections.append((time.time(), sender, task_id, reason[:1000]))
+    def _rejected(self, sender: str | None, task_id: str | None, reason: str, kind: str) -> None:
+        """Count a rejection under its kind (guards.REJECTION_KINDS; stored with the next tick, in one transaction)
+        and log it: once a minute per registered device, and once a minute for all the rest (a flood from invented
+        ids is one line a minute)."""
+        self._rejections.append((time.time(), sender, task_id, reason[:1000], kind))
         if self._loud.allow(sender or "\0unregistered"):
             log.warning("rejected a message from %s (task %s): %s", sender or "?", task_id or "-", printable(reason))
 

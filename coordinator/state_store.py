@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -86,10 +87,21 @@ def _v2_leases(db: SqliteDb | PostgresDb) -> None:
                     "expires_at REAL NOT NULL, epoch INTEGER NOT NULL)")
 
 
+def _v3_rejection_kinds(db: SqliteDb | PostgresDb) -> None:
+    """Rejections counted by kind (coordinator/guards.py, REJECTION_KINDS): a kind on each row, and a running total
+    per kind that the trim to the newest MAX_REJECTIONS rows leaves alone. The rejections stored before count as
+    'other', as many as their ids say (the trimmed ones too)."""
+    db.execute(db.ddl("ALTER TABLE rejections ADD COLUMN kind TEXT NOT NULL DEFAULT 'other'"))
+    _statements(db, "CREATE TABLE IF NOT EXISTS rejection_totals (kind TEXT PRIMARY KEY, total INTEGER NOT NULL)")
+    db.execute("INSERT INTO rejection_totals (kind, total) SELECT 'other', n FROM (SELECT MAX(id) AS n FROM "
+               "rejections) AS stored WHERE n IS NOT NULL")
+
+
 # (version, what it changes, the change): append only; a released step is never edited
 MIGRATIONS: list[tuple[int, str, Callable[[SqliteDb | PostgresDb], None]]] = [
     (1, "the first versioned schema (adds the columns older stores lack)", _v1_tables),
     (2, "the leader lease of replicated coordinators", _v2_leases),
+    (3, "a kind on every rejection, and running totals per kind", _v3_rejection_kinds),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -438,18 +450,30 @@ class StateStore:
                                 "strategy_state FROM rounds WHERE state = 'closed' ORDER BY round").fetchall()
         return [RoundRow(*r[:6], json.loads(r[6]), json.loads(r[7])) for r in rows]
 
-    def record_rejection(self, device_id: str | None, task_id: str | None, reason: str) -> None:
-        self.record_rejections([(time.time(), device_id, task_id, reason)])
+    def record_rejection(self, device_id: str | None, task_id: str | None, reason: str, kind: str = "other") -> None:
+        self.record_rejections([(time.time(), device_id, task_id, reason, kind)])
 
-    def record_rejections(self, rows: list[tuple[float, str | None, str | None, str]]) -> None:
-        """Many rejections in one transaction: a flood of garbage costs one write per tick, not one each."""
+    def record_rejections(self, rows: list[tuple[float, str | None, str | None, str, str]]) -> None:
+        """Many rejections (at, device, task, reason, kind) in one transaction: a flood of garbage costs one write
+        per tick, not one each. Each kind's running total grows in the same transaction."""
         with self._db.transaction():
-            self._db.executemany("INSERT INTO rejections (at, device_id, task_id, reason) VALUES (?, ?, ?, ?)", rows)
+            self._db.executemany("INSERT INTO rejections (at, device_id, task_id, reason, kind) VALUES (?, ?, ?, ?, ?)",
+                                 rows)
+            totals = Counter(row[4] for row in rows)
+            for kind in sorted(totals):   # one order for every replica: two flushing at once never deadlock
+                self._db.execute("INSERT INTO rejection_totals (kind, total) VALUES (?, ?) ON CONFLICT(kind) DO "
+                                 "UPDATE SET total = rejection_totals.total + excluded.total", (kind, totals[kind]))
             # the newest MAX_REJECTIONS are kept: a flood of garbage must not grow the store without end
             self._db.execute("DELETE FROM rejections WHERE id <= (SELECT MAX(id) FROM rejections) - ?",
                              (MAX_REJECTIONS,))
 
     def rejections(self, since: float = 0.0) -> list[dict]:
-        cur = self._db.execute("SELECT at, device_id, task_id, reason FROM rejections WHERE at >= ? ORDER BY id",
-                               (since,))
-        return [dict(zip(("at", "device_id", "task_id", "reason"), r)) for r in cur.fetchall()]
+        """The stored rejections (the newest MAX_REJECTIONS) since `since`, oldest first."""
+        cur = self._db.execute("SELECT at, device_id, task_id, reason, kind FROM rejections WHERE at >= ? "
+                               "ORDER BY id", (since,))
+        return [dict(zip(("at", "device_id", "task_id", "reason", "kind"), r)) for r in cur.fetchall()]
+
+    def rejection_totals(self) -> dict[str, int]:
+        """Rejections ever stored, per kind: running totals, whatever the trim of the table has dropped."""
+        rows = self._db.execute("SELECT kind, total FROM rejection_totals ORDER BY kind").fetchall()
+        return {kind: int(total) for kind, total in rows}

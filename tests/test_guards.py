@@ -6,7 +6,17 @@ import os
 
 import pytest
 
-from coordinator.guards import Admission, Fetches, GuardSettings, RateLimit, Uploads, benched_rounds
+from coordinator.guards import (
+    Admission,
+    Fetches,
+    GuardSettings,
+    RateLimit,
+    Refusal,
+    Uploads,
+    benched_rounds,
+    rejection_kind,
+)
+from edge_runtime.errors import IntegrityError
 from edge_runtime.wire.protocol import ProtocolError
 from edge_runtime.wire.transfer import BlobStore, ChunkHeader, chunks_of
 
@@ -108,3 +118,32 @@ def test_a_blob_uploaded_again_is_never_deleted_as_its_own_extra():
     assert extras == []                           # a is d1's extra, but d0 may still name it: kept
     assert uploads.refuse_chunk("d1", "d" * 64, 100, 999) is None
     assert uploads.completed("d" * 64) == ["b" * 64]   # b is d1's alone
+
+
+def test_every_refusal_carries_the_kind_it_is_counted_under():
+    """The service raises a refusal as ProtocolError(refusal) and counts it under the kind rejection_kind reads."""
+    chatty, uploads = Admission(S), Uploads(S)
+    assert chatty.refuse_hello("d0", True, 3, now=0) is None and chatty.refuse_hello("d0", True, 3, now=1) is None
+    for blob in ("a" * 64, "b" * 64):
+        assert uploads.refuse_chunk("d0", blob, 100, 999) is None
+    named = {"a" * 64: 10}
+    rate, allowance = Fetches(GuardSettings(fetches_per_minute=1)), Fetches(GuardSettings(fetch_allowance=1.0))
+    assert rate.refuse("d0", "a" * 64, named, "t", 1, now=0) is None
+    refusals = {
+        "not_admitted": [Admission(S, listed=["d0"]).refuse_hello("intruder", False, 0),
+                         Admission(S).refuse_hello("d9", False, 3)],
+        "over_limit": [chatty.refuse_hello("d0", True, 3, now=2), uploads.refuse_chunk("d0", "c" * 64, 100, 999),
+                       rate.refuse("d0", "a" * 64, named, "t", 1, now=1),
+                       allowance.refuse("d0", "a" * 64, named, "t", 20)],
+        "unsolicited": [uploads.refuse_chunk("d1", "c" * 64, 100, None), allowance.refuse("d0", "c" * 64, named, "t")],
+        "oversize": [uploads.refuse_chunk("d1", "c" * 64, 1000, 999)],
+    }
+    for kind, found in refusals.items():
+        for refusal in found:
+            assert isinstance(refusal, Refusal) and refusal.kind == kind, (kind, refusal)
+            assert rejection_kind(ProtocolError(refusal)) == kind and str(ProtocolError(refusal)) == refusal
+    assert rejection_kind(ProtocolError("hello: JSON nested deeper than 8 levels")) == "malformed"
+    assert rejection_kind(IntegrityError("blob 0123 assembled to sha256 4567; discarded, fetch it again")) == \
+        "integrity"
+    with pytest.raises(ValueError, match="unknown rejection kind 'rude'"):
+        Refusal("rude", "a kind no count has")

@@ -53,18 +53,19 @@ def test_a_good_update_is_accepted_and_a_second_copy_is_a_duplicate(setup):
     assert _judge(setup).status == "duplicate"
 
 
-@pytest.mark.parametrize("case, fields, reason", [
-    ("sender is not the device named in the update", {"sender": "pi-02"}, "sent on the topic of device"),
-    ("unknown device", {"sender": "ghost", "device_id": "ghost"}, "unknown device 'ghost'"),
-    ("task of another device", {"sender": "pi-02", "device_id": "pi-02"}, "was scheduled to pi-01"),
-    ("unknown task", {"task_id": "r7-pi-01"}, "unknown task"),
-    ("wrong round", {"round": 2}, "says round 2"),
-    ("declared size differs from the blob", {"blob_size": 1234}, "declared size 1234"),
-    ("oversize", {"blob_size": 50 << 20}, "exceeds"),
+@pytest.mark.parametrize("case, fields, reason, kind", [
+    ("sender is not the device named in the update", {"sender": "pi-02"}, "sent on the topic of device",
+     "wrong_identity"),
+    ("unknown device", {"sender": "ghost", "device_id": "ghost"}, "unknown device 'ghost'", "unknown_device"),
+    ("task of another device", {"sender": "pi-02", "device_id": "pi-02"}, "was scheduled to pi-01", "wrong_task"),
+    ("unknown task", {"task_id": "r7-pi-01"}, "unknown task", "unknown_task"),
+    ("wrong round", {"round": 2}, "says round 2", "wrong_task"),
+    ("declared size differs from the blob", {"blob_size": 1234}, "declared size 1234", "integrity"),
+    ("oversize", {"blob_size": 50 << 20}, "exceeds", "oversize"),
 ])
-def test_message_level_rejections(setup, case, fields, reason):
+def test_message_level_rejections(setup, case, fields, reason, kind):
     v = _judge(setup, **fields)
-    assert v.status == "rejected" and reason in v.reason, (case, v)
+    assert v.status == "rejected" and reason in v.reason and v.kind == kind, (case, v)
 
 
 def test_a_replayed_update_for_a_closed_round_is_rejected(setup):
@@ -72,7 +73,7 @@ def test_a_replayed_update_for_a_closed_round_is_rejected(setup):
     data = wcodec.encode(good)
     u = Update("r1-pi-01", 1, "pi-01", incoming.put_bytes(data), len(data), 100, 0.5, 10, 1, 1.0)
     v = intake.judge_update(u, "pi-01", state, 2, incoming, m, lambda task: w)   # round 2 is open now
-    assert v.status == "rejected" and "round 1 is closed" in v.reason
+    assert v.status == "rejected" and "round 1 is closed" in v.reason and v.kind == "stale"
 
 
 def test_tensor_level_rejections(setup):
@@ -87,11 +88,12 @@ def test_tensor_level_rejections(setup):
     }
     for case, (values, reason) in cases.items():
         v = _judge(setup, values=values)
-        assert v.status == "rejected" and reason in v.reason and v.settles_task, (case, v)
+        assert v.status == "rejected" and reason in v.reason and v.settles_task and v.kind == "bad_update", (case, v)
     ints = _judge(setup, raw=_safetensors_with_int(good))
-    assert ints.status == "rejected" and "dtype int32" in ints.reason
+    assert ints.status == "rejected" and "dtype int32" in ints.reason and ints.kind == "bad_update"
     garbage = _judge(setup, raw=b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     assert garbage.status == "rejected" and "not a valid safetensors" in garbage.reason
+    assert garbage.kind == "bad_update"            # it matched its hash: what it holds is no update
 
 
 def test_an_incomplete_blob_waits_and_a_failure_report_settles_its_task(setup):
@@ -101,7 +103,7 @@ def test_an_incomplete_blob_waits_and_a_failure_report_settles_its_task(setup):
     ok = intake.judge_failure(Failed("r1-pi-02", 1, "pi-02", "needs 120 MB"), "pi-02", state, 1)
     assert ok.status == "accepted" and ok.settles_task
     forged = intake.judge_failure(Failed("r1-pi-01", 1, "pi-01", "no"), "pi-02", state, 1)
-    assert forged.status == "rejected"
+    assert forged.status == "rejected" and forged.kind == "wrong_identity"
 
 
 def _safetensors_with_int(good):
@@ -115,7 +117,7 @@ def _safetensors_with_int(good):
 ])
 def test_an_implausible_loss_is_refused_before_the_blob_is_read(setup, loss, reason):
     v = _judge(setup, raw=b"not even a blob", loss=loss)
-    assert v.status == "rejected" and reason in v.reason and v.settles_task
+    assert v.status == "rejected" and reason in v.reason and v.settles_task and v.kind == "implausible_loss"
 
 
 def test_the_loss_ceiling_follows_the_fleets_recent_losses(setup):

@@ -46,8 +46,8 @@ def test_round_tasks_updates_and_duplicates(location):
         s.record_update(_update("r9-unknown"))                      # not a task of any round
     s.close_round(1, weights_after="ef" * 32, strategy_state={"t": 1})
     assert s.claimed_examples(["pi-01"], before_round=2) == {"pi-01": [100]}
-    s.record_rejections([(time.time(), "pi-01", None, "bad")])
-    assert [r["reason"] for r in s.rejections()] == ["bad"]
+    s.record_rejections([(time.time(), "pi-01", None, "bad", "malformed")])
+    assert [(r["reason"], r["kind"]) for r in s.rejections()] == [("bad", "malformed")]
     again = StateStore(location)                                    # a restarted coordinator
     r = again.current_round()
     assert (r.round, r.state, r.strategy_state, r.plan) == (1, "closed", {"t": 1}, {"stage": 0})
@@ -183,3 +183,33 @@ def test_the_leader_lease_has_one_holder_and_a_new_epoch_per_leader(location):
     b.release_lease("leader", "b")                                   # a clean stop hands over at once
     assert a.hold_lease("leader", "a", ttl_s=30) == second + 1
     assert a.lease("leader")["holder"] == "a"
+
+
+def test_a_schema_2_store_migrates_its_rejections_to_kind_other_and_totals_outlive_the_trim(location, monkeypatch):
+    """Schema 3 gives each rejection a kind and keeps a running total per kind: the rows of a schema-2 store count
+    as 'other' (those its trim had dropped too, by their ids), and a total never shrinks when the table is trimmed."""
+    from coordinator import state_store
+    from coordinator.state_sql import connect
+    db = connect(location)
+    with db.transaction():                                   # the store as the release with schema 2 left it
+        for _number, _what, step in state_store.MIGRATIONS[:2]:
+            step(db)
+        db.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+        for i in range(5):
+            db.execute("INSERT INTO rejections (at, device_id, task_id, reason) VALUES (?, 'pi-01', NULL, ?)",
+                       (float(i), f"old {i}"))
+        db.execute("DELETE FROM rejections WHERE id <= 2")  # its trim had dropped the oldest
+    db.close()
+    with pytest.raises(StoreError, match="schema version 2, older than"):
+        StateStore(location, readonly=True)
+    s = StateStore(location)
+    assert s.migrated == list(range(3, SCHEMA_VERSION + 1))
+    assert [(r["reason"], r["kind"]) for r in s.rejections()] == [(f"old {i}", "other") for i in (2, 3, 4)]
+    assert s.rejection_totals() == {"other": 5}
+    monkeypatch.setattr(state_store, "MAX_REJECTIONS", 4)
+    s.record_rejections([(10.0, None, None, "garbage", "malformed")] * 3 + [(11.0, "pi-01", "t", "NaN", "bad_update")])
+    s.record_rejection("pi-01", None, "unknown task", "unknown_task")
+    assert [r["kind"] for r in s.rejections()] == ["malformed", "malformed", "bad_update", "unknown_task"]  # trimmed
+    assert s.rejection_totals() == {"other": 5, "malformed": 3, "bad_update": 1, "unknown_task": 1}
+    again = StateStore(location, readonly=True)              # what a status tool or the metrics endpoint reads
+    assert again.rejection_totals() == s.rejection_totals()
