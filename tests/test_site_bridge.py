@@ -179,7 +179,12 @@ def test_the_bridge_carries_chunk_headers_and_the_retained_status_over_tls(fleet
         device.publish(T.device("n-0", "upload"), b"chunk", user_properties=header, wait_s=WAIT)
         got = wait_message(coordinator, T.device("n-0", "upload"))
         assert (got.payload, got.user_properties, got.qos) == (b"chunk", header, 1)
+        device.publish(T.device("n-0", "status"), Status("online", at=4.0).encode(), retain=True, wait_s=WAIT)
+        wait_message(coordinator, T.device("n-0", "status"))
         device.stop()
+        coordinator.stop()     # and again, after the status came: the core keeps it retained
+        coordinator = connect(core, "coordinator", [T.device("n-0", "status")])
+        assert Status.decode(wait_message(coordinator, T.device("n-0", "status")).payload).at == 4.0
         coordinator.publish(T.coordinator_status, Status("online", at=5.0).encode(), retain=True, wait_s=WAIT)
         for d in DEVICES:
             coordinator.publish(T.device(d, "blob"), d.encode(), user_properties=header, wait_s=WAIT)

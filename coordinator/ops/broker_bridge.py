@@ -139,6 +139,8 @@ def _connection_lines(topics: Topics, site: str, user: str, host: str, port: int
         f"remote_username {user}",
         f"remote_password {password}",
         "# What the devices send while the core is out of reach waits here and goes when the bridge is back.",
+        "# (Not the other way: Mosquitto 2.0 gives an MQTT 5 bridge no session expiry, so the core keeps",
+        "# nothing for it meanwhile; docs/broker.md, \"Sites\".)",
         "cleansession false",
         "# The bridge subscribes on the core only to what comes in: nothing to unsubscribe at each connect.",
         "bridge_attempt_unsubscribe false",
