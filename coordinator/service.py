@@ -42,6 +42,7 @@ from coordinator.global_model import GlobalModel
 from coordinator.guards import Admission, Fetches, GuardSettings, RateLimit, Uploads, benched_devices, rejection_kind
 from coordinator.model import sources
 from coordinator.model.zoo_profile import measured_profile
+from coordinator.observe import prometheus
 from coordinator.round_metrics import DeviceRound, RoundMetrics, device_accuracy, models_text
 from coordinator.state_store import StateStore, TaskRow, task_spec
 from coordinator.strategies.aggregation import AggregationSettings, UpdateCheck, aggregation_settings_table
@@ -90,6 +91,8 @@ DEFAULTS = {
                 # admission: the fleet's device list (one id a line, the file `edge-coordinator acl` reads);
                 # "" takes any id up to max_devices
                 "devices_file": "", "max_tasks_per_round": 1000,
+                # "HOST:PORT" serves Prometheus metrics at http://HOST:PORT/metrics (port 0: any free one); "" off
+                "metrics_listen": "",
                 # what one device may cost the coordinator (coordinator/guards.py)
                 **asdict(GuardSettings())},
     "train": {"optimizer": "adamw", "learning_rate": 2e-3, "local_epochs": 1.0, "batch_sizes": [16, 32, 64],
@@ -227,6 +230,8 @@ class Coordinator:
         self.state.set_meta("coordinator", {"pid": os.getpid(), "host": socket.gethostname(), "running": True,
                                             "since": time.time()})
         try:
+            self.metrics_server = prometheus.serve(s["metrics_listen"], self.state.location,
+                                                   lambda: getattr(self, "is_leader", True))
             self._republish_open_tasks()
             next_tick = 0.0
             while not stop.is_set():
@@ -240,6 +245,7 @@ class Coordinator:
                     if self._tick():
                         break
         finally:
+            prometheus.stop(getattr(self, "metrics_server", None))
             self.pool.shutdown(wait=True)
             self.link.stop(final=(self.topics.coordinator_status, Status("offline", time.time()).encode()))
             self.state.set_meta("coordinator", {"pid": os.getpid(), "host": socket.gethostname(), "running": False,

@@ -477,3 +477,31 @@ class StateStore:
         """Rejections ever stored, per kind: running totals, whatever the trim of the table has dropped."""
         rows = self._db.execute("SELECT kind, total FROM rejection_totals ORDER BY kind").fetchall()
         return {kind: int(total) for kind, total in rows}
+
+    # -- what monitoring reads (coordinator/observe/prometheus.py) ----------------------------------------
+    def fleet_totals(self) -> dict[str, int]:
+        """The run's totals in a few aggregate queries (none reads a round's JSON): rounds closed, the newest
+        round and whether it is open, answers accepted (updates and scores) with the bytes the updates' devices
+        uploaded and downloaded, and tasks failed."""
+        closed, newest = self._db.execute("SELECT COUNT(*), MAX(round) FROM rounds WHERE state = 'closed'").fetchone()
+        last = self._db.execute("SELECT round, state FROM rounds ORDER BY round DESC LIMIT 1").fetchone()
+        updates, uploaded, downloaded = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(blob_size), 0), COALESCE(SUM(downloaded_bytes), 0) FROM updates").fetchone()
+        scores = self._db.execute("SELECT COUNT(*) FROM scores").fetchone()[0]
+        failed = self._db.execute("SELECT COUNT(*) FROM tasks WHERE status = 'failed'").fetchone()[0]
+        return {"rounds_closed": int(closed), "last_closed_round": int(newest or 0),
+                "round": int(last[0]) if last else 0, "round_open": int(bool(last) and last[1] == "open"),
+                "accepted": int(updates) + int(scores), "uploaded_bytes": int(uploaded),
+                "downloaded_bytes": int(downloaded), "tasks_failed": int(failed)}
+
+    def devices_per_tier(self) -> dict[str, tuple[int, int]]:
+        """{tier: (devices online, devices registered)}."""
+        rows = self._db.execute("SELECT tier, SUM(online), COUNT(*) FROM devices GROUP BY tier ORDER BY tier")
+        return {tier: (int(online or 0), int(registered)) for tier, online, registered in rows.fetchall()}
+
+    def closed_rounds_after(self, round_no: int) -> list[tuple[int, dict]]:
+        """(round, metrics) of the closed rounds after `round_no`, in order: what a reader that has folded the
+        earlier ones still needs."""
+        rows = self._db.execute("SELECT round, metrics FROM rounds WHERE state = 'closed' AND round > ? ORDER BY round",
+                                (round_no,)).fetchall()
+        return [(int(r), json.loads(m or "{}")) for r, m in rows]
