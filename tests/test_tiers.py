@@ -159,6 +159,19 @@ def test_find_tier_by_name_or_path(tmp_path):
         find_tier("pi-zero-2w", tmp_path)
 
 
+@pytest.mark.parametrize("typo, meant", [("pi-zero-3", "pi-zero-2w"), ("pi-3b-pls", "pi-3b-plus"),
+                                         ("jetson-nano", "jetson-nano-4gb"), ("lab-board", None)])
+def test_an_unknown_tier_names_the_closest_known_one(typo, meant):
+    with pytest.raises(TierError) as info:
+        find_tier(typo, PROFILES)
+    message = str(info.value)
+    assert f"unknown tier {typo!r}; known: generic-256mb, jetson-nano-4gb" in message
+    if meant:
+        assert message.endswith(f"(did you mean {meant}?)")
+    else:
+        assert "did you mean" not in message
+
+
 def test_tiers_import_without_torch_or_onnxruntime():
     code = ("import sys; sys.modules['torch'] = None\n"
             "from edge_runtime.device import tiers\n"

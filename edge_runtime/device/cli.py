@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from edge_runtime import logs
+from edge_runtime import logs, systemd
 from edge_runtime.device.agent import Agent, budgeted_jobs, job_budget_bytes
 from edge_runtime.device.settings import DEFAULTS, ConfigError, DeviceConfig, load_settings, resolve
 from edge_runtime.memory import current_rss_bytes, size_text
@@ -78,14 +78,20 @@ def _stop_jobs() -> None:
             pass
 
 
+def refuse(problem: object) -> int:
+    """Bad settings: one line on stderr, as every edgeblock command says it, and exit code 2 (not restarted)."""
+    print(f"edge-device: {problem}", file=sys.stderr)
+    return 2
+
+
 def run_agent(settings: dict, stop: threading.Event | None = None) -> int:
-    """Run the agent until `stop` is set, SIGTERM or Ctrl-C. Exit code: 0 stopped, 2 bad settings, 1 no broker."""
+    """Run the agent until `stop` is set, SIGTERM or Ctrl-C. Exit code: 0 stopped (SIGTERM), 1 no broker,
+    2 bad settings, 130 Ctrl-C."""
     stop = stop or threading.Event()
     try:
         cfg = resolve(settings)
     except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
+        return refuse(exc)
     link = None
     try:
         link = connect(cfg, stop)
@@ -95,25 +101,28 @@ def run_agent(settings: dict, stop: threading.Event | None = None) -> int:
         job_budget = job_budget_bytes(cfg.budget_bytes, current_rss_bytes())
         agent_share = cfg.budget_bytes - job_budget
         if job_budget <= 0:
-            log.error("a budget of %s leaves nothing for training beside the agent's own %s",
-                      size_text(cfg.budget_bytes), size_text(agent_share))
-            return 2
+            return refuse(f"a budget of {size_text(cfg.budget_bytes)} leaves nothing for training beside the "
+                          f"agent's own {size_text(agent_share)}")
         log.info("device %s (tier %s): budget %s = jobs %s + agent %s; state in %s", cfg.device_id, cfg.tier,
                  size_text(cfg.budget_bytes), size_text(job_budget), size_text(agent_share), cfg.state)
         jobs = budgeted_jobs(cfg, job_budget)
         if cfg.job_python:
             log.info("training jobs start with: %s", shlex.join(cfg.job_python))
-        Agent(cfg, link, jobs, stop).serve()
+        agent = Agent(cfg, link, jobs, stop)
+        # connected and about to serve: a Type=notify unit's start is complete
+        systemd.notify("READY=1", f"STATUS=device {cfg.device_id} (tier {cfg.tier}) connected to "
+                                  f"{cfg.host}:{cfg.port}")
+        agent.serve()
         return 0
     except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
+        return refuse(exc)
     except KeyboardInterrupt as exc:  # maybe raised mid-job (the stop event only acts between jobs)
         log.info("stopping (%s)", "SIGTERM" if isinstance(exc, Terminated) else "interrupted")
         _stop_jobs()
         return 0 if isinstance(exc, Terminated) else 130
     finally:
         stop.set()
+        systemd.notify("STOPPING=1")
         if link is not None:
             link.stop(final=(cfg.topics.device(cfg.device_id, "status"), Status("offline", at=time.time()).encode()))
 
@@ -143,12 +152,14 @@ A production broker (docs/broker.md) takes broker = "mqtts://broker.lan" (TLS, p
 The budget announced to the coordinator is what training jobs get: the device budget
 less this agent's own memory. State (blobs, caches, checkpoints, the current task)
 lives in --state; stop the agent at any time and start it again to resume.
-Exit codes: 0 stopped, 1 no broker within --connect-timeout, or it refused the login or
-its certificate is not trusted, 2 bad settings.""")
+Exit codes: 0 stopped (SIGTERM), 1 no broker within --connect-timeout, or it refused the
+login or its certificate is not trusted, 2 bad settings (a line on stderr that starts with
+`edge-device: `), 130 Ctrl-C. Under systemd (Type=notify) it reports ready once connected.""")
     p.add_argument("--config", type=Path, metavar="FILE",
                    help="TOML file with a [device] table (keys as the flags, with _)")
     p.add_argument("--id", help="this device's id (letters, digits, '_', '.', '-'); required")
-    p.add_argument("--tier", help="tier name (profiles/<tier>.toml) or a tier file; default 'custom' (no file)")
+    p.add_argument("--tier", help="tier name (profiles/<tier>.toml) or a tier file; default 'custom' (no file, "
+                                  "the budget measured); another name without a file needs --budget-mb")
     p.add_argument("--fleet", help="fleet name, the topic prefix edgeblock/v1/<fleet>/ (default 'default')")
     p.add_argument("--broker", metavar="URL",
                    help="the coordinator's broker, mqtt://host:port or mqtts://host:port (TLS, port 8883); required")
@@ -192,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.config, flags)
     except ConfigError as exc:
-        print(f"edge-device: {exc}", file=sys.stderr)
-        return 2
+        return refuse(exc)
     name = str(settings["id"] or "?").replace("%", "%%")
     logs.configure(args.log_level.upper(), f"%(asctime)s edge-device[{name}] %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, _raise_terminated)

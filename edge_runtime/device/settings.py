@@ -23,9 +23,12 @@ from edge_runtime.wire.protocol import ProtocolError, Topics, check_id
 log = logging.getLogger("edge_runtime.device")
 
 TABLE = "device"
+# The tier of a board without a tier file: its budget is measured. Any other name without a file needs
+# --budget-mb, as edge-demo's and edge-sim's fleets do: it is most likely a typo of a known tier.
+CUSTOM_TIER = "custom"
 DEFAULTS = {
     "id": "",                 # required
-    "tier": "custom",         # a name without a tier file is fine: the budget is then measured
+    "tier": CUSTOM_TIER,
     "fleet": "default",
     "broker": "",             # required
     "data": "",               # required
@@ -119,6 +122,7 @@ def resolve(settings: dict) -> DeviceConfig:
         security = security_from_settings({**s, "username": login}, s["broker"])
     except (ProtocolError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
+    tier, tier_budget = _tier(s["tier"], s["budget_mb"])
     data = LocalDataset(Path(s["data"]).expanduser().resolve())
     if not data.root.is_dir():
         raise ConfigError(f"--data {s['data']}: no such directory")
@@ -137,7 +141,6 @@ def resolve(settings: dict) -> DeviceConfig:
         state.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"--state {state}: cannot create it ({exc})") from None
-    tier, tier_budget = _tier(s["tier"])
     job_python = _job_python(s["job_python"])
     found = probe(state)
     return DeviceConfig(device_id=device_id, tier=tier, topics=topics, host=host, port=port, data=data.root,
@@ -162,8 +165,9 @@ def _job_python(command: str) -> tuple[str, ...]:
     return words
 
 
-def _tier(name_or_path: str) -> tuple[str, int | None]:
-    """(tier name, its default budget): a tier file in profiles/ when there is one, else just the name."""
+def _tier(name_or_path: str, budget_mb: float) -> tuple[str, int | None]:
+    """(tier name, its default budget): a tier file in profiles/; else, with --budget-mb or as CUSTOM_TIER, the
+    name alone. Any other name is refused, naming the known tiers and the closest one."""
     try:
         tier = find_tier(name_or_path)
         # the tier's budget_mb is the jobs' share; the agent counts itself against the whole
@@ -171,6 +175,9 @@ def _tier(name_or_path: str) -> tuple[str, int | None]:
     except TierError as exc:
         if exc.path != DEFAULT_PROFILES_DIR:   # a tier file exists but is broken, or a given path is missing
             raise ConfigError(str(exc)) from None
+        if name_or_path != CUSTOM_TIER and not budget_mb:
+            raise ConfigError(f"--tier: {exc}; or give --budget-mb to run a tier without a file, or "
+                              f"--tier {CUSTOM_TIER} to measure the budget") from None
         name, budget = name_or_path, None
     try:
         return check_id(name, "tier"), budget

@@ -177,6 +177,8 @@ def find_tier(name_or_path: Path | str, directory: Path | str = DEFAULT_PROFILES
     path = directory / f"{text}.toml"
     if not path.is_file():
         known = sorted(p.stem for p in directory.glob("*.toml"))
+        near = difflib.get_close_matches(text, known, n=1)
         raise TierError(directory, None,
-                        f"unknown tier {text!r}; known: {', '.join(known) if known else 'none (no *.toml here)'}")
+                        f"unknown tier {text!r}; known: {', '.join(known) if known else 'none (no *.toml here)'}"
+                        + (f" (did you mean {near[0]}?)" if near else ""))
     return load_tier(path)
