@@ -12,6 +12,13 @@ Without --broker the coordinator starts its own Mosquitto on a free loopback por
 writes the address to WORKDIR/broker.url for the devices) and stops it on exit. Every
 piece of state lives in WORKDIR: kill the coordinator at any moment and run the same
 command again to continue the same round.
+
+Exit codes of `run`: 0 the schedule ended; 1 the broker cannot be reached or refused the
+login (checked in seconds, before the model's export and a profile's measurement), or
+the run failed; 2 a configuration it refuses, before anything runs; 130 after Ctrl-C
+(SIGINT) and 143 after SIGTERM, when the stop came before the schedule's end (128 plus
+the signal's number, as a shell reports it). The other commands exit 0, or 2 with the
+reason. Every error is one line on stderr that starts with `edge-coordinator: `.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import argparse
 import json
 import logging
 import signal
+import sqlite3
 import sys
 import threading
 from pathlib import Path
@@ -26,7 +34,7 @@ from pathlib import Path
 from coordinator import strategies
 from coordinator.config import ConfigError, load_config
 from coordinator.service import DEFAULTS
-from edge_runtime import logs
+from edge_runtime import logs, systemd
 
 EPILOG = """examples:
   edge-coordinator run                                   # progressive fmnist_cnn, embedded broker, runs/coordinator
@@ -171,7 +179,60 @@ def _settings(args) -> dict:
     return load_config(DEFAULTS, args.config, overrides)
 
 
+EXIT_FAILED = 1    # the broker cannot be reached or refused the login, or the run failed: the unit restarts
 EXIT_REFUSED = 2   # a ConfigError: the service unit does not restart (deploy/systemd/edge-coordinator.service)
+# a stop by signal before the schedule's end exits 128 + the signal's number: 130 after Ctrl-C, 143 after SIGTERM
+BROKER_CHECK_S = 5.0   # how long the start waits for the broker's answer before it gives up
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal during start-up, raised in the main thread so that whatever it waits for there (the
+    broker, the model's export, a profile's measurements in child processes) is left at once."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGTERM and SIGINT for `run`. Once the coordinator serves they only set `stop`: the loop finishes the step
+    at hand and leaves cleanly. Before that (nothing of a round is under way) the first one also raises Stopped."""
+
+    def __init__(self, stop: threading.Event, serving: threading.Event):
+        self.stop, self.serving = stop, serving
+        self.signum: int | None = None     # the first stop signal received
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._caught)
+
+    def _caught(self, signum: int, frame) -> None:
+        first = self.signum is None
+        self.signum = self.signum or signum
+        self.stop.set()
+        systemd.notify("STOPPING=1", f"STATUS=stopping ({signal.Signals(signum).name})")
+        if first and not self.serving.is_set():
+            raise Stopped(signum)
+
+
+def _stop_children() -> None:
+    """Kill the Python children a stopped start-up leaves (a profile's measurements, graph builds): they would
+    run on for a minute. Nothing half-done is kept: the next start measures again. The broker is not Python."""
+    import psutil
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.cmdline()[:1] == [sys.executable]:
+                child.kill()
+        except psutil.Error:
+            pass
+
+
+def _os_problem(exc: OSError) -> str:
+    """'PATH: reason' for a file that cannot be read or written, without errno numbers."""
+    return f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+
+
+def _fail(message: str, code: int = EXIT_REFUSED) -> int:
+    print(f"edge-coordinator: {message}", file=sys.stderr)
+    return code
 
 
 def start_over(settings: dict) -> None:
@@ -194,21 +255,32 @@ def start_over(settings: dict) -> None:
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
-def run(settings: dict, stop: threading.Event) -> dict:
+def run(settings: dict, stop: threading.Event, serving: threading.Event | None = None, fresh: bool = False) -> dict:
+    """Run the service until its schedule ends or `stop` is set; `serving` is set once it serves the fleet.
+    `fresh` discards the workdir's run first (start_over)."""
     from edge_runtime.wire.mqtt_link import is_loopback, parse_broker_url
     work = Path(settings["service"]["workdir"]).resolve()
-    work.mkdir(parents=True, exist_ok=True)
     broker = None
     s = settings["service"]
     if s["broker"]:
-        host, port = parse_broker_url(s["broker"])
+        try:
+            host, port = parse_broker_url(s["broker"])
+        except ValueError as exc:
+            raise ConfigError(f"broker: {exc}") from None
         if not is_loopback(host) and not (s["username"] or s["tls_cert"]):
             raise ConfigError(f"broker {s['broker']} is not on this machine and the coordinator logs in with no "
                              f"name: anyone who reaches it could read every task and send updates for any "
                              f"device. Give --username and --password-file (or a client certificate), as "
                              f"docs/broker.md sets up")
-    else:
+        check_broker(s, host, port)
+    if fresh:   # after the broker check: a run is not discarded for a start that cannot go on
+        start_over(settings)
+    if not s["broker"]:
         from coordinator.ops.broker import EmbeddedBroker
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"workdir {_os_problem(exc)}") from None
         url_file = work / "broker.url"
         previous = parse_broker_url(url_file.read_text())[1] if url_file.exists() else None
         try:
@@ -219,11 +291,36 @@ def run(settings: dict, stop: threading.Event) -> dict:
         url_file.write_text(broker.url + "\n")
         logging.getLogger("edge-coordinator").info("embedded broker at %s (devices: --broker %s)", broker.url,
                                                    broker.url)
+    systemd.status(f"starting: the model, its evaluation set{'' if s['profile'] else ' and memory profile'}")
     try:
-        return _start(settings, host, port).run(stop)
+        return _start(settings, host, port).run(stop, serving)
     finally:
         if broker is not None:
             broker.stop()
+
+
+def check_broker(s: dict, host: str, port: int) -> None:
+    """Log in to the broker once, as the run will, before the slow start-up (the model's export, a profile's
+    measurement): a wrong address, port, password or CA fails in seconds, not after them.
+
+    The check uses the coordinator's own client id and session expiry, which a broker that names clients by
+    their user (use_username_as_clientid) would impose anyway: it subscribes to nothing and acknowledges
+    nothing, so the messages the session holds for the coordinator are delivered again when the run connects.
+    """
+    from edge_runtime.wire.mqtt_link import MqttLink, security_from_settings
+    try:
+        security = security_from_settings(s, s["broker"])
+    except ValueError as exc:   # a TLS file or the password file
+        raise ConfigError(str(exc)) from None
+    systemd.status(f"checking the broker at {host}:{port}")
+    probe = MqttLink(f"edge-coordinator-{s['fleet']}", host, port, [], manual_ack=True, security=security)
+    try:
+        probe.start(timeout_s=BROKER_CHECK_S)
+    except ConnectionError as exc:
+        raise ConnectionError(f"{exc}; nothing was started: check the broker address (--broker, service.broker) "
+                              f"and that the broker runs and is reachable from here") from None
+    finally:
+        probe.stop()
 
 
 def _start(settings: dict, host: str, port: int):
@@ -234,19 +331,24 @@ def _start(settings: dict, host: str, port: int):
         return Coordinator(settings, host, port)
     except (EdgeRuntimeError, ValueError) as exc:   # the model, its export or its profile does not fit
         raise ConfigError(str(exc)) from exc
+    except OSError as exc:   # a file the settings name (init_weights, eval_data, ...) cannot be read
+        raise ConfigError(_os_problem(exc)) from exc
 
 
 def status(workdir: Path, as_json: bool) -> int:
     """The run at a glance (coordinator/observe/run_status.py); safe beside a running coordinator."""
     from coordinator.observe.run_status import snapshot, status_lines
+    from coordinator.state_sql import StoreError
     from coordinator.state_store import StateStore
-    snap = snapshot(workdir)
-    if snap is None:
-        print(f"edge-coordinator: {workdir} holds no coordinator state (no state.db)", file=sys.stderr)
-        return 2
-    state = StateStore(workdir / "state.db", readonly=True)
-    devices = state.devices()
-    state.close()
+    try:
+        snap = snapshot(workdir)
+        if snap is None:
+            return _fail(f"{workdir} holds no coordinator state (no state.db)")
+        state = StateStore(workdir / "state.db", readonly=True)
+        devices = state.devices()
+        state.close()
+    except (sqlite3.Error, StoreError, OSError) as exc:   # not a database, or of another edgeblock's schema
+        return _fail(f"{workdir / 'state.db'} cannot be read: {exc}")
     if as_json:
         print(json.dumps(dict(snap.to_dict(), devices=devices), indent=1))
         return 0
@@ -257,18 +359,23 @@ def status(workdir: Path, as_json: bool) -> int:
 def export_weights(workdir: Path, out: Path) -> int:
     """The weights after the last closed round (the initial ones before any), as one file."""
     from coordinator.global_model import GlobalModel
+    from coordinator.state_sql import StoreError
     from coordinator.state_store import StateStore
     from edge_runtime.wire import weights as wcodec
     from edge_runtime.wire.transfer import BlobStore
     if not (workdir / "state.db").exists():
-        print(f"edge-coordinator: {workdir} holds no coordinator state (no state.db)", file=sys.stderr)
-        return 2
-    row = StateStore(workdir / "state.db").current_round()
+        return _fail(f"{workdir} holds no coordinator state (no state.db)")
+    try:
+        row = StateStore(workdir / "state.db").current_round()
+    except (sqlite3.Error, StoreError) as exc:
+        return _fail(f"{workdir / 'state.db'} cannot be read: {exc}")
     if row is None:
-        print(f"edge-coordinator: {workdir} has no round yet", file=sys.stderr)
-        return 2
+        return _fail(f"{workdir} has no round yet")
     index = row.weights_after if row.state == "closed" else row.weights_before
-    wcodec.save(out, GlobalModel(workdir / "model", BlobStore(workdir / "blobs")).load(index))
+    try:
+        wcodec.save(out, GlobalModel(workdir / "model", BlobStore(workdir / "blobs")).load(index))
+    except OSError as exc:
+        return _fail(_os_problem(exc))
     print(f"wrote the weights after round {row.round if row.state == 'closed' else row.round - 1} to {out}")
     return 0
 
@@ -278,9 +385,10 @@ def write_report(workdir: Path, baseline: Path | None, no_baseline: bool, out: P
     from coordinator.observe.run_report import write_report as write
     try:
         page = write(workdir, out, False if no_baseline else baseline)
-    except FileNotFoundError as exc:
-        print(f"edge-coordinator: {exc}", file=sys.stderr)
-        return 2
+    except FileNotFoundError as exc:   # no run there: the message says what is missing
+        return _fail(str(exc))
+    except (OSError, sqlite3.Error) as exc:
+        return _fail(_os_problem(exc) if isinstance(exc, OSError) else f"{workdir}: {exc}")
     print(page)
     return 0
 
@@ -310,8 +418,9 @@ def export_model(model: str, out: Path, seed: int) -> int:
     try:
         manifest = export_for_boards(model, out, seed)
     except (EdgeRuntimeError, ValueError) as exc:
-        print(f"edge-coordinator: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(_os_problem(exc))
     print(manifest)
     return 0
 
@@ -332,23 +441,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export":
         return export_model(args.model, args.out, args.seed)
     logs.configure(args.log_level, "%(asctime)s %(name)s %(levelname)s %(message)s")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop, serving = threading.Event(), threading.Event()
+    signals = StopSignals(stop, serving)
     from edge_runtime.errors import EdgeRuntimeError
     try:
-        settings = _settings(args)
-        if args.fresh:
-            start_over(settings)
-        summary = run(settings, stop)
+        summary = run(_settings(args), stop, serving, fresh=args.fresh)
+    except Stopped as exc:
+        _stop_children()
+        logging.getLogger("edge-coordinator").info("stopped by %s while starting; the next start continues the run",
+                                                   signal.Signals(exc.signum).name)
+        return 128 + exc.signum
     except ConfigError as exc:
-        print(f"edge-coordinator: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
+        return _fail(str(exc), EXIT_REFUSED)
     except (EdgeRuntimeError, ValueError, ConnectionError) as exc:
-        print(f"edge-coordinator: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc), EXIT_FAILED)
+    finally:
+        systemd.notify("STOPPING=1")
     print(json.dumps(summary))
-    return 0 if summary["finished"] or not stop.is_set() else 130
+    return 0 if summary["finished"] or signals.signum is None else 128 + signals.signum
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from coordinator.state_store import StateStore, TaskRow, task_spec
 from coordinator.strategies.aggregation import AggregationSettings, UpdateCheck, aggregation_settings_table
 from coordinator.strategies.base import Device, Result, RoundPlan, stage_text
 from coordinator.strategies.shared_features import is_feature
+from edge_runtime import systemd
 from edge_runtime.errors import EdgeRuntimeError, IntegrityError
 from edge_runtime.logs import printable
 from edge_runtime.store import atomic_write_text, sha256_file
@@ -213,7 +214,8 @@ class Coordinator:
         atomic_write_text(self.metrics_path, "".join(l + "\n" for l in lines))
 
     # -- the loop ----------------------------------------------------------------------------
-    def run(self, stop: threading.Event | None = None) -> dict:
+    def run(self, stop: threading.Event | None = None, serving: threading.Event | None = None) -> dict:
+        """Serve until the schedule ends or `stop` is set; `serving` is set once connected and serving."""
         stop = stop or threading.Event()
         s = self.settings["service"]
         self.link = MqttLink(f"edge-coordinator-{s['fleet']}", self.host, self.port,
@@ -233,6 +235,10 @@ class Coordinator:
             self.metrics_server = prometheus.serve(s["metrics_listen"], self.state.location,
                                                    lambda: getattr(self, "is_leader", True))
             self._republish_open_tasks()
+            # connected and announced: a Type=notify unit's start is complete, and a stop signal now only sets `stop`
+            systemd.notify("READY=1", f"STATUS=serving fleet {s['fleet']} on {self.host}:{self.port}")
+            if serving is not None:
+                serving.set()
             next_tick = 0.0
             while not stop.is_set():
                 msg = self.link.get(timeout_s=TICK_S)
@@ -331,6 +337,7 @@ class Coordinator:
         who = ", ".join(f"{a.device_id} {_part_text(self.model.manifest, a)} batch {a.batch_size}"
                         for a in plan.assignments)
         log.info("round %d opened (%s): %s", round_no, stage_text(plan.stage), who)
+        systemd.status(f"round {round_no} open ({stage_text(plan.stage)}): {len(tasks)} task(s)")
         for device_id, why in sorted(plan.idle.items()):  # a device that fits nothing is told why
             log.info("round %d: %s idle: %s", round_no, device_id, why)
             self.link.publish(self.topics.device(device_id, "task"), Idle(round_no, why[:2000]).encode(), qos=1)
@@ -624,6 +631,7 @@ class Coordinator:
         log.info("round %d closed (%s): %d of %d update(s)%s; %s%s", row.round, why, len(results), len(tasks),
                  "" if aggregated else f", fewer than {s['min_updates']}: weights kept",
                  "" if own is None else f"per-device accuracy {own.text()}; ", tested)
+        systemd.status(f"round {row.round} closed ({why}): test accuracy {100 * ev['accuracy']:.2f}%")
 
     def _capped(self, round_no: int, results: list[Result]) -> list[Result]:
         """The results with the weight each claimed sample count earns (AggregationSettings.weights): a device
