@@ -120,7 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     acl.add_argument("--fleet", required=True, help="fleet name, as in the coordinator's and devices' --fleet")
     acl.add_argument("--devices", type=Path, required=True,
                      help="file of device ids, one a line (each device's broker user name is its id)")
-    acl.add_argument("--coordinator-user", default="coordinator", help="the coordinator's broker user name")
+    acl.add_argument("--coordinator-user", action="append", metavar="USER",
+                     help="the coordinator's broker user name (default: coordinator); repeat it for replicas, "
+                          "which log in as a user each")
     acl.add_argument("--site", action="append", default=[], metavar="NAME=FILE",
                      help="a site whose broker bridges to this one (edge-coordinator bridge) and the file of its "
                           "device ids: its bridge user bridge-NAME carries their topics; repeat for each site")
@@ -240,11 +242,15 @@ def start_over(settings: dict) -> None:
     import shutil
 
     from coordinator.model import sources
+    from coordinator.state_sql import is_database_url
     from edge_runtime.errors import EdgeRuntimeError
     work = Path(settings["service"]["workdir"])
+    s = settings["service"]
+    if is_database_url(s["state"]):
+        raise ConfigError("--fresh with a PostgreSQL state store: the run lives in the database, not only in the "
+                          "workdir; point service.state at a new, empty database (and workdir at a new directory)")
     if not work.is_dir():
         return
-    s = settings["service"]
     if s["model"]:   # install (or keep) the named model before anything is deleted: a bad --model loses nothing
         try:
             sources.install(s["model"], work / "model", s["seed"], replace=True)
@@ -307,13 +313,16 @@ def check_broker(s: dict, host: str, port: int) -> None:
     their user (use_username_as_clientid) would impose anyway: it subscribes to nothing and acknowledges
     nothing, so the messages the session holds for the coordinator are delivered again when the run connects.
     """
+    from coordinator.replicas import link_identity
     from edge_runtime.wire.mqtt_link import MqttLink, security_from_settings
     try:
         security = security_from_settings(s, s["broker"])
     except ValueError as exc:   # a TLS file or the password file
         raise ConfigError(str(exc)) from None
     systemd.status(f"checking the broker at {host}:{port}")
-    probe = MqttLink(f"edge-coordinator-{s['fleet']}", host, port, [], manual_ack=True, security=security)
+    client_id, expiry = link_identity(s)    # a replica's own id, and no session left behind for it
+    probe = MqttLink(client_id, host, port, [], manual_ack=True, security=security,
+                     **({} if expiry is None else {"session_expiry_s": expiry}))
     try:
         probe.start(timeout_s=BROKER_CHECK_S)
     except ConnectionError as exc:
@@ -339,16 +348,16 @@ def status(workdir: Path, as_json: bool) -> int:
     """The run at a glance (coordinator/observe/run_status.py); safe beside a running coordinator."""
     from coordinator.observe.run_status import snapshot, status_lines
     from coordinator.state_sql import StoreError
-    from coordinator.state_store import StateStore
+    from coordinator.state_store import run_store, run_store_location
     try:
         snap = snapshot(workdir)
         if snap is None:
             return _fail(f"{workdir} holds no coordinator state (no state.db)")
-        state = StateStore(workdir / "state.db", readonly=True)
+        state = run_store(workdir)
         devices = state.devices()
         state.close()
     except (sqlite3.Error, StoreError, OSError) as exc:   # not a database, or of another edgeblock's schema
-        return _fail(f"{workdir / 'state.db'} cannot be read: {exc}")
+        return _fail(f"{run_store_location(workdir)} cannot be read: {exc}")
     if as_json:
         print(json.dumps(dict(snap.to_dict(), devices=devices), indent=1))
         return 0
@@ -360,15 +369,15 @@ def export_weights(workdir: Path, out: Path) -> int:
     """The weights after the last closed round (the initial ones before any), as one file."""
     from coordinator.global_model import GlobalModel
     from coordinator.state_sql import StoreError
-    from coordinator.state_store import StateStore
+    from coordinator.state_store import run_store, run_store_location
     from edge_runtime.wire import weights as wcodec
     from edge_runtime.wire.transfer import BlobStore
-    if not (workdir / "state.db").exists():
+    if run_store_location(workdir) is None:
         return _fail(f"{workdir} holds no coordinator state (no state.db)")
     try:
-        row = StateStore(workdir / "state.db").current_round()
+        row = run_store(workdir, readonly=False).current_round()
     except (sqlite3.Error, StoreError) as exc:
-        return _fail(f"{workdir / 'state.db'} cannot be read: {exc}")
+        return _fail(f"{run_store_location(workdir)} cannot be read: {exc}")
     if row is None:
         return _fail(f"{workdir} has no round yet")
     index = row.weights_after if row.state == "closed" else row.weights_before
@@ -393,7 +402,7 @@ def write_report(workdir: Path, baseline: Path | None, no_baseline: bool, out: P
     return 0
 
 
-def write_acl(fleet: str, devices: Path, coordinator_user: str, out: Path | None, sites: list[str] = (),
+def write_acl(fleet: str, devices: Path, coordinator_user: list[str], out: Path | None, sites: list[str] = (),
               monitors: list[str] = ()) -> int:
     from coordinator.ops.broker_acl import AclError, fleet_acl, read_device_ids, read_sites, write_fleet_acl
     try:
@@ -432,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "weights":
         return export_weights(args.workdir, args.out)
     if args.command == "acl":
-        return write_acl(args.fleet, args.devices, args.coordinator_user, args.out, args.site, args.monitor)
+        return write_acl(args.fleet, args.devices, args.coordinator_user or ["coordinator"], args.out, args.site,
+                         args.monitor)
     if args.command == "bridge":
         from coordinator.ops.broker_bridge import cli_write_bridge
         return cli_write_bridge(args)
@@ -443,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(args.log_level, "%(asctime)s %(name)s %(levelname)s %(message)s")
     stop, serving = threading.Event(), threading.Event()
     signals = StopSignals(stop, serving)
+    from coordinator.state_sql import StoreError
     from edge_runtime.errors import EdgeRuntimeError
     try:
         summary = run(_settings(args), stop, serving, fresh=args.fresh)
@@ -453,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + exc.signum
     except ConfigError as exc:
         return _fail(str(exc), EXIT_REFUSED)
-    except (EdgeRuntimeError, ValueError, ConnectionError) as exc:
+    except (EdgeRuntimeError, ValueError, ConnectionError, StoreError) as exc:   # StoreError: the database
         return _fail(str(exc), EXIT_FAILED)
     finally:
         systemd.notify("STOPPING=1")

@@ -23,6 +23,7 @@ once) and its unsettled tasks are published again.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -39,12 +40,23 @@ import numpy as np
 from coordinator import intake, strategies
 from coordinator.config import ConfigError
 from coordinator.global_model import GlobalModel
-from coordinator.guards import Admission, Fetches, GuardSettings, RateLimit, Uploads, benched_devices, rejection_kind
+from coordinator.guards import (
+    Admission,
+    Fetches,
+    GuardSettings,
+    RateLimit,
+    Refusal,
+    Uploads,
+    benched_devices,
+    rejection_kind,
+)
 from coordinator.model import sources
 from coordinator.model.zoo_profile import measured_profile
 from coordinator.observe import prometheus
+from coordinator.replicas import LEASE, LeaderLease, link_identity, replica_name, share_group, shared
 from coordinator.round_metrics import DeviceRound, RoundMetrics, device_accuracy, models_text
-from coordinator.state_store import StateStore, TaskRow, task_spec
+from coordinator.state_sql import without_password
+from coordinator.state_store import STATE_URL, LeaseLost, StateStore, TaskRow, task_spec
 from coordinator.strategies.aggregation import AggregationSettings, UpdateCheck, aggregation_settings_table
 from coordinator.strategies.base import Device, Result, RoundPlan, stage_text
 from coordinator.strategies.shared_features import is_feature
@@ -92,6 +104,9 @@ DEFAULTS = {
                 # admission: the fleet's device list (one id a line, the file `edge-coordinator acl` reads);
                 # "" takes any id up to max_devices
                 "devices_file": "", "max_tasks_per_round": 1000,
+                # "" keeps the state in SQLite in the workdir; a postgresql:// URL lets several replicas, sharing
+                # one workdir (its blobs), serve one fleet: one leads by a lease, all take updates
+                "state": "", "replica": "", "lease_s": 15.0,
                 # "HOST:PORT" serves Prometheus metrics at http://HOST:PORT/metrics (port 0: any free one); "" off
                 "metrics_listen": "",
                 # what one device may cost the coordinator (coordinator/guards.py)
@@ -115,6 +130,12 @@ class Coordinator:
     """The service's state and loop; `run` until the schedule finishes or `stop` is set."""
 
     def __init__(self, settings: dict, host: str, port: int):
+        # replicas sharing a workdir start one at a time: the model install, a measured profile and the
+        # initial weights are written once, then read by the others
+        with _startup_lock(Path(settings["service"]["workdir"])):
+            self._start(settings, host, port)
+
+    def _start(self, settings: dict, host: str, port: int) -> None:
         s = settings["service"]
         self.settings, self.host, self.port = settings, host, port
         self.security = security_from_settings(s, s["broker"])   # checked before the slow start-up below
@@ -127,9 +148,18 @@ class Coordinator:
         self.test_x, self.test_y = _test_set(s["eval_data"], m, s["eval_samples"])   # before the slow start-up
         self.eval_stats = (float(np.mean(self.test_x, dtype=np.float64)), float(np.std(self.test_x, dtype=np.float64)))
         self._scale_warned: set[str] = set()
+        self.state = StateStore(s["state"] or self.work / "state.db")
+        self.replicated = self.state.shared      # replicas: a lease elects the leader, intake is shared
+        if self.replicated:                      # status tools find the database from the workdir
+            atomic_write_text(self.work / STATE_URL, without_password(str(self.state.location)) + "\n")
+        self.replica = replica_name(s["replica"])
+        self.is_leader = not self.replicated
+        self.lease: LeaderLease | None = None
+        self._lease_epoch: int | None = None
+        self._round_seen: int | None = None
         self.incoming = BlobStore(self.work / "incoming",
-                                  max_blob_bytes=self.model.param_bytes(m.all_param_names()) + (1 << 20))
-        self.state = StateStore(self.work / "state.db")
+                                  max_blob_bytes=self.model.param_bytes(m.all_param_names()) + (1 << 20),
+                                  shared=self.replicated)
         self._check_same_run()
         self.strategy = strategies.build(settings, m, _predictor(settings, self.work, self.model).predict)
         self.strategy.attach(self.model)          # a personalised schedule keeps its own weights in the blob store
@@ -149,7 +179,8 @@ class Coordinator:
         self.guard = guard
         self.admission = Admission(guard, _device_list(s["devices_file"]) if s["devices_file"] else None)
         self.uploads, self.fetches = Uploads(guard), Fetches(guard)
-        self._rejections: list[tuple[float, str | None, str | None, str]] = []   # written once per tick
+        # (at, sender, task, reason, kind), written once per tick
+        self._rejections: list[tuple[float, str | None, str | None, str, str]] = []
         self._loud = RateLimit(1)     # a device's refusals are logged once a minute; all are counted
         self._unpublished: dict[str, tuple[str, Task]] = {}   # task id -> (device, task) the link had no room for
         self.incoming.expire_partials(guard.partial_upload_ttl_s)   # uploads a previous run left half-done
@@ -159,15 +190,14 @@ class Coordinator:
         """A workdir holds one run: refuse to continue it with another model or strategy."""
         s = self.settings["service"]
         key = {"manifest": self.model.manifest_sha, "strategy": s["strategy"]}
-        have = self.state.meta("run")
-        if have is None:
+        if self.state.meta("run") is None:
             # the tag goes into task ids: devices remember finished task ids, and must not take
-            # a new run's round-1 task for one they already did
+            # a new run's round-1 task for one they already did (replicas starting together agree on one)
             import secrets
-            have = dict(key, tag=secrets.token_hex(3))
-            self.state.set_meta("run", have)
-            self.state.set_meta("settings", self.settings)
-        elif {k: have[k] for k in key} != key:
+            self.state.meta_setdefault("settings", self.settings)
+            self.state.meta_setdefault("run", dict(key, tag=secrets.token_hex(3)))
+        have = self.state.meta("run")
+        if {k: have[k] for k in key} != key:
             raise ConfigError(f"{self.work} holds a {have['strategy']} run of another model or strategy; "
                              f"use another --workdir or --fresh")
         self.run_tag = have["tag"]
@@ -218,23 +248,19 @@ class Coordinator:
         """Serve until the schedule ends or `stop` is set; `serving` is set once connected and serving."""
         stop = stop or threading.Event()
         s = self.settings["service"]
-        self.link = MqttLink(f"edge-coordinator-{s['fleet']}", self.host, self.port,
-                             [(self.topics.all_devices(k), 1) for k in MQTT_KINDS],
-                             will=(self.topics.coordinator_status, Status("offline").encode()), manual_ack=True,
-                             security=self.security)
-        self.link.start(timeout_s=30)
-        self.link.publish(self.topics.coordinator_status, Status("online", time.time()).encode(), retain=True)
+        self.link = self._connect()
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="serve-fetch")
-        log.info("coordinator for fleet %r on %s://%s:%d, strategy %s, model %s (%s)", s["fleet"],
+        log.info("coordinator %sfor fleet %r on %s://%s:%d, strategy %s, model %s (%s, state in %s)",
+                 f"replica {self.replica} " if self.replicated else "", s["fleet"],
                  "mqtts" if self.security.tls else "mqtt", self.host, self.port, s["strategy"],
-                 self.model.manifest.model, self.work)
-        # who is running this run: status tools beside it tell a live coordinator from a stopped one
-        self.state.set_meta("coordinator", {"pid": os.getpid(), "host": socket.gethostname(), "running": True,
-                                            "since": time.time()})
+                 self.model.manifest.model, self.work, self.state.describe())
         try:
             self.metrics_server = prometheus.serve(s["metrics_listen"], self.state.location,
                                                    lambda: getattr(self, "is_leader", True))
-            self._republish_open_tasks()
+            if self.replicated:
+                self.lease = LeaderLease(self.state.location, self.replica, s["lease_s"]).start()
+            else:
+                self._lead()
             # connected and announced: a Type=notify unit's start is complete, and a stop signal now only sets `stop`
             systemd.notify("READY=1", f"STATUS=serving fleet {s['fleet']} on {self.host}:{self.port}")
             if serving is not None:
@@ -253,16 +279,102 @@ class Coordinator:
         finally:
             prometheus.stop(getattr(self, "metrics_server", None))
             self.pool.shutdown(wait=True)
-            self.link.stop(final=(self.topics.coordinator_status, Status("offline", time.time()).encode()))
-            self.state.set_meta("coordinator", {"pid": os.getpid(), "host": socket.gethostname(), "running": False,
-                                                "since": time.time()})
+            leading = self.is_leader
+            self.link.stop(final=(self.topics.coordinator_status, Status("offline", time.time()).encode())
+                           if leading else None)
+            if leading:
+                self.state.set_meta("coordinator", {"pid": os.getpid(), "host": socket.gethostname(),
+                                                    "running": False, "since": time.time(), "replica": self.replica})
+            if self.lease is not None:
+                self.lease.release()        # a standby takes over at its next renewal
         return self.summary()
+
+    def _connect(self) -> MqttLink:
+        """The broker link. One coordinator has the fleet's fixed client id and a last will that says it went
+        offline; replicas each have their own id and share the device topics (MQTT 5 shared subscriptions: the
+        broker hands each message to one replica), with no session kept for a replica that died, so the
+        broker gives its share to the others, and no will (the leader's lease, not a socket, says who serves)."""
+        client_id, expiry = link_identity(self.settings["service"])
+        subscriptions = [(self.topics.all_devices(k), 1) for k in MQTT_KINDS]
+        if not self.replicated:
+            link = MqttLink(client_id, self.host, self.port, subscriptions,
+                            will=(self.topics.coordinator_status, Status("offline").encode()), manual_ack=True,
+                            security=self.security)
+        else:
+            link = MqttLink(client_id, self.host, self.port,
+                            [(shared(t, share_group(self.state)), q) for t, q in subscriptions],
+                            manual_ack=True, session_expiry_s=expiry, security=self.security)
+        return link.start(timeout_s=30)
+
+    def _lead(self) -> None:
+        """Take over as the one that plans, aggregates and evaluates: from the state store as it is now (a replica
+        that led before, or a restart), announced to the fleet (devices say hello again on a new online status)."""
+        if self.replicated:
+            self._restore()
+            self._write_metrics_file()
+            self.offline_since = {d["device_id"]: time.time() for d in self.state.devices() if not d["online"]}
+            self.pending.clear()   # intake state of the follower days: re-judged when the devices send again
+            log.info("replica %s leads the fleet (lease epoch %d)", self.replica, self._lease_epoch)
+        self.is_leader = True
+        self.state.set_meta("finished", False)   # set again at the next tick if the run is over
+        self.link.publish(self.topics.coordinator_status, Status("online", time.time()).encode(), retain=True)
+        # who is running this run: status tools beside it tell a live coordinator from a stopped one
+        self.state.set_meta("coordinator", {"pid": os.getpid(), "host": socket.gethostname(), "running": True,
+                                            "since": time.time(), "replica": self.replica})
+        self._republish_open_tasks()
+
+    def _fence(self) -> tuple[str, str, int] | None:
+        """What the leader's round writes are checked against (replicas): its lease, as it holds it."""
+        return (LEASE, self.replica, self._lease_epoch) if self.replicated else None
+
+    def _share_intake(self) -> None:
+        """What replicas taking chunks of the same uploads must settle each tick: a blob another replica
+        completed frees this one's upload slot, and an update waiting for it is judged now."""
+        for blob in self.uploads.open_blobs():
+            if self.incoming.has(blob):
+                self.uploads.done(blob)
+        for task_id, (sender, update) in list(self.pending.items()):
+            if self.incoming.has(update.blob_sha256):
+                del self.pending[task_id]
+                self._take_update(sender, update)
+
+    def _follow(self) -> bool:
+        """A replica that does not lead takes updates: it checks them against the weights of the open round,
+        forgets what a closed round left, and stops when the leader has finished the run."""
+        row = self.state.current_round()
+        if row is not None and row.round != self._round_seen:
+            self._round_seen = row.round
+            self.uploads.forget_unclaimed()
+        if row is not None and row.state == "open" and row.weights_before != self.weights_sha:
+            self.weights_sha, self.global_weights = row.weights_before, self.model.load(row.weights_before)
+        return bool(self.state.meta("finished", False))
 
     def _tick(self) -> bool:
         """Open, watch or close the round; True when the run is over."""
         self._flush_rejections()
         for blob in self.uploads.expired():
             self.incoming.discard(blob)
+        if self.replicated:
+            self._share_intake()
+            self.lease.tick()
+            epoch = self.lease.epoch()
+            if epoch is None:
+                if self.is_leader:
+                    log.warning("replica %s lost the leader lease; following", self.replica)
+                    self.is_leader = False
+                return self._follow()
+            if not self.is_leader or epoch != self._lease_epoch:
+                self._lease_epoch = epoch
+                self._lead()
+            try:
+                return self._lead_tick()
+            except LeaseLost as exc:
+                log.warning("replica %s: %s; its round write was refused, following", self.replica, exc)
+                self.is_leader = False
+                return False
+        return self._lead_tick()
+
+    def _lead_tick(self) -> bool:
         self._publish_leftovers()
         row = self.state.current_round()
         if row is not None and row.state == "open":
@@ -270,6 +382,7 @@ class Coordinator:
             return False
         s = self.settings["service"]
         if self.strategy.finished or self.next_round > s["max_rounds"]:
+            self.state.set_meta("finished", True)      # replicas that follow stop too
             return True
         online = self._online_devices()
         if len(online) >= s["min_devices"]:
@@ -331,7 +444,8 @@ class Coordinator:
             tasks.append((task, a, own_index))
         self.state.open_round(round_no, time.time() + s["round_deadline_s"], self.weights_sha, plan.to_dict(),
                               self.strategy.state(),
-                              [(t.task_id, a.device_id, task_spec(a, t, own)) for t, a, own in tasks])
+                              [(t.task_id, a.device_id, task_spec(a, t, own)) for t, a, own in tasks],
+                              fence=self._fence())
         for task, a, _ in tasks:
             self._publish_task(a.device_id, task)
         who = ", ".join(f"{a.device_id} {_part_text(self.model.manifest, a)} batch {a.batch_size}"
@@ -391,7 +505,8 @@ class Coordinator:
     def _on_hello(self, device_id: str, msg: Received) -> None:
         hello = Hello.decode(msg.payload)
         if hello.device_id != device_id:
-            raise ProtocolError(f"hello from {hello.device_id!r} on the topic of {device_id!r}")
+            raise ProtocolError(Refusal("wrong_identity", f"hello from {hello.device_id!r} on the topic of "
+                                                          f"{device_id!r}"))
         known = self.state.has_device(device_id)
         refused = self.admission.refuse_hello(device_id, known, 0 if known else self.state.device_count())
         if refused:
@@ -566,10 +681,11 @@ class Coordinator:
     def _maybe_close(self, row) -> None:
         tasks = self.state.tasks(row.round)
         waiting = [t for t in tasks if t.status == "sent"]
-        online = {d.device_id for d in self._online_devices()}
+        devices = {d["device_id"]: d for d in self.state.devices()}
+        online = {d for d, row in devices.items() if row["online"]}
         grace = self.settings["service"]["offline_grace_s"]
         gone = [t for t in waiting if t.device_id not in online
-                and time.time() - self.offline_since.get(t.device_id, 0.0) >= grace]
+                and time.time() - self._offline_since(t.device_id, devices) >= grace]
         if not waiting:
             why = "every task settled"
         elif time.time() >= row.deadline_at:
@@ -582,6 +698,14 @@ class Coordinator:
             self.state.mark_task(t.task_id, "failed", "device went offline" if t.device_id not in online
                                  else "no update before the deadline")
         self._close(row, self.state.tasks(row.round), why)
+
+    def _offline_since(self, device_id: str, devices: dict[str, dict]) -> float:
+        """When a device went offline: as this process saw it, or (replicas, where another replica may have
+        taken its status message) as the store has it."""
+        seen = self.offline_since.get(device_id, 0.0)
+        if self.replicated and device_id in devices:
+            seen = max(seen, devices[device_id]["last_seen"])
+        return seen
 
     def _close(self, row, tasks: list[TaskRow], why: str) -> None:
         s = self.settings["service"]
@@ -614,7 +738,7 @@ class Coordinator:
             ev = models[list(models)[-1]]
         measured = self._round_metrics(row, plan, tasks, updates, scored, why, aggregated, ev, models)
         metrics = measured.to_dict()
-        self.state.close_round(row.round, weights_after, self.strategy.state(), metrics)
+        self.state.close_round(row.round, weights_after, self.strategy.state(), metrics, fence=self._fence())
         self.global_weights, self.weights_sha, self.next_round = after, weights_after, row.round + 1
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(metrics, allow_nan=False) + "\n")     # to_dict made every number finite or null
@@ -727,6 +851,19 @@ def stored_results(round_no: int, updates, by_task: dict[str, TaskRow], incoming
             values = wcodec.WeightFile(path, names=[n for n in values if not is_feature(n)])
         results.append(Result(task.assignment, values, u.num_examples, u.loss, start=start, features=features))
     return results
+
+
+@contextlib.contextmanager
+def _startup_lock(workdir: Path):
+    """An exclusive lock on the workdir (flock: released by the kernel if the process dies holding it)."""
+    import fcntl
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / "startup.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _member_name(manifest, a) -> str | None:

@@ -31,6 +31,11 @@ def is_database_url(location: str | Path) -> bool:
     return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
 
 
+def without_password(url: str) -> str:
+    """A database URL with its password left out (libpq then reads ~/.pgpass or PGPASSFILE)."""
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1@", url)
+
+
 def columns(cur: Cursor) -> list[str]:
     """Column names of a query's result, whichever driver ran it."""
     return [getattr(c, "name", None) or c[0] for c in cur.description]

@@ -172,6 +172,26 @@ class UpdateRow:
     holdout_accuracy: float | None = None
 
 
+STATE_URL = "state.url"   # in a replicated run's workdir: the database it keeps its state in (no password)
+
+
+def run_store_location(workdir: Path) -> Path | str | None:
+    """Where the run in `workdir` keeps its state, for tools beside it: the database its replicas share (named by
+    the workdir's state.url), its SQLite file, or None when no coordinator has started there."""
+    url, db = Path(workdir) / STATE_URL, Path(workdir) / "state.db"
+    if url.exists():
+        return url.read_text().strip()
+    return db if db.exists() else None
+
+
+def run_store(workdir: Path, readonly: bool = True, timeout_s: float = 10.0) -> "StateStore":
+    """The state store of the run in `workdir` (run_store_location); StoreError when there is none."""
+    location = run_store_location(workdir)
+    if location is None:
+        raise StoreError(f"{workdir} holds no coordinator state (no state.db or {STATE_URL})")
+    return StateStore(location, readonly=readonly, timeout_s=timeout_s)
+
+
 class LeaseLost(StoreError):
     """A replica acted as leader after its lease ran out; another replica leads now."""
 
@@ -255,12 +275,13 @@ class StateStore:
             return int(self._db.execute("SELECT epoch FROM leases WHERE name = ?", (name,)).fetchone()[0])
 
     def _check_fence(self, fence: tuple[str, str, int] | None) -> None:
-        """Inside a transaction: refuse a leader's write once its lease (name, holder, epoch) is no longer held.
-        The lease row stays locked to the commit, so a new leader cannot take it in between."""
+        """Inside a transaction: refuse a leader's write once another holder took its lease (name, holder, epoch).
+        One that ran out but was not taken still fences: no other leader wrote since. The lease row stays
+        locked to the commit, so a new leader cannot take it in between."""
         if fence is None:
             return
-        row = self._db.execute("SELECT 1 FROM leases WHERE name = ? AND holder = ? AND epoch = ? AND expires_at >= "
-                               "NOW()" + (" FOR UPDATE" if self.shared else ""), fence).fetchone()
+        row = self._db.execute("SELECT 1 FROM leases WHERE name = ? AND holder = ? AND epoch = ?"
+                               + (" FOR UPDATE" if self.shared else ""), fence).fetchone()
         if row is None:
             raise LeaseLost(f"{fence[1]} no longer holds the {fence[0]} lease of epoch {fence[2]}")
 

@@ -187,6 +187,13 @@ def test_the_acl_command(tmp_path):
     assert with_monitor.returncode == 0, with_monitor.stderr
     assert with_monitor.stdout == fleet_acl(FLEET, ["dev-a", "dev-b"], sites={"north": ["dev-a", "dev-b"]},
                                             monitors=[MONITOR])
+    replicas = subprocess.run([sys.executable, "-m", "coordinator.cli", "acl", "--fleet", FLEET, "--devices",
+                               str(tmp_path / "ids.txt"), "--coordinator-user", "coord-a", "--coordinator-user",
+                               "coord-b"], capture_output=True, text=True, timeout=120)
+    assert replicas.returncode == 0, replicas.stderr
+    for user in ("coord-a", "coord-b"):     # coordinator replicas: a user each, each with the coordinator's rights
+        assert f"user {user}\ntopic readwrite {T.root}/#\n" in replicas.stdout
+    assert "user coordinator\n" not in replicas.stdout
 
 
 def test_the_coordinator_config_example_loads():

@@ -96,3 +96,30 @@ def test_chunk_size_respects_the_brokers_maximum_packet():
     assert chunk_bytes_for(64 * 1024) == 64 * 1024 - 4096
     with pytest.raises(ProtocolError, match="no room"):
         chunk_bytes_for(2000)
+
+
+def test_replicas_receiving_chunks_of_one_blob_into_a_shared_store_assemble_it_once(blob, tmp_path):
+    """Coordinator replicas: the broker hands each chunk of an upload to one of them, all writing one store."""
+    import subprocess
+    import sys
+    data, path = blob
+    sha = hashlib.sha256(data).hexdigest()
+    chunks = list(chunks_of(path, 16 * 1024))                  # 62 chunks, dealt to two processes in turn
+    shared = tmp_path / "incoming"
+    BlobStore(shared, shared=True)
+    code = """
+import sys
+from pathlib import Path
+from edge_runtime.wire.transfer import BlobStore, chunks_of
+store = BlobStore(Path(sys.argv[1]), shared=True)
+done = [store.receive(h, d) for i, (h, d) in enumerate(chunks_of(Path(sys.argv[2]), 16 * 1024))
+        if i % 2 == int(sys.argv[3])]
+print(sum(done))
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(shared), str(path), str(k)], stdout=subprocess.PIPE,
+                              text=True) for k in (0, 1)]
+    completions = [int(p.communicate(timeout=120)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert BlobStore(shared).path(sha).read_bytes() == data
+    assert sum(completions) >= 1 and len(chunks) == 62      # the process with the last chunk saw it complete
+    assert [p.name for p in (shared / "partial").iterdir()] == ["lock"]   # no partial left behind

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, NamedTuple
 
 from coordinator.round_metrics import DeviceRound, RoundMetrics, device_accuracy, member_tiers, models_text
-from coordinator.state_store import RoundRow, StateStore
+from coordinator.state_store import RoundRow, run_store
 from coordinator.strategies.base import stage_text
 
 MB = float(1 << 20)
@@ -91,12 +91,11 @@ def read_rounds(path: Path) -> tuple[list[RoundMetrics], int]:
     return [by_round[r] for r in sorted(by_round)], unreadable
 
 
-def read_store(path: Path) -> dict:
-    """The Run fields only the state store knows (meta, settings, registry, open_round); {} when it cannot be read."""
-    if not path.exists():
-        return {}
+def read_store(workdir: Path) -> dict:
+    """The Run fields only the run's state store knows (meta, settings, registry, open_round); {} when it cannot
+    be read."""
     try:
-        state = StateStore(path, readonly=True, timeout_s=0.5)   # a report must not wait on a busy store
+        state = run_store(workdir, timeout_s=0.5)   # a report must not wait on a busy store
     except sqlite3.Error:
         return {}
     try:
@@ -128,7 +127,7 @@ def load_run(workdir: Path) -> Run:
         manifest = json.loads((work / "model" / "manifest.json").read_text())
     except (OSError, ValueError):
         pass
-    return Run(work, rounds, unreadable, manifest=manifest, **read_store(work / "state.db"))
+    return Run(work, rounds, unreadable, manifest=manifest, **read_store(work))
 
 
 # -- a baseline beside the run -----------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from coordinator.observe.run_data import parse_round
 from coordinator.round_metrics import accuracy_text, device_accuracy, member_tiers, models_text
-from coordinator.state_store import StateStore
+from coordinator.state_store import StateStore, run_store, run_store_location
 from coordinator.strategies.base import stage_text
 
 
@@ -49,10 +49,9 @@ class Snapshot:
 
 def snapshot(workdir: Path) -> Snapshot | None:
     """None while the coordinator has not created its state yet."""
-    path = Path(workdir) / "state.db"
-    if not path.exists():
+    if run_store_location(workdir) is None:
         return None
-    state = StateStore(path, readonly=True)
+    state = run_store(workdir)
     try:
         return _read(state)
     finally:

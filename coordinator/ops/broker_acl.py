@@ -94,14 +94,18 @@ def monitor_reads(topics: Topics) -> list[str]:
             site_state_topic(topics, "+")]
 
 
-def fleet_acl(fleet: str, devices: list[str], coordinator_user: str = DEFAULT_COORDINATOR_USER,
+def fleet_acl(fleet: str, devices: list[str], coordinator_user: str | Sequence[str] = DEFAULT_COORDINATOR_USER,
               sites: Mapping[str, Sequence[str]] | None = None, monitors: Sequence[str] = ()) -> str:
     """The ACL file's text for one fleet: its devices (at least one), the sites whose bridges carry some
-    of them ({site: device ids}, each id also in `devices`) and read-only monitor users."""
+    of them ({site: device ids}, each id also in `devices`) and read-only monitor users. `coordinator_user`
+    may name several users: coordinator replicas each log in as their own (a broker that binds the client id
+    to the user name would otherwise let them take each other's connection)."""
     sites = dict(sites or {})
+    coordinators = [coordinator_user] if isinstance(coordinator_user, str) else list(coordinator_user)
     try:
         topics = Topics(fleet)
-        check_id(coordinator_user, "coordinator user")
+        for user in coordinators:
+            check_id(user, "coordinator user")
         ids = [check_id(d, "device id") for d in devices]
         site_ids = {site: [check_id(d, f"device id of site {site}") for d in listed]
                     for site, listed in sites.items()}
@@ -109,25 +113,28 @@ def fleet_acl(fleet: str, devices: list[str], coordinator_user: str = DEFAULT_CO
     except ProtocolError as exc:
         raise AclError(str(exc)) from None
     bridges = {site: bridge_user(site) for site in site_ids}
-    if coordinator_user in ids:
-        raise AclError(f"device id {coordinator_user!r} is the coordinator's user name: it would get the "
-                       f"coordinator's rights; rename the device or pass another coordinator user")
+    for user in coordinators:
+        if user in ids:
+            raise AclError(f"device id {user!r} is the coordinator's user name: it would get the "
+                           f"coordinator's rights; rename the device or pass another coordinator user")
     duplicates = sorted({d for d in ids if ids.count(d) > 1})
     if duplicates:
         raise AclError(f"device ids listed twice: {', '.join(duplicates)}")
     if not ids:
         raise AclError("no device ids: list the fleet's devices, one id a line")
     at_sites = _check_sites(site_ids, set(ids))
-    _check_distinct([coordinator_user, *ids, *bridges.values(), *monitors])
+    _check_distinct([*coordinators, *ids, *bridges.values(), *monitors])
     direct = [d for d in ids if d not in at_sites]
-    lines = _header(topics) + _coordinator_lines(topics, coordinator_user) + _pattern_lines(topics) \
+    lines = _header(topics) + [line for user in coordinators for line in _coordinator_lines(topics, user)] \
+        + _pattern_lines(topics) \
         + [line for d in direct for line in _device_lines(topics, d)] \
         + [line for site, listed in site_ids.items() for line in _bridge_lines(topics, site, listed)] \
         + [line for m in monitors for line in _monitor_lines(topics, m)]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def write_fleet_acl(out: Path, fleet: str, devices: list[str], coordinator_user: str = DEFAULT_COORDINATOR_USER,
+def write_fleet_acl(out: Path, fleet: str, devices: list[str],
+                    coordinator_user: str | Sequence[str] = DEFAULT_COORDINATOR_USER,
                     sites: Mapping[str, Sequence[str]] | None = None, monitors: Sequence[str] = ()) -> Path:
     """Write the ACL atomically: Mosquitto may re-read it (SIGHUP) at any moment."""
     text = fleet_acl(fleet, devices, coordinator_user, sites, monitors)

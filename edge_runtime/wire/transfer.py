@@ -99,11 +99,14 @@ def chunks_of(path: Path, chunk_bytes: int, indices=None) -> Iterator[tuple[Chun
 class BlobStore:
     """Blobs on disk named by their sha256; partial blobs assembled chunk by chunk, across restarts."""
 
-    def __init__(self, root: Path, max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES):
+    def __init__(self, root: Path, max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES, shared: bool = False):
+        """shared: other processes (coordinator replicas) receive chunks of the same blobs into this directory,
+        so each chunk is taken under a lock on the store and the chunk log is read afresh."""
         self.root = Path(root)
         self.partial = self.root / "partial"
         self.partial.mkdir(parents=True, exist_ok=True)
         self.max_blob_bytes = max_blob_bytes
+        self.shared = shared
         # chunk indices received per blob being assembled, read from its .log once: a chunk then costs the
         # same however many came before it (re-reading the log made a flood of tiny chunks quadratic)
         self._received: dict[str, set[int]] = {}
@@ -160,6 +163,15 @@ class BlobStore:
         Duplicates are harmless. A chunk whose bytes do not match its hash, or whose header
         contradicts what earlier chunks said, is refused (ProtocolError) and not written.
         """
+        if not self.shared:
+            return self._receive(header, data)
+        import fcntl
+        with open(self.partial / "lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)     # released by the kernel if the process dies holding it
+            self._received.pop(header.blob, None)   # another process may have added chunks
+            return self._receive(header, data)
+
+    def _receive(self, header: ChunkHeader, data: bytes) -> bool:
         sha = header.blob
         if self.has(sha):
             return True
@@ -230,6 +242,8 @@ class BlobStore:
         import time
         now, stale = time.time(), set()
         for path in self.partial.iterdir():
+            if "." not in path.name:   # the shared store's lock file
+                continue
             try:
                 if now - path.stat().st_mtime >= older_than_s:
                     stale.add(path.name.split(".")[0])
