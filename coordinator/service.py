@@ -140,6 +140,9 @@ class Coordinator:
         self.settings, self.host, self.port = settings, host, port
         self.security = security_from_settings(s, s["broker"])   # checked before the slow start-up below
         AggregationSettings(**settings["aggregation"])            # so is the [aggregation] table
+        if s["init_weights"] and not Path(s["init_weights"]).is_file():   # and a file read only after profiling
+            raise ConfigError(f"init_weights {s['init_weights']} is not a file (a safetensors file of the model's "
+                              f"weights, as `edge-coordinator weights` writes)")
         self.work = Path(s["workdir"]).resolve()
         self.topics = Topics(s["fleet"])
         self.blobs = BlobStore(self.work / "blobs")

@@ -148,6 +148,7 @@ def _connects(broker: Broker, user: str, since: int) -> int:
     ("malformed broker", ["broker:", "scheme 'http' is not supported"]),
     ("missing password file", ["password_file", "cannot be read"]),
     ("unknown model", ["unknown model 'no_such_model'", "fmnist_cnn"]),
+    ("missing init weights", ["init_weights", "is not a file"]),
 ])
 def test_the_coordinator_refuses_bad_settings_with_exit_2(tmp_path, case, says):
     config = tmp_path / "c.toml"
@@ -165,6 +166,8 @@ def test_the_coordinator_refuses_bad_settings_with_exit_2(tmp_path, case, says):
                 password_file=str(tmp_path / "nope"))
     elif case == "unknown model":
         _config(config, None, work, model="no_such_model")
+    elif case == "missing init weights":          # refused before the model's export and a profile's measurement
+        _config(config, None, work, init_weights=str(tmp_path / "nope.safetensors"))
     _refused(_run([COORDINATOR, "run", "--config", str(config)], tmp_path), "edge-coordinator", *says)
 
 
