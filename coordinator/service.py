@@ -53,6 +53,7 @@ from coordinator.guards import (
 from coordinator.model import sources
 from coordinator.model.zoo_profile import measured_profile
 from coordinator.observe import prometheus
+from coordinator.ops.broker_acl import site_state_topic
 from coordinator.replicas import LEASE, LeaderLease, link_identity, replica_name, share_group, shared
 from coordinator.round_metrics import DeviceRound, RoundMetrics, device_accuracy, models_text
 from coordinator.state_sql import without_password
@@ -299,13 +300,14 @@ class Coordinator:
         broker gives its share to the others, and no will (the leader's lease, not a socket, says who serves)."""
         client_id, expiry = link_identity(self.settings["service"])
         subscriptions = [(self.topics.all_devices(k), 1) for k in MQTT_KINDS]
+        sites = [(site_state_topic(self.topics, "+"), 1)]   # every replica hears a site's bridge come back
         if not self.replicated:
-            link = MqttLink(client_id, self.host, self.port, subscriptions,
+            link = MqttLink(client_id, self.host, self.port, subscriptions + sites,
                             will=(self.topics.coordinator_status, Status("offline").encode()), manual_ack=True,
                             security=self.security)
         else:
             link = MqttLink(client_id, self.host, self.port,
-                            [(shared(t, share_group(self.state)), q) for t, q in subscriptions],
+                            [(shared(t, share_group(self.state)), q) for t, q in subscriptions] + sites,
                             manual_ack=True, session_expiry_s=expiry, security=self.security)
         return link.start(timeout_s=30)
 
@@ -493,6 +495,9 @@ class Coordinator:
     def _handle(self, msg: Received) -> None:
         """Dispatch one message; whatever it holds, the service keeps running and the message is acknowledged."""
         try:
+            if msg.topic.startswith(self._site_prefix):
+                self._on_site(msg)
+                return
             device_id, kind = self.topics.parse_device_topic(msg.topic)
             if kind not in MQTT_KINDS:
                 raise ProtocolError(f"devices do not publish {kind} messages")
@@ -504,6 +509,22 @@ class Coordinator:
             log.exception("error while handling a message on %s", msg.topic)
         finally:
             self.link.ack(msg)
+
+    @property
+    def _site_prefix(self) -> str:
+        """Where sites' bridges say whether they are connected (site_state_topic: <root>/site/<site>/bridge)."""
+        return f"{self.topics.root}/site/"
+
+    def _on_site(self, msg: Received) -> None:
+        """A site's bridge to this broker came (back) up: what the core published for the site's devices while it
+        was down never reached them (the bridge keeps no session), so the open round's unsettled tasks go out again
+        (a device that has its task takes the copy as one it has)."""
+        site = msg.topic[len(self._site_prefix):].split("/")[0]
+        if msg.payload == b"1" and self.is_leader:
+            log.info("site %s's bridge is connected: the open round's unsettled tasks go out again", printable(site))
+            self._republish_open_tasks()
+        elif msg.payload == b"0":
+            log.warning("site %s's bridge is down: its devices cannot be reached until it is back", printable(site))
 
     def _on_hello(self, device_id: str, msg: Received) -> None:
         hello = Hello.decode(msg.payload)

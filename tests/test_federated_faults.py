@@ -206,3 +206,34 @@ def test_a_personalised_run_killed_mid_round_continues_with_every_devices_own_st
     assert sorted(state["own"]) == sorted(state["hn"]) == ["d0", "d1", "d2"]
     for device in state["own"]:
         assert model.load(state["own"][device]) and model.get_bytes(state["hn"][device])
+
+
+def test_a_sites_bridge_coming_back_brings_the_open_rounds_tasks_again(env, tmp_path):
+    """A site's bridge keeps no session on the core: a task published while it was down never reached the site.
+    Its connection state ("1" on the site's state topic, which the bridge publishes on the core) makes the
+    coordinator publish the open round's unsettled tasks again."""
+    from coordinator.ops.broker_acl import site_state_topic
+    from edge_runtime.wire.protocol import Task
+    with EmbeddedBroker(tmp_path / "broker") as broker, LocalFleet(tmp_path, broker.url, "sites-back") as fleet:
+        work = tmp_path / "coordinator"
+        fleet.start_coordinator(_fedavg(work, env, rounds=1, min_devices=1))
+        wait_for(_log_says(fleet, "coordinator", "coordinator for fleet"), 120, "the coordinator to serve", fleet)
+        rogue = Rogue(broker, "sites-back", "far-0", tmp_path / "rogue")
+        first = rogue.task()
+        bridge = MqttLink("bridge-north", broker.host, broker.port, []).start()
+        topic = site_state_topic(Topics("sites-back"), "north")
+        try:
+            bridge.publish(topic, b"0", retain=True, wait_s=5)        # the bridge's will: the site is cut off
+            bridge.publish(topic, b"1", retain=True, wait_s=5)        # and back
+            again = wait_for(lambda: _task_msg(rogue), 60, "the task again", fleet)
+        finally:
+            bridge.publish(topic, b"", retain=True, wait_s=5)
+            bridge.stop()
+        assert Task.decode(again.payload).task_id == first.task_id
+        log = fleet.log_tail("coordinator", 200)
+    assert "site north's bridge is down" in log and "site north's bridge is connected" in log
+
+
+def _task_msg(rogue):
+    msg = rogue.link.get(0.1)
+    return msg if msg is not None and msg.topic.endswith("/task") else None
