@@ -3,6 +3,7 @@
 Both run the real demo (embedded Mosquitto, the coordinator and five device agents in three
 tiers of profiles/) in its CI-sized configuration (--quick), about a minute each.
 """
+import io
 import json
 import os
 import re
@@ -127,3 +128,124 @@ def test_the_live_line_names_what_the_issue_asks_for():
     assert "online generic-256mb 1/2 pi-zero-2w 2/2" in line and line.endswith("accuracy 58.59%")
     snap.eta_s, snap.finished = None, False
     assert "left: after the first round" in progress_line(snap, 5)
+
+
+def _snapshots():
+    """Live lines of every kind: a progressive round, a FedIN family, a personalised run, one before any device."""
+    from coordinator.observe.run_status import Snapshot
+    tiers = {"generic-256mb": [2, 2], "pi-3b-plus": [1, 1], "pi-zero-2w": [2, 2], "jetson-nano-4gb": [0, 1]}
+    base = dict(strategy="progressive", round=119, round_open=True, stage={"phase": "growing", "block": 3},
+                tiers=tiers, accepted=3, rejected=12, failed=1, tasks=6, accuracy=0.5859, rounds_left=(40, 62),
+                eta_s=(3600.0, 5580.0))
+    family = {"small": {"accuracy": 0.8012}, "medium": {"accuracy": 0.81}, "large": {"accuracy": 0.823}}
+    return {"progressive": (Snapshot(**base), ["58.59%"]),
+            "fedin": (Snapshot(**dict(base, strategy="fedin", models=family)), ["80", "81", "82"]),
+            "pfedla": (Snapshot(**dict(base, strategy="pfedla", device_accuracy={"mean": 0.9136, "worst": 0.8522})),
+                       ["91.36%"]),
+            "waiting": (Snapshot(tiers=tiers), ["acc"])}
+
+
+def test_the_live_line_fits_any_width_and_keeps_the_round_and_the_accuracy():
+    from coordinator.observe.run_status import progress_line
+    for name, (snap, accuracy) in _snapshots().items():
+        whole = progress_line(snap, 4000)
+        assert len(whole) > 120, whole                      # what wrapped in a 120-column terminal
+        for width in (40, 80, 120, 200):
+            line = progress_line(snap, 4000, width)
+            assert len(line) <= width, (name, width, line)
+            assert all(a in line for a in accuracy), (name, width, line)
+            if snap.round is not None:
+                assert re.search(r"\b(round |r)119\b", line) and "3/6" in line, (name, width, line)
+        assert progress_line(snap, 4000, len(whole)) == whole     # room for it all: nothing is shortened
+    snap = _snapshots()["progressive"][0]
+    assert progress_line(snap, 4000, 80).startswith("[")    # room left for the time left
+    for width in (0, 3, 10):                                # narrower than anything: cut, never longer
+        assert len(progress_line(snap, 4000, width)) <= width
+
+
+def _pty(columns: int) -> tuple[int, int]:
+    """A pseudo-terminal (master, slave) of this many columns."""
+    import pty
+    master, slave = pty.openpty()
+    _resize(slave, columns)
+    return master, slave
+
+
+def _resize(fd: int, columns: int) -> None:
+    import fcntl
+    import struct
+    import termios
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+
+
+def _live_lines(text: str) -> list[str]:
+    """The live line's redraws in a terminal's output: each starts with a carriage return and clear-to-end, and is
+    overwritten by the next (a line ending in a newline stays: a closed round's, or a plain print)."""
+    chunks = text.replace("\r\n", "\n").split("\r\033[K")[1:]
+    return [c for c in chunks if "\n" not in c]
+
+
+def _drain(master: int) -> str:
+    import select
+    out = b""
+    while select.select([master], [], [], 0.2)[0]:
+        out += os.read(master, 65536)
+    return out.decode()
+
+
+def test_the_live_line_follows_the_terminal_width_at_every_redraw():
+    """Progress on a real pseudo-terminal: 80 columns, then resized to 50; and whole lines into a file."""
+    from coordinator.local.demo import Progress
+    from coordinator.observe.run_status import progress_line
+    snap = _snapshots()["progressive"][0]
+    master, slave = _pty(80)
+    try:
+        with os.fdopen(slave, "w", closefd=False) as stream:
+            progress = Progress(stream)
+            progress.line(lambda width: progress_line(snap, 10, width))
+            first = _live_lines(_drain(master))
+            _resize(slave, 50)
+            progress.event("round 118 closed")
+            progress.line(lambda width: progress_line(snap, 11, width))
+            second = _live_lines(_drain(master))
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert len(first) == 1 and 60 < len(first[0]) < 80 and "round 119" in first[0], first
+    assert len(second) == 1 and len(second[0]) < 50 and "58.59%" in second[0], second
+    log = io.StringIO()
+    Progress(log).line(lambda width: progress_line(snap, 10, width))
+    assert log.getvalue() == progress_line(snap, 10) + "\n"
+
+
+def test_the_demo_on_an_80_column_terminal_never_writes_a_live_line_wider(tmp_path):
+    """The real demo (--quick) with a pseudo-terminal of 80 columns as its stdout, as a user's terminal."""
+    import select
+    master, slave = _pty(80)
+    demo = subprocess.Popen([str(REPO / ".venv" / "bin" / "edge-demo"), "--quick", "--workdir", str(tmp_path / "run")],
+                            cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    out = b""
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 1.0)[0]:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:              # EIO: every writer of the terminal has closed it
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif demo.poll() is not None:
+                break
+        assert demo.wait(timeout=60) == 0, out.decode()[-3000:]
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+        os.close(master)
+    live = _live_lines(out.decode())
+    assert len(live) >= 5, out.decode()[-3000:]
+    assert max(len(l) for l in live) < 80, [l for l in live if len(l) >= 80]
+    rounds = [l for l in live if re.search(r"\b(round |r)\d+\b", l)]
+    assert rounds and all(" | acc" in l for l in rounds), live[-5:]

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from coordinator import strategies
 from coordinator.config import ConfigError, load_config
@@ -117,13 +120,28 @@ class Progress:
     def __init__(self, stream=sys.stdout):
         self.stream, self.tty, self.last = stream, stream.isatty(), ""
 
-    def line(self, text: str) -> None:
-        """On a terminal every second; in a log only when more than the clocks changed."""
-        what = text.split("] ", 1)[-1]
+    def width(self) -> int:
+        """The columns the line may take now, read at every redraw so that a resized terminal is honoured: one
+        less than the terminal's, since a line that fills the last column wraps on some terminals, and the
+        rewrite then clears only its last row."""
+        try:
+            columns = os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError, AttributeError):    # not a file descriptor's terminal: what the process has
+            columns = shutil.get_terminal_size().columns
+        return max(1, columns - 1)
+
+    def line(self, render: Callable[[int | None], str]) -> None:
+        """render(width) is the line in at most width characters, or whole for None. On a terminal it is
+        redrawn in place every second, within the width; in a log the whole line, only when more than the
+        clocks changed."""
         if self.tty:
-            self.stream.write("\r\033[K" + text)
-        elif what != self.last:
-            self.stream.write(text + "\n")
+            self.stream.write("\r\033[K" + render(self.width()))
+            what = ""
+        else:
+            text = render(None)
+            what = text.split("] ", 1)[-1]
+            if what != self.last:
+                self.stream.write(text + "\n")
         self.stream.flush()
         self.last = what
 
@@ -155,13 +173,18 @@ def run_fleet(coordinator: dict, work: Path, specs, broker_url: str, fleet_name:
     """One run of the coordinator and the fleet until the schedule finishes; resumes a stopped one."""
     from coordinator.local.fleet import LocalFleet, read_metrics
     from coordinator.observe.run_status import progress_line, snapshot
+    from coordinator.state_sql import StoreError
     coordinator["service"].update(workdir=str(work / "coordinator"), min_devices=len(specs))
     t0 = time.monotonic()
 
     def live() -> None:
-        snap = snapshot(work / "coordinator")
+        try:
+            snap = snapshot(work / "coordinator")
+        except (StoreError, sqlite3.Error):     # the coordinator is creating its store: the next tick reads it
+            return
         if snap is not None and not snap.finished:
-            progress.line(progress_line(snap, time.monotonic() - t0))
+            elapsed = time.monotonic() - t0
+            progress.line(lambda width: progress_line(snap, elapsed, width))
 
     with LocalFleet(work / "fleet", broker_url, fleet_name) as fleet:
         fleet.start_run(coordinator, specs)
@@ -293,7 +316,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work = Path(settings["demo"]["workdir"])
     if args.fresh:
-        import shutil
         shutil.rmtree(work, ignore_errors=True)
     try:
         _same_run(work, settings)

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from coordinator.observe.run_data import parse_round
 from coordinator.round_metrics import accuracy_text, device_accuracy, member_tiers, models_text
@@ -123,23 +124,85 @@ def eta_text(snap: Snapshot) -> str:
     return f"left ~{_clock(hi)}" if hi - lo < 30 else f"left {_clock(lo)}-{_clock(hi)}"
 
 
-def progress_line(snap: Snapshot, elapsed_s: float) -> str:
-    """One line: round, stage, devices online per tier, updates, accuracy, elapsed and left."""
-    tiers = " ".join(f"{t} {on}/{n}" for t, (on, n) in snap.tiers.items()) or "none yet"
-    acc = "-" if snap.accuracy is None else f"{snap.accuracy:.2%}"
+CUT = "..."     # ends a line that even the shortest form of every part overflows
+
+
+def fit_line(parts: Sequence[Sequence[str]], steps: Sequence[int], width: int) -> str:
+    """The parts joined, each in the longest form that lets the line fit in `width` characters.
+
+    parts: each part's forms, longest first (a part that may go has "" last); steps: the order the
+    parts give way in, a part's index each time it takes its next shorter form, so the least
+    important shrink (and go) before the important ones shorten at all. A line that the shortest
+    forms still overflow is cut to the width: a terminal wraps a longer one, and the rewrite then
+    clears only its last row.
+    """
+    form = [0] * len(parts)
+
+    def text() -> str:
+        return "".join(p[f] for p, f in zip(parts, form))
+
+    taken = []
+    for i in steps:
+        if len(text()) <= width:
+            break
+        if form[i] < len(parts[i]) - 1:
+            form[i] += 1
+            taken.append(i)
+    for i in reversed(taken):     # a part shortened early may fit whole again beside the later, shorter ones
+        form[i] -= 1
+        if len(text()) > width:
+            form[i] += 1
+    line = text()
+    return line if len(line) <= width else line[:max(0, width - len(CUT))] + CUT[:width]
+
+
+def _accuracy_forms(snap: Snapshot) -> list[str]:
+    """The accuracy part, longest first; never empty: it is what the run is for."""
+    if snap.models:   # a model family (FedIN): each member's test accuracy
+        members = [f"{name} {e['accuracy']:.1%}" if e.get("accuracy") is not None else f"{name} -"
+                   for name, e in snap.models.items()]
+        return [f" | accuracy {models_text(snap.models)}", f" | acc {' '.join(members)}",
+                " | acc " + "/".join(f"{e['accuracy']:.0%}" if e.get("accuracy") is not None else "-"
+                                     for e in snap.models.values())]
     if snap.device_accuracy is not None:
-        acc = f"devices mean {snap.device_accuracy['mean']:.2%} worst {snap.device_accuracy['worst']:.2%}"
-    if snap.models:
-        acc = models_text(snap.models)
+        mean, worst = snap.device_accuracy["mean"], snap.device_accuracy["worst"]
+        return [f" | accuracy devices mean {mean:.2%} worst {worst:.2%}", f" | acc mean {mean:.2%} worst {worst:.2%}",
+                f" | acc mean {mean:.2%}"]
+    acc = "-" if snap.accuracy is None else f"{snap.accuracy:.2%}"
+    return [f" | accuracy {acc}", f" | acc {acc}"]
+
+
+def progress_line(snap: Snapshot, elapsed_s: float, width: int | None = None) -> str:
+    """One line: round, stage, devices online per tier, updates, accuracy, elapsed and left.
+
+    width: at most this many characters (a terminal's): the online tiers, the stage and the
+    clocks shorten and go first, the round, its updates and the accuracy last. None: the
+    whole line, as a log or a pipe gets it.
+    """
+    clock, eta = _clock(elapsed_s), eta_text(snap)
+    short_eta = eta if snap.eta_s is not None or snap.finished else clock
+    clocks = [f"[{clock} {eta}] ", f"[{short_eta}] ", ""]
     if snap.round is None:
-        where = "waiting for devices"
+        where, stage, updates = ["waiting for devices", "waiting"], [""], [""]
     else:
-        where = f"round {snap.round} {stage_text(snap.stage)}"
+        where = [f"round {snap.round}", f"r{snap.round}"]
+        stage = [f" {stage_text(snap.stage)}", f" {stage_text(snap.stage, short=True)}", ""]
+        updates = [""]
         if snap.round_open:
-            where += f": {snap.accepted}/{snap.tasks} updates accepted, {snap.rejected} rejected"
-            if snap.failed:
-                where += f", {snap.failed} failed"
-    return f"[{_clock(elapsed_s)} {eta_text(snap)}] {where} | online {tiers} | accuracy {acc}"
+            done = f"{snap.accepted}/{snap.tasks}"
+            updates = [f": {done} updates accepted, {snap.rejected} rejected"
+                       + (f", {snap.failed} failed" if snap.failed else ""),
+                       f": {done} ok, {snap.rejected} rej" + (f", {snap.failed} fail" if snap.failed else ""),
+                       f" {done}"]
+    on, known = sum(on for on, _ in snap.tiers.values()), sum(n for _, n in snap.tiers.values())
+    tiers = " ".join(f"{t} {on}/{n}" for t, (on, n) in snap.tiers.items()) or "none yet"
+    online = [f" | online {tiers}", f" | online {on}/{known}", ""]
+    parts = [clocks, where, stage, updates, online, _accuracy_forms(snap)]
+    if width is None:
+        return "".join(p[0] for p in parts)
+    CLOCKS, WHERE, STAGE, UPDATES, ONLINE, ACCURACY = range(6)
+    steps = [ONLINE, STAGE, ACCURACY, CLOCKS, ONLINE, UPDATES, STAGE, CLOCKS, ACCURACY, UPDATES, WHERE]
+    return fit_line(parts, steps, width)
 
 
 def status_lines(snap: Snapshot, devices: list[dict], now: float | None = None) -> list[str]:
