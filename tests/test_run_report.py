@@ -1,8 +1,10 @@
 """The run report, built from a real federated run: a real Mosquitto, the coordinator service
-and two device agents as processes (one of them too small for whole-model training), a
+and two device agents as processes (a 256 MB board with its tier's budget, as a flashed one
+runs, too small for whole-model training; and a larger one given a budget of its own), a
 short progressive run with the freezing window shortened so the metric has values, and a
-full-model FedAvg baseline beside it. The page's numbers are checked against metrics.jsonl,
-and headless Chromium must render every image of it without fetching anything.
+full-model FedAvg baseline beside it. The page's numbers are checked against metrics.jsonl, the memory
+chart's data against the devices' budgets, and headless Chromium must render every image
+of it without fetching anything.
 """
 import json
 import re
@@ -10,15 +12,21 @@ import shutil
 import sqlite3
 import subprocess
 import time
+from dataclasses import replace
 from html.parser import HTMLParser
 
 import pytest
-from fleet_helpers import LocalFleet, fleet_specs, read_metrics, settings
+from fleet_helpers import MB, LocalFleet, fleet_specs, read_metrics, settings
 
+from coordinator.observe.plots import memory_bars
+from coordinator.observe.run_data import device_rows, load_run
 from coordinator.observe.run_report import write_report
 from coordinator.ops.broker import EmbeddedBroker
+from edge_runtime.device.tiers import find_tier
 
 PLOTS = {"accuracy", "memory", "bytes", "timeline", "freezing"}
+SMALL_TIER = "generic-256mb"
+TIERS_TEXT = f"{SMALL_TIER}: 1 (small-0); pi-zero-2w: 1 (big-0)"
 
 
 def _settings(work, profile, strategy):
@@ -52,6 +60,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     measured_profile(root / "measured", "fmnist_cnn", [32, 64])
     specs = fleet_specs(root / "data", samples=3000, alpha=0.5, small=1, big=1)
+    # the small device is a 256 MB board with its tier's budget (the coordinator can tell its whole budget: 96 MB for
+    # jobs + 48 MB for the agent); the big one has a budget of its own (296 MB: the coordinator cannot tell it)
+    specs = [replace(s, tier=SMALL_TIER, budget_mb=None) if s.device_id.startswith("small") else s for s in specs]
     live = {}
 
     def report_mid_run(work):
@@ -121,15 +132,19 @@ def test_report_numbers_match_the_metrics_file(runs):
     # every device, with the budget it announced, its largest measured peaks, and red only when a job was over
     rows = [(m["round"], d, r) for m in metrics for d, r in m["devices"].items()]
     assert sorted(page.rows) == sorted({d for _, d, _ in rows}) == ["big-0", "small-0"]
+    whole = {"small-0": find_tier(SMALL_TIER).device_budget_bytes, "big-0": None}
     for device, row in page.rows.items():
         mine = [r for _, d, r in rows if d == device]
-        budget, job, agent = (int(row["cells"][i]["data-bytes"]) for i in (2, 3, 4))
+        budget, job, agent, both = (int(row["cells"][i]["data-bytes"]) for i in (2, 3, 4, 5))
         assert budget == mine[-1]["budget_bytes"]
         assert job == max(r["peak_rss_bytes"] for r in mine)
         assert agent == max(r["agent_peak_rss_bytes"] for r in mine)
-        over = any(r["peak_rss_bytes"] > r["budget_bytes"] for r in mine)
+        assert both == max(r["peak_rss_bytes"] + r["agent_peak_rss_bytes"] for r in mine)
+        assert row["cells"][6].get("data-bytes") == (str(whole[device]) if whole[device] else None)
+        over = any(r["peak_rss_bytes"] > r["budget_bytes"] for r in mine) or \
+            bool(whole[device] and both > whole[device])
         assert row["class"] == ("over" if over else "ok")
-    assert page.text["devices-per-tier"] == "pi-zero-2w: 1 (big-0); small-140mb: 1 (small-0)"
+    assert page.text["devices-per-tier"] == TIERS_TEXT
     # every plot is embedded and written next to the page, byte for byte the same
     import base64
     assert {i["id"].removeprefix("img-") for i in page.imgs} == PLOTS
@@ -148,7 +163,7 @@ def test_the_freezing_metric_is_the_schedules_and_absent_for_fedavg(runs):
     assert {(b, r, v) for b, pts in series.items() for r, v in pts} == logged
     assert sorted(series) == [0, 1, 2, 3] and all(v is not None for pts in series.values() for _, v in pts[1:])
     page = _Page(write_report(runs["fedavg"]).read_text())
-    assert "not recorded for this strategy (fedavg)" in page.text["freezing-note"]
+    assert "not recorded for this strategy (fedavg)" in page.text["no-freezing"]
     assert {i["id"] for i in page.imgs} == {"img-" + p for p in PLOTS - {"freezing"}}
     assert not (runs["fedavg"] / "report" / "freezing.png").exists()
 
@@ -160,7 +175,7 @@ def test_a_report_made_while_the_run_went_on(runs):
     before, after = live["closed"]
     assert before <= int(page.text["rounds"]) <= after
     assert page.text["state"].startswith("in progress"), page.text["state"]
-    assert page.text["devices-per-tier"] == "pi-zero-2w: 1 (big-0); small-140mb: 1 (small-0)"
+    assert page.text["devices-per-tier"] == TIERS_TEXT
 
 
 def test_a_truncated_last_line_and_a_locked_store_do_not_stop_the_report(runs, tmp_path):
@@ -187,6 +202,88 @@ def test_a_truncated_last_line_and_a_locked_store_do_not_stop_the_report(runs, t
     assert sorted(page.rows) == ["big-0", "small-0"]
     assert len(page.imgs) == len(PLOTS)
     assert "1 line(s) of metrics.jsonl could not be read" in (tmp_path / "out" / "report.html").read_text()
+
+
+def _copy_run(src, dst, lines):
+    """A run directory like src's (its manifest and state store) whose metrics.jsonl holds these lines."""
+    (dst / "model").mkdir(parents=True)
+    shutil.copy(src / "model" / "manifest.json", dst / "model" / "manifest.json")
+    shutil.copy(src / "state.db", dst / "state.db")
+    (dst / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    return dst
+
+
+def _worst_task(metrics, device):
+    """The device's accepted task whose job + agent peak was the largest."""
+    tasks = [m["devices"][device] for m in metrics if m["devices"].get(device, {}).get("status") == "accepted"]
+    return max(tasks, key=lambda r: r["peak_rss_bytes"] + r["agent_peak_rss_bytes"])
+
+
+def test_the_memory_chart_holds_each_device_to_its_whole_budget(runs, tmp_path):
+    """Within budget: the 256 MB board's job + agent rises above its job budget (96 MB), never its whole (144 MB)."""
+    work = runs["progressive"]
+    metrics = read_metrics(work)
+    bars = {b.device_id: b for b in memory_bars(device_rows(load_run(work)))}
+    small, big = bars["small-0"], bars["big-0"]
+    tier = find_tier(SMALL_TIER)
+    assert small.device_budget_mb == tier.device_budget_bytes / MB == tier.budget_mb + 48
+    assert big.device_budget_mb is None          # started with a budget of its own: the coordinator cannot tell it
+    for b in bars.values():
+        worst = _worst_task(metrics, b.device_id)
+        assert (b.job_mb, b.agent_mb) == (worst["peak_rss_bytes"] / MB, worst["agent_peak_rss_bytes"] / MB)
+        assert b.job_budget_mb == metrics[-1]["devices"][b.device_id]["budget_bytes"] / MB
+        assert b.job_mb <= b.job_peak_mb <= b.job_budget_mb and not b.over
+    # what was drawn as over budget: the stack passes the job budget, yet the device kept within its whole budget
+    assert small.job_budget_mb < small.top_mb <= small.device_budget_mb
+    assert 40 <= small.device_budget_mb - small.job_budget_mb <= 56      # the agent's share: its RSS + 8 MB
+    page = _Page(write_report(work, out_dir=tmp_path, baseline=False).read_text())
+    assert page.rows["small-0"]["class"] == "ok" and "img-memory" in {i["id"] for i in page.imgs}
+
+
+def test_a_device_over_a_budget_is_drawn_above_it_and_named(runs, tmp_path):
+    """Over budget, from the real run's rounds: in round 3 the board's agent grew past its share (job + agent over
+    the whole budget), and the big device's job passed its job budget (what its hard limit should never allow)."""
+    metrics = read_metrics(runs["progressive"])
+    edited = json.loads(json.dumps(metrics))
+    small, big = (edited[2]["devices"][d] for d in ("small-0", "big-0"))
+    assert small["status"] == big["status"] == "accepted"
+    whole = find_tier(SMALL_TIER).device_budget_bytes
+    small["agent_peak_rss_bytes"] = whole - small["peak_rss_bytes"] + 4 * MB
+    big["peak_rss_bytes"] = big["budget_bytes"] + 2 * MB
+    work = _copy_run(runs["progressive"], tmp_path / "over", edited)
+    bars = {b.device_id: b for b in memory_bars(device_rows(load_run(work)))}
+    assert bars["small-0"].over and bars["small-0"].top_mb == pytest.approx(whole / MB + 4)
+    assert bars["small-0"].top_mb > bars["small-0"].device_budget_mb
+    assert bars["big-0"].over and bars["big-0"].job_mb > bars["big-0"].job_budget_mb
+    page = _Page(write_report(work, baseline=False).read_text())
+    assert page.rows["small-0"]["class"] == page.rows["big-0"]["class"] == "over"
+    html = (work / "report" / "report.html").read_text()
+    assert "job + agent OVER the device budget in round(s) 3" in html and "job OVER its budget in round(s) 3" in html
+    assert "img-memory" in {i["id"] for i in page.imgs}
+
+
+def test_a_plot_with_nothing_to_show_is_left_out_and_the_page_says_why(runs, tmp_path):
+    """Nothing froze: the run's first round, before any block trained its window; no round at all: no plot."""
+    metrics = read_metrics(runs["progressive"])
+    first = [m for m in metrics[:1] if m["schedule"].get("effective_movement") is None]
+    assert first, "the run's first round already has a freezing value"
+    page = _Page(write_report(_copy_run(runs["progressive"], tmp_path / "first", first), baseline=False).read_text())
+    assert {i["id"].removeprefix("img-") for i in page.imgs} == PLOTS - {"freezing"}
+    assert page.text["no-freezing"].startswith("No block froze yet: the freezing metric has a value only once a "
+                                               "block has trained its full window of 2 rounds")
+    assert not (tmp_path / "first" / "report" / "freezing.png").exists()
+    # the whole run has values: the plot is there, with a note only when no value went under the threshold
+    series = [m["schedule"]["effective_movement"] for m in metrics]
+    page = _Page(write_report(runs["progressive"], out_dir=tmp_path / "whole", baseline=False).read_text())
+    assert "img-freezing" in {i["id"] for i in page.imgs} and "no-freezing" not in page.text
+    froze = any(v is not None and v < 0.8 for v in series)
+    assert ("freezing-note" in page.text) != froze, (series, page.text.get("freezing-note"))
+    # no round closed yet: every plot says why in its place, and no empty frame is drawn
+    page = _Page(write_report(_copy_run(runs["progressive"], tmp_path / "none", []), baseline=False).read_text())
+    assert page.imgs == []
+    assert {k.removeprefix("no-") for k in page.text if k.startswith("no-")} == PLOTS
+    assert page.text["no-accuracy"] == "No round has closed yet: this plot appears after the first one."
+    assert not list((tmp_path / "none" / "report").glob("*.png"))
 
 
 def test_edge_coordinator_report_prints_the_page(runs, tmp_path, capsys):

@@ -1,13 +1,14 @@
 """The run report's five plots, as PNG bytes, drawn from a typed Run.
 
 Each plot function returns None when it has nothing to show (no round closed yet, no peak
-measured, no freezing metric logged): the report leaves such a plot out rather than
-embedding an empty frame. matplotlib is imported only when a plot is drawn, with the Agg
-backend, so reading a run never needs a display.
+measured, no freezing metric with a value): the report says why in its place
+(run_data.absent_plot_note) rather than embedding an empty frame. matplotlib is imported
+only when a plot is drawn, with the Agg backend, so reading a run never needs a display.
 """
 from __future__ import annotations
 
 import io
+from typing import NamedTuple
 
 from coordinator.observe.run_data import MB, DeviceRow, Run, freezing_series, ranges_text, round_bytes
 from coordinator.round_metrics import DeviceRound, device_accuracy
@@ -82,43 +83,95 @@ def plot_accuracy(run: Run, baseline: Run | None) -> bytes | None:
     return _png(fig)
 
 
-def plot_memory(devices: list[DeviceRow]) -> bytes | None:
-    """Peak RSS per device, training job and agent stacked, against the job budget it announced; tiers apart."""
-    if not any(d.job_peak_bytes for d in devices):
-        return None
-    plt = _pyplot()
-    xs, x, last_tier, spans = [], 0.0, None, []
+class MemoryBar(NamedTuple):
+    """One device in the memory plot, in MB: what its bar and lines are drawn from."""
+    device_id: str
+    tier: str
+    x: float
+    job_mb: float                    # the training job's part of the device's largest peak (job + agent, one task)
+    agent_mb: float                  # the agent's part, measured in the same task: stacked on the job
+    job_peak_mb: float               # the job's largest peak in any task (marked when another task's is higher)
+    job_budget_mb: float | None      # the job budget the device announced
+    device_budget_mb: float | None   # its whole budget, agent and jobs; None: the coordinator cannot tell it
+    over: bool                       # a job over its job budget, or job + agent over the whole budget
+
+    @property
+    def top_mb(self) -> float:
+        return self.job_mb + self.agent_mb
+
+
+TIER_GAP = 0.6        # between the bars of two tiers
+PEAK_MARK_MB = 2.0    # a job's largest peak is marked above its bar only when higher by more: less would not show
+
+
+def memory_bars(devices: list[DeviceRow]) -> list[MemoryBar]:
+    """The memory plot's data: a bar per device in the table's order, tiers apart. A bar is the device's largest
+    peak, its job's and its agent's measured in the same task (not each one's largest, which may come from two
+    tasks): so a device that stayed within its whole budget is never drawn above it."""
+    bars, x, last_tier = [], 0.0, None
     for d in devices:
         if last_tier is not None and d.tier != last_tier:
-            x += 0.6
-        if d.tier != last_tier:
-            spans.append([d.tier, x, x])
-        spans[-1][2] = x
-        xs.append(x)
+            x += TIER_GAP
+        job, agent = d.device_peak_parts
+        whole = d.device_budget_bytes
+        bars.append(MemoryBar(d.device_id, d.tier, x, job / MB, agent / MB, d.job_peak_bytes / MB,
+                              d.budget_bytes / MB if d.budget_bytes else None, whole / MB if whole else None, d.over))
         last_tier, x = d.tier, x + 1
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.0 * len(devices) + 5), 4.4))
-    job = [d.job_peak_bytes / MB for d in devices]
-    agent = [d.agent_peak_bytes / MB for d in devices]
-    edges = ["red" if d.over else "none" for d in devices]
-    ax.bar(xs, job, 0.6, color="tab:blue", edgecolor=edges, linewidth=2, label="training job peak (VmHWM)")
-    ax.bar(xs, agent, 0.6, bottom=job, color="#a6cee3", hatch="//", edgecolor=edges, linewidth=2,
-           label="agent peak, on top")
-    with_budget = [(xv, d.budget_bytes / MB) for xv, d in zip(xs, devices) if d.budget_bytes]
-    if with_budget:
-        ax.hlines([b for _, b in with_budget], [xv - 0.4 for xv, _ in with_budget],
-                  [xv + 0.4 for xv, _ in with_budget], color="k", linewidth=2.5,
-                  label="job budget the device announced")
-    for xv, d in zip(xs, devices):
-        if not d.job_peak_bytes:
-            ax.text(xv, 1, "no task", ha="center", va="bottom", fontsize=7, rotation=90, color="grey")
-    top = max([j + a for j, a in zip(job, agent)] + [b for _, b in with_budget] + [1.0])
-    for tier, a, b in spans:
-        ax.axvspan(a - 0.45, b + 0.45, color="grey", alpha=0.08)
-        ax.text((a + b) / 2, top * 1.13, tier, ha="center", va="bottom", fontsize=9, weight="bold")
-    ax.set_xticks(xs, [d.device_id for d in devices], rotation=30, ha="right", fontsize=8)
-    for label, d in zip(ax.get_xticklabels(), devices):
-        label.set_color("red" if d.over else "black")
-    ax.set(ylabel="MB", ylim=(0, top * 1.25), title="largest peak RSS per device (red: a job over its budget)")
+    return bars
+
+
+def plot_memory(devices: list[DeviceRow]) -> bytes | None:
+    """Each device's largest peak (job and agent stacked) against its whole budget and, dashed, its job budget."""
+    bars = memory_bars(devices)
+    if not any(b.job_peak_mb for b in bars):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(9.0, 1.0 * len(bars) + 7), 4.4))     # the legend takes 4 inches
+    xs = [b.x for b in bars]
+    known = [b for b in bars if b.device_budget_mb and b.job_budget_mb]
+    if known:      # the band between the two lines: what the device keeps for its agent
+        ax.bar([b.x for b in known], [b.device_budget_mb - b.job_budget_mb for b in known], 0.8,
+               bottom=[b.job_budget_mb for b in known], color="tab:orange", alpha=0.2, zorder=0,
+               label="the agent's share of the device budget")
+    ax.bar(xs, [b.job_mb for b in bars], 0.6, color="tab:blue", label="training job's peak (VmHWM)")
+    ax.bar(xs, [b.agent_mb for b in bars], 0.6, bottom=[b.job_mb for b in bars], color="#a6cee3", hatch="//",
+           edgecolor="#3a6f95", linewidth=0, label="agent's peak in the same task, on top")
+    over = [b for b in bars if b.over]
+    if over:
+        ax.bar([b.x for b in over], [b.top_mb for b in over], 0.6, fill=False, edgecolor="red", linewidth=2,
+               label="over a budget in some round")
+    higher = [b for b in bars if b.job_peak_mb > b.job_mb + PEAK_MARK_MB]
+    if higher:
+        ax.scatter([b.x for b in higher], [b.job_peak_mb for b in higher], marker="_", s=400, linewidths=2.5,
+                   color="navy", zorder=3, label="the job's largest peak (another task)")
+    whole = [b for b in bars if b.device_budget_mb]
+    if whole:
+        ax.hlines([b.device_budget_mb for b in whole], [b.x - 0.4 for b in whole], [b.x + 0.4 for b in whole],
+                  color="k", linewidth=2.5, label="device budget: all it runs\n(its tier's budget_mb + agent reserve)")
+    jobs = [b for b in bars if b.job_budget_mb]
+    if jobs:
+        ax.hlines([b.job_budget_mb for b in jobs], [b.x - 0.4 for b in jobs], [b.x + 0.4 for b in jobs], color="k",
+                  linewidth=1.5, linestyles="--",
+                  label="job budget the device announced\n(device budget less the agent's share)")
+    top = max([b.top_mb for b in bars] + [b.job_peak_mb for b in bars]
+              + [b.device_budget_mb or b.job_budget_mb or 0 for b in bars] + [1.0])
+    for b in bars:
+        if not b.job_peak_mb:
+            ax.text(b.x, 1, "no task", ha="center", va="bottom", fontsize=7, rotation=90, color="grey")
+        elif b.job_budget_mb and not b.device_budget_mb:
+            ax.text(b.x, max(b.top_mb, b.job_budget_mb) + top * 0.01, "device budget\nnot known here",
+                    ha="center", va="bottom", fontsize=7, color="grey")
+    spans: dict[str, list[float]] = {}
+    for b in bars:
+        spans.setdefault(b.tier, []).append(b.x)
+    for tier, tier_xs in spans.items():
+        a, z = min(tier_xs), max(tier_xs)
+        ax.axvspan(a - 0.45, z + 0.45, color="grey", alpha=0.08)
+        ax.text((a + z) / 2, top * 1.13, tier, ha="center", va="bottom", fontsize=9, weight="bold")
+    ax.set_xticks(xs, [b.device_id for b in bars], rotation=30, ha="right", fontsize=8)
+    for label, b in zip(ax.get_xticklabels(), bars):
+        label.set_color("red" if b.over else "black")
+    ax.set(ylabel="MB", ylim=(0, top * 1.25), title="largest peak RSS per device against its budget (red: over one)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return _png(fig)
@@ -147,7 +200,7 @@ def plot_bytes(run: Run) -> bytes | None:
 def plot_timeline(run: Run, devices: list[DeviceRow]) -> bytes | None:
     """Rounds across, the stage on top and one row per device: which block or layer each one trained."""
     rs, strategy, block_of = run.rounds, run.strategy, run.block_of()
-    if not rs:
+    if not rs or not devices:
         return None
     plt = _pyplot()
     from matplotlib.patches import Patch
@@ -232,8 +285,8 @@ def _tier_separators(ax, devices: list[DeviceRow]) -> None:
 def plot_freezing(run: Run) -> bytes | None:
     """Effective movement per block (or layer) over rounds, against the threshold under which it freezes."""
     kind, series, threshold = freezing_series(run)
-    if not series:
-        return None
+    if not any(v is not None for points in series.values() for _, v in points):
+        return None         # no block has filled its window: ticks alone are an empty frame
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 3.8))
     cmap = _unit_colours(plt)

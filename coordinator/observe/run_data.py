@@ -8,6 +8,7 @@ Everything here is text and numbers; the plots and the HTML are made elsewhere.
 """
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import time
@@ -16,10 +17,16 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, NamedTuple
 
 from coordinator.round_metrics import DeviceRound, RoundMetrics, device_accuracy, member_tiers, models_text
+from coordinator.state_sql import StoreError
 from coordinator.state_store import RoundRow, run_store
 from coordinator.strategies.base import stage_text
+from edge_runtime.device.tiers import AGENT_RESERVE_MB, TierError, find_tier
+from edge_runtime.wire.protocol import ProtocolError, check_id
 
 MB = float(1 << 20)
+# A device started with its tier's budget announces that budget (budget_mb + AGENT_RESERVE_MB) less its agent's share,
+# its start-up RSS + 8 MB: 45-48 MB measured. A share outside this range means it was given a budget of its own.
+AGENT_SHARE_MB = (AGENT_RESERVE_MB / 2, AGENT_RESERVE_MB * 1.5)
 SCAN_LIMIT = 200             # entries of a directory looked at when searching for a baseline beside a run
 SETTLED = "every task settled"
 
@@ -96,7 +103,7 @@ def read_store(workdir: Path) -> dict:
     be read."""
     try:
         state = run_store(workdir, timeout_s=0.5)   # a report must not wait on a busy store
-    except sqlite3.Error:
+    except (sqlite3.Error, StoreError):    # locked, or of a schema version a read-only open cannot migrate
         return {}
     try:
         row = state.current_round()
@@ -176,19 +183,49 @@ class DeviceRow:
     job_peak_round: int | None = None
     agent_peak_bytes: int = 0
     device_peak_bytes: int = 0          # its largest job + agent, the two measured in the same task
+    device_peak_parts: tuple[int, int] = (0, 0)   # (job, agent) of that task
     trained: int = 0
     scored: int = 0
     failed: int = 0
     idle: int = 0
     over_rounds: list[int] = field(default_factory=list)   # rounds where a job's peak passed its job budget
+    device_over_rounds: list[int] = field(default_factory=list)   # where job + agent passed the whole budget
+
+    @property
+    def device_budget_bytes(self) -> int | None:
+        """Its whole budget, agent and jobs together, when the coordinator can tell it (whole_budget_bytes)."""
+        return whole_budget_bytes(self.tier, self.budget_bytes)
 
     @property
     def over(self) -> bool:
-        return bool(self.over_rounds)
+        return bool(self.over_rounds or self.device_over_rounds)
 
     @property
     def answered(self) -> bool:
         return self.trained + self.scored > 0
+
+
+@functools.lru_cache(maxsize=256)
+def _tier_budget_bytes(tier: str) -> int | None:
+    try:
+        return find_tier(check_id(tier, "tier")).device_budget_bytes
+    except (TierError, ProtocolError):
+        return None
+
+
+def whole_budget_bytes(tier: str, job_budget_bytes: int | None) -> int | None:
+    """A device's whole budget (everything it runs: agent and jobs), or None when the coordinator cannot tell it.
+
+    A device announces only its job budget, what is left of its whole budget after its agent's
+    share. The whole is its tier file's (budget_mb + the agent reserve) when the job budget it
+    announced leaves the agent a share of that size (AGENT_SHARE_MB); a tier with no file here,
+    or a device started with a --budget-mb far from its tier's, leaves it unknown.
+    """
+    whole = _tier_budget_bytes(tier)
+    if whole is None or job_budget_bytes is None:
+        return None
+    low, high = AGENT_SHARE_MB
+    return whole if low <= (whole - job_budget_bytes) / MB <= high else None
 
 
 def tally_devices(rounds: Iterable[RoundMetrics], rows: dict[str, DeviceRow] | None = None) -> dict[str, DeviceRow]:
@@ -224,9 +261,13 @@ def _take_task(row: DeviceRow, round_no: int, r: DeviceRound) -> None:
     if peak > row.job_peak_bytes:
         row.job_peak_bytes, row.job_peak_round = peak, round_no
     row.agent_peak_bytes = max(row.agent_peak_bytes, r.agent_peak_rss_bytes or 0)
-    row.device_peak_bytes = max(row.device_peak_bytes, r.device_peak_bytes)
+    if r.device_peak_bytes > row.device_peak_bytes:
+        row.device_peak_bytes, row.device_peak_parts = r.device_peak_bytes, (peak, r.agent_peak_rss_bytes or 0)
     if r.budget_bytes is not None and peak > r.budget_bytes:
         row.over_rounds.append(round_no)
+    whole = whole_budget_bytes(row.tier, r.budget_bytes)
+    if whole is not None and r.device_peak_bytes > whole:
+        row.device_over_rounds.append(round_no)
 
 
 def device_rows(run: Run) -> list[DeviceRow]:
@@ -312,19 +353,34 @@ def round_notes(run: Run) -> list[str]:
 
 
 def freezing_note(run: Run) -> str | None:
-    """Why there is no freezing plot (or why it has no line), or None when it has one."""
-    kind, series, _ = freezing_series(run)
-    if series:
-        if all(v is None for pts in series.values() for _, v in pts):
-            window = run.settings.get("progressive", {}).get("freeze_window")
-            return (f"The freezing metric is logged, but no {kind} has trained its full window"
-                    + (f" of {window} rounds" if window else "")
-                    + " yet, so it has no value in any round (marks below).")
+    """Why there is no freezing plot, or that no block froze on it; None when its plot says it all."""
+    kind, series, threshold = freezing_series(run)
+    values = [v for pts in series.values() for _, v in pts if v is not None]
+    if values:
+        if threshold is not None and min(values) >= threshold:
+            return f"No {kind} froze: its effective movement never went under the freeze threshold {threshold:g}."
         return None
+    if series:
+        window = run.settings.get(run.strategy, {}).get("freeze_window")
+        return (f"No {kind} froze{'' if run.finished else ' yet'}: the freezing metric has a value only once a "
+                f"{kind} has trained its full window" + (f" of {window} rounds" if window else "")
+                + f", and no {kind} has, so there is nothing to plot.")
     if run.strategy in ("progressive", "layerwise"):
         return (f"The freezing metric is not recorded yet: the {run.strategy} schedule logs it once a "
                 f"{'block trains in its growing stage' if run.strategy == 'progressive' else 'layer trains'}.")
     return f"The freezing metric is not recorded for this strategy ({run.strategy}): it has no freezing rule."
+
+
+def absent_plot_note(name: str, run: Run) -> str:
+    """The sentence the report shows in place of plot `name` (one of plots.PLOT_NAMES) when it has nothing to show."""
+    if name == "freezing":
+        return freezing_note(run) or "No freezing metric was recorded."
+    if not run.rounds:
+        return "No round has closed yet: this plot appears after the first one."
+    return {"memory": "No device has reported a measured peak yet: each finished task reports its job's and its "
+                      "agent's.",
+            "bytes": "No bytes were sent or received in any closed round.",
+            "timeline": "No device has joined the run yet."}.get(name, "Nothing to show yet.")
 
 
 def _state(run: Run) -> str:

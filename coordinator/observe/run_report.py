@@ -6,11 +6,13 @@ module only lays the page out: templates/report.html, shipped as package data, f
 with `string.Template`, every value escaped on the way in.
 
 The page shows test accuracy per round (against a full-model FedAvg baseline when one
-ran: given, or found beside the run), each device's measured peak RSS (training job and
-agent, stacked) against the budget it announced, grouped by tier, bytes to and from the
-devices per round, which block or layer each device trained in each round, and the
-freezing metric per block when the strategy records one. Its images are data URIs and
-it loads nothing else: it can be mailed, archived, or opened on a machine with no network.
+ran: given, or found beside the run), each device's largest measured peak RSS (training
+job and agent, stacked) against its whole budget and the job budget it announced, grouped
+by tier, bytes to and from the devices per round, which block or layer each device
+trained in each round, and the freezing metric per block when the strategy records one.
+A plot with nothing to show is left out, a sentence saying why in its place. Its images
+are data URIs and it loads nothing else: it can be mailed, archived, or opened on a
+machine with no network.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from coordinator.observe.run_data import (
     MB,
     DeviceRow,
     Run,
+    absent_plot_note,
     device_rows,
     find_baseline,
     freezing_note,
@@ -57,19 +60,38 @@ def _page_template() -> Template:
 # the pieces the page is assembled from; every $value in them is escaped by _fill
 IMG = Template('<img id="img-$name" src="data:image/png;base64,$data" alt="$alt">')
 NOTE = Template('<p class="note">$text</p>')
+ABSENT = Template('<p class="note" id="no-$name">$text</p>')     # in place of a plot with nothing to show
 FREEZING_NOTE = Template('<p class="note" id="freezing-note">$text</p>')
 SUMMARY_ROW = Template('<tr><th>$label</th><td id="$key">$text</td></tr>')
 DEVICE_HEAD = _Markup(
     "<tr><th>device</th><th>tier</th><th>job budget (MB)</th><th>job peak (MB)</th><th>agent peak (MB)</th>"
-    "<th>job + agent (MB)</th><th>headroom (MB)</th><th>trained / scored / failed / idle rounds</th>"
-    "<th>verdict</th></tr>")
+    "<th>job + agent, one task (MB)</th><th>device budget (MB)</th><th>job headroom (MB)</th>"
+    "<th>trained / scored / failed / idle rounds</th><th>verdict</th></tr>")
 DEVICE_ROW = Template('<tr id="device-$device" class="$verdict_class"><td>$device</td><td>$tier</td>$budget'
                       '<td class="num" data-bytes="$job_peak_bytes">$job_peak_mb$peak_round</td>'
-                      '$agent_peak$job_plus_agent$headroom'
+                      '$agent_peak$job_plus_agent$device_budget$headroom'
                       '<td class="num">$trained / $scored / $failed / $idle</td><td>$verdict</td></tr>')
 MB_CELL = Template('<td class="num" data-bytes="$n">$mb</td>')
 NO_MB_CELL = _Markup('<td class="num">-</td>')
 ROUND_NOTE = Template("<li>$text</li>")
+# what a plot shows, above it (a plot left out takes its caption with it)
+ALTS = {"accuracy": "test accuracy per round", "memory": "peak RSS per device", "bytes": "bytes per round",
+        "timeline": "stage timeline", "freezing": "freezing metric"}
+CAPTIONS = {
+    "memory": Template(
+        "Bars: each device's largest peak RSS, its training (or scoring) job's VmHWM with its agent's peak in the "
+        "same task hatched on top. The solid line is the device's whole budget, everything it runs: its tier's "
+        "budget_mb plus the agent reserve. The dashed line is the job budget the device announced: the whole less "
+        "the share it keeps for its agent (the shaded band). A device within its budget stays under the solid line, "
+        "its job under the dashed one; a device started with its own --budget-mb, or of a tier with no file here, "
+        "has only the dashed line: the coordinator does not learn its whole budget. A tick above a bar is the job's "
+        "largest peak when another task's was higher. Red: over a budget in some round (the table names them)."),
+    "timeline": Template(
+        "One column per round: the schedule's stage on top, then each device, grouped by tier. A cell names what "
+        "the device trained ($parts); its colour is the lowest $unit of it. S: the device scored its layers (no "
+        "weights changed); idle: nothing of this stage fits the device; red: the task failed or was rejected."),
+}
+CAPTION = Template("<p>$text</p>")
 
 
 def _img(name: str, png: bytes, alt: str) -> _Markup:
@@ -93,24 +115,28 @@ def _mb_cell(n_bytes: int | None) -> _Markup:
 def _device_tr(d: DeviceRow) -> _Markup:
     used = d.job_peak_bytes > 0
     if d.over:
-        verdict = f"OVER budget in round(s) {ranges_text(d.over_rounds)}"
+        verdict = "; ".join(
+            ([f"job OVER its budget in round(s) {ranges_text(d.over_rounds)}"] if d.over_rounds else [])
+            + ([f"job + agent OVER the device budget in round(s) {ranges_text(d.device_over_rounds)}"]
+               if d.device_over_rounds else []))
     elif used:
-        verdict = "within budget"
+        verdict = "within budget" if d.device_budget_bytes else "job within its budget"
     else:
         verdict = "no task ran"
     headroom = (d.budget_bytes - d.job_peak_bytes) if (d.budget_bytes and used) else None
     return _fill(DEVICE_ROW, device=d.device_id, verdict_class="over" if d.over else "ok", tier=d.tier,
-                budget=_mb_cell(d.budget_bytes), job_peak_bytes=d.job_peak_bytes,
-                job_peak_mb=f"{d.job_peak_bytes / MB:.1f}", peak_round=f" (round {d.job_peak_round})" if used else "",
-                agent_peak=_mb_cell(d.agent_peak_bytes), job_plus_agent=_mb_cell(d.job_peak_bytes + d.agent_peak_bytes),
-                headroom=_mb_cell(headroom), trained=d.trained, scored=d.scored, failed=d.failed, idle=d.idle,
-                verdict=verdict)
+                 budget=_mb_cell(d.budget_bytes), job_peak_bytes=d.job_peak_bytes,
+                 job_peak_mb=f"{d.job_peak_bytes / MB:.1f}", peak_round=f" (round {d.job_peak_round})" if used else "",
+                 agent_peak=_mb_cell(d.agent_peak_bytes), job_plus_agent=_mb_cell(d.device_peak_bytes),
+                 device_budget=_mb_cell(d.device_budget_bytes), headroom=_mb_cell(headroom), trained=d.trained,
+                 scored=d.scored, failed=d.failed, idle=d.idle, verdict=verdict)
 
 
 def _round_notes_html(run: Run) -> _Markup:
     notes = round_notes(run)
     if not notes:
-        return _fill(NOTE, text="Every round closed with every task settled.")
+        return _fill(NOTE, text="Every round closed with every task settled." if run.rounds else
+                     "No round has closed yet.")
     return _Markup("<ul>" + "".join(_fill(ROUND_NOTE, text=n) for n in notes) + "</ul>")
 
 
@@ -123,26 +149,33 @@ def _baseline_note(run: Run, baseline: Run | None) -> _Markup:
                             "model, evaluation and fleet was found beside this run.")
 
 
+def _figure(name: str, run: Run, images: dict[str, bytes], **caption) -> _Markup:
+    """A plot with its caption, or the sentence saying why it has nothing to show."""
+    if name not in images:
+        return _fill(ABSENT, name=name, text=absent_plot_note(name, run))
+    text = _fill(CAPTION, text=CAPTIONS[name].substitute(caption)) if name in CAPTIONS else _Markup("")
+    return _Markup(text + _img(name, images[name], ALTS[name]))
+
+
 def render(run: Run, baseline: Run | None, devices: list[DeviceRow], images: dict[str, bytes]) -> str:
     """The page: summary, then one section per plot, the devices' table and the rounds worth a note."""
-    alts = {"accuracy": "test accuracy per round", "memory": "peak RSS per device", "bytes": "bytes per round",
-            "timeline": "stage timeline", "freezing": "freezing metric"}
-    imgs = {f"img_{name}": _img(name, images[name], alt) if name in images else _Markup("")
-            for name, alt in alts.items()}
-    note = freezing_note(run)
+    note = freezing_note(run) if "freezing" in images else None    # without its plot the note stands in for it
     progressive = run.strategy == "progressive"
     return _fill(
         _page_template(),
         title=f"edgeblock run report: {run.strategy} on {run.model} ({run.workdir.parent.name}/{run.workdir.name})",
         workdir=run.workdir, made_at=time.strftime("%Y-%m-%d %H:%M:%S"),
         summary=_summary_html(summary_items(run, baseline, devices)),
-        no_rounds_note=_Markup("") if run.rounds else _fill(
-            NOTE, text="No round has closed yet: the plots appear after the first one."),
-        baseline_note=_baseline_note(run, baseline), device_table=_devices_html(devices),
-        timeline_parts="blocks, b1-2 = blocks 1 and 2" if progressive else "layers; +h = and the head",
-        timeline_unit="block" if progressive else "layer",
+        baseline_note=_baseline_note(run, baseline) if run.rounds else _Markup(""),
+        device_table=_devices_html(devices),
+        fig_accuracy=_figure("accuracy", run, images), fig_memory=_figure("memory", run, images),
+        fig_bytes=_figure("bytes", run, images),
+        fig_timeline=_figure("timeline", run, images,
+                             parts="blocks, b1-2 = blocks 1 and 2" if progressive else "layers; +h = and the head",
+                             unit="block" if progressive else "layer"),
         freezing_note=_fill(FREEZING_NOTE, text=note) if note else _Markup(""),
-        round_notes=_round_notes_html(run), **imgs)
+        fig_freezing=_figure("freezing", run, images),
+        round_notes=_round_notes_html(run))
 
 
 def write_report(workdir, out_dir=None, baseline=None) -> Path:
