@@ -265,3 +265,55 @@ def test_every_strategy_aggregates_with_the_configured_rule(fmnist_model, strate
     assert np.all(aggregated["clipped_mean"] < 5)                   # the far-off change clipped
     default = cls.from_settings(m, lambda *_: 0.0, {}, batch_sizes=[32], margin=0.1, seed=0)
     assert default.aggregation == AggregationSettings()
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
+def test_a_coordinate_wise_rule_over_update_files_reads_slices_and_equals_the_in_memory_one(tmp_path, monkeypatch,
+                                                                                            rule):
+    """The coordinator aggregates stored updates: each device's file is read a slice at a time (a chunk of
+    coordinates whose width shrinks as devices are added), so N updates never sit in memory whole; the result is
+    the one over whole arrays, for fp32 and fp16 files and a tensor that does not divide into chunks."""
+    from coordinator.strategies import aggregation
+    from edge_runtime.wire import weights as wcodec
+    rng = np.random.default_rng(3)
+    old = {"w": rng.normal(size=(37, 29)).astype(np.float32), "b": rng.normal(size=(29,)).astype(np.float32)}
+    arrays = [{k: (v + rng.normal(scale=0.1, size=v.shape)).astype(np.float32) for k, v in old.items()}
+              for _ in range(9)]
+    files = []
+    for i, a in enumerate(arrays):
+        wcodec.save(tmp_path / f"u{i}.safetensors", a, fp16=i % 2 == 1)
+        files.append(wcodec.WeightFile(tmp_path / f"u{i}.safetensors"))
+    as_read = [{k: f[k] for k in f} for f in files]                    # the fp16 ones as the coordinator reads them
+    weights = [float(n) for n in rng.integers(50, 500, size=9)]
+    settings = AggregationSettings(rule=rule, max_share=1.0)
+    monkeypatch.setattr(aggregation, "ORDER_BUDGET_BYTES", 256 * aggregation.BYTES_PER_VALUE * 9)   # 256 a chunk
+    from_files = aggregate_updates(list(zip(files, weights)), old, settings)
+    in_memory = aggregate_updates(list(zip(as_read, weights)), old, settings)
+    for name in old:
+        np.testing.assert_allclose(from_files[name], in_memory[name], rtol=0, atol=0)
+    assert files[1].read_range("w", 1000, 500).shape == (73,)           # the tail of 37 x 29 = 1073
+    np.testing.assert_array_equal(files[0].read_range("w", 300, 40), arrays[0]["w"].reshape(-1)[300:340])
+
+
+def test_the_memory_of_a_coordinate_wise_rule_does_not_grow_with_the_number_of_updates(tmp_path, monkeypatch):
+    """200 stored updates of a 100,000-value tensor are 80 MB: the trimmed mean over them holds its chunk budget
+    (here 2 MB) and its output, measured by tracemalloc (numpy reports its buffers to it), not the 80 MB."""
+    import tracemalloc
+
+    from coordinator.strategies import aggregation
+    from edge_runtime.wire import weights as wcodec
+    rng = np.random.default_rng(4)
+    old = {"w": np.zeros(100_000, np.float32)}
+    files = []
+    for i in range(200):
+        wcodec.save(tmp_path / f"u{i}.safetensors", {"w": rng.normal(size=100_000).astype(np.float32)})
+        files.append(wcodec.WeightFile(tmp_path / f"u{i}.safetensors"))
+    monkeypatch.setattr(aggregation, "ORDER_BUDGET_BYTES", 2 << 20)
+    tracemalloc.start()
+    try:
+        out = aggregate_updates([(f, 1.0) for f in files], old, AggregationSettings(max_share=1.0))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out["w"].shape == (100_000,) and abs(float(out["w"].mean())) < 0.01
+    assert peak < 8 << 20, f"{peak / 2**20:.1f} MB held for 80 MB of updates"

@@ -237,23 +237,22 @@ def _clipped_mean(name: str, tensors, w: np.ndarray, old: np.ndarray, clip_multi
     return base + total / w.sum()
 
 
-CHUNK_COORDINATES = 1 << 16     # sorting temporaries (float64 values, int64 order) stay a few MB per device
+ORDER_BUDGET_BYTES = 64 << 20   # what one chunk of a coordinate-wise rule may hold, however many devices
+BYTES_PER_VALUE = 40            # per device and coordinate: the float32 read, float64 copy and sort, int64 order
 
 
 def _order_statistic(name: str, tensors, w: np.ndarray, settings: AggregationSettings) -> np.ndarray:
-    """Weighted coordinate-wise median or trimmed mean over the stacked tensors, a chunk of coordinates at a time."""
-    first = tensors[0][name]
-    shape = first.shape
-    stacked = np.empty((len(tensors), first.size), np.float32)
-    stacked[0] = first.reshape(-1)
-    del first
-    for i, values in enumerate(tensors[1:], 1):
-        stacked[i] = values[name].reshape(-1)
+    """Weighted coordinate-wise median or trimmed mean, a chunk of coordinates at a time: each device's slice of
+    the chunk is read on its own (WeightFile.read_range), so the coordinator holds N slices, never N tensors,
+    and its peak stays flat as the fleet grows (the chunk narrows as N grows)."""
     n = len(tensors)
+    shape = _shape(tensors[0], name)
+    size = int(np.prod(shape, dtype=np.int64))
+    step = max(256, ORDER_BUDGET_BYTES // (BYTES_PER_VALUE * n))
     trim = min(int(np.floor(settings.trim_fraction * n)), (n - 1) // 2)
-    out = np.empty(stacked.shape[1], np.float64)
-    for start in range(0, stacked.shape[1], CHUNK_COORDINATES):
-        chunk = stacked[:, start:start + CHUNK_COORDINATES].astype(np.float64)
+    out = np.empty(size, np.float64)
+    for start in range(0, size, step):
+        chunk = np.stack([_slice(values, name, start, step) for values in tensors]).astype(np.float64)
         order = np.argsort(chunk, axis=0, kind="stable")
         sorted_values = np.take_along_axis(chunk, order, axis=0)
         sorted_weights = w[order]
@@ -263,6 +262,17 @@ def _order_statistic(name: str, tensors, w: np.ndarray, settings: AggregationSet
             kept_values, kept_weights = sorted_values[trim:n - trim], sorted_weights[trim:n - trim]
             out[start:start + chunk.shape[1]] = (kept_values * kept_weights).sum(0) / kept_weights.sum(0)
     return out.reshape(shape)
+
+
+def _shape(values, name: str) -> tuple[int, ...]:
+    return values.shape_of(name) if hasattr(values, "shape_of") else np.shape(values[name])
+
+
+def _slice(values, name: str, start: int, count: int) -> np.ndarray:
+    """A flat range of one device's tensor: read from its file alone when it is one, else a view of the array."""
+    if hasattr(values, "read_range"):
+        return values.read_range(name, start, count)
+    return np.asarray(values[name]).reshape(-1)[start:start + count]
 
 
 def _weighted_median(sorted_values: np.ndarray, sorted_weights: np.ndarray) -> np.ndarray:

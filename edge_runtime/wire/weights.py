@@ -226,6 +226,25 @@ class WeightFile(Mapping):
         self._read(name, out)
         return True
 
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name][1])
+
+    def read_range(self, name: str, start: int, count: int) -> np.ndarray:
+        """Elements [start, start + count) of a tensor, flattened, as float32: a coordinator aggregating N updates
+        coordinate-wise holds a slice of each, not N whole tensors."""
+        import os
+        dtype, shape, offset = self._entries[name]
+        count = max(0, min(count, int(np.prod(shape, dtype=np.int64)) - start))
+        out = np.empty(count, dtype=dtype)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            got = os.preadv(fd, [memoryview(out.view(np.uint8))], self._base + offset + start * out.itemsize)
+        finally:
+            os.close(fd)
+        if got != out.nbytes:
+            raise IntegrityError(f"{self.path}: short read of {name}")
+        return out.astype(np.float32, copy=False)
+
     def _read(self, name: str, out: np.ndarray) -> None:
         import os
         _, _, start = self._entries[name]
