@@ -204,7 +204,7 @@ def _sim_command(args, broker_url: str, fleet: str, n: int, work: Path, prefix: 
     return [sys.executable, "-m", "coordinator.local.simulation", "--broker", broker_url, "--fleet", fleet,
             "--devices", str(n), "--tier", args.tier, "--compute-s", str(args.compute_s),
             "--processes", str(args.processes if processes is None else processes), "--workdir", str(work),
-            "--seed", str(args.seed), "--id-prefix", prefix]
+            "--seed", str(args.seed), "--id-prefix", prefix, "--ramp-s", str(args.ramp_s)]
 
 
 class Processes:
@@ -370,12 +370,13 @@ def run_size(args, root: Path, profile: Path, n: int, log, topology: str = "core
             procs.stop()
             _stop_sims(sims)
             store = store_check(coordinator_dir, [m["round"] for m in metrics[:args.rounds]])
-            intake = {name: _accepted_in_log(work / "logs" / f"{name}.log") for name in setup.coordinators}
     finally:
         _stop_sims(sims)
         setup.stop()
+    logs = {name: (work / "logs" / f"{name}.log") for name in setup.coordinators}
     result = summarize(args, n, metrics[:args.rounds], setup, procs, work / "sim", time.monotonic() - t0)
-    result.update(topology=topology, store=store, intake=intake)
+    result.update(topology=topology, store=store, intake={name: _accepted_in_log(p) for name, p in logs.items()},
+                  link_dropped={name: _link_dropped(p) for name, p in logs.items()})
     return result
 
 
@@ -399,6 +400,10 @@ def _wait_for_rounds(args, fleet, setup: Setup, coordinator_dir: Path, n: int, t
         if len(metrics) >= args.rounds:
             return metrics
         exited = [name for name in setup.coordinators if fleet.procs[name].poll() is not None]
+        if metrics and not exited and time.monotonic() > deadline:   # what closed is measured, and says so
+            log(f"  {setup.topology} N={n}: --timeout-s {args.timeout_s:g} reached; measuring the {len(metrics)} "
+                f"round(s) closed")
+            return metrics
         if exited or time.monotonic() > deadline:
             tails = "\n".join(f"--- {name}\n{fleet.log_tail(name)}" for name in setup.coordinators)
             raise SystemExit(f"{setup.topology} N={n}: {len(metrics)} of {args.rounds} round(s) after "
@@ -428,12 +433,13 @@ def store_check(coordinator_dir: Path, rounds: list[int]) -> dict:
     try:
         rows = [(r, u.device_id) for r in rounds for u in store.updates(r)]
         tasks = sum(len(store.tasks(r)) for r in rounds)
+        rejections = store.rejection_totals()
         leader = (store.lease("leader") or {}).get("holder") if store.shared else None
         where = "PostgreSQL" if store.shared else "SQLite"
     finally:
         store.close()
     return {"updates": len(rows), "duplicates": len(rows) - len(set(rows)), "tasks": tasks, "leader": leader,
-            "where": where}
+            "where": where, "rejections": rejections}
 
 
 def _accepted_in_log(path: Path) -> int:
@@ -442,6 +448,19 @@ def _accepted_in_log(path: Path) -> int:
         return 0
     with open(path, errors="replace") as f:
         return sum(1 for line in f if "update from " in line and " accepted (" in line)
+
+
+def _link_dropped(path: Path) -> int:
+    """Messages this coordinator's MQTT link dropped (oversize, or its inbox full), by its log: the link logs the
+    first and every thousandth, so this is a lower bound."""
+    if not path.exists():
+        return 0
+    dropped = 0
+    with open(path, errors="replace") as f:
+        for line in f:
+            if ": dropped " in line and " message(s) so far" in line:
+                dropped = max(dropped, int(line.split(": dropped ", 1)[1].split()[0]))
+    return dropped
 
 
 # -- what a size measured ---------------------------------------------------------------------
@@ -610,12 +629,15 @@ def _header(args, minutes: float, load: tuple[float, float]) -> str:
 
 
 def _fleet_text(args) -> str:
-    return (f"the real coordinator service as a process ({args.strategy} on fmnist_cnn, every device in every "
-            f"round, evaluation on {args.eval_samples} test images), and N simulated devices of tier {args.tier} "
-            f"(`edge-sim`: the real agent and protocol, real fetches, real updates of the trained part's size; "
-            f"training replaced by {args.compute_s:g} s of waiting), spread over processes of up to 100 devices. "
-            f"Means over {args.rounds} rounds (the first one fetches the graphs too). All processes share this "
-            f"machine's cores.")
+    from coordinator.strategies.aggregation import AggregationSettings
+    ramp = f", each process connecting its devices over {args.ramp_s:g} s" if args.ramp_s else ""
+    return (f"the real coordinator service as a process ({args.strategy} on fmnist_cnn, aggregation rule "
+            f"{AggregationSettings().rule} (the default), every device in every round, evaluation on "
+            f"{args.eval_samples} test images), and N simulated devices of tier {args.tier} (`edge-sim`: the real "
+            f"agent and protocol, real fetches, real updates of the trained part's size; training replaced by "
+            f"{args.compute_s:g} s of waiting), spread over processes of up to 100 devices{ramp}. Means over "
+            f"{args.rounds} rounds (the first one fetches the graphs too). All processes share this machine's "
+            f"cores.")
 
 
 def section(args, results: list[dict], minutes: float, load: tuple[float, float]) -> str:
@@ -712,7 +734,8 @@ def topology_section(args, results: list[dict], minutes: float, load: tuple[floa
         "the replicas' PostgreSQL, read-only): updates recorded for the measured rounds, and how many repeat a "
         "device's update within a round.",
         "",
-        "| | " + " | ".join(f"{t} N={n}" for t, n in cols) + " |",
+        "| | " + " | ".join(f"{t} N={n}" + (f" ({len(by[t, n]['rounds'])} round(s))"
+                                             if len(by[t, n]["rounds"]) < args.rounds else "") for t, n in cols) + " |",
         "|---|" + "---:|" * len(cols),
     ]
     for key, label, fmt in TOPOLOGY_ROWS:
@@ -738,6 +761,11 @@ def topology_section(args, results: list[dict], minutes: float, load: tuple[floa
             f"{by[c]['accepted']} / {by[c]['expected']}" for c in cols) + " |",
         "| store: updates recorded / device-rounds recorded twice | " + " | ".join(
             f"{by[c]['store']['updates']} / {by[c]['store']['duplicates']}" for c in cols) + " |",
+        "| messages the coordinator's MQTT link dropped, inbox full (its log, whole run, at least) | " + " | ".join(
+            str(sum(by[c]["link_dropped"].values())) for c in cols) + " |",
+        "| rejections stored, by kind (whole run) | " + " | ".join(
+            ", ".join(f"{kind} {count}" for kind, count in by[c]["store"]["rejections"].items() if count) or "0"
+            for c in cols) + " |",
         "| MB up + down per round, all devices | " + " | ".join(
             f"{by[c]['mean']['up_mb'] + by[c]['mean']['down_mb']:.0f}" for c in cols) + " |",
         "",
@@ -887,8 +915,8 @@ def _parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Names
         p.error("--sizes must be ascending positive integers and --rounds at least 1")
     if args.topology is not None and "sites" in args.topologies and sizes[0] < len(SITES):
         p.error(f"--topology sites needs at least {len(SITES)} devices, one per site")
-    if args.processes < 0:
-        p.error("--processes must not be negative")
+    if args.processes < 0 or args.ramp_s < 0:
+        p.error("--processes and --ramp-s must not be negative")
     args.size_list = sizes
     return args
 
@@ -906,6 +934,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compute-s", type=float, default=5.0, help="simulated training time per task (default 5)")
     p.add_argument("--processes", type=int, default=0,
                    help="simulation processes, over all sites (default: one per 100 devices)")
+    p.add_argument("--ramp-s", type=float, default=0.0,
+                   help="spread each simulation process's connections over this many seconds (default 0: at once)")
     p.add_argument("--eval-samples", type=int, default=2000, help="test images the coordinator evaluates per round")
     p.add_argument("--deadline-s", type=float, default=1800.0, help="the coordinator's round deadline")
     p.add_argument("--timeout-s", type=float, default=3600.0, help="give up on a size after this long")
