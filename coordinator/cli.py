@@ -33,7 +33,7 @@ from pathlib import Path
 
 from coordinator import strategies
 from coordinator.config import ConfigError, load_config
-from coordinator.service import DEFAULTS
+from coordinator.service import DEFAULTS, check_settings
 from edge_runtime import logs, systemd
 
 EPILOG = """examples:
@@ -278,6 +278,7 @@ def run(settings: dict, stop: threading.Event, serving: threading.Event | None =
                              f"name: anyone who reaches it could read every task and send updates for any "
                              f"device. Give --username and --password-file (or a client certificate), as "
                              f"docs/broker.md sets up")
+        check_settings(settings)       # a bad model or evaluation set is refused whatever the broker's state
         check_broker(s, host, port)
     if fresh:   # after the broker check: a run is not discarded for a start that cannot go on
         start_over(settings)

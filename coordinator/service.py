@@ -956,6 +956,26 @@ def _test_set(eval_data: str, manifest, samples: int) -> tuple[np.ndarray, np.nd
     return np.load(data.inputs_path, mmap_mode="r")[:samples], data.labels()[:samples]
 
 
+def check_settings(settings: dict) -> None:
+    """What can be refused in a moment, before the broker is even asked (cli.run): an unknown model, and evaluation
+    data that does not fit a model whose manifest is at hand (an export directory, or the workdir's installed
+    model). A zoo or Python model's evaluation data is checked after its export, in Coordinator's start-up."""
+    from edge_runtime.wire.manifest import Manifest
+    s = settings["service"]
+    try:
+        source = sources.resolve(s["model"]) if s["model"] else None
+    except EdgeRuntimeError as exc:
+        raise ConfigError(str(exc)) from None
+    installed = Path(s["workdir"]) / "model" / "manifest.json"
+    manifest = Path(source.location) / "manifest.json" if source is not None and source.kind == "export" else \
+        installed if source is None and installed.is_file() else None
+    if manifest is not None:
+        try:
+            _test_set(s["eval_data"], Manifest.load(manifest), 1)
+        except EdgeRuntimeError as exc:
+            raise ConfigError(str(exc)) from None
+
+
 def _predictor(settings: dict, work: Path, model: GlobalModel):
     """The memory model the schedules fit parts with: the given profile, or one measured here once."""
     from edge_runtime.profiling.memory_model import Predictor
