@@ -265,10 +265,12 @@ class Coordinator:
                 self.lease = LeaderLease(self.state.location, self.replica, s["lease_s"]).start()
             else:
                 self._lead()
-            # connected and announced: a Type=notify unit's start is complete, and a stop signal now only sets `stop`
-            systemd.notify("READY=1", f"STATUS=serving fleet {s['fleet']} on {self.host}:{self.port}")
+            # connected and announced: a stop signal now only sets `stop` (set before READY is said, so that a
+            # supervisor's stop right after READY ends the loop cleanly, never the start-up), and a Type=notify
+            # unit's start is complete
             if serving is not None:
                 serving.set()
+            systemd.notify("READY=1", f"STATUS=serving fleet {s['fleet']} on {self.host}:{self.port}")
             next_tick = 0.0
             while not stop.is_set():
                 msg = self.link.get(timeout_s=TICK_S)
