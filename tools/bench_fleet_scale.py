@@ -366,7 +366,10 @@ def run_size(args, root: Path, profile: Path, n: int, log, topology: str = "core
                                      prefix, p),
                         stdout=out, stderr=subprocess.STDOUT, env=device_child_env(), start_new_session=True))
             procs = Processes({**pids, **{name: b.pid for name, b in setup.brokers.items()}})
-            metrics = _wait_for_rounds(args, fleet, setup, coordinator_dir, n, t0, log, read_metrics)
+            try:
+                metrics = _wait_for_rounds(args, fleet, setup, coordinator_dir, n, t0, log, read_metrics)
+            except SystemExit as exc:     # what the store and the logs say, read while PostgreSQL still runs
+                raise Unfinished(str(exc), unfinished_evidence(work, coordinator_dir, setup)) from None
             procs.stop()
             _stop_sims(sims)
             store = store_check(coordinator_dir, [m["round"] for m in metrics[:args.rounds]])
@@ -378,6 +381,58 @@ def run_size(args, root: Path, profile: Path, n: int, log, topology: str = "core
     result.update(topology=topology, store=store, intake={name: _accepted_in_log(p) for name, p in logs.items()},
                   link_dropped={name: _link_dropped(p) for name, p in logs.items()})
     return result
+
+
+class Unfinished(SystemExit):
+    """A set-up that closed no round in time (or whose coordinator exited); `evidence` says what went on."""
+
+    def __init__(self, message: str, evidence: dict):
+        super().__init__(message)
+        self.evidence = evidence
+
+
+def unfinished_evidence(work: Path, coordinator_dir: Path, setup: Setup) -> dict:
+    """The open round's tasks by status and their commonest failure, the rejections by kind, the coordinators'
+    dropped messages, and the clients a broker said it dropped messages for."""
+    import re
+    from collections import Counter
+
+    from coordinator.state_store import run_store
+    evidence: dict = {"link_dropped": {name: _link_dropped(work / "logs" / f"{name}.log")
+                                       for name in setup.coordinators}}
+    try:
+        store = run_store(coordinator_dir)
+    except Exception as exc:   # no store yet: the coordinator never started
+        return {**evidence, "store": str(exc)}
+    try:
+        row = store.current_round()
+        tasks = store.tasks(row.round) if row is not None else []
+        reasons = Counter(re.sub(r"[0-9a-f]{12,}\S*", "<blob>", t.reason or "") for t in tasks if t.status == "failed")
+        evidence.update(round=row.round if row is not None else None,
+                        tasks=dict(Counter(t.status for t in tasks)), rejections=store.rejection_totals(),
+                        failure=reasons.most_common(1)[0] if reasons else None)
+    finally:
+        store.close()
+    evidence["broker_dropped_for"] = {
+        name: sorted(set(re.findall(r"Outgoing messages are being dropped for client (\S+?)\.?$",
+                                    b.log_path.read_text(errors="replace"), re.M)))
+        for name, b in setup.brokers.items() if b.log_path.exists()}
+    return evidence
+
+
+def _evidence_text(e: dict) -> str:
+    """An unfinished set-up's evidence, in one sentence."""
+    if "tasks" not in e:
+        return f"no state store ({e.get('store', '')})"
+    parts = [f"round {e['round']}: tasks " + ", ".join(f"{k} {v}" for k, v in sorted(e["tasks"].items()))]
+    if e.get("failure"):
+        parts.append(f"the commonest failure ({e['failure'][1]}x): \"{e['failure'][0]}\"")
+    parts.append("rejections " + (", ".join(f"{k} {v}" for k, v in e["rejections"].items() if v) or "none"))
+    parts.append(f"messages the coordinator's link dropped (at least) {sum(e['link_dropped'].values())}")
+    dropped = {b: c for b, c in e.get("broker_dropped_for", {}).items() if c}
+    parts.append("brokers that said they dropped outgoing messages: "
+                 + ("; ".join(f"{b} for {', '.join(c)}" for b, c in dropped.items()) or "none"))
+    return "; ".join(parts)
 
 
 def _split(processes: int, groups: int) -> list[int]:
@@ -772,8 +827,9 @@ def topology_section(args, results: list[dict], minutes: float, load: tuple[floa
         "Ratios in brackets are against *core* at the same N.",
         "",
     ]
-    lines += [f"Did not finish: {r['topology']} N={r['n']}: {r['failed'].splitlines()[0]}" for r in results
-              if "failed" in r] + ([""] if any("failed" in r for r in results) else [])
+    lines += [f"Did not finish: {r['failed'].splitlines()[0]}"
+              + (f" ({_evidence_text(r['evidence'])})." if r.get("evidence") else ".") + "\n"
+              for r in results if "failed" in r]
     if len(sizes) > 1:
         lines += _scaling_table(topologies, sizes, by)
     if sizes:
@@ -963,7 +1019,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.topology is None:
                     raise
                 log(f"{topology} N={n} did not finish: {exc}")   # the other set-ups are still worth measuring
-                results.append({"topology": topology, "n": n, "failed": str(exc)})
+                results.append({"topology": topology, "n": n, "failed": str(exc),
+                                "evidence": getattr(exc, "evidence", None)})
             (root / "results.json").write_text(json.dumps(results, indent=1))
     minutes = (time.monotonic() - t0) / 60
     load = (load_start, os.getloadavg()[0])
