@@ -28,6 +28,17 @@ def fleet_specs(data_root: Path, samples: int = 16000, alpha: float = 0.5, small
                        SMALL_MB if d.startswith("small") else BIG_MB, dirs[d]) for d in ids]
 
 
+def three_device_env(root: Path) -> dict:
+    """A measured profile of fmnist_cnn and three pi-zero-2w devices with 6,000 images split non-IID: the fleet of
+    the fault and replica tests."""
+    from coordinator.model.zoo_profile import measured_profile
+    measured_profile(root, "fmnist_cnn", [32, 64])
+    ids = ["d0", "d1", "d2"]
+    dirs = write_fleet_data(root / "data", ids, samples=6000, alpha=0.5)
+    return {"root": root, "profile": root / "profile.json",
+            "specs": [DeviceSpec(d, "pi-zero-2w", BIG_MB, dirs[d]) for d in ids]}
+
+
 def settings(workdir: Path, profile: Path, strategy: str = "progressive", **service) -> dict:
     """CI-sized settings: a short schedule that still trains every block."""
     return {
@@ -110,4 +121,4 @@ class Rogue:
 
 
 __all__ = ["MB", "SMALL_MB", "BIG_MB", "fleet_specs", "settings", "wait_for", "open_round", "read_metrics",
-           "LocalFleet", "Rogue"]
+           "LocalFleet", "Rogue", "three_device_env"]

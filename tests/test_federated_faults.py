@@ -9,10 +9,8 @@ import sqlite3
 
 import numpy as np
 import pytest
-from fleet_helpers import BIG_MB, LocalFleet, Rogue, open_round, read_metrics, settings, wait_for
+from fleet_helpers import LocalFleet, Rogue, open_round, read_metrics, settings, three_device_env, wait_for
 
-from coordinator.local.data import write_fleet_data
-from coordinator.local.fleet import DeviceSpec
 from coordinator.ops.broker import EmbeddedBroker
 from edge_runtime.wire.mqtt_link import MqttLink
 from edge_runtime.wire.protocol import Topics
@@ -20,13 +18,7 @@ from edge_runtime.wire.protocol import Topics
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from coordinator.model.zoo_profile import measured_profile
-    root = tmp_path_factory.mktemp("faults")
-    measured_profile(root, "fmnist_cnn", [32, 64])
-    ids = ["d0", "d1", "d2"]
-    dirs = write_fleet_data(root / "data", ids, samples=6000, alpha=0.5)
-    return {"root": root, "profile": root / "profile.json",
-            "specs": [DeviceSpec(d, "pi-zero-2w", BIG_MB, dirs[d]) for d in ids]}
+    return three_device_env(tmp_path_factory.mktemp("faults"))
 
 
 def _fedavg(work, env, rounds, **service):

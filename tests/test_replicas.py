@@ -6,10 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from fleet_helpers import BIG_MB, LocalFleet, read_metrics, settings, wait_for
+from fleet_helpers import LocalFleet, read_metrics, settings, three_device_env, wait_for
 
-from coordinator.local.data import write_fleet_data
-from coordinator.local.fleet import DeviceSpec
 from coordinator.ops.broker import EmbeddedBroker
 from coordinator.state_store import StateStore
 
@@ -18,13 +16,7 @@ LEASE_S = 4.0
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from coordinator.model.zoo_profile import measured_profile
-    root = tmp_path_factory.mktemp("replicas")
-    measured_profile(root, "fmnist_cnn", [32, 64])
-    ids = ["d0", "d1", "d2"]
-    dirs = write_fleet_data(root / "data", ids, samples=6000, alpha=0.5)
-    return {"root": root, "profile": root / "profile.json",
-            "specs": [DeviceSpec(d, "pi-zero-2w", BIG_MB, dirs[d]) for d in ids]}
+    return three_device_env(tmp_path_factory.mktemp("replicas"))
 
 
 def _updates(store: StateStore) -> list[tuple]:
