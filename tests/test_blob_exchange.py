@@ -119,3 +119,35 @@ def test_chunks_shrink_to_the_brokers_announced_packet_limit(tmp_path):
         finally:
             device.stop()
             server.close()
+
+
+def test_a_busy_manual_ack_receiver_is_paced_by_the_broker_and_loses_nothing(broker):
+    """A burst larger than the receiver's inbox (the coordinator when a fleet uploads at once) waits in the broker:
+    the receiver holds at most its Receive Maximum of unacknowledged messages, drops none, and gets every one once
+    it works through them."""
+    import time
+
+    from edge_runtime.wire.mqtt_link import RECEIVE_MAXIMUM
+    topic = TOPICS.device("pi-01", "upload")
+    receiver = MqttLink("busy", broker.host, broker.port, [(TOPICS.all_devices("upload"), 1)], manual_ack=True,
+                        max_inbox_bytes=8 << 20).start()
+    sender = MqttLink("burst", broker.host, broker.port, []).start()
+    try:
+        count, size = 4 * RECEIVE_MAXIMUM, 100_000       # 12.8 MB against an 8 MB inbox
+        for i in range(count):
+            sender.publish(topic, i.to_bytes(4, "big") + os.urandom(size), qos=1).wait_for_publish(30)
+        deadline = time.monotonic() + 10
+        while receiver.inbox.qsize() < RECEIVE_MAXIMUM and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)          # were the broker not pacing it, more would arrive now
+        assert receiver.inbox.qsize() == RECEIVE_MAXIMUM
+        seen = []
+        while len(seen) < count:
+            msg = receiver.get(timeout_s=10)
+            assert msg is not None, f"only {len(seen)} of {count} arrived"
+            seen.append(int.from_bytes(msg.payload[:4], "big"))
+            receiver.ack(msg)
+        assert sorted(seen) == list(range(count)) and receiver.dropped == 0
+    finally:
+        sender.stop()
+        receiver.stop()

@@ -6,8 +6,9 @@ messages queued while a process was away are delivered when it returns; connect_
 with re-subscription in on_connect, so a broker restart is survived; callbacks that only
 hand messages to a queue (never block paho's network thread); a bounded outgoing queue;
 manual acknowledgement, so a receiver can acknowledge a message only once it has stored
-what the message carried; and the broker's announced maximum packet size, which paho
-does not enforce, for sizing chunks.
+what the message carried, with a Receive Maximum so that the broker sends a busy receiver
+no more than it can hold (the rest waits in the broker's queue, nothing is dropped); and
+the broker's announced maximum packet size, which paho does not enforce, for sizing chunks.
 
 A production broker asks for more (docs/broker.md, "Production broker"): a user name and
 password, and TLS (`mqtts://`, port 8883) that verifies the broker's certificate against
@@ -45,6 +46,10 @@ MAX_QUEUED_OUTGOING = 2000
 # What waits in the inbox at most: a flood of messages (oversize ones first) is dropped, counted and
 # acknowledged, instead of growing the process until the board or the coordinator runs out of memory.
 MAX_INBOX_BYTES = 64 << 20
+# A manual-ack link's unacknowledged QoS 1 messages (MQTT 5 Receive Maximum): the broker sends no more until the
+# receiver acknowledges one, so a receiver slower than a burst (the coordinator when a fleet uploads at once)
+# holds at most this many chunks (32 x 124 KB) and the burst waits, whole, in the broker's queue for it.
+RECEIVE_MAXIMUM = 32
 MAX_PAYLOAD_BYTES = 1 << 20        # a chunk is at most 120 KB, a control message 64 KB
 PACKET_OVERHEAD_BYTES = 64 << 10   # a packet's topic and properties beside its payload
 DEFAULT_MQTT_PORT = 1883
@@ -305,6 +310,8 @@ class MqttLink:
     def _on_message(self, client, userdata, message):
         size = len(message.payload)
         with self._inbox_lock:
+            # a manual-ack link's QoS 1 messages never get here past its Receive Maximum (4 MB of chunks): the bound
+            # is for QoS 0 floods, and for a broker that does not honour it
             room = size <= self.max_payload_bytes and self.inbox_bytes + size <= self.max_inbox_bytes
             if room:
                 self.inbox_bytes += size
@@ -327,6 +334,8 @@ class MqttLink:
         # the broker never sends a packet larger than this (MQTT 5): an oversize payload the link would drop
         # is not read into memory first (paho holds a packet whole, in copies, before on_message sees it)
         props.MaximumPacketSize = self.max_payload_bytes + PACKET_OVERHEAD_BYTES
+        if self.manual_ack:
+            props.ReceiveMaximum = RECEIVE_MAXIMUM
         self._client.connect_async(self.host, self.port, keepalive=self._keepalive, clean_start=False,
                                    properties=props)
         self._client.loop_start()
@@ -416,5 +425,12 @@ class MqttLink:
             if final and self.connected.is_set():
                 self.publish(final[0], final[1], retain=True, wait_s=2.0)
             self._client.disconnect()
+        except (OSError, RuntimeError, ValueError) as exc:   # not connected, queue full: going away either way
+            log.debug("%s: disconnect: %s", self.client_id, exc)
         finally:
-            self._client.loop_stop()
+            try:
+                self._client.loop_stop()
+            except AttributeError:
+                # paho's loop_stop reads its thread twice, and the network thread can clear it in between when it
+                # ends on its own (the disconnect above): the thread is gone, which is what was asked
+                log.debug("%s: the network thread ended during loop_stop", self.client_id)
