@@ -183,6 +183,7 @@ class Coordinator:
         self.guard = guard
         self.admission = Admission(guard, _device_list(s["devices_file"]) if s["devices_file"] else None)
         self.uploads, self.fetches = Uploads(guard), Fetches(guard)
+        self._serving: set[tuple[str, str]] = set()    # (device, blob) fetches queued or being served
         # (at, sender, task, reason, kind), written once per tick
         self._rejections: list[tuple[float, str | None, str | None, str, str]] = []
         self._loud = RateLimit(1)     # a device's refusals are logged once a minute; all are counted
@@ -560,6 +561,11 @@ class Coordinator:
     def _on_fetch(self, device_id: str, msg: Received) -> None:
         fetch = Fetch.decode(msg.payload)
         blob = fetch.sha256
+        if (device_id, blob) in self._serving:
+            # asked again while its first request waits for the serving pool: that answer sends everything this
+            # one lists (a device only ever lacks fewer chunks), so it is neither served twice nor charged
+            log.debug("fetch of %s… from %s: already being served", blob[:12], device_id)
+            return
         task = self._open_task(device_id)
         # what the task names, with the sizes it gave the device
         named = {} if task is None else \
@@ -575,6 +581,9 @@ class Coordinator:
                 serve_fetch(self.link, self.topics, self.blobs, msg)
             except Exception as exc:  # logged, the device asks again
                 log.warning("fetch from %s failed: %s", device_id, exc)
+            finally:
+                self._serving.discard((device_id, blob))
+        self._serving.add((device_id, blob))
         self.pool.submit(serve)
 
     def _on_upload(self, device_id: str, msg: Received) -> None:

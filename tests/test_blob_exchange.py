@@ -151,3 +151,24 @@ def test_a_busy_manual_ack_receiver_is_paced_by_the_broker_and_loses_nothing(bro
     finally:
         sender.stop()
         receiver.stop()
+
+
+def test_an_unanswered_fetch_is_asked_again_ever_more_rarely_and_a_stall_is_named(broker, tmp_path):
+    """Nobody serves: the device asks at 0, stall, 3 x stall, 7 x stall... (never at a fixed beat, which lengthens
+    a busy coordinator's queue), then gives up when no chunk came for timeout_s, saying so."""
+    from edge_runtime.errors import EdgeRuntimeError
+    from edge_runtime.wire.protocol import Fetch
+    sha = "ab" * 32
+    listener = MqttLink("listener", broker.host, broker.port, [(TOPICS.all_devices("fetch"), 1)]).start()
+    device = _device_link(broker)
+    try:
+        with pytest.raises(EdgeRuntimeError, match=r"stalled: no chunk for 4 s \(all chunks missing\)"):
+            fetch_blob(device, TOPICS, "pi-01", BlobStore(tmp_path / "dev"), sha, timeout_s=4.0, stall_s=0.25)
+        asks = []
+        while (msg := listener.get(timeout_s=1.0)) is not None:
+            asks.append(Fetch.decode(msg.payload))
+        # asked at 0, 0.25, 0.75, 1.75, 3.75 s: a fixed beat would have asked 16 times; a slow machine asks fewer
+        assert 2 <= len(asks) <= 5 and all(a.sha256 == sha for a in asks)
+    finally:
+        device.stop()
+        listener.stop()

@@ -376,6 +376,26 @@ def test_a_fetch_is_served_only_for_what_the_task_names(h):
     _alive(h)
 
 
+def test_a_fetch_asked_again_while_it_waits_is_served_once_and_not_charged(h):
+    """A device that asks again before its answer comes (a fleet asking at once keeps the serving pool busy) adds
+    nothing to the coordinator's work: the repeats are neither served nor charged to its fetch allowance."""
+    row = wait_for(lambda: _sent_task(h.work, "rogue", for_s=10), DEADLINE_S + 30, "rogue to hold a task", h.fleet)
+    largest = max(row.task.blobs, key=lambda b: b["size"])
+    fetch = h.topics.device("rogue", "fetch")
+    before = _rejections(h.work, "rogue asked for")
+    _drain(h.rogue.link, 0.2)
+    repeats = 12           # 3 x the fetch allowance (4 x the task's bytes) in this one blob
+    for _ in range(repeats):
+        h.rogue.link.publish(fetch, Fetch(largest["sha256"]).encode())
+    _probe(h, h.rogue.link)
+    chunks = _blob_messages(_drain(h.rogue.link, 3.0), largest["sha256"])
+    count = int(dict(chunks[0].user_properties)["count"])
+    served = len(chunks) / count
+    assert served < repeats / 2, f"the blob was served {served:.1f} times for {repeats} requests"
+    assert _rejections(h.work, "rogue asked for") == before
+    _alive(h)
+
+
 def test_a_forged_log_line_stays_on_its_own_line(h):
     row = wait_for(lambda: _sent_task(h.work, "rogue", for_s=5), DEADLINE_S + 30, "rogue to hold a task", h.fleet)
     reason = f"out of memory\n{FORGED}\r\nand more"

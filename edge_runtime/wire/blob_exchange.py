@@ -18,6 +18,7 @@ from edge_runtime.wire.transfer import BlobStore, ChunkHeader, chunk_bytes_for, 
 
 log = logging.getLogger(__name__)
 WINDOW_CHUNKS = 32
+STALL_MAX_S = 60.0      # the longest a device waits before asking again for a blob's missing chunks
 
 
 def send_blob(link: MqttLink, topic: str, store: BlobStore, sha: str, chunk_bytes: int | None = None,
@@ -61,26 +62,30 @@ def fetch_blob(link: MqttLink, topics: Topics, device_id: str, store: BlobStore,
                timeout_s: float = 300.0, stall_s: float = 5.0, deferred: list | None = None) -> Path:
     """Device side: get a blob into the store, asking only for the chunks it still lacks.
 
-    Messages on other topics that arrive meanwhile are appended to `deferred` for the
-    caller. A corrupted chunk is dropped and asked for again.
+    Gives up when no chunk has arrived for `timeout_s` (a slow but steady transfer goes on). A
+    request unanswered for `stall_s` is sent again, then after twice as long, up to STALL_MAX_S:
+    when a thousand devices ask at once, the coordinator answers them in turn, and re-asks at a
+    fixed beat would only lengthen its queue. Messages on other topics that arrive meanwhile are
+    appended to `deferred` for the caller. A corrupted chunk is dropped and asked for again.
     """
     if store.has(sha):
         return store.path(sha)
     blob_topic = topics.device(device_id, "blob")
-    deadline = time.monotonic() + timeout_s
 
     def ask():
         missing = store.missing_chunks(sha)
         link.publish(topics.device(device_id, "fetch"), Fetch(sha, missing).encode(), qos=1)
 
     ask()
-    last_progress = time.monotonic()
-    while time.monotonic() < deadline:
-        msg = link.get(timeout_s=min(stall_s, max(0.05, deadline - time.monotonic())))
+    last_progress = last_ask = time.monotonic()
+    wait_s = stall_s
+    while (now := time.monotonic()) - last_progress < timeout_s:
+        msg = link.get(timeout_s=max(0.05, min(wait_s - (now - last_ask), timeout_s - (now - last_progress))))
         if msg is None:
-            if time.monotonic() - last_progress >= stall_s:
+            if time.monotonic() - last_ask >= wait_s:
                 ask()
-                last_progress = time.monotonic()
+                last_ask = time.monotonic()
+                wait_s = min(2 * wait_s, STALL_MAX_S)
             continue
         if msg.topic != blob_topic:
             if deferred is not None:
@@ -91,9 +96,10 @@ def fetch_blob(link: MqttLink, topics: Topics, device_id: str, store: BlobStore,
         except (ProtocolError, IntegrityError) as exc:
             log.warning("dropped a chunk: %s", exc)
             continue
-        last_progress = time.monotonic()
+        last_progress = last_ask = time.monotonic()
+        wait_s = stall_s
         if done == sha:
             return store.path(sha)
     missing = store.missing_chunks(sha)
-    raise EdgeRuntimeError(f"blob {sha[:12]}… not complete after {timeout_s:.0f} s "
+    raise EdgeRuntimeError(f"blob {sha[:12]}… stalled: no chunk for {timeout_s:.0f} s "
                            f"({len(missing) if missing is not None else 'all'} chunks missing)")
