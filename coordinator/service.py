@@ -76,6 +76,7 @@ from edge_runtime.wire.protocol import (
     Hello,
     Idle,
     ProtocolError,
+    Resend,
     Scores,
     Status,
     Task,
@@ -589,6 +590,12 @@ class Coordinator:
     def _on_upload(self, device_id: str, msg: Received) -> None:
         header = ChunkHeader.from_properties(msg.user_properties)
         task = self._open_task(device_id)
+        if task is not None and task.status == "accepted":
+            # a chunk of an update accepted meanwhile (a Resend crossed the ack): the device owes nothing more, and
+            # it did nothing wrong; the chunk is not kept
+            log.debug("chunk %d of %s… from %s: its update is accepted already", header.index, header.blob[:12],
+                      device_id)
+            return
         allowed = None if task is None or task.status != "sent" or task.assignment.kind != "train" else \
             intake.update_limit_bytes(self.model.manifest, task)
         refused = self.uploads.refuse_chunk(device_id, header.blob, header.size, allowed)
@@ -626,7 +633,19 @@ class Coordinator:
         verdict = intake.judge_update(update, sender, self.state, self._open_round_no(), self.incoming,
                                       self.model.manifest, self._sent_weights, self.check)
         if verdict.status == "pending":
+            again = update.task_id in self.pending
             self.pending[update.task_id] = (sender, update)
+            if again:
+                # the update came twice and its chunks, which travel before it, have not all come: some were lost
+                # (a broker's full queue, a restart), and the device sends only what is missing
+                missing = self.incoming.missing_chunks(update.blob_sha256)
+                try:
+                    self.link.publish(self.topics.device(sender, "ack"),
+                                      Resend(update.task_id, update.blob_sha256, missing).encode(), qos=1)
+                except BufferError:     # the link's queue is full: the device sends the update again, and is asked
+                    return
+                log.info("round %d: the update from %s lacks %s chunk(s) of its blob: asked for them again",
+                         update.round, sender, "all" if missing is None else len(missing))
             return
         if verdict.status == "accepted":
             self.uploads.claimed(update.blob_sha256)
@@ -663,8 +682,10 @@ class Coordinator:
     def _answer(self, sender: str, msg: Update | Scores, verdict: intake.Verdict, record, accepted: str) -> None:
         """Store an accepted answer durably, then (and only then) tell the device; a rejection says why."""
         if verdict.status == "accepted":
-            record(msg)
-            log.info("round %d: %s", msg.round, accepted)
+            if record(msg):
+                log.info("round %d: %s", msg.round, accepted)
+            else:   # another replica took the same message (a re-send reached both): the store counts it once
+                log.info("round %d: the %s from %s was taken already", msg.round, msg.TYPE, sender)
         elif verdict.status == "rejected":
             self._reject(sender, msg.task_id, verdict)
         self._ack(sender, msg.task_id, verdict)

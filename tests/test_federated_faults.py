@@ -135,6 +135,51 @@ def test_duplicates_and_malformed_updates_are_refused_with_reasons_and_the_round
     assert any("sent on the topic of device" in r for r in reasons), reasons
 
 
+def test_an_update_whose_chunks_were_lost_is_completed_with_only_the_missing_ones(env, tmp_path):
+    """Chunks a broker dropped: the update comes, unacknowledged; when it comes again the coordinator names the
+    chunks it lacks (Resend), and those alone complete it. An update merely slow to be reached is never asked
+    for again (that would make a busy coordinator busier): only a second copy of the update message asks."""
+    from edge_runtime.wire import weights as wcodec
+    from edge_runtime.wire.blob_exchange import send_blob
+    from edge_runtime.wire.protocol import Ack, Resend, Update, decode_any
+    with EmbeddedBroker(tmp_path / "broker") as broker, LocalFleet(tmp_path, broker.url, "lossy") as fleet:
+        work = tmp_path / "coordinator"
+        fleet.start_coordinator(_fedavg(work, env, rounds=1, min_devices=2))
+        fleet.start_device(env["specs"][0])
+        wait_for(_log_says(fleet, "coordinator", "device d0 online"), 60, "the coordinator to hear hellos", fleet)
+        rogue = Rogue(broker, "lossy", "rogue-lossy", tmp_path / "rl")
+        task = rogue.task()
+        sha = rogue.store.put_bytes(wcodec.encode(rogue.trained_values(task)))
+        size = rogue.store.path(sha).stat().st_size
+        count = -(-size // 4096)
+        assert count >= 4
+        upload = rogue.topics.device(rogue.id, "upload")
+        send_blob(rogue.link, upload, rogue.store, sha, chunk_bytes=4096, indices=list(range(0, count, 2)))
+        update = Update(task.task_id, task.round, rogue.id, sha, size, num_examples=100, loss=0.1, steps=1,
+                        peak_rss_bytes=1 << 20, seconds=0.1)
+        topic = rogue.topics.device(rogue.id, "update")
+
+        def answer(wait_s):
+            msg = rogue.link.get(wait_s)
+            return None if msg is None else decode_any(msg.payload, (Ack, Resend))
+        rogue.link.publish(topic, update.encode())
+        assert answer(3.0) is None                      # pending: the coordinator waits for the rest
+        rogue.link.publish(topic, update.encode())
+        resend = answer(30.0)
+        assert isinstance(resend, Resend) and resend.task_id == task.task_id and resend.blob_sha256 == sha
+        assert resend.chunks == list(range(1, count, 2))
+        send_blob(rogue.link, upload, rogue.store, sha, chunk_bytes=4096, indices=resend.chunks)
+        rogue.link.publish(topic, update.encode())
+        ack = answer(30.0)
+        assert isinstance(ack, Ack) and ack.accepted, ack
+        assert fleet.wait("coordinator", 300) == 0, fleet.log_tail("coordinator")
+    (m,) = read_metrics(work)
+    assert m["devices"]["rogue-lossy"]["status"] == "accepted"
+    assert [u[1] for u in _updates(work)].count("rogue-lossy") == 1
+    with sqlite3.connect(work / "state.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM rejections WHERE device_id = 'rogue-lossy'").fetchone() == (0,)
+
+
 def test_one_poisoned_device_claiming_a_billion_samples_does_not_wreck_the_model(env, tmp_path):
     """A compromised board sends the global weights flipped and scaled 8x (a change of 9x their norm: inside the
     default 10x bound, so every check of one update passes) and claims 10^9 samples, every round. The default

@@ -88,6 +88,7 @@ SPECIAL = {   # fields whose validate() asks more than their type and LIMITS
                                                        "name": st.text(max_size=200)}), max_size=4),
     ("task", "part"): PARTS, ("task", "config"): CONFIGS,
     ("fetch", "chunks"): st.none() | st.lists(st.integers(0, 10 ** 7 - 1), max_size=20),
+    ("resend", "chunks"): st.none() | st.lists(st.integers(0, 10 ** 7 - 1), max_size=20),
     ("update", "holdout_accuracy_before"): st.none() | st.floats(0, 1),
     ("update", "holdout_accuracy"): st.none() | st.floats(0, 1),
     ("scores", "scores"): st.dictionaries(st.just("head") | st.integers(0, 99_999).map(str),

@@ -51,6 +51,7 @@ from edge_runtime.wire.protocol import (
     Hello,
     Idle,
     ProtocolError,
+    Resend,
     Scores,
     Status,
     Task,
@@ -144,7 +145,7 @@ class Agent:
             if task:
                 self._work(task, downloaded_before=0)
 
-    def _route(self, msg: Received) -> Ack | None:
+    def _route(self, msg: Received) -> Ack | Resend | None:
         """Keep tasks, hand back acks, ignore the rest: nothing received may stop the agent."""
         kind = msg.topic.rsplit("/", 1)[-1]
         try:
@@ -157,7 +158,7 @@ class Agent:
                 else:
                     self._keep(message)
             elif kind == "ack":
-                return Ack.decode(msg.payload)
+                return decode_any(msg.payload, (Ack, Resend))
             else:
                 log.debug("ignored a %s message outside a transfer", kind)
         except ProtocolError as exc:
@@ -358,20 +359,35 @@ class Agent:
 
     # -- sending and acknowledgement -------------------------------------------------------
     def _deliver(self, task: Task, update: Update | Scores) -> None:
-        """Send the update until the coordinator acknowledges it (duplicates are no-ops there)."""
+        """Send the update until the coordinator acknowledges it (duplicates are no-ops there).
+
+        The blob's chunks go once; an unanswered update is sent again alone, and chunks again only those the
+        coordinator says it lacks (Resend): a busy coordinator that takes longer than the ack timeout to reach
+        the chunks queued for it would otherwise get the whole blob again from every device, and fall further
+        behind."""
+        chunks: list | None | bool = None       # what of the blob to send: None all, a list those, False nothing
         for attempt in range(1, SEND_ATTEMPTS + 1):
             try:
-                if isinstance(update, Update):
-                    send_blob(self.link, self.topic("upload"), self.uploads, update.blob_sha256)
+                if isinstance(update, Update) and chunks is not False:
+                    send_blob(self.link, self.topic("upload"), self.uploads, update.blob_sha256, indices=chunks)
                 self.link.publish(self.topic("update"), update.encode(), qos=1)
                 log.info("task %s: %s sent%s: %s, job peak %s of %s budget, agent %s", task.task_id, update.TYPE,
                          f" (attempt {attempt})" if attempt > 1 else "",
                          size_text(update.blob_size) if isinstance(update, Update) else f"{len(update.scores)} scores",
                          size_text(update.peak_rss_bytes), size_text(self.jobs.budget_bytes), size_text(update.agent_peak_rss_bytes))
+                sent = True
             except (RuntimeError, ValueError, BufferError) as exc:  # paho: not connected, queue full
                 log.warning("task %s: sending failed (%s); attempt %d of %d", task.task_id, exc, attempt,
                             SEND_ATTEMPTS)
+                sent = False
             ack = self._await_ack(task.task_id)
+            chunks = False if sent else None        # unanswered: the update alone again (a failed send: all of it)
+            if isinstance(ack, Resend):
+                if isinstance(update, Update) and ack.blob_sha256 == update.blob_sha256:
+                    chunks = ack.chunks
+                    log.info("task %s: the coordinator lacks %s chunk(s) of the update: sending them again",
+                             task.task_id, "all" if chunks is None else len(chunks))
+                continue
             if ack:
                 if ack.accepted:
                     log.info("task %s: accepted", task.task_id)
@@ -384,7 +400,7 @@ class Agent:
         log.error("task %s: no acknowledgement after %d attempts; kept in %s for the next start",
                   task.task_id, SEND_ATTEMPTS, self.current_file)
 
-    def _await_ack(self, task_id: str) -> Ack | None:
+    def _await_ack(self, task_id: str) -> Ack | Resend | None:
         deadline = time.monotonic() + self.cfg.ack_timeout_s
         while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
             msg = self.link.get(timeout_s=min(left, POLL_S))

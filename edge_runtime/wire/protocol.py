@@ -466,6 +466,29 @@ class Scores(Message):
 
 
 @dataclass(frozen=True)
+class Resend(Message):
+    """The coordinator holds a device's update message but not all of its blob's chunks (a broker dropped some, or
+    a restart lost them): the device sends these (None: all of them) and the update again, on its ack topic.
+
+    Only asked after the update came twice, so a device re-sends chunks only when they were lost, never merely
+    because a busy coordinator took longer than the device's ack timeout to reach them."""
+    TYPE: ClassVar[str] = "resend"
+    TYPES: ClassVar[dict] = {"task_id": str, "blob_sha256": str, "chunks": list}
+    LIMITS: ClassVar[dict] = {"chunks": (None, 100_000)}
+    OPTIONAL: ClassVar[tuple] = ("chunks",)
+    task_id: str
+    blob_sha256: str
+    chunks: list | None = None
+
+    def validate(self) -> None:
+        check_id(self.task_id, "resend: task_id")
+        check_sha(self.blob_sha256, "resend: blob_sha256")
+        if self.chunks is not None and not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 10 ** 7
+                                               for c in self.chunks):
+            raise ProtocolError("resend: chunks must be ints in [0, 10**7)")
+
+
+@dataclass(frozen=True)
 class Ack(Message):
     """The coordinator stored an update durably (accepted) or refused it (with the reason)."""
     TYPE: ClassVar[str] = "ack"
@@ -476,7 +499,7 @@ class Ack(Message):
     reason: str = ""
 
 
-MESSAGES = {cls.TYPE: cls for cls in (Hello, Status, Task, Idle, Fetch, Update, Failed, Scores, Ack)}
+MESSAGES = {cls.TYPE: cls for cls in (Hello, Status, Task, Idle, Fetch, Update, Failed, Scores, Resend, Ack)}
 
 
 def decode_any(payload: bytes, allowed: tuple[type, ...]):
