@@ -626,8 +626,7 @@ class Coordinator:
             self._take_update(device_id, message)
 
     def _open_round_no(self) -> int | None:
-        row = self.state.current_round()
-        return row.round if row is not None and row.state == "open" else None
+        return self.state.open_round_no()
 
     def _take_update(self, sender: str, update: Update) -> None:
         verdict = intake.judge_update(update, sender, self.state, self._open_round_no(), self.incoming,

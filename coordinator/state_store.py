@@ -347,6 +347,12 @@ class StateStore:
             return None
         return RoundRow(*row[:6], json.loads(row[6]), json.loads(row[7]))
 
+    def open_round_no(self) -> int | None:
+        """The open round's number, else None: what every device message asks, without the round's plan (a JSON
+        of every device's assignment, 200 KB at 1,000 devices, decoded per upload chunk before)."""
+        row = self._db.execute("SELECT round, state FROM rounds ORDER BY round DESC LIMIT 1").fetchone()
+        return row[0] if row is not None and row[1] == "open" else None
+
     def task(self, task_id: str) -> TaskRow | None:
         row = self._db.execute("SELECT task_id, round, device_id, spec, status, reason FROM tasks WHERE task_id = ?",
                                (task_id,)).fetchone()

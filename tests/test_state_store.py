@@ -36,8 +36,10 @@ def test_round_tasks_updates_and_duplicates(location):
     s.upsert_device(Hello("pi-02", "pi-3b-plus", 700 << 20, "0.1.0", 4, 10 ** 9))
     s.set_online("pi-02", False)
     assert [d["device_id"] for d in s.devices(online_only=True)] == ["pi-01"]
+    assert s.open_round_no() is None
     s.open_round(1, deadline_at=100.0, weights_before=SHA, plan={"stage": 0}, strategy_state={"t": 0},
                  tasks=[("r1-pi-01", "pi-01", {"span": [0]}), ("r1-pi-02", "pi-02", {"span": [0, 1]})])
+    assert s.open_round_no() == 1
     assert s.record_update(_update("r1-pi-01")) is True
     assert s.record_update(_update("r1-pi-01")) is False          # a duplicate delivery changes nothing
     assert [u.task_id for u in s.updates(1)] == ["r1-pi-01"]
@@ -45,6 +47,7 @@ def test_round_tasks_updates_and_duplicates(location):
     with pytest.raises(Exception):
         s.record_update(_update("r9-unknown"))                      # not a task of any round
     s.close_round(1, weights_after="ef" * 32, strategy_state={"t": 1})
+    assert s.open_round_no() is None
     assert s.claimed_examples(["pi-01"], before_round=2) == {"pi-01": [100]}
     s.record_rejections([(time.time(), "pi-01", None, "bad", "malformed")])
     assert [(r["reason"], r["kind"]) for r in s.rejections()] == [("bad", "malformed")]
