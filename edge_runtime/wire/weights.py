@@ -232,25 +232,32 @@ class WeightFile(Mapping):
     def read_range(self, name: str, start: int, count: int) -> np.ndarray:
         """Elements [start, start + count) of a tensor, flattened, as float32: a coordinator aggregating N updates
         coordinate-wise holds a slice of each, not N whole tensors."""
-        import os
+        count = max(0, min(count, math.prod(self._entries[name][1]) - start))
+        out = np.empty(count, np.float32)
+        if count:
+            self.read_range_into(name, start, out)
+        return out
+
+    def read_range_into(self, name: str, start: int, out: np.ndarray) -> None:
+        """Elements [start, start + len(out)) of a tensor, flattened, into the float32 vector `out` (a row of the
+        coordinator's chunk): one pread, no array of its own unless the file holds fp16."""
         dtype, shape, offset = self._entries[name]
-        count = max(0, min(count, int(np.prod(shape, dtype=np.int64)) - start))
-        out = np.empty(count, dtype=dtype)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            got = os.preadv(fd, [memoryview(out.view(np.uint8))], self._base + offset + start * out.itemsize)
-        finally:
-            os.close(fd)
-        if got != out.nbytes:
-            raise IntegrityError(f"{self.path}: short read of {name}")
-        return out.astype(np.float32, copy=False)
+        if not 0 <= start <= start + len(out) <= math.prod(shape):
+            raise ValueError(f"elements {start}..{start + len(out)} are not within {name} of shape {shape}")
+        target = out if dtype == np.float32 else np.empty(len(out), dtype)
+        self._pread(name, target, self._base + offset + start * target.itemsize)
+        if target is not out:
+            out[:] = target
 
     def _read(self, name: str, out: np.ndarray) -> None:
+        self._pread(name, out.reshape(-1), self._base + self._entries[name][2])
+
+    def _pread(self, name: str, out: np.ndarray, position: int) -> None:
+        """Fill the contiguous array `out` from the file at byte `position`; IntegrityError if the file ends first."""
         import os
-        _, _, start = self._entries[name]
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            got = os.preadv(fd, [memoryview(out.reshape(-1).view(np.uint8))], self._base + start)
+            got = os.preadv(fd, [memoryview(out.view(np.uint8))], position)
         finally:
             os.close(fd)
         if got != out.nbytes:
@@ -292,6 +299,9 @@ class WeightFiles(Mapping):
 
     def read_into(self, name: str, out: np.ndarray) -> bool:
         return self._where[name].read_into(name, out)
+
+    def read_range_into(self, name: str, start: int, out: np.ndarray) -> None:
+        self._where[name].read_range_into(name, start, out)
 
     def __iter__(self):
         return iter(self._where)
