@@ -299,17 +299,17 @@ class _TrimmedMean:
         self.w, self.trim = w, trim
         self.ordered = np.empty((width, n), np.float32)     # coordinates x devices: sorted along contiguous memory
         self.kept = np.empty((n, width), bool)
-        self.above = np.empty((n, width), bool)
+        self.not_above = np.empty((n, width), bool)
 
     def __call__(self, values: np.ndarray) -> np.ndarray:
         n, columns = values.shape
         trim = self.trim
-        ordered, kept, above = self.ordered[:columns], self.kept[:, :columns], self.above[:, :columns]
+        ordered, kept, not_above = self.ordered[:columns], self.kept[:, :columns], self.not_above[:, :columns]
         np.copyto(ordered, values.T)
         low, high = _sorted_at(ordered, (trim, n - 1 - trim))
         np.greater_equal(values, low, out=kept)
-        np.greater(values, high, out=above)
-        kept &= ~above
+        np.less_equal(values, high, out=not_above)
+        np.logical_and(kept, not_above, out=kept)
         tied = np.flatnonzero(np.add.reduce(kept, axis=0, dtype=np.int32) > n - 2 * trim)
         if tied.size:
             x, low, high = values[:, tied], low[tied], high[tied]
@@ -323,34 +323,36 @@ class _TrimmedMean:
 SORT_RUN = 512   # values a row may have to sort in one run: longer rows sort ~4x slower per value (numpy's SIMD sort)
 
 
-def _sorted_at(rows: np.ndarray, positions: Sequence[int]) -> list[np.ndarray]:
-    """Per row, the values at `positions` of its sorted order; sorts the rows in place. A row of up to two runs
-    is sorted as two halves, and each position found in the pair by a binary search (_kth_of_two)."""
+def _sorted_at(rows: np.ndarray, positions: Sequence[int]) -> np.ndarray:
+    """Per row, the values at `positions` of its sorted order (positions x rows); sorts the rows in place. A row of
+    up to two runs is sorted as two halves, and the positions found in the pair by a binary search (_kth_of_two)."""
     n = rows.shape[1]
     if n <= SORT_RUN or n > 2 * SORT_RUN:
         rows.sort(axis=1)
-        return [rows[:, k] for k in positions]
+        return rows[:, list(positions)].T
     first, second = rows[:, :n // 2], rows[:, n // 2:]
     first.sort(axis=1)
     second.sort(axis=1)
-    return [_kth_of_two(first, second, k) for k in positions]
+    return _kth_of_two(first, second, np.array(positions))
 
 
-def _kth_of_two(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
-    """Per row, the k-th smallest (from 0) of a row of `a` and the same row of `b`, both sorted: found by how many
-    of the k + 1 smallest come from `a`, a binary search over the rows at once."""
+def _kth_of_two(a: np.ndarray, b: np.ndarray, ks: np.ndarray) -> np.ndarray:
+    """Per k of `ks` and row, the k-th smallest (from 0) of a row of `a` and the same row of `b`, both sorted
+    (ks x rows): found by how many of the k + 1 smallest come from `a`, a binary search over every k and row at
+    once."""
     p, q = a.shape[1], b.shape[1]
     rows = np.arange(len(a))
-    lo = np.full(len(a), max(0, k + 1 - q))
-    hi = np.full(len(a), min(k + 1, p))
-    for _ in range(int(hi[0] - lo[0]).bit_length()):
+    ks = ks[:, None]
+    lo = np.broadcast_to(np.maximum(0, ks + 1 - q), (len(ks), len(a)))
+    hi = np.broadcast_to(np.minimum(ks + 1, p), (len(ks), len(a)))
+    for _ in range(int((hi - lo).max(initial=0)).bit_length()):
         mid = (lo + hi) // 2
-        rest = k + 1 - mid                                   # taken from b with `mid` from a
+        rest = ks + 1 - mid                                  # taken from b with `mid` from a
         more = (mid < p) & (rest > 0) & (a[rows, np.minimum(mid, p - 1)] < b[rows, np.clip(rest - 1, 0, q - 1)])
         active = lo < hi
         lo = np.where(active & more, mid + 1, lo)
         hi = np.where(active & ~more, mid, hi)
-    rest = k + 1 - lo
+    rest = ks + 1 - lo
     from_a = np.where(lo > 0, a[rows, np.maximum(lo - 1, 0)], -np.inf)
     from_b = np.where(rest > 0, b[rows, np.clip(rest - 1, 0, q - 1)], -np.inf)
     return np.maximum(from_a, from_b).astype(a.dtype)
@@ -386,7 +388,7 @@ class _WeightedMedian:
         bits |= self.devices
         keys.sort(axis=1)
         np.bitwise_and(bits, self.INDEX_BITS, out=device.view(np.uint64))
-        np.take(self.w, device, out=cumulative)
+        np.take(self.w, device, out=cumulative, mode="clip")   # (mode "raise" would copy `out` first)
         np.cumsum(cumulative, axis=1, out=cumulative)
         total = cumulative[:, -1:]
         lower = np.argmax(np.greater_equal(cumulative, total / 2 - 1e-9 * total, out=reached), axis=1)
