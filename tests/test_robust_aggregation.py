@@ -109,6 +109,14 @@ def test_two_trainers_take_their_weighted_mean(rule):
     np.testing.assert_allclose(_agg(rule, updates)["b"], 3.25)
 
 
+@pytest.mark.parametrize("rule", RULES)
+def test_a_parameter_without_values_aggregates_to_an_empty_one(rule):
+    updates = [({"e": np.zeros((0, 3), np.float32), "b": np.full(2, v, np.float32)}, 10) for v in (1, 2, 3, 4, 5)]
+    got = aggregate_updates(updates, {"e": np.zeros((0, 3), np.float32), **GLOBAL}, AggregationSettings(rule=rule))
+    assert got["e"].shape == (0, 3) and got["e"].dtype == np.float32
+    np.testing.assert_allclose(got["b"], 3)
+
+
 def test_two_trainers_under_clipping_cap_the_larger_change_to_a_multiple_of_the_smaller():
     updates = [({"b": np.full(2, 1, np.float32)}, 10), ({"b": np.full(2, 8, np.float32)}, 10)]
     np.testing.assert_allclose(_agg("clipped_mean", updates, clip_multiple=2.0)["b"], (1 + 2) / 2)

@@ -255,7 +255,7 @@ def _order_statistic(name: str, tensors, w: np.ndarray, settings: AggregationSet
     trim = min(int(np.floor(settings.trim_fraction * n)), (n - 1) // 2)
     if settings.rule == "trimmed_mean" and trim == 0:     # nothing to drop: the weighted mean, without ordering
         return _mean(name, tensors, w)
-    read_width = min(size, max(256, int(ORDER_BUDGET_BYTES * READ_SHARE) // (4 * n)))
+    read_width = min(max(size, 1), max(256, int(ORDER_BUDGET_BYTES * READ_SHARE) // (4 * n)))
     work_width = min(read_width, max(64, int(ORDER_BUDGET_BYTES * (1 - READ_SHARE)) // (WORK_BYTES_PER_VALUE * n)))
     combine = _WeightedMedian(w, work_width) if settings.rule == "median" else _TrimmedMean(w, work_width, trim)
     chunk = np.empty((n, read_width), np.float32)
