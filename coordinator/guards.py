@@ -76,12 +76,19 @@ class GuardSettings:
     max_devices: int = 10_000            # devices the registry holds; a hello from one more new id is refused
     hellos_per_minute: int = 12          # per device id; a reconnecting board says hello a few times a minute
     max_partial_uploads: int = 2         # blobs one device may be uploading at once
+    upload_slots: int = 16               # update blobs granted at once, fleet-wide (UploadGrants)
     partial_upload_ttl_s: float = 900.0  # a partial upload with no chunk for this long is deleted
     fetches_per_minute: int = 600        # Fetch requests per device (a blob of N chunks is one request, or a
                                          # few more when chunks are lost)
     fetch_allowance: float = 4.0         # a task's blobs may be asked for this many times over, in bytes
     bench_after_misses: int = 2          # consecutive missed deadlines before a device sits rounds out
     max_bench_rounds: int = 32
+
+    def __post_init__(self):
+        from coordinator.config import ConfigError
+        if self.upload_slots < 1 or self.max_partial_uploads < 1:
+            raise ConfigError(f"service.upload_slots ({self.upload_slots}) and service.max_partial_uploads "
+                              f"({self.max_partial_uploads}) must be at least 1: no update could be uploaded")
 
 
 class RateLimit:
@@ -208,6 +215,64 @@ class Uploads:
 
     def open_bytes(self) -> int:
         return sum(u.size for u in self._open.values())
+
+
+class UploadGrants:
+    """Which waiting updates may send their blob now: at most `slots` at once, first come first granted.
+
+    End-to-end flow control for uploads: a device sends its small update message first and its chunks only when
+    granted (a Resend naming them), so a fleet finishing at once waits as small messages, never as gigabytes of
+    chunks in the broker's queue and the coordinator's inbox. The broker's in-flight window cannot do it:
+    Mosquitto 2.0 sends a client past its MQTT 5 Receive Maximum once it acknowledges. A grant whose upload
+    brought nothing for `ttl_s` gives its slot to the next; its device, asking again, queues again."""
+
+    def __init__(self, slots: int, ttl_s: float = 30.0):
+        self.slots, self.ttl_s = slots, ttl_s
+        self._waiting: OrderedDict[str, str] = OrderedDict()     # task id -> blob, in the order they asked
+        self._granted: dict[str, list] = {}                      # task id -> [blob, when a grant or chunk came]
+
+    def ask(self, task_id: str, blob: str, now: float | None = None) -> bool:
+        """An update waits for its blob. True when it holds a grant already: it came again, so chunks sent under
+        the grant were lost (the caller names the missing ones again)."""
+        now = time.monotonic() if now is None else now
+        held = self._granted.get(task_id)
+        if held is not None:
+            held[1] = now
+            return True
+        self._waiting.setdefault(task_id, blob)
+        return False
+
+    def progress(self, blob: str, now: float | None = None) -> None:
+        """A chunk of `blob` came: its grant is alive."""
+        now = time.monotonic() if now is None else now
+        for held in self._granted.values():
+            if held[0] == blob:
+                held[1] = now
+
+    def release(self, task_id: str) -> None:
+        """The update is judged (or its round closed): its slot, or its place in the queue, is free."""
+        self._waiting.pop(task_id, None)
+        self._granted.pop(task_id, None)
+
+    def grant(self, now: float | None = None) -> list[str]:
+        """The task ids granted now, as slots allow (stale grants expire first)."""
+        now = time.monotonic() if now is None else now
+        for task_id in [t for t, (_, at) in self._granted.items() if now - at >= self.ttl_s]:
+            del self._granted[task_id]
+        granted = []
+        while self._waiting and len(self._granted) < self.slots:
+            task_id, blob = self._waiting.popitem(last=False)
+            self._granted[task_id] = [blob, now]
+            granted.append(task_id)
+        return granted
+
+    def clear(self) -> None:
+        self._waiting.clear()
+        self._granted.clear()
+
+    def counts(self) -> tuple[int, int]:
+        """(granted, waiting)."""
+        return len(self._granted), len(self._waiting)
 
 
 class Fetches:

@@ -46,6 +46,7 @@ from coordinator.guards import (
     GuardSettings,
     RateLimit,
     Refusal,
+    UploadGrants,
     Uploads,
     benched_devices,
     rejection_kind,
@@ -184,6 +185,7 @@ class Coordinator:
         self.guard = guard
         self.admission = Admission(guard, _device_list(s["devices_file"]) if s["devices_file"] else None)
         self.uploads, self.fetches = Uploads(guard), Fetches(guard)
+        self.grants = UploadGrants(guard.upload_slots)
         self._serving: set[tuple[str, str]] = set()    # (device, blob) fetches queued or being served
         # (at, sender, task, reason, kind), written once per tick
         self._rejections: list[tuple[float, str | None, str | None, str, str]] = []
@@ -323,6 +325,7 @@ class Coordinator:
             self._write_metrics_file()
             self.offline_since = {d["device_id"]: time.time() for d in self.state.devices() if not d["online"]}
             self.pending.clear()   # intake state of the follower days: re-judged when the devices send again
+            self.grants.clear()
             log.info("replica %s leads the fleet (lease epoch %d)", self.replica, self._lease_epoch)
         self.is_leader = True
         self.state.set_meta("finished", False)   # set again at the next tick if the run is over
@@ -363,6 +366,7 @@ class Coordinator:
         self._flush_rejections()
         for blob in self.uploads.expired():
             self.incoming.discard(blob)
+        self._grant_uploads()          # a grant that brought nothing for a while gives its slot to the next
         if self.replicated:
             self._share_intake()
             self.lease.tick()
@@ -607,6 +611,7 @@ class Coordinator:
             self.uploads.done(header.blob)      # the assembled blob failed its hash and is gone: a new upload may start
             raise
         # a chunk refused alone (bytes not matching its hash) keeps its upload's slot: the partial expires with it
+        self.grants.progress(header.blob)
         done = header.blob if done else None
         if done:
             for extra in self.uploads.completed(done):
@@ -615,6 +620,7 @@ class Coordinator:
                 if update.blob_sha256 == done:
                     del self.pending[task_id]
                     self._take_update(sender, update)
+            self._grant_uploads()
 
     def _on_update(self, device_id: str, msg: Received) -> None:
         message = decode_any(msg.payload, (Update, Scores, Failed))
@@ -632,26 +638,39 @@ class Coordinator:
         verdict = intake.judge_update(update, sender, self.state, self._open_round_no(), self.incoming,
                                       self.model.manifest, self._sent_weights, self.check)
         if verdict.status == "pending":
-            again = update.task_id in self.pending
             self.pending[update.task_id] = (sender, update)
-            if again:
-                # the update came twice and its chunks, which travel before it, have not all come: some were lost
-                # (a broker's full queue, a restart), and the device sends only what is missing
-                missing = self.incoming.missing_chunks(update.blob_sha256)
-                try:
-                    self.link.publish(self.topics.device(sender, "ack"),
-                                      Resend(update.task_id, update.blob_sha256, missing).encode(), qos=1)
-                except BufferError:     # the link's queue is full: the device sends the update again, and is asked
-                    return
-                log.info("round %d: the update from %s lacks %s chunk(s) of its blob: asked for them again",
-                         update.round, sender, "all" if missing is None else len(missing))
+            if self.grants.ask(update.task_id, update.blob_sha256):
+                # granted before and sent again: what it sent under the grant was lost (a broker's full queue, a
+                # restart), and the device sends only what is still missing
+                self._ask_for_blob(sender, update, again=True)
+            self._grant_uploads()
             return
+        self.grants.release(update.task_id)
         if verdict.status == "accepted":
             self.uploads.claimed(update.blob_sha256)
             self._check_normalisation(sender, update)
         self._answer(sender, update, verdict, self.state.record_update,
                      f"update from {sender} accepted ({update.blob_size / 1024:.1f} KB, {update.num_examples} "
                      f"samples, loss {update.loss:.3f}, job peak {update.peak_rss_bytes / 2**20:.0f} MB)")
+
+    def _grant_uploads(self) -> None:
+        """Let the next waiting updates send their blobs, as upload slots free (UploadGrants)."""
+        for task_id in self.grants.grant():
+            if task_id in self.pending:
+                self._ask_for_blob(*self.pending[task_id])
+
+    def _ask_for_blob(self, sender: str, update: Update, again: bool = False) -> None:
+        """Tell a device to send its update's chunks, those this coordinator still lacks."""
+        missing = self.incoming.missing_chunks(update.blob_sha256)
+        try:
+            self.link.publish(self.topics.device(sender, "ack"),
+                              Resend(update.task_id, update.blob_sha256, missing).encode(), qos=1)
+        except BufferError:     # the link's queue is full: the grant expires, and the device's next update asks again
+            log.warning("round %d: no room to ask %s for its update's chunks", update.round, sender)
+            return
+        if again:
+            log.info("round %d: the update from %s lacks %s chunk(s) of its blob: asked for them again",
+                     update.round, sender, "all" if missing is None else len(missing))
 
     def _sent_weights(self, task: TaskRow) -> Mapping[str, np.ndarray]:
         """The weights a task was sent: the device's own (a personalised schedule's) or the round's global ones."""
@@ -803,6 +822,7 @@ class Coordinator:
         self.incoming.remove_complete()
         self.uploads.forget_unclaimed()
         self.pending.clear()
+        self.grants.clear()
         self._collect_garbage()
         own = device_accuracy([measured])
         tested = f"test accuracy per member {models_text(models)}" if models else \

@@ -12,6 +12,7 @@ from coordinator.guards import (
     GuardSettings,
     RateLimit,
     Refusal,
+    UploadGrants,
     Uploads,
     benched_rounds,
     rejection_kind,
@@ -147,3 +148,20 @@ def test_every_refusal_carries_the_kind_it_is_counted_under():
         "integrity"
     with pytest.raises(ValueError, match="unknown rejection kind 'rude'"):
         Refusal("rude", "a kind no count has")
+
+
+def test_uploads_are_granted_a_few_at_a_time_in_order_and_a_silent_grant_expires():
+    g = UploadGrants(slots=2, ttl_s=30.0)
+    for i in range(4):
+        assert g.ask(f"t{i}", f"b{i}", now=0.0) is False
+    assert g.ask("t1", "b1", now=1.0) is False           # asked again while it waits: still one place in line
+    assert g.grant(now=1.0) == ["t0", "t1"] and g.counts() == (2, 2)
+    assert g.grant(now=2.0) == []                         # no slot is free
+    assert g.ask("t0", "b0", now=3.0) is True             # granted and asking again: its chunks were lost
+    g.release("t0")                                       # judged: the next one goes
+    assert g.grant(now=4.0) == ["t2"]
+    g.progress("b2", now=33.0)                            # t2's chunks keep coming; t1 sent nothing since 1.0
+    assert g.grant(now=33.0) == ["t3"] and g.counts() == (2, 0)
+    assert g.ask("t1", "b1", now=34.0) is False           # its grant expired: it queues again
+    g.clear()
+    assert g.counts() == (0, 0) and g.grant(now=35.0) == []

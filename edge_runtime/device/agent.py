@@ -361,32 +361,32 @@ class Agent:
     def _deliver(self, task: Task, update: Update | Scores) -> None:
         """Send the update until the coordinator acknowledges it (duplicates are no-ops there).
 
-        The blob's chunks go once; an unanswered update is sent again alone, and chunks again only those the
-        coordinator says it lacks (Resend): a busy coordinator that takes longer than the ack timeout to reach
-        the chunks queued for it would otherwise get the whole blob again from every device, and fall further
-        behind."""
-        chunks: list | None | bool = None       # what of the blob to send: None all, a list those, False nothing
+        The update message goes first, alone, and the blob's chunks when the coordinator asks for them (Resend:
+        all, or those it lacks): it grants a few uploads at a time, so a fleet finishing at once waits as small
+        messages instead of flooding the broker and the coordinator with chunks. An unanswered update is sent
+        again, alone."""
+        chunks: list | None | bool = False      # what of the blob to send: None all, a list those, False nothing
         for attempt in range(1, SEND_ATTEMPTS + 1):
             try:
                 if isinstance(update, Update) and chunks is not False:
+                    # asked for: the coordinator holds the update, and judges it once the blob is whole
                     send_blob(self.link, self.topic("upload"), self.uploads, update.blob_sha256, indices=chunks)
-                self.link.publish(self.topic("update"), update.encode(), qos=1)
+                else:
+                    self.link.publish(self.topic("update"), update.encode(), qos=1)
                 log.info("task %s: %s sent%s: %s, job peak %s of %s budget, agent %s", task.task_id, update.TYPE,
                          f" (attempt {attempt})" if attempt > 1 else "",
                          size_text(update.blob_size) if isinstance(update, Update) else f"{len(update.scores)} scores",
                          size_text(update.peak_rss_bytes), size_text(self.jobs.budget_bytes), size_text(update.agent_peak_rss_bytes))
-                sent = True
             except (RuntimeError, ValueError, BufferError) as exc:  # paho: not connected, queue full
                 log.warning("task %s: sending failed (%s); attempt %d of %d", task.task_id, exc, attempt,
                             SEND_ATTEMPTS)
-                sent = False
             ack = self._await_ack(task.task_id)
-            chunks = False if sent else None        # unanswered: the update alone again (a failed send: all of it)
+            chunks = False                          # unanswered: the update alone again
             if isinstance(ack, Resend):
                 if isinstance(update, Update) and ack.blob_sha256 == update.blob_sha256:
                     chunks = ack.chunks
-                    log.info("task %s: the coordinator lacks %s chunk(s) of the update: sending them again",
-                             task.task_id, "all" if chunks is None else len(chunks))
+                    log.info("task %s: the coordinator asks for %s chunk(s) of the update", task.task_id,
+                             "all" if chunks is None else len(chunks))
                 continue
             if ack:
                 if ack.accepted:
