@@ -121,25 +121,25 @@ def test_chunks_shrink_to_the_brokers_announced_packet_limit(tmp_path):
             server.close()
 
 
-def test_a_busy_manual_ack_receiver_is_paced_by_the_broker_and_loses_nothing(broker):
-    """A burst larger than the receiver's inbox (the coordinator when a fleet uploads at once) waits in the broker:
-    the receiver holds at most its Receive Maximum of unacknowledged messages, drops none, and gets every one once
-    it works through them."""
+def test_a_manual_ack_link_announces_its_receive_maximum_and_loses_nothing(broker):
+    """Before it acknowledges anything, a manual-ack link holds its Receive Maximum of messages and the rest of a
+    burst waits in the broker; acknowledged one by one, every message arrives once. (Mosquitto 2.0.11 sends past
+    the window once acknowledgements flow, which is why the coordinator also grants uploads: docs/protocol.md.)"""
     import time
 
     from edge_runtime.wire.mqtt_link import RECEIVE_MAXIMUM
     topic = TOPICS.device("pi-01", "upload")
-    receiver = MqttLink("busy", broker.host, broker.port, [(TOPICS.all_devices("upload"), 1)], manual_ack=True,
-                        max_inbox_bytes=8 << 20).start()
+    receiver = MqttLink("busy", broker.host, broker.port, [(TOPICS.all_devices("upload"), 1)],
+                        manual_ack=True).start()
     sender = MqttLink("burst", broker.host, broker.port, []).start()
     try:
-        count, size = 4 * RECEIVE_MAXIMUM, 100_000       # 12.8 MB against an 8 MB inbox
+        count, size = 4 * RECEIVE_MAXIMUM, 100_000
         for i in range(count):
             sender.publish(topic, i.to_bytes(4, "big") + os.urandom(size), qos=1).wait_for_publish(30)
         deadline = time.monotonic() + 10
         while receiver.inbox.qsize() < RECEIVE_MAXIMUM and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(0.5)          # were the broker not pacing it, more would arrive now
+        time.sleep(0.5)          # were the window not announced, the broker's own (20) or the whole burst would be here
         assert receiver.inbox.qsize() == RECEIVE_MAXIMUM
         seen = []
         while len(seen) < count:

@@ -6,9 +6,10 @@ messages queued while a process was away are delivered when it returns; connect_
 with re-subscription in on_connect, so a broker restart is survived; callbacks that only
 hand messages to a queue (never block paho's network thread); a bounded outgoing queue;
 manual acknowledgement, so a receiver can acknowledge a message only once it has stored
-what the message carried, with a Receive Maximum so that the broker sends a busy receiver
-no more than it can hold (the rest waits in the broker's queue, nothing is dropped); and
-the broker's announced maximum packet size, which paho does not enforce, for sizing chunks.
+what the message carried, with an MQTT 5 Receive Maximum asking the broker to send a busy
+receiver no more than that unacknowledged (Mosquitto 2.0.11 honours it only until the
+first acknowledgement, so the coordinator also pulls uploads: docs/protocol.md); and the
+broker's announced maximum packet size, which paho does not enforce, for sizing chunks.
 
 A production broker asks for more (docs/broker.md, "Production broker"): a user name and
 password, and TLS (`mqtts://`, port 8883) that verifies the broker's certificate against
@@ -46,9 +47,10 @@ MAX_QUEUED_OUTGOING = 2000
 # What waits in the inbox at most: a flood of messages (oversize ones first) is dropped, counted and
 # acknowledged, instead of growing the process until the board or the coordinator runs out of memory.
 MAX_INBOX_BYTES = 64 << 20
-# A manual-ack link's unacknowledged QoS 1 messages (MQTT 5 Receive Maximum): the broker sends no more until the
-# receiver acknowledges one, so a receiver slower than a burst (the coordinator when a fleet uploads at once)
-# holds at most this many chunks (32 x 124 KB) and the burst waits, whole, in the broker's queue for it.
+# A manual-ack link's unacknowledged QoS 1 messages (MQTT 5 Receive Maximum): a broker that honours it sends no
+# more until the receiver acknowledges one, so a receiver slower than a burst holds at most this many chunks
+# (32 x 124 KB). Mosquitto 2.0.11 sends past it once acknowledgements flow (measured: each ack let 32 more
+# through), so the coordinator does not rely on it: it grants uploads a few at a time (coordinator/guards.py).
 RECEIVE_MAXIMUM = 32
 MAX_PAYLOAD_BYTES = 1 << 20        # a chunk is at most 120 KB, a control message 64 KB
 PACKET_OVERHEAD_BYTES = 64 << 10   # a packet's topic and properties beside its payload
