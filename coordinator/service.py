@@ -753,23 +753,24 @@ class Coordinator:
 
     # -- closing a round --------------------------------------------------------------------
     def _maybe_close(self, row) -> None:
-        tasks = self.state.tasks(row.round)
-        waiting = [t for t in tasks if t.status == "sent"]
-        devices = {d["device_id"]: d for d in self.state.devices()}
-        online = {d for d, row in devices.items() if row["online"]}
-        grace = self.settings["service"]["offline_grace_s"]
-        gone = [t for t in waiting if t.device_id not in online
-                and time.time() - self._offline_since(t.device_id, devices) >= grace]
+        waiting = self.state.waiting_tasks(row.round)       # [(task id, device)]
+        online: set[str] = set()
         if not waiting:
             why = "every task settled"
-        elif time.time() >= row.deadline_at:
-            why = f"deadline passed with {len(waiting)} task(s) open"
-        elif len(gone) == len(waiting):
-            why = f"the {len(waiting)} device(s) still owing an update went offline (for over {grace:.0f} s)"
         else:
-            return
-        for t in waiting:  # settled now, with the reason each one ends
-            self.state.mark_task(t.task_id, "failed", "device went offline" if t.device_id not in online
+            devices = {d["device_id"]: d for d in self.state.devices()}
+            online = {d for d, device in devices.items() if device["online"]}
+            grace = self.settings["service"]["offline_grace_s"]
+            gone = [device for _, device in waiting if device not in online
+                    and time.time() - self._offline_since(device, devices) >= grace]
+            if time.time() >= row.deadline_at:
+                why = f"deadline passed with {len(waiting)} task(s) open"
+            elif len(gone) == len(waiting):
+                why = f"the {len(waiting)} device(s) still owing an update went offline (for over {grace:.0f} s)"
+            else:
+                return
+        for task_id, device in waiting:  # settled now, with the reason each one ends
+            self.state.mark_task(task_id, "failed", "device went offline" if device not in online
                                  else "no update before the deadline")
         self._close(row, self.state.tasks(row.round), why)
 

@@ -377,6 +377,12 @@ class StateStore:
             out.setdefault(device, []).append((round_no, missed(status, reason)))
         return out
 
+    def waiting_tasks(self, round_no: int) -> list[tuple[str, str]]:
+        """(task id, device) of the round's tasks still waiting for their device: what the coordinator checks five
+        times a second, so without the specs (decoding every task's, 1,000 a tick, was most of its time)."""
+        return [tuple(r) for r in self._db.execute("SELECT task_id, device_id FROM tasks WHERE round = ? AND "
+                                                   "status = 'sent' ORDER BY task_id", (round_no,)).fetchall()]
+
     def tasks(self, round_no: int) -> list[TaskRow]:
         rows = self._db.execute("SELECT task_id, round, device_id, spec, status, reason FROM tasks WHERE round = ? "
                                 "ORDER BY task_id", (round_no,)).fetchall()

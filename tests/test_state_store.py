@@ -40,7 +40,9 @@ def test_round_tasks_updates_and_duplicates(location):
     s.open_round(1, deadline_at=100.0, weights_before=SHA, plan={"stage": 0}, strategy_state={"t": 0},
                  tasks=[("r1-pi-01", "pi-01", {"span": [0]}), ("r1-pi-02", "pi-02", {"span": [0, 1]})])
     assert s.open_round_no() == 1
+    assert s.waiting_tasks(1) == [("r1-pi-01", "pi-01"), ("r1-pi-02", "pi-02")]
     assert s.record_update(_update("r1-pi-01")) is True
+    assert s.waiting_tasks(1) == [("r1-pi-02", "pi-02")]
     assert s.record_update(_update("r1-pi-01")) is False          # a duplicate delivery changes nothing
     assert [u.task_id for u in s.updates(1)] == ["r1-pi-01"]
     assert s.task("r1-pi-01").status == "accepted" and s.task("r1-pi-02").status == "sent"
