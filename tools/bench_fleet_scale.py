@@ -18,11 +18,9 @@ Measured per round, then averaged over the R rounds:
                    evaluation of the new global model)
   dispatch         from the round's opening to the last of its N tasks passing through the
                    broker (a subscriber on device/+/task timestamps them)
-  close            from the arrival of the last device's (first) update at the broker to
-                   the round's close: working through the messages queued before it,
-                   judging it, aggregating N updates, storing the new weights, evaluating
-  aggregate        the part of close after the last device's (first) ack: aggregating,
-                   storing and evaluating, without the intake backlog
+  close            from the last device's (first) ack at the broker (sent once its update's
+                   blob is whole and judged) to the round's close: aggregating N updates,
+                   storing the new weights, evaluating
   ack latency      per device, its first update message to its ack (95th percentile);
                    past the agent's 30 s ack timeout a device sends its update again
   CPU use          CPU seconds per second of the coordinator and of mosquitto over the
@@ -55,10 +53,11 @@ sizes take well over half an hour; --sizes picks fewer.
 with these numbers besides the sweep's (ack latency is then seen at the broker each device
 logs in to, the site's under `sites`):
 
-  transfer         round open to the arrival at the core broker of the last device's update
-                   message (it follows the update's chunks), less the simulated compute time
-                   and less dispatch: the time the round spends moving blobs (the task's
-                   fetches down, the update up) on its critical path
+  transfer         round open to the last device's ack at the core broker, less the
+                   simulated compute time and less dispatch: the time the round spends
+                   moving blobs (the task's fetches down, the update up, granted a few at
+                   a time: the update message now comes before its chunks) on its critical
+                   path, with the coordinator's intake of them
   coordination     dispatch + close: what the coordinator adds around the transfer
   overhead %       coordination / transfer, of the means over the rounds (target: < 10 % at
                    1,000 devices)
@@ -562,14 +561,13 @@ def round_numbers(args, m: dict, setup: Setup, procs: Processes) -> dict:
     fetches = sum(1 for t, kind, _, _ in core.control if kind == "fetch" and t0 <= t <= t1)
     latency = [acks[d] - edge_update[d] for d in edge_update if d in acks]
     last_ack = max((core_acks[d] for d in first_update if d in core_acks), default=float("nan"))
-    last_update = max(first_update.values()) if first_update else float("nan")
     dispatch = max(tasks) - t0 if tasks else float("nan")
     n = len(m["devices"])
     sites = [name for name in setup.edge if name != "broker"]
     return {"round": r, "wall_s": t1 - t0, "overhead_s": t1 - t0 - args.compute_s,
-            "dispatch_s": dispatch, "close_s": t1 - last_update, "aggregate_s": t1 - last_ack,
-            "transfer_s": last_update - t0 - args.compute_s - dispatch,
-            "coordination_s": dispatch + t1 - last_update,
+            "dispatch_s": dispatch, "close_s": t1 - last_ack,
+            "transfer_s": last_ack - t0 - args.compute_s - dispatch,
+            "coordination_s": dispatch + t1 - last_ack,
             "coordinator_cpu": sum(procs.cpu_use(c, t0, t1) for c in setup.coordinators),
             "broker_cpu": procs.cpu_use("broker", t0, t1),
             "sites_cpu": sum(procs.cpu_use(s, t0, t1) for s in sites) if sites else float("nan"),
@@ -617,8 +615,7 @@ ROWS = [  # (key in a size's result, label, format)
     ("wall_s", "round wall, s", "{:.1f}"),
     ("overhead_s", "round overhead (wall - compute), s", "{:.1f}"),
     ("dispatch_s", "dispatch (open to last task out), s", "{:.2f}"),
-    ("close_s", "close (last update in to round closed), s", "{:.2f}"),
-    ("aggregate_s", "of which after the last ack (aggregate, store, evaluate), s", "{:.2f}"),
+    ("close_s", "close (last ack to round closed: aggregate, store, evaluate), s", "{:.2f}"),
     ("ack_p95_s", "ack latency p95, s", "{:.2f}"),
     ("coordinator_cpu", "coordinator CPU use in the round (1 = a core)", "{:.2f}"),
     ("broker_cpu", "broker CPU use in the round", "{:.2f}"),
@@ -637,10 +634,9 @@ ROWS = [  # (key in a size's result, label, format)
 TOPOLOGY_ROWS = [  # the same, for the set-ups side by side; "-" where a set-up has no such thing
     ("wall_s", "round wall, s", "{:.1f}"),
     ("overhead_s", "round overhead (wall - compute), s", "{:.1f}"),
-    ("transfer_s", "transfer (open to last update at the core - compute - dispatch), s", "{:.1f}"),
+    ("transfer_s", "transfer (open to last ack at the core - compute - dispatch), s", "{:.1f}"),
     ("dispatch_s", "dispatch (open to last task out), s", "{:.2f}"),
-    ("close_s", "close (last update in to round closed), s", "{:.2f}"),
-    ("aggregate_s", "of which after the last ack (aggregate, store, evaluate), s", "{:.2f}"),
+    ("close_s", "close (last ack to round closed: aggregate, store, evaluate), s", "{:.2f}"),
     ("coordination_s", "coordination overhead (dispatch + close), s", "{:.2f}"),
     ("overhead_pct", "coordination overhead / transfer, %", "{:.1f}"),
     ("ack_p95_s", "ack latency p95 at the device's broker, s", "{:.2f}"),
@@ -782,12 +778,12 @@ def topology_section(args, results: list[dict], minutes: float, load: tuple[floa
         f"them by the broker.",
         "",
         "Definitions: *round wall* = the coordinator's closed_at - opened_at; *dispatch* = round open to the last "
-        "task seen at the core broker; *transfer* = round open to the arrival at the core broker of the last "
-        "device's update message (the message that follows its update's chunks), less the simulated compute "
-        "time, less dispatch: the time the round spends moving blobs (the task's fetches down, the update up) on "
-        "its critical path; *close* = that last update's arrival to the round's close (the coordinator's queue "
-        "before it, judging, aggregating, storing, evaluating), of which *after the last ack* leaves the queue "
-        "out; *coordination overhead* = dispatch + close, and its share of the transfer is taken of the means "
+        "task seen at the core broker; *transfer* = round open to the last device's ack seen at the core broker "
+        "(sent once its update's blob is whole and judged: uploads are granted a few at a time, so the update "
+        "message comes before its chunks), less the simulated compute time, less dispatch: the time the round "
+        "spends moving blobs (the task's fetches down, the update up) on its critical path, with the "
+        "coordinator's intake; *close* = that last ack to the round's close (aggregating, storing, evaluating); "
+        "*coordination overhead* = dispatch + close, and its share of the transfer is taken of the means "
         "over the rounds; *ack latency* = a device's first update message to its ack, both seen at the broker the "
         "device logs in to (its site's under *sites*); *bridge transit* = an update message's arrival at its site "
         "broker to its arrival at the core; *CPU use* = CPU seconds per second of the process(es) over the round; "
@@ -899,7 +895,7 @@ def plot(results: list[dict], path: Path) -> None:
     ns = [r["n"] for r in results]
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.4))
     for key, label in (("wall_s", "round wall"), ("overhead_s", "round overhead"), ("close_s", "close"),
-                       ("aggregate_s", "close after the last ack"), ("dispatch_s", "dispatch"),
+                       ("dispatch_s", "dispatch"),
                        ("ack_p95_s", "ack latency p95")):
         ax[0].plot(ns, [value(r, key) for r in results], marker="o", label=label)
     ax[0].set(xscale="log", yscale="log", xlabel="devices N", ylabel="s", title="per round")
