@@ -140,6 +140,10 @@ def test_an_unversioned_store_of_an_earlier_release_is_migrated_with_its_rows(tm
     s = StateStore(db)
     assert s.migrated == list(range(1, SCHEMA_VERSION + 1))
     assert s.meta("schema_version") == SCHEMA_VERSION and s.meta("run") == {"tag": "abc123"}
+    with sqlite3.connect(db) as check:          # a round's close reads each device's answers through these
+        plan = check.execute("EXPLAIN QUERY PLAN SELECT round FROM updates WHERE device_id = 'x' AND round < 3 "
+                             "ORDER BY round DESC").fetchall()
+    assert any("updates_by_device" in str(row) for row in plan), plan
     row = s.current_round()
     assert (row.round, row.state, row.strategy_state) == (2, "open", {"t": 2})
     [u] = s.updates(1)                              # an old row reads with the new columns' defaults
