@@ -17,7 +17,8 @@ Measured per round, then averaged over the R rounds:
                    training itself (tasks out, blob fetches, uploads, intake, aggregation,
                    evaluation of the new global model)
   dispatch         from the round's opening to the last of its N tasks passing through the
-                   broker (a subscriber on device/+/task timestamps them)
+                   broker (a subscriber on device/+/task timestamps them; a task published
+                   again to a device that reconnected counts at its first publication)
   close            from the last device's (first) ack at the broker (sent once its update's
                    blob is whole and judged) to the round's close: aggregating N updates,
                    storing the new weights, evaluating
@@ -551,7 +552,11 @@ def round_numbers(args, m: dict, setup: Setup, procs: Processes) -> dict:
     """One round's timings and traffic (see the module's docstring for the definitions)."""
     r, t0, t1 = m["round"], m["opened_at"], m["closed_at"]
     core = setup.watchers["broker"]
-    tasks = [t for t, kind, _, body in core.control if kind == "task" and body.get("round") == r]
+    first_task: dict[str, float] = {}     # a task published again (a device that reconnected) is not dispatch
+    for t, kind, device, body in core.control:
+        if kind == "task" and body.get("round") == r:
+            first_task.setdefault(device, t)
+    tasks = list(first_task.values())
     first_update, core_acks, updates = _firsts(core.control, r)
     edge_update, acks = {}, {}       # seen at the brokers the devices log in to (the core, or their site's)
     for name in setup.edge:
@@ -778,7 +783,7 @@ def topology_section(args, results: list[dict], minutes: float, load: tuple[floa
         f"them by the broker.",
         "",
         "Definitions: *round wall* = the coordinator's closed_at - opened_at; *dispatch* = round open to the last "
-        "task seen at the core broker; *transfer* = round open to the last device's ack seen at the core broker "
+        "device's (first) task seen at the core broker; *transfer* = round open to the last device's ack seen at the core broker "
         "(sent once its update's blob is whole and judged: uploads are granted a few at a time, so the update "
         "message comes before its chunks), less the simulated compute time, less dispatch: the time the round "
         "spends moving blobs (the task's fetches down, the update up) on its critical path, with the "
