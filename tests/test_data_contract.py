@@ -324,3 +324,71 @@ def test_an_agent_with_bad_data_answers_failed_serves_on_and_reports_its_input_s
             serving.join(10)
             link.stop()
             coordinator.stop()
+
+
+def test_the_agent_sends_its_update_first_its_chunks_when_asked_and_waits_in_line_until_the_deadline(
+        fmnist_model, real, tmp_path):
+    """The upload is pulled: the update message goes alone, again and again while the coordinator keeps it waiting
+    (past the agent's ten attempts: its round's deadline is what bounds the wait), and the blob's chunks go only
+    when a Resend asks for them, exactly those it names."""
+    from edge_runtime.device.agent import SEND_ATTEMPTS
+    from edge_runtime.wire.protocol import Resend
+    from edge_runtime.wire.transfer import ChunkHeader
+    m, w = fmnist_model
+    x, y = real
+    data = _files(tmp_path / "data", x, y)
+    part = TrainablePart.block(m, 0)
+    topics = Topics("contract")
+    with EmbeddedBroker(tmp_path / "broker") as broker:
+        cfg = resolve({"id": "pi-01", "fleet": "contract", "broker": f"mqtt://127.0.0.1:{broker.port}",
+                       "data": str(data.root), "state": str(tmp_path / "state"), "budget_mb": 900.0,
+                       "ack_timeout_s": 0.3})
+        store = BlobStore(cfg.state / "blobs")
+        manifest_sha = store.put_file(m.root / "manifest.json")
+        step, _ = part_graph_paths(m, part)
+        blobs = task_blobs(m, part, publish_weights(m, w, store), store, {"step.onnx": store.put_file(step)})
+        task = Task("t1", 1, {"sha256": manifest_sha, "size": store.path(manifest_sha).stat().st_size}, blobs, part,
+                    TrainConfig(batch_size=32, epochs=1.0, threads=1), deadline_s=120.0)
+        coordinator = MqttLink("coordinator", broker.host, broker.port,
+                               [(topics.device("pi-01", kind), 1) for kind in ("hello", "update", "upload")]).start()
+        stop = threading.Event()
+        link = connect(cfg, stop)
+        agent = Agent(cfg, link, budgeted_jobs(cfg, 500 * MIB), stop)
+        serving = threading.Thread(target=agent.serve, daemon=True)
+        serving.start()
+        seen: list = []            # (kind, message) in the order the coordinator got them
+
+        def until(predicate, timeout_s: float = 120.0):
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and not predicate():
+                msg = coordinator.get(timeout_s=0.2)
+                if msg is not None:
+                    kind = msg.topic.rsplit("/", 1)[-1]
+                    seen.append((kind, msg if kind == "upload" else decode_any(msg.payload, (Failed, Update))
+                                 if kind == "update" else msg))
+            assert predicate(), f"timed out; seen {[k for k, _ in seen]}"
+
+        def updates():
+            return [u for k, u in seen if k == "update"]
+        try:
+            until(lambda: any(k == "hello" for k, _ in seen))
+            coordinator.publish(topics.device("pi-01", "task"), task.encode())
+            until(lambda: len(updates()) > SEND_ATTEMPTS)     # kept waiting: it asks again, past ten attempts
+            assert all(isinstance(u, Update) and u.task_id == "t1" for u in updates())
+            assert not [k for k, _ in seen if k == "upload"]  # and sends no chunk unasked
+            blob = updates()[0].blob_sha256
+            coordinator.publish(topics.device("pi-01", "ack"), Resend("t1", blob, None).encode())
+
+            def chunks():
+                return [ChunkHeader.from_properties(msg.user_properties) for k, msg in seen if k == "upload"]
+            until(lambda: chunks() and len(chunks()) == chunks()[0].count)
+            assert sorted(h.index for h in chunks()) == list(range(chunks()[0].count))
+            assert {h.blob for h in chunks()} == {blob}
+            coordinator.publish(topics.device("pi-01", "ack"), Ack("t1", True).encode())
+            until(lambda: "t1" in agent.done, 30)
+            assert agent.done["t1"]["accepted"] is True and serving.is_alive()
+        finally:
+            stop.set()
+            serving.join(10)
+            link.stop()
+            coordinator.stop()

@@ -366,7 +366,11 @@ class Agent:
         messages instead of flooding the broker and the coordinator with chunks. An unanswered update is sent
         again, alone."""
         chunks: list | None | bool = False      # what of the blob to send: None all, a list those, False nothing
-        for attempt in range(1, SEND_ATTEMPTS + 1):
+        # waiting in the coordinator's upload line takes as long as the uploads before it: the device keeps asking
+        # until its round's deadline has passed (the coordinator stops waiting then too), SEND_ATTEMPTS at least
+        give_up_at = time.monotonic() + task.deadline_s
+        attempt = 0
+        while (attempt := attempt + 1) <= SEND_ATTEMPTS or time.monotonic() < give_up_at:
             try:
                 if isinstance(update, Update) and chunks is not False:
                     # asked for: the coordinator holds the update, and judges it once the blob is whole
@@ -378,8 +382,7 @@ class Agent:
                          size_text(update.blob_size) if isinstance(update, Update) else f"{len(update.scores)} scores",
                          size_text(update.peak_rss_bytes), size_text(self.jobs.budget_bytes), size_text(update.agent_peak_rss_bytes))
             except (RuntimeError, ValueError, BufferError) as exc:  # paho: not connected, queue full
-                log.warning("task %s: sending failed (%s); attempt %d of %d", task.task_id, exc, attempt,
-                            SEND_ATTEMPTS)
+                log.warning("task %s: sending failed (%s); attempt %d", task.task_id, exc, attempt)
             ack = self._await_ack(task.task_id)
             chunks = False                          # unanswered: the update alone again
             if isinstance(ack, Resend):
@@ -397,8 +400,8 @@ class Agent:
                 return
             if self.stop.is_set():
                 return
-        log.error("task %s: no acknowledgement after %d attempts; kept in %s for the next start",
-                  task.task_id, SEND_ATTEMPTS, self.current_file)
+        log.error("task %s: no acknowledgement after %d attempts, its round's deadline passed; kept in %s for the "
+                  "next start", task.task_id, attempt - 1, self.current_file)
 
     def _await_ack(self, task_id: str) -> Ack | Resend | None:
         deadline = time.monotonic() + self.cfg.ack_timeout_s
