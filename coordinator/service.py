@@ -908,11 +908,24 @@ def stored_results(round_no: int, updates, by_task: dict[str, TaskRow], incoming
     the part each trained). A stored update that is gone or no longer matches its hash
     (a disk that lost a file in a power cut) is logged and left out, not aggregated.
     """
+    updates = list(updates)
+
+    def digest(u) -> str | OSError:
+        try:
+            return sha256_file(incoming.path(u.blob_sha256))
+        except OSError as exc:
+            return exc
+    # hashing reads and hashes outside the GIL: on more than one core the close waits for it less (1.2 s for
+    # 1,000 updates of 1.7 MB on one)
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="check-update") as pool:
+        digests = list(pool.map(digest, updates))
     results = []
-    for u in updates:
+    for u, found in zip(updates, digests):
         path = incoming.path(u.blob_sha256)
         try:
-            if sha256_file(path) != u.blob_sha256:
+            if isinstance(found, OSError):
+                raise found
+            if found != u.blob_sha256:
                 raise EdgeRuntimeError(f"{path.name} no longer matches its hash")
             values = wcodec.WeightFile(path)
         except (OSError, EdgeRuntimeError) as exc:
