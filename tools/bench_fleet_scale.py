@@ -539,7 +539,7 @@ def _firsts(control: list, r: int) -> tuple[dict, dict, dict]:
         if kind == "update" and body.get("round") == r:
             first_update.setdefault(device, t)
             updates[device] += 1
-        elif kind == "ack" and _round_of_task(body["task_id"]) == r:
+        elif kind == "ack" and body.get("type") == "ack" and _round_of_task(body["task_id"]) == r:   # not a resend
             acks.setdefault(device, t)
     return first_update, acks, updates
 
