@@ -342,6 +342,13 @@ class Idle(Message):
             raise ProtocolError("idle: round must be >= 0 and the reason at most 2000 characters")
 
 
+def _check_chunk_indices(chunks: list | None, what: str) -> None:
+    """A list of a blob's chunk indices (Fetch, Resend), or None for all of them."""
+    if chunks is not None and not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 10 ** 7
+                                      for c in chunks):
+        raise ProtocolError(f"{what}: chunks must be ints in [0, 10**7)")
+
+
 @dataclass(frozen=True)
 class Fetch(Message):
     """A device asks for the chunks of a blob it lacks (all of them, or the listed indices)."""
@@ -354,9 +361,7 @@ class Fetch(Message):
 
     def validate(self) -> None:
         check_sha(self.sha256, "fetch: sha256")
-        if self.chunks is not None and not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 10 ** 7
-                                               for c in self.chunks):
-            raise ProtocolError("fetch: chunks must be ints in [0, 10**7)")
+        _check_chunk_indices(self.chunks, "fetch")
 
 
 @dataclass(frozen=True)
@@ -467,11 +472,9 @@ class Scores(Message):
 
 @dataclass(frozen=True)
 class Resend(Message):
-    """The coordinator holds a device's update message but not all of its blob's chunks (a broker dropped some, or
-    a restart lost them): the device sends these (None: all of them) and the update again, on its ack topic.
-
-    Only asked after the update came twice, so a device re-sends chunks only when they were lost, never merely
-    because a busy coordinator took longer than the device's ack timeout to reach them."""
+    """The coordinator grants a waiting update's upload, on the device's ack topic: send these chunks of its blob
+    (None: all of them). Asked again, with only what is still missing, when the update comes a second time from a
+    device already granted: chunks sent under the grant were lost (a broker's full queue, a restart)."""
     TYPE: ClassVar[str] = "resend"
     TYPES: ClassVar[dict] = {"task_id": str, "blob_sha256": str, "chunks": list}
     LIMITS: ClassVar[dict] = {"chunks": (None, 100_000)}
@@ -483,9 +486,7 @@ class Resend(Message):
     def validate(self) -> None:
         check_id(self.task_id, "resend: task_id")
         check_sha(self.blob_sha256, "resend: blob_sha256")
-        if self.chunks is not None and not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 10 ** 7
-                                               for c in self.chunks):
-            raise ProtocolError("resend: chunks must be ints in [0, 10**7)")
+        _check_chunk_indices(self.chunks, "resend")
 
 
 @dataclass(frozen=True)
