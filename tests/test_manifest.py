@@ -61,7 +61,9 @@ def test_not_json_is_rejected(tmp_path):
         Manifest.load(tmp_path / "manifest.json")
 
 
-@pytest.mark.parametrize("name, blocks, params_m", [("vgg_cifar", 5, (9.0, 10.0)), ("resnet_small", 4, (0.2, 0.4))])
+@pytest.mark.parametrize("name, blocks, params_m", [("vgg_cifar", 5, (9.0, 10.0)), ("resnet_small", 4, (0.2, 0.4)),
+                                                    ("resnet18_cifar", 4, (11.0, 11.4)),
+                                                    ("resnet34_cifar", 4, (21.1, 21.5))])
 def test_zoo_models_export_with_their_structure(tmp_path, name, blocks, params_m):
     from coordinator.model import export, zoo
     m = export.export(zoo.build(name), tmp_path)
@@ -72,6 +74,38 @@ def test_zoo_models_export_with_their_structure(tmp_path, name, blocks, params_m
         skippable = [l for l in m.layers if l.skippable]
         assert len(skippable) >= 4 and all(l.input_shape == l.output_shape for l in skippable)
         assert not m.layers[0].skippable
+    if name == "resnet18_cifar":  # the basic blocks that keep their shape; a projection shortcut is no identity
+        assert [l.index for l in m.layers if l.skippable] == [1, 2, 4, 6, 8]
+        assert [l.output_shape for l in m.layers[2::2]] == [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4)]
+    if name == "resnet34_cifar":  # stages of 3, 4, 6 and 3 basic blocks, each but the first opening with a projection
+        assert [len(b.layers) for b in m.blocks] == [4, 4, 6, 3]
+        assert [l.index for l in m.layers if not l.skippable] == [0, 4, 8, 14]
+
+
+def test_resnet18s_exported_graph_computes_what_torch_does(tmp_path):
+    """Projection shortcuts and BatchNorm, exported: the whole model and a part ending inside a block (its
+    boundary head) give torch's logits (eval mode: running statistics)."""
+    import numpy as np
+    import torch
+
+    from coordinator.model import export, zoo
+    from coordinator.model.graphs import GraphLibrary, forward_graph
+    from edge_runtime.train.ort_backend import ForwardSession
+    model = zoo.resnet18_cifar().eval()
+    m = export.export(model, tmp_path)
+    w, lib = export.load_weights(m), GraphLibrary(m)
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        whole = model(torch.from_numpy(x)).numpy()
+        features = torch.from_numpy(x)
+        for layer in [l for b in model.blocks for l in b][:4]:        # stem, two blocks, the first projection
+            features = layer(features)
+        part = model.boundary_heads["3"](features).numpy()
+    ours = ForwardSession(forward_graph(lib, range(len(m.layers)), m.final_head.index).SerializeToString()).run(x, w)
+    np.testing.assert_allclose(ours, whole, rtol=1e-4, atol=1e-4)
+    head = m.head_for_boundary(3)
+    ours = ForwardSession(forward_graph(lib, range(4), head).SerializeToString()).run(x, w)
+    np.testing.assert_allclose(ours, part, rtol=1e-4, atol=1e-4)
 
 
 def test_skipping_a_residual_layer_is_identity_and_non_residual_is_refused(tmp_path):

@@ -6,7 +6,7 @@ can still train one block of it (from cached activations of the frozen prefix) a
 fraction of the memory, and the device runtime moved from onnxruntime-training 1.19.2 (frozen
 upstream, x86 only) to standard-ONNX step graphs on the maintained onnxruntime with numpy
 optimizers. This script measures, in one run, on the zoo's VGG-style CNN
-(`coordinator.model.zoo.vgg_cifar`, 9.2 M parameters, 5 blocks, 3x32x32), for the whole model
+(`coordinator.model.zoo.vgg_cifar`, 9.2 M parameters, 5 blocks, 3x32x32; --model another), for the whole model
 and every block (its layers + its head, from the cached activations of the frozen prefix):
 
   ours           the device job as it runs today: edge_runtime.jobs.worker.run_job with a
@@ -96,6 +96,7 @@ TARGET_BOUND = 1.3
 TARGET_LAYERWISE = 0.2
 
 OURS, ORT, TORCH = "ours", "ort-training", "torch"
+DOCS_MODEL = "vgg_cifar"
 
 IMPORT_ONLY = ("from edge_runtime.train import ort_backend, trainer; from edge_runtime.jobs import worker; "
                "import json; print(json.dumps(ort_backend.runtime_versions())); "
@@ -284,7 +285,7 @@ def _child_torch(spec_path: Path) -> dict:
     spec = json.loads(spec_path.read_text())
     torch.set_num_threads(spec["threads"])
     with torch.device("meta"):
-        model = zoo.vgg_cifar()
+        model = zoo.build(spec["model"])
     layers = model.layers()
     chosen = [(layers[i][0], layers[i][1]) for i in spec["span"]]
     chosen.append((spec["head_name"], model.get_submodule(spec["head_name"])))
@@ -356,7 +357,9 @@ def step_times(clocks: list[list[float]], skip_step: int | None = None) -> tuple
 # ---------------------------------------------------------------------------------------
 
 class Bench:
-    def __init__(self, workdir: Path, batches: list[int], steps: int, layerwise: bool = False, repeats: int = 1):
+    def __init__(self, workdir: Path, batches: list[int], steps: int, layerwise: bool = False, repeats: int = 1,
+                 model: str = DOCS_MODEL):
+        self.model = model
         self.workdir, self.batches, self.steps, self.layerwise = workdir, batches, steps, layerwise
         self.repeats = repeats
         self.nonce = f"{os.getpid()}-{int(time.time())}"  # a reused --workdir never returns a stored result
@@ -371,8 +374,8 @@ class Bench:
         from coordinator.model import export, zoo
         from edge_runtime.train.datasets import LocalDataset
 
-        log(f"exporting vgg_cifar to {self.workdir / 'model'}")
-        self.manifest = export.export(zoo.vgg_cifar(), self.workdir / "model")
+        log(f"exporting {self.model} to {self.workdir / 'model'}")
+        self.manifest = export.export(zoo.build(self.model), self.workdir / "model")
         self.weights_path = self.manifest.graph_path(self.manifest.weights)
         self.data = self.workdir / "data"
         if not (self.data / "labels.npy").exists():
@@ -395,6 +398,10 @@ class Bench:
         if self.layerwise:
             out += [(f"layer {i}", TrainablePart((i,), (i,), m.head_for_boundary(i))) for i in range(len(m.layers))]
         return out
+
+    def parameters(self) -> int:
+        """The model's trainable parameters (its heads' included)."""
+        return sum(spec.nbytes for spec in self.manifest.param_specs().values() if spec.kind == "param") // 4
 
     @staticmethod
     def targeted(name: str) -> bool:
@@ -485,7 +492,7 @@ class Bench:
 
     def _child_spec(self, name: str, batch: int, **fields) -> Path:
         path = self.jobs / f"{name.replace(' ', '-')}-{batch}-{fields.get('kind', '')}-{self.nonce}.json"
-        path.write_text(json.dumps(dict(batch=batch, steps=self.steps, threads=THREADS,
+        path.write_text(json.dumps(dict(batch=batch, steps=self.steps, threads=THREADS, model=self.model,
                                         inputs=str(self.inputs[name]), labels=str(self.data / "labels.npy"),
                                         weights=str(self.weights_path), **fields)))
         return path
@@ -728,6 +735,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2,
                    help="processes per cell of the whole model and the blocks, in rounds minutes apart; a cell "
                         "shows the largest peak and the smallest step time (default: 2)")
+    p.add_argument("--model", default=DOCS_MODEL, help=f"a zoo model (default {DOCS_MODEL}, the one the docs' section "
+                                                         f"is about; --write-docs takes no other)")
     p.add_argument("--layerwise", action="store_true",
                    help="also measure every layer alone with its head (greedy layer-wise training)")
     p.add_argument("--workdir", type=Path, help="where the export, data, graphs and caches go "
@@ -739,9 +748,12 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in a.batches.split(",") if b.strip()]
     if a.steps < 4 or a.repeats < 1 or not batches or min(batches) < 1:
         p.error("--steps must be at least 4, --repeats at least 1 and batch sizes at least 1")
+    if a.write_docs and a.model != DOCS_MODEL:
+        p.error(f"--write-docs writes the section about {DOCS_MODEL}; measure {a.model} without it")
     if max(batches) > SAMPLES:
         p.error(f"batch sizes above the synthetic dataset's {SAMPLES} samples are not supported")
     command = " ".join([".venv/bin/python tools/bench_block_memory.py"]
+                       + ([f"--model {a.model}"] if a.model != DOCS_MODEL else [])
                        + ([f"--batches {a.batches}"] if a.batches != "32,64,128" else [])
                        + ([f"--steps {a.steps}"] if a.steps != 8 else [])
                        + ([f"--repeats {a.repeats}"] if a.repeats != 2 else [])
@@ -750,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     t0, load_before = time.monotonic(), os.getloadavg()[0]
     workdir = a.workdir or Path(tempfile.mkdtemp(prefix="bench-block-memory-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    bench = Bench(workdir.resolve(), batches, a.steps, a.layerwise, a.repeats)
+    bench = Bench(workdir.resolve(), batches, a.steps, a.layerwise, a.repeats, a.model)
     try:
         bench.run()
     finally:
@@ -761,7 +773,8 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = Bench.checkpoint_step(a.steps)
     checks = bench.checks()
     lines = [
-        f"Model vgg_cifar (9.2 M parameters, 5 blocks, 3x32x32 input): the whole model and every block (its "
+        f"Model {bench.model} ({bench.parameters() / 1e6:.1f} M parameters, {len(bench.manifest.blocks)} blocks, "
+        f"{'x'.join(map(str, bench.manifest.input_shape))} input): the whole model and every block (its "
         f"layers + head, from the cached activations of the frozen prefix), AdamW (lr {LR}, eps {ADAM_EPS}, no "
         f"decay), cross-entropy, {THREADS} intra-op thread for every runtime (see the step time below; "
         f"peaks with 2 threads were the same to 1 MB, to 7 MB for {ORT} block 1 at 128, which varies that "

@@ -19,16 +19,18 @@ from torch import nn
 class Residual(nn.Module):
     """y = relu(x + body(x)), or x + body(x) with relu=False (MobileNetV2's linear bottleneck).
 
-    Shape-preserving, so depth dropout may skip it as identity.
+    Shape-preserving, so depth dropout may skip it as identity. With a `shortcut` (ResNet's projection where the
+    body changes the shape), y = relu(shortcut(x) + body(x)), which no one may skip.
     """
 
-    def __init__(self, body: nn.Module, relu: bool = True):
+    def __init__(self, body: nn.Module, relu: bool = True, shortcut: nn.Module | None = None):
         super().__init__()
         self.body = body
         self.relu = relu
+        self.shortcut = shortcut
 
     def forward(self, x):
-        y = x + self.body(x)
+        y = (x if self.shortcut is None else self.shortcut(x)) + self.body(x)
         return torch.relu(y) if self.relu else y
 
 

@@ -118,6 +118,43 @@ def mobilenet_v2(num_classes: int = 10, seed: int = 0) -> BlockModel:
     return BlockModel("mobilenet_v2", (3, 32, 32), num_classes, blocks, heads, _any_boundary_head(num_classes))
 
 
+def _basic_block(cin: int, cout: int, stride: int) -> nn.Module:
+    """ResNet's basic block: two 3x3 convolutions with BatchNorm, a 1x1 projection shortcut where the shape
+    changes (that one is not skippable)."""
+    body = nn.Sequential(*_conv_bn(cin, cout, 3, stride, relu6=False), nn.ReLU(), *_conv_bn(cout, cout, 3, relu6=False))
+    shortcut = None if stride == 1 and cin == cout else nn.Sequential(*_conv_bn(cin, cout, 1, stride, relu6=False))
+    return Residual(body, shortcut=shortcut)
+
+
+def _resnet_cifar(name: str, depths: tuple[int, ...], num_classes: int, seed: int) -> BlockModel:
+    """ResNet for 3x32x32 input in its CIFAR form (a 3x3 stem, no max pooling), the widths of ResNet-18 and -34
+    (64, 128, 256, 512): a layer is the stem or one basic block, a block is one stage (the stem joins the first),
+    each with a GAP + linear head; BatchNorm throughout."""
+    torch.manual_seed(seed)
+    stem = nn.Sequential(*_conv_bn(3, 64, 3, relu6=False), nn.ReLU())      # 64x32x32
+    blocks, cin = [], 64
+    for i, (c, n) in enumerate(zip((64, 128, 256, 512), depths)):          # 64x32x32 .. 512x4x4
+        blocks.append([_basic_block(cin, c, 1 if i == 0 else 2)] + [_basic_block(c, c, 1) for _ in range(n - 1)])
+        cin = c
+    blocks[0].insert(0, stem)
+    heads = [_gap_head(c, num_classes) for c in (64, 128, 256, 512)]
+    return BlockModel(name, (3, 32, 32), num_classes, blocks, heads, _any_boundary_head(num_classes))
+
+
+def resnet18_cifar(num_classes: int = 10, seed: int = 0) -> BlockModel:
+    """ResNet-18 for 3x32x32: about 11.2 M parameters, 9 layers (the stem and 8 basic blocks) in 4 blocks."""
+    return _resnet_cifar("resnet18_cifar", (2, 2, 2, 2), num_classes, seed)
+
+
+def resnet34_cifar(num_classes: int = 10, seed: int = 0) -> BlockModel:
+    """ResNet-34 for 3x32x32: about 21.3 M parameters, 17 layers (the stem and 16 basic blocks) in 4 blocks.
+
+    The zoo's model where the memory wall is real: training it whole at batch 64 needs over a gigabyte in the
+    device runtime (tools/bench_block_memory.py --model resnet34_cifar), more than any board in profiles/ below
+    2 GB gives a job, while one of its layers trains in a fraction of that."""
+    return _resnet_cifar("resnet34_cifar", (3, 4, 6, 3), num_classes, seed)
+
+
 def _bottleneck(channels: int, width: int) -> nn.Module:
     """A FedIN intermediate layer: x -> relu(x + conv(relu(conv(x)))), `width` channels inside; it keeps its
     input's shape, so a family member may leave it out."""
@@ -173,6 +210,8 @@ ZOO: dict[str, Callable[..., BlockModel]] = {
     "vgg_cifar": vgg_cifar,
     "resnet_small": resnet_small,
     "mobilenet_v2": mobilenet_v2,
+    "resnet18_cifar": resnet18_cifar,
+    "resnet34_cifar": resnet34_cifar,
     "fmnist_fedin": fmnist_fedin,
     "cifar_fedin": cifar_fedin,
 }
