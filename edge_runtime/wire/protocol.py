@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 from edge_runtime.errors import EdgeRuntimeError
@@ -183,6 +183,18 @@ def _expect(value, kind, name: str, msg: str):
     return value
 
 
+def _plain(value):
+    """A message as JSON-ready values, as dataclasses.asdict gives them but without its deep copy of every leaf:
+    a task's encoding was 0.45 ms that way, and a round of 1,000 tasks encodes each twice (store and publish)."""
+    if hasattr(value, "__dataclass_fields__"):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 class Message:
     """Base of the control messages: strict JSON encode/decode."""
     TYPE: ClassVar[str] = ""
@@ -206,7 +218,7 @@ class Message:
 
     def encode(self) -> bytes:
         self.validate()
-        raw = asdict(self)
+        raw = _plain(self)
         for f in fields(self):
             if f.name not in self.CONVERT:
                 _bounded(raw[f.name], f.name, self.TYPE, self.LIMITS)

@@ -110,6 +110,9 @@ class BlobStore:
         # chunk indices received per blob being assembled, read from its .log once: a chunk then costs the
         # same however many came before it (re-reading the log made a flood of tiny chunks quadratic)
         self._received: dict[str, set[int]] = {}
+        # blobs this process assembled and hashed, with the file's (size, mtime, inode) then: unchanged since,
+        # they need no second hash (a restart, or another replica's blob, is hashed again)
+        self._assembled: dict[str, tuple[int, int, int]] = {}
 
     def path(self, sha: str) -> Path:
         return self.root / check_sha(sha, "blob")
@@ -212,10 +215,20 @@ class BlobStore:
             self.discard(sha)
             raise IntegrityError(f"blob {sha[:12]}… assembled to sha256 {actual[:12]}…; discarded, fetch it again")
         os.replace(part, self.path(sha))
+        self._assembled[sha] = _signature(self.path(sha))
         meta.unlink(missing_ok=True)
         log.unlink(missing_ok=True)
         self._received.pop(sha, None)
         return True
+
+    def hashed_unchanged(self, sha: str) -> bool:
+        """True when this process assembled the blob and hashed it, and its file has not changed since (same size,
+        modification time and inode): reading it to hash it again would find the same bytes."""
+        known = self._assembled.get(sha)
+        try:
+            return known is not None and _signature(self.path(sha)) == known
+        except OSError:
+            return False
 
     def discard(self, sha: str) -> None:
         """Forget a blob being assembled (its partial file, header and chunk log)."""
@@ -235,6 +248,7 @@ class BlobStore:
             if path.is_file() and len(path.name) == 64:
                 path.unlink(missing_ok=True)
                 removed += 1
+        self._assembled.clear()
         return removed
 
     def expire_partials(self, older_than_s: float) -> int:
@@ -252,3 +266,8 @@ class BlobStore:
         for sha in stale:
             self.discard(sha)
         return len(stale)
+
+
+def _signature(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
