@@ -101,5 +101,5 @@ class GlobalModel:
         return sum(specs[n].nbytes for n in names)
 
     def evaluate(self, weights: Mapping[str, np.ndarray], inputs: np.ndarray, labels: np.ndarray,
-                 upto_block: int | None = None, skip: tuple[int, ...] = ()) -> dict:
-        return evaluate(self.manifest, weights, inputs, labels, upto_block=upto_block, skip=skip)
+                 upto_layer: int | None = None, skip: tuple[int, ...] = ()) -> dict:
+        return evaluate(self.manifest, weights, inputs, labels, upto_layer=upto_layer, skip=skip)

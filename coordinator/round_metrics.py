@@ -91,7 +91,8 @@ class RoundMetrics:
     closed_because: str = "every task settled"
     aggregated: bool = True                # False: too few updates, the weights were kept
     loss: float | None = None
-    eval_block: int | None = None
+    eval_block: int | None = None          # the block of eval_layer
+    eval_layer: int | None = None          # tested through layers 0..eval_layer and the head after it
     opened_at: float | None = None
     closed_at: float | None = None
     updates: int = 0

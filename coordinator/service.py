@@ -30,7 +30,8 @@ import os
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Callable, Mapping
@@ -57,8 +58,8 @@ from coordinator.observe import prometheus
 from coordinator.ops.broker_acl import site_state_topic
 from coordinator.replicas import LEASE, LeaderLease, link_identity, replica_name, share_group, shared
 from coordinator.round_metrics import DeviceRound, RoundMetrics, device_accuracy, models_text
-from coordinator.state_sql import without_password
-from coordinator.state_store import STATE_URL, LeaseLost, StateStore, TaskRow, task_spec
+from coordinator.state_sql import StoreError, without_password
+from coordinator.state_store import STATE_URL, TESTING, LeaseLost, StateStore, TaskRow, task_spec
 from coordinator.strategies.aggregation import AggregationSettings, UpdateCheck, aggregation_settings_table
 from coordinator.strategies.base import Device, Result, RoundPlan, stage_text
 from coordinator.strategies.shared_features import is_feature
@@ -191,6 +192,8 @@ class Coordinator:
         self._rejections: list[tuple[float, str | None, str | None, str, str]] = []
         self._loud = RateLimit(1)     # a device's refusals are logged once a minute; all are counted
         self._unpublished: dict[str, tuple[str, Task]] = {}   # task id -> (device, task) the link had no room for
+        # the last closed round, the test of its model (None until started) and that test's arguments
+        self._testing: tuple[RoundMetrics, Future | None, tuple] | None = None
         self.incoming.expire_partials(guard.partial_upload_ttl_s)   # uploads a previous run left half-done
 
     # -- start-up -------------------------------------------------------------------------
@@ -216,17 +219,18 @@ class Coordinator:
         if row is None:
             self.weights_sha = self.model.save(self._initial_weights())
             self.next_round = 1
-            self.eval_block = len(self.model.manifest.blocks) - 1
+            self.eval_layer = len(self.model.manifest.layers) - 1
         else:
             self.strategy.load_state(row.strategy_state)
             history = [(r.plan.get("stage", {}), r.weights_before, r.weights_after)
                        for r in self.state.closed_round_rows() if r.weights_after != r.weights_before]
             self.strategy.replay(history, self.model.load)
+            if self.is_leader:          # a replica tests when it leads (_lead restores again)
+                self._test_untested()
             self.weights_sha = row.weights_before if row.state == "open" else row.weights_after
             self.next_round = row.round + (0 if row.state == "open" else 1)
             last = self.state.closed_rounds()
-            self.eval_block = last[-1].get("eval_block", len(self.model.manifest.blocks) - 1) if last else \
-                len(self.model.manifest.blocks) - 1
+            self.eval_layer = _tested_layer(self.model.manifest, last[-1] if last else {})
             log.info("resuming: round %d is %s", row.round, row.state)
         self.global_weights = self.model.load(self.weights_sha)
 
@@ -258,6 +262,7 @@ class Coordinator:
         s = self.settings["service"]
         self.link = self._connect()
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="serve-fetch")
+        self.tester = ThreadPoolExecutor(1, thread_name_prefix="test-model")
         log.info("coordinator %sfor fleet %r on %s://%s:%d, strategy %s, model %s (%s, state in %s)",
                  f"replica {self.replica} " if self.replicated else "", s["fleet"],
                  "mqtts" if self.security.tls else "mqtt", self.host, self.port, s["strategy"],
@@ -290,6 +295,13 @@ class Coordinator:
             prometheus.stop(getattr(self, "metrics_server", None))
             self.pool.shutdown(wait=True)
             leading = self.is_leader
+            if leading and self._testing is not None:
+                round_no = self._testing[0].round
+                try:                # a second or so: the round's record is complete now, not at the restart
+                    self._finish_test(wait=True)
+                except (LeaseLost, StoreError) as exc:
+                    log.warning("the test of round %d is left to the next start or leader: %s", round_no, exc)
+            self.tester.shutdown(wait=True)
             self.link.stop(final=(self.topics.coordinator_status, Status("offline", time.time()).encode())
                            if leading else None)
             if leading:
@@ -320,14 +332,15 @@ class Coordinator:
     def _lead(self) -> None:
         """Take over as the one that plans, aggregates and evaluates: from the state store as it is now (a replica
         that led before, or a restart), announced to the fleet (devices say hello again on a new online status)."""
+        self.is_leader = True
         if self.replicated:
+            self._testing = None      # a test it started when it led before: _restore tests what is left untested
             self._restore()
             self._write_metrics_file()
             self.offline_since = {d["device_id"]: time.time() for d in self.state.devices() if not d["online"]}
             self.pending.clear()   # intake state of the follower days: re-judged when the devices send again
             self.grants.clear()
             log.info("replica %s leads the fleet (lease epoch %d)", self.replica, self._lease_epoch)
-        self.is_leader = True
         self.state.set_meta("finished", False)   # set again at the next tick if the run is over
         self.link.publish(self.topics.coordinator_status, Status("online", time.time()).encode(), retain=True)
         # who is running this run: status tools beside it tell a live coordinator from a stopped one
@@ -389,17 +402,20 @@ class Coordinator:
 
     def _lead_tick(self) -> bool:
         self._publish_leftovers()
+        self._finish_test(wait=False)
         row = self.state.current_round()
         if row is not None and row.state == "open":
             self._maybe_close(row)
             return False
         s = self.settings["service"]
         if self.strategy.finished or self.next_round > s["max_rounds"]:
+            self._finish_test(wait=True)
             self.state.set_meta("finished", True)      # replicas that follow stop too
             return True
         online = self._online_devices()
         if len(online) >= s["min_devices"]:
             self._open_round(online)
+        self._start_test()      # the last round's test, once this one's tasks are out (or it cannot open yet)
         return False
 
     def _online_devices(self) -> list[Device]:
@@ -436,7 +452,7 @@ class Coordinator:
         self._idle_note = ""
         s, t = self.settings["service"], self.settings["train"]
         self.model.prepare_parts([a.part() for a in plan.assignments])
-        tasks = []
+        tasks, blob_lists = [], {}
         for a in plan.assignments:
             part = a.part()
             config = TrainConfig(optimizer=t["optimizer"], learning_rate=t["learning_rate"], batch_size=a.batch_size,
@@ -446,33 +462,35 @@ class Coordinator:
             own = self.strategy.device_weights(a.device_id, self.global_weights)
             own_index = None if own is None else self.model.save(own)   # only the changed layers are new blobs
             features = self.strategy.task_features(a) if config.in_weight > 0 else None
+            # a fleet's devices mostly train the same parts: each distinct blob list is made once a round
+            key = (part, own_index or self.weights_sha, config.holdout > 0,
+                   config.in_weight > 0 or config.share_rows > 0, features)
+            if key not in blob_lists:
+                blob_lists[key] = self.model.task_blobs(part, key[1], evaluation=key[2], fedin=key[3],
+                                                        features_sha=features)
             task = Task(task_id=_task_id(round_no, self.run_tag, a.device_id), round=round_no,
-                        manifest=self.model.manifest_ref(),
-                        blobs=self.model.task_blobs(part, own_index or self.weights_sha, evaluation=config.holdout > 0,
-                                                    fedin=config.in_weight > 0 or config.share_rows > 0,
-                                                    features_sha=features),
+                        manifest=self.model.manifest_ref(), blobs=blob_lists[key],
                         part=part, config=config, deadline_s=s["round_deadline_s"], update_fp16=s["update_fp16"],
                         kind=a.kind)
-            task.validate()
-            tasks.append((task, a, own_index))
+            tasks.append((task, a, own_index, task.encode()))     # encode validates; once for the store and link
         self.state.open_round(round_no, time.time() + s["round_deadline_s"], self.weights_sha, plan.to_dict(),
                               self.strategy.state(),
-                              [(t.task_id, a.device_id, task_spec(a, t, own)) for t, a, own in tasks],
+                              [(t.task_id, a.device_id, task_spec(a, payload, own)) for t, a, own, payload in tasks],
                               fence=self._fence())
-        for task, a, _ in tasks:
-            self._publish_task(a.device_id, task)
-        who = ", ".join(f"{a.device_id} {_part_text(self.model.manifest, a)} batch {a.batch_size}"
-                        for a in plan.assignments)
-        log.info("round %d opened (%s): %s", round_no, stage_text(plan.stage), who)
+        for task, a, _, payload in tasks:
+            self._publish_task(a.device_id, task, payload)
+        log.info("round %d opened (%s): %s", round_no, stage_text(plan.stage),
+                 _assignments_text(self.model.manifest, plan.assignments))
         systemd.status(f"round {round_no} open ({stage_text(plan.stage)}): {len(tasks)} task(s)")
         for device_id, why in sorted(plan.idle.items()):  # a device that fits nothing is told why
             log.info("round %d: %s idle: %s", round_no, device_id, why)
             self.link.publish(self.topics.device(device_id, "task"), Idle(round_no, why[:2000]).encode(), qos=1)
 
-    def _publish_task(self, device_id: str, task: Task) -> None:
-        """Send a task, waiting briefly for room on the link; one that finds none is sent from the next ticks."""
+    def _publish_task(self, device_id: str, task: Task, payload: bytes | None = None) -> None:
+        """Send a task (`payload`: its encoding, when made already), waiting briefly for room on the link; one that
+        finds none is sent from the next ticks."""
         try:
-            self.link.publish_when_room(self.topics.device(device_id, "task"), task.encode(), timeout_s=2.0)
+            self.link.publish_when_room(self.topics.device(device_id, "task"), payload or task.encode(), timeout_s=2.0)
             self._unpublished.pop(task.task_id, None)
         except (BufferError, RuntimeError, ValueError) as exc:   # paho: queue full, not connected
             if task.task_id not in self._unpublished:
@@ -783,6 +801,7 @@ class Coordinator:
         return seen
 
     def _close(self, row, tasks: list[TaskRow], why: str) -> None:
+        self._finish_test(wait=True)      # the rounds' records come in order, each complete
         s = self.settings["service"]
         plan = RoundPlan.from_dict(row.plan)
         updates = {u.task_id: u for u in self.state.updates(row.round)}
@@ -801,23 +820,16 @@ class Coordinator:
             self.strategy.advance(replace(plan, assignments=tuple(r.assignment for r in results)), before, after,
                                   results)
             weights_after = self.model.save(after)
-            blocks = [self.model.manifest.layers[r.assignment.last].block for r in results]
-            self.eval_block = max(blocks)
+            # tested as trained: through the deepest part of the round and the head it trained with (a layer-wise
+            # stage's part ends inside a block; the block's own head after untrained layers tests at chance)
+            self.eval_layer = max(r.assignment.last for r in results)
         else:
             after, weights_after = before, row.weights_before
-        ev = self.model.evaluate(after, self.test_x, self.test_y, upto_block=self.eval_block)
-        # a model family's members, each tested as the devices run it (FedIN): the largest is the headline
-        models = {name: self.model.evaluate(after, self.test_x, self.test_y, skip=skip)
-                  for name, skip in self.strategy.evaluations().items()}
-        if models:
-            ev = models[list(models)[-1]]
-        measured = self._round_metrics(row, plan, tasks, updates, scored, why, aggregated, ev, models)
-        metrics = measured.to_dict()
-        self.state.close_round(row.round, weights_after, self.strategy.state(), metrics, fence=self._fence())
+        measured = self._round_metrics(row, plan, tasks, updates, scored, why, aggregated)
+        # stored before the test: a stop from here on keeps the round closed, and the restart tests its model
+        self.state.close_round(row.round, weights_after, self.strategy.state(), {**measured.to_dict(), TESTING: True},
+                               fence=self._fence())
         self.global_weights, self.weights_sha, self.next_round = after, weights_after, row.round + 1
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(metrics, allow_nan=False) + "\n")     # to_dict made every number finite or null
-        self.link.publish(self.topics.coordinator_metrics, json.dumps(metrics, allow_nan=False).encode(), retain=True)
         # the updates are folded into the global weights (or never will be), and a blob no update named never will
         # be: free the disk
         self.incoming.remove_complete()
@@ -825,13 +837,65 @@ class Coordinator:
         self.pending.clear()
         self.grants.clear()
         self._collect_garbage()
+        log.info("round %d closed (%s): %d of %d update(s)%s; testing its model", row.round, why, len(results),
+                 len(tasks), "" if aggregated else f", fewer than {s['min_updates']}: weights kept")
+        # the test is reporting, not the next round's input: it starts once the next round's tasks are out
+        self._testing = (measured, None, (after, self.eval_layer, self.strategy.evaluations()))
+
+    def _start_test(self) -> None:
+        if self._testing is not None and self._testing[1] is None:
+            measured, _, args = self._testing
+            self._testing = (measured, self.tester.submit(self._test, *args), args)
+
+    def _test(self, weights: Mapping[str, np.ndarray], eval_layer: int,
+              members: Mapping[str, tuple[int, ...]]) -> tuple[dict, dict[str, dict]]:
+        """A global model on the held-out test set: (headline result, {member: result} of a model family)."""
+        ev = self.model.evaluate(weights, self.test_x, self.test_y, upto_layer=eval_layer)
+        # a model family's members, each tested as the devices run it (FedIN): the largest is the headline
+        models = {name: self.model.evaluate(weights, self.test_x, self.test_y, skip=skip)
+                  for name, skip in members.items()}
+        return (models[list(models)[-1]] if models else ev), models
+
+    def _tested(self, measured: RoundMetrics, result: tuple[dict, dict[str, dict]]) -> RoundMetrics:
+        ev, models = result
+        return replace(measured, accuracy=ev["accuracy"], loss=ev["loss"],
+                       models={n: {"accuracy": e["accuracy"], "loss": e["loss"]} for n, e in models.items()})
+
+    def _test_untested(self) -> None:
+        """Test the rounds a coordinator closed and stopped before testing (one at most: it tests each round
+        before closing the next), as the test would have gone."""
+        for round_no, weights_sha, raw in self.state.untested_rounds():
+            measured = RoundMetrics.from_dict({**raw, "accuracy": float("nan")})
+            tested = self._tested(measured, self._test(self.model.load(weights_sha),
+                                                       _tested_layer(self.model.manifest, raw),
+                                                       self.strategy.evaluations()))
+            self.state.record_test(round_no, tested.to_dict(), fence=self._fence())
+            log.info("round %d, closed before the last stop, tested: test accuracy %.2f%%", round_no,
+                     100 * tested.accuracy)
+
+    def _finish_test(self, wait: bool) -> None:
+        """Record the last closed round's test once it is done (`wait`: once it is done): the stored metrics,
+        metrics.jsonl's line, the retained metrics message, the log."""
+        if self._testing is None or (not wait and (self._testing[1] is None or not self._testing[1].done())):
+            return
+        self._start_test()
+        measured, future, _ = self._testing
+        self._testing = None
+        self._record_test(self._tested(measured, future.result()))
+
+    def _record_test(self, measured: RoundMetrics) -> None:
+        metrics = measured.to_dict()
+        self.state.record_test(measured.round, metrics, fence=self._fence())
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(metrics, allow_nan=False) + "\n")     # to_dict made every number finite or null
+        self.link.publish(self.topics.coordinator_metrics, json.dumps(metrics, allow_nan=False).encode(), retain=True)
         own = device_accuracy([measured])
-        tested = f"test accuracy per member {models_text(models)}" if models else \
-            f"test accuracy {100 * ev['accuracy']:.2f}% (blocks 0-{self.eval_block})"
-        log.info("round %d closed (%s): %d of %d update(s)%s; %s%s", row.round, why, len(results), len(tasks),
-                 "" if aggregated else f", fewer than {s['min_updates']}: weights kept",
+        tested = f"test accuracy per member {models_text(measured.models)}" if measured.models else \
+            f"test accuracy {100 * measured.accuracy:.2f}% ({_tested_text(self.model.manifest, measured.eval_layer)})"
+        log.info("round %d tested: %s%s", measured.round,
                  "" if own is None else f"per-device accuracy {own.text()}; ", tested)
-        systemd.status(f"round {row.round} closed ({why}): test accuracy {100 * ev['accuracy']:.2f}%")
+        systemd.status(f"round {measured.round} closed ({measured.closed_because}): test accuracy "
+                       f"{100 * measured.accuracy:.2f}%")
 
     def _capped(self, round_no: int, results: list[Result]) -> list[Result]:
         """The results with the weight each claimed sample count earns (AggregationSettings.weights): a device
@@ -859,7 +923,8 @@ class Coordinator:
             log.debug("collected %d blob(s) no round needs any more", removed)
 
     def _round_metrics(self, row, plan: RoundPlan, tasks: list[TaskRow], updates, scored, why: str,
-                       aggregated: bool, ev: dict, models: Mapping[str, dict]) -> RoundMetrics:
+                       aggregated: bool) -> RoundMetrics:
+        """What the round measured, but its model's test (accuracy NaN: _finish_test fills it in)."""
         devices = {d["device_id"]: d for d in self.state.devices()}
         per_device = {}
         for t in tasks:
@@ -882,15 +947,15 @@ class Coordinator:
                 member=_member_name(self.model.manifest, a),
                 **answer)
         return RoundMetrics(round=row.round, strategy=self.settings["service"]["strategy"], stage=plan.stage,
-                            closed_because=why, aggregated=aggregated, accuracy=ev["accuracy"], loss=ev["loss"],
-                            eval_block=self.eval_block, opened_at=row.opened_at, closed_at=time.time(),
+                            closed_because=why, aggregated=aggregated, accuracy=float("nan"),
+                            eval_block=self.model.manifest.layers[self.eval_layer].block, eval_layer=self.eval_layer,
+                            opened_at=row.opened_at, closed_at=time.time(),
                             updates=len(updates) + len(scored),
                             rejected=len(self.state.rejections(since=row.opened_at)),
                             failed=sum(t.status == "failed" for t in tasks), devices=per_device,
                             idle=dict(plan.idle), finished=self.strategy.finished,
                             rounds_left=tuple(self.strategy.rounds_left()),   # (fewest, most): progress and ETAs
-                            schedule=self.strategy.round_report(row.round),
-                            models={name: {"accuracy": e["accuracy"], "loss": e["loss"]} for name, e in models.items()})
+                            schedule=self.strategy.round_report(row.round))
 
     def summary(self) -> dict:
         rounds = self.state.closed_rounds()
@@ -906,17 +971,20 @@ def stored_results(round_no: int, updates, by_task: dict[str, TaskRow], incoming
 
     Aggregation then holds only its running sums, never every update at once (N devices x
     the part each trained). A stored update that is gone or no longer matches its hash
-    (a disk that lost a file in a power cut) is logged and left out, not aggregated.
+    (a disk that lost a file in a power cut) is logged and left out, not aggregated; one this
+    process hashed as it arrived and whose file has not changed since is not hashed again.
     """
     updates = list(updates)
 
     def digest(u) -> str | OSError:
+        if incoming.hashed_unchanged(u.blob_sha256):   # hashed as it arrived, untouched since: the same bytes
+            return u.blob_sha256
         try:
             return sha256_file(incoming.path(u.blob_sha256))
         except OSError as exc:
             return exc
-    # hashing reads and hashes outside the GIL: on more than one core the close waits for it less (1.2 s for
-    # 1,000 updates of 1.7 MB on one)
+    # what needs hashing (after a restart, or another replica's upload) is hashed outside the GIL: on more than one
+    # core the close waits for it less (1.2 s for 1,000 updates of 1.7 MB on one)
     with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="check-update") as pool:
         digests = list(pool.map(digest, updates))
     results = []
@@ -959,6 +1027,29 @@ def _member_name(manifest, a) -> str | None:
     """The family member an assignment trains (FedIN: the others' layers are its skip), or None."""
     member = manifest.member_of(a.skip) if a.skip else None
     return member.name if member else None
+
+
+def _tested_layer(manifest, metrics: Mapping) -> int:
+    """The last layer a round's model was tested through, from its stored metrics (a round recorded before
+    eval_layer existed: its eval_block's last layer; none at all: the whole model's)."""
+    if isinstance(metrics.get("eval_layer"), int):
+        return metrics["eval_layer"]
+    block = metrics.get("eval_block")
+    return manifest.blocks[block].layers[-1] if isinstance(block, int) else len(manifest.layers) - 1
+
+
+def _tested_text(manifest, layer: int) -> str:
+    """'layers 0-1 and head boundary_heads.1': what a round's test ran."""
+    return f"layers 0-{layer} and head {manifest.heads[manifest.head_for_boundary(layer)].name}"
+
+
+def _assignments_text(manifest, assignments, listed: int = 12) -> str:
+    """Who trains what: each device for a few, each distinct part and batch with its count for a fleet (a line
+    per device would be 80 KB at 1,000 devices)."""
+    if len(assignments) <= listed:
+        return ", ".join(f"{a.device_id} {_part_text(manifest, a)} batch {a.batch_size}" for a in assignments)
+    kinds = Counter(f"{_part_text(manifest, a)} batch {a.batch_size}" for a in assignments)
+    return f"{len(assignments)} devices: " + ", ".join(f"{n} x {k}" for k, n in kinds.most_common())
 
 
 def _part_text(manifest, a) -> str:

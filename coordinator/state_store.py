@@ -26,6 +26,10 @@ from coordinator.strategies.base import Assignment, assignment_from_dict
 from edge_runtime.wire.protocol import Task
 
 MAX_REJECTIONS = 100_000   # rejections kept (about 30 MB); the oldest go first
+# in a closed round's metrics while its new model is still being tested (the test runs once the next round's tasks
+# are out):
+# such a round is not yet in closed_rounds, so metrics.jsonl and every reader see each round once, complete
+TESTING = "testing"
 
 # The tables as the first versioned schema has them. Written in SQLite's dialect; PostgresDb.ddl translates.
 SCHEMA_V1 = """
@@ -152,10 +156,11 @@ class TaskRow:
         return self.spec.get("weights")
 
 
-def task_spec(assignment: Assignment, task: Task, weights_index: str | None = None) -> dict:
-    """What the store keeps of a task: the assignment the strategy planned, the message the device gets, and the
-    index of the weights it was sent when they were the device's own rather than the global ones."""
-    spec = {"assignment": asdict(assignment), "task": json.loads(task.encode())}
+def task_spec(assignment: Assignment, task: bytes, weights_index: str | None = None) -> dict:
+    """What the store keeps of a task: the assignment the strategy planned, the message the device gets (`task`,
+    as encoded), and the index of the weights it was sent when they were the device's own rather than the global
+    ones."""
+    spec = {"assignment": asdict(assignment), "task": json.loads(task)}
     if weights_index is not None:
         spec["weights"] = weights_index
     return spec
@@ -470,9 +475,25 @@ class StateStore:
                              "of the round') WHERE round = ? AND status = 'sent'", (round_no,))
 
     def closed_rounds(self) -> list[dict]:
-        """Every closed round's metrics, in order (what metrics.jsonl is written from)."""
-        rows = self._db.execute("SELECT metrics FROM rounds WHERE state = 'closed' ORDER BY round").fetchall()
-        return [json.loads(r[0] or "{}") for r in rows]
+        """Every closed and tested round's metrics, in order (what metrics.jsonl is written from)."""
+        return [m for _, m in self.closed_rounds_after(0)]
+
+    def record_test(self, round_no: int, metrics: dict, fence: tuple[str, str, int] | None = None) -> None:
+        """A closed round's metrics once its new model has been tested (close_round stored them with TESTING)."""
+        with self._db.transaction():
+            self._check_fence(fence)
+            cur = self._db.execute("UPDATE rounds SET metrics = ? WHERE round = ? AND state = 'closed'",
+                                   (json.dumps(metrics), round_no))
+            if cur.rowcount != 1:
+                raise ValueError(f"round {round_no} is not closed")
+
+    def untested_rounds(self) -> list[tuple[int, str, dict]]:
+        """(round, weights after it, metrics so far) of the closed round whose model a coordinator stopped before
+        testing, if any: a restart, or the next leader, tests it. Only the last closed round can be one (a round
+        is tested before the next one closes), so only its metrics are read."""
+        rows = self._db.execute("SELECT round, weights_after, metrics FROM rounds WHERE state = 'closed' "
+                                "ORDER BY round DESC LIMIT 1").fetchall()
+        return [(int(r), w, m) for r, w, m in ((r, w, json.loads(m or "{}")) for r, w, m in rows) if m.get(TESTING)]
 
     def claimed_examples(self, device_ids, before_round: int, last: int = 8) -> dict[str, list[int]]:
         """Each device's sample counts claimed in its last `last` answers before `before_round` (updates and
@@ -541,8 +562,14 @@ class StateStore:
         return {tier: (int(online or 0), int(registered)) for tier, online, registered in rows.fetchall()}
 
     def closed_rounds_after(self, round_no: int) -> list[tuple[int, dict]]:
-        """(round, metrics) of the closed rounds after `round_no`, in order: what a reader that has folded the
-        earlier ones still needs."""
+        """(round, metrics) of the closed and tested rounds after `round_no`, in order: what a reader that has folded
+        the earlier ones still needs."""
         rows = self._db.execute("SELECT round, metrics FROM rounds WHERE state = 'closed' AND round > ? ORDER BY round",
                                 (round_no,)).fetchall()
-        return [(int(r), json.loads(m or "{}")) for r, m in rows]
+        out = []
+        for r, m in rows:
+            metrics = json.loads(m or "{}")
+            if metrics.get(TESTING):
+                break           # its model is still being tested: it and every round after it come later
+            out.append((int(r), metrics))
+        return out

@@ -12,6 +12,7 @@ import pytest
 from fleet_helpers import LocalFleet, Rogue, open_round, read_metrics, settings, three_device_env, wait_for
 
 from coordinator.ops.broker import EmbeddedBroker
+from coordinator.state_store import TESTING
 from edge_runtime.wire.mqtt_link import MqttLink
 from edge_runtime.wire.protocol import Topics
 
@@ -82,6 +83,31 @@ def test_a_coordinator_killed_mid_round_continues_it_without_losing_or_repeating
     assert len(rows) == len(set(rows)) == 9                          # three devices, three rounds, each once
     assert set(before) <= set(rows)                                  # accepted before the kill, still there
     assert all(m["updates"] == 3 and m["aggregated"] for m in metrics)
+
+
+def test_a_round_closed_but_not_yet_tested_when_the_coordinator_stopped_is_tested_at_its_restart(env, tmp_path):
+    """A round's model is tested beside the next round's start; a stop in between leaves the round closed with
+    its test to do, and the restart does it: the same record, never a line without an accuracy."""
+    with EmbeddedBroker(tmp_path / "broker") as broker, LocalFleet(tmp_path, broker.url, "untested") as fleet:
+        work = tmp_path / "coordinator"
+        config = _fedavg(work, env, rounds=2)
+        fleet.start_run(config, env["specs"])
+        assert fleet.wait("coordinator", 300) == 0, fleet.log_tail("coordinator")
+        metrics = read_metrics(work)
+        assert [m["round"] for m in metrics] == [1, 2]
+        assert all(isinstance(m["accuracy"], float) and TESTING not in m for m in metrics)
+        with sqlite3.connect(work / "state.db") as db:       # as a stop between round 2's close and test leaves it
+            db.execute("UPDATE rounds SET metrics = ? WHERE round = 2",
+                       (json.dumps({**metrics[1], "accuracy": None, "loss": None, TESTING: True}),))
+        (work / "metrics.jsonl").write_text(json.dumps(metrics[0]) + "\n")
+        fleet.start_coordinator(config)
+        assert fleet.wait("coordinator", 300) == 0, fleet.log_tail("coordinator")
+        restarted = fleet.log_tail("coordinator", 200)
+    assert "round 2, closed before the last stop, tested" in restarted
+    again = read_metrics(work)
+    assert [m["round"] for m in again] == [1, 2]
+    assert again[1]["accuracy"] == metrics[1]["accuracy"] and again[1]["loss"] == metrics[1]["loss"]
+    assert again[1]["closed_at"] == metrics[1]["closed_at"] and again[1]["devices"] == metrics[1]["devices"]
 
 
 def test_a_broker_restart_mid_round_loses_nothing(env, tmp_path):

@@ -138,3 +138,14 @@ def test_bad_settings_exit_2_naming_them(capsys):
     assert "give every --tier a count" in capsys.readouterr().err
     assert main(["--broker", "mqtts://broker.lan", "--devices", "3"]) == 2
     assert "without TLS or a login" in capsys.readouterr().err
+
+
+def test_metrics_read_while_a_line_is_being_written_leave_that_line_for_later(tmp_path):
+    """A watcher (the fleet benchmark, the tests) reads metrics.jsonl while the coordinator appends a round's line
+    (about 300 KB at 1,000 devices): the line without its newline yet is left out, a broken earlier line is not."""
+    whole = json.dumps({"round": 1, "accuracy": 0.5})
+    (tmp_path / "metrics.jsonl").write_text(whole + "\n" + json.dumps({"round": 2, "accuracy": 0.6})[:20])
+    assert read_metrics(tmp_path) == [{"round": 1, "accuracy": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text(whole[:20] + "\n" + whole + "\n")
+    with pytest.raises(json.JSONDecodeError):
+        read_metrics(tmp_path)

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from coordinator.state_sql import StoreError
-from coordinator.state_store import SCHEMA_VERSION, LeaseLost, StateStore
+from coordinator.state_store import SCHEMA_VERSION, TESTING, LeaseLost, StateStore
 from edge_runtime.jobs.child import device_child_env
 from edge_runtime.wire.protocol import Hello, Update
 
@@ -88,6 +88,27 @@ for i in range(2000):
     recorded = {u.task_id for u in reopened.updates(1)}
     assert {f"r1-d{i:04d}" for i in range(acknowledged + 1)} <= recorded  # every acknowledged commit survived
     assert len(recorded) < 2000
+
+
+def test_a_round_closed_before_its_model_is_tested_is_read_only_once_tested(location):
+    """The coordinator closes a round, opens the next and tests the closed round's model beside it: readers
+    (metrics.jsonl, the exporter, the live view) see no round until it is tested, and a restart finds it."""
+    s = StateStore(location)
+    for r in (1, 2, 3):
+        s.open_round(r, deadline_at=100.0, weights_before=SHA, plan={}, strategy_state={}, tasks=[])
+        testing = r == 2
+        s.close_round(r, weights_after=f"{r:02d}" * 32, strategy_state={},
+                      metrics={"round": r, "accuracy": None if testing else 0.5, TESTING: testing})
+        if r == 2:
+            assert [m["round"] for m in s.closed_rounds()] == [1]
+            assert [r for r, _ in s.closed_rounds_after(0)] == [1]
+            assert [(r, w) for r, w, _ in s.untested_rounds()] == [(2, "02" * 32)]
+            s.record_test(2, {"round": 2, "accuracy": 0.6})
+    assert [(m["round"], m["accuracy"]) for m in StateStore(location).closed_rounds()] == [(1, .5), (2, .6), (3, .5)]
+    assert s.untested_rounds() == []
+    s.open_round(4, deadline_at=100.0, weights_before=SHA, plan={}, strategy_state={}, tasks=[])
+    with pytest.raises(ValueError, match="not closed"):
+        s.record_test(4, {"round": 4})       # a test belongs to a closed round
 
 
 def test_a_diverged_evaluation_is_written_as_null_never_as_nan():

@@ -169,6 +169,14 @@ def wait_until(predicate, timeout_s: float, every_s: float = 0.2):
 
 
 def read_metrics(workdir: Path) -> list[dict]:
-    """metrics.jsonl as JSON objects, one per closed round (RoundMetrics.from_dict reads one typed)."""
+    """metrics.jsonl as JSON objects, one per closed round (RoundMetrics.from_dict reads one typed). A last line
+    that does not parse is one the coordinator is still writing (at 1,000 devices a line is about 300 KB), and is
+    left for the next read; a bad line before it is an error."""
     path = Path(workdir) / "metrics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+    if not path.exists():
+        return []
+    text = path.read_text()
+    lines = [l for l in text.splitlines() if l.strip()]
+    if lines and not text.endswith("\n"):
+        lines.pop()                        # no newline yet: the line being written
+    return [json.loads(l) for l in lines]

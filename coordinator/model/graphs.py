@@ -180,13 +180,17 @@ def forward_graph(lib: GraphLibrary, layers: Sequence[int], head: int | None, sk
 
 
 def evaluate(manifest: Manifest, weights, inputs: np.ndarray, labels: np.ndarray, upto_block: int | None = None,
-             batch_size: int = 500, threads: int = 0, skip: Sequence[int] = ()) -> dict:
-    """Accuracy and mean loss of blocks[0..upto_block] -> its head (default: the whole model), without the layers
-    in `skip` (a family member's model skips the other members' layers)."""
+             batch_size: int = 500, threads: int = 0, skip: Sequence[int] = (), upto_layer: int | None = None) -> dict:
+    """Accuracy and mean loss of blocks[0..upto_block] -> its head (default: the whole model), or of layers
+    [0..upto_layer] -> the head after that layer (a part that ends inside a block, as a layer-wise stage's does),
+    without the layers in `skip` (a family member's model skips the other members' layers)."""
     from edge_runtime.train.ort_backend import ForwardSession
-    b = len(manifest.blocks) - 1 if upto_block is None else upto_block
-    last_layer = manifest.blocks[b].layers[-1]
-    graph = forward_graph(GraphLibrary(manifest), range(last_layer + 1), manifest.blocks[b].head,
+    if upto_layer is not None:
+        last_layer, head = upto_layer, manifest.head_for_boundary(upto_layer)
+    else:
+        b = len(manifest.blocks) - 1 if upto_block is None else upto_block
+        last_layer, head = manifest.blocks[b].layers[-1], manifest.blocks[b].head
+    graph = forward_graph(GraphLibrary(manifest), range(last_layer + 1), head,
                           skip=tuple(i for i in skip if i <= last_layer))
     session = ForwardSession(graph.SerializeToString(), threads=threads)
     params = {n: np.ascontiguousarray(weights[n], dtype=np.float32) for n in session.param_names}
