@@ -14,14 +14,16 @@ Measured per round, then averaged over the R rounds:
 
   round wall       closed_at - opened_at, the coordinator's own timestamps (metrics.jsonl)
   round overhead   round wall - the simulated compute time: what a round costs beyond
-                   training itself (tasks out, blob fetches, uploads, intake, aggregation,
-                   evaluation of the new global model)
+                   training itself (tasks out, blob fetches, uploads, intake, aggregation;
+                   runs before the coordinator tested each model beside the next round's
+                   start also evaluated it here)
   dispatch         from the round's opening to the last of its N tasks passing through the
                    broker (a subscriber on device/+/task timestamps them; a task published
                    again to a device that reconnected counts at its first publication)
   close            from the last device's (first) ack at the broker (sent once its update's
                    blob is whole and judged) to the round's close: aggregating N updates,
-                   storing the new weights, evaluating
+                   storing the new weights (the new model's test runs after it, once
+                   the next round's tasks are out)
   ack latency      per device, its first update message to its ack (95th percentile);
                    past the agent's 30 s ack timeout a device sends its update again
   CPU use          CPU seconds per second of the coordinator and of mosquitto over the
@@ -59,9 +61,13 @@ logs in to, the site's under `sites`):
                    moving blobs (the task's fetches down, the update up, granted a few at
                    a time: the update message now comes before its chunks) on its critical
                    path, with the coordinator's intake of them
-  coordination     dispatch + close: what the coordinator adds around the transfer
-  overhead %       coordination / transfer, of the means over the rounds (target: < 10 % at
-                   1,000 devices)
+  between          the previous round's close to this round's opening: storing the closed
+                   round, cleaning up, planning and storing the new tasks (rounds after
+                   the first)
+  coordination     between + dispatch + close: what the coordinator adds around the
+                   transfer
+  overhead %       coordination / transfer, of the means over the rounds after the first
+                   (target: < 10 % at 1,000 devices)
   bridge transit   a device's update message from its site broker to the core (95th percentile)
   store check      the state store (SQLite, or the replicas' PostgreSQL) read after the rounds:
                    one update per device and round, none recorded twice
@@ -208,7 +214,9 @@ def _settings(args, work: Path, profile: Path, n: int) -> dict:
 
 def _sim_command(args, broker_url: str, fleet: str, n: int, work: Path, prefix: str = "sim",
                  processes: int | None = None) -> list[str]:
-    return [sys.executable, "-m", "coordinator.local.simulation", "--broker", broker_url, "--fleet", fleet,
+    # the simulated boards yield this machine's CPU to the coordinator and the brokers (real boards have their own)
+    niced = ["nice", "-n", str(args.sim_nice)] if args.sim_nice else []
+    return niced + [sys.executable, "-m", "coordinator.local.simulation", "--broker", broker_url, "--fleet", fleet,
             "--devices", str(n), "--tier", args.tier, "--compute-s", str(args.compute_s),
             "--processes", str(args.processes if processes is None else processes), "--workdir", str(work),
             "--seed", str(args.seed), "--id-prefix", prefix, "--ramp-s", str(args.ramp_s)]
@@ -548,9 +556,11 @@ def _p95(values: list[float]) -> float:
     return float(np.percentile(values, 95)) if values else float("nan")
 
 
-def round_numbers(args, m: dict, setup: Setup, procs: Processes) -> dict:
-    """One round's timings and traffic (see the module's docstring for the definitions)."""
+def round_numbers(args, m: dict, setup: Setup, procs: Processes, previous_close: float | None = None) -> dict:
+    """One round's timings and traffic (see the module's docstring for the definitions); previous_close: the
+    closed_at of the round before (None for the first)."""
     r, t0, t1 = m["round"], m["opened_at"], m["closed_at"]
+    between = t0 - previous_close if previous_close is not None else float("nan")
     core = setup.watchers["broker"]
     first_task: dict[str, float] = {}     # a task published again (a device that reconnected) is not dispatch
     for t, kind, device, body in core.control:
@@ -569,10 +579,12 @@ def round_numbers(args, m: dict, setup: Setup, procs: Processes) -> dict:
     dispatch = max(tasks) - t0 if tasks else float("nan")
     n = len(m["devices"])
     sites = [name for name in setup.edge if name != "broker"]
+    transfer = last_ack - t0 - args.compute_s - dispatch
     return {"round": r, "wall_s": t1 - t0, "overhead_s": t1 - t0 - args.compute_s,
-            "dispatch_s": dispatch, "close_s": t1 - last_ack,
-            "transfer_s": last_ack - t0 - args.compute_s - dispatch,
-            "coordination_s": dispatch + t1 - last_ack,
+            "between_s": between, "dispatch_s": dispatch, "close_s": t1 - last_ack, "transfer_s": transfer,
+            # a round after another: what the coordinator adds, counted from the previous round's close
+            "coordination_s": between + dispatch + t1 - last_ack,
+            "steady_transfer_s": transfer if np.isfinite(between) else float("nan"),
             "coordinator_cpu": sum(procs.cpu_use(c, t0, t1) for c in setup.coordinators),
             "broker_cpu": procs.cpu_use("broker", t0, t1),
             "sites_cpu": sum(procs.cpu_use(s, t0, t1) for s in sites) if sites else float("nan"),
@@ -599,7 +611,8 @@ def _mean(values: list[float]) -> float:
 
 def summarize(args, n: int, metrics: list[dict], setup: Setup, procs: Processes, sim_dir: Path,
               seconds: float) -> dict:
-    rounds = [round_numbers(args, m, setup, procs) for m in metrics]
+    rounds = [round_numbers(args, m, setup, procs, metrics[i - 1]["closed_at"] if i else None)
+              for i, m in enumerate(metrics)]
     shards = [json.loads(p.read_text()) for p in sorted(sim_dir.glob("**/shard-*.json"))]
     mean = {k: _mean([r[k] for r in rounds]) for k in rounds[0] if k != "round"}
     peaks = {name: procs.peak(name) / MB for name in procs.pids}
@@ -641,8 +654,10 @@ TOPOLOGY_ROWS = [  # the same, for the set-ups side by side; "-" where a set-up 
     ("overhead_s", "round overhead (wall - compute), s", "{:.1f}"),
     ("transfer_s", "transfer (open to last ack at the core - compute - dispatch), s", "{:.1f}"),
     ("dispatch_s", "dispatch (open to last task out), s", "{:.2f}"),
-    ("close_s", "close (last ack to round closed: aggregate, store, evaluate), s", "{:.2f}"),
-    ("coordination_s", "coordination overhead (dispatch + close), s", "{:.2f}"),
+    ("close_s", "close (last ack to round closed: aggregate, store), s", "{:.2f}"),
+    ("between_s", "between rounds (previous close to open: store, clean up, plan), s", "{:.2f}"),
+    ("coordination_s", "coordination overhead (between + dispatch + close; rounds after the first), s", "{:.2f}"),
+    ("steady_transfer_s", "transfer in the rounds after the first, s", "{:.1f}"),
     ("overhead_pct", "coordination overhead / transfer, %", "{:.1f}"),
     ("ack_p95_s", "ack latency p95 at the device's broker, s", "{:.2f}"),
     ("bridge_p95_s", "bridge transit p95 (update, site to core), s", "{:.2f}"),
@@ -669,8 +684,10 @@ SCALING_ROWS = ("wall_s", "transfer_s", "coordination_s", "overhead_pct", "ack_p
 def value(result: dict, key: str) -> float:
     if key == "coordinator_growth_mb":
         return result["coordinator_peak_mb"] - result["coordinator_startup_mb"]
-    if key == "overhead_pct":     # of the means, so that the table's own columns give it
-        transfer = result["mean"]["transfer_s"]
+    if key == "steady_transfer_s":    # a run before between_s was measured: over all its rounds
+        return result["mean"].get(key, result["mean"]["transfer_s"])
+    if key == "overhead_pct":     # of the means over the rounds after the first
+        transfer = value(result, "steady_transfer_s")
         return 100 * result["mean"]["coordination_s"] / transfer if transfer > 0 else float("nan")
     if key == "sites_peak_mb":
         sites = [v for name, v in result["peaks_mb"].items() if name.startswith("site-")]
@@ -701,7 +718,14 @@ def _fleet_text(args) -> str:
             f"agent and protocol, real fetches, real updates of the trained part's size; training replaced by "
             f"{args.compute_s:g} s of waiting), spread over processes of up to 100 devices{ramp}. Means over "
             f"{args.rounds} rounds (the first one fetches the graphs too). All processes share this machine's "
-            f"cores.")
+            f"cores{_nice_text(args)}.")
+
+
+def _nice_text(args) -> str:
+    if not args.sim_nice:
+        return ", evenly"
+    return (f"; the simulation processes run at nice {args.sim_nice}, so the coordinator and the brokers get the "
+            f"CPU whenever they need it, as on a fleet whose boards compute on their own")
 
 
 def section(args, results: list[dict], minutes: float, load: tuple[float, float]) -> str:
@@ -787,9 +811,12 @@ def topology_section(args, results: list[dict], minutes: float, load: tuple[floa
         "(sent once its update's blob is whole and judged: uploads are granted a few at a time, so the update "
         "message comes before its chunks), less the simulated compute time, less dispatch: the time the round "
         "spends moving blobs (the task's fetches down, the update up) on its critical path, with the "
-        "coordinator's intake; *close* = that last ack to the round's close (aggregating, storing, evaluating); "
-        "*coordination overhead* = dispatch + close, and its share of the transfer is taken of the means "
-        "over the rounds; *ack latency* = a device's first update message to its ack, both seen at the broker the "
+        "coordinator's intake; *close* = that last ack to the round's close (aggregating, storing; the new model is "
+        "tested after it, beside the next round's start); "
+        "*between rounds* = the previous round's close to this round's opening (storing the closed round, "
+        "cleaning up, planning and storing the new tasks; none before the first round); *coordination overhead* = "
+        "between + dispatch + close, and its share of the transfer is taken of the means over the rounds after "
+        "the first (which also fetches the graphs and has no round before it); *ack latency* = a device's first update message to its ack, both seen at the broker the "
         "device logs in to (its site's under *sites*); *bridge transit* = an update message's arrival at its site "
         "broker to its arrival at the core; *CPU use* = CPU seconds per second of the process(es) over the round; "
         "*broker* rates = Mosquitto's $SYS counters (all clients) over the round; *peaks* = VmHWM "
@@ -886,7 +913,7 @@ def _verdicts(topologies: list[str], sizes: list[int], by: dict) -> list[str]:
         ks = [np.log(value(r, key) / value(by[t, n0], key)) / np.log(n1 / n0)
               if (t, n0) in by and n1 != n0 and value(r, key) > 0 and value(by[t, n0], key) > 0 else float("nan")
               for key in ("coordinator_peak_mb", "coordinator_growth_mb")]
-        lines.append(f"| {t} | {value(r, 'transfer_s'):.1f} | {value(r, 'coordination_s'):.2f} | {pct:.1f} % | "
+        lines.append(f"| {t} | {value(r, 'steady_transfer_s'):.1f} | {value(r, 'coordination_s'):.2f} | {pct:.1f} % | "
                      f"{'yes' if pct < TARGET_PCT else 'no'} | " + (f"{ks[0]:.2f} | {'yes' if ks[0] < 1 else 'no'}"
                                                                     if np.isfinite(ks[0]) else "- | -")
                      + (f" | {ks[1]:.2f} |" if np.isfinite(ks[1]) else " | - |"))
@@ -1007,6 +1034,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="simulation processes, over all sites (default: one per 100 devices)")
     p.add_argument("--ramp-s", type=float, default=0.0,
                    help="spread each simulation process's connections over this many seconds (default 0: at once)")
+    p.add_argument("--sim-nice", type=int, default=19, choices=range(0, 20), metavar="0-19",
+                   help="nice level of the simulation processes (default 19: the simulated boards yield the CPU "
+                        "to the coordinator and the brokers, as boards with their own CPUs would; 0: all share it "
+                        "evenly, as runs before this option did)")
     p.add_argument("--eval-samples", type=int, default=2000, help="test images the coordinator evaluates per round")
     p.add_argument("--deadline-s", type=float, default=1800.0, help="the coordinator's round deadline")
     p.add_argument("--timeout-s", type=float, default=3600.0, help="give up on a size after this long")
@@ -1044,7 +1075,8 @@ def main(argv: list[str] | None = None) -> int:
     return report(args, results, (time.monotonic() - t0) / 60, (load_start, os.getloadavg()[0]))
 
 
-RUN_KEYS = ("command", "topology", "strategy", "tier", "compute_s", "rounds", "eval_samples", "ramp_s")
+RUN_KEYS = ("command", "topology", "strategy", "tier", "compute_s", "rounds", "eval_samples", "ramp_s", "sim_nice")
+RUN_DEFAULTS = {"sim_nice": 0}      # what a results.json from before a setting existed ran with
 
 
 def save_run(args, root: Path, results: list[dict], minutes: float, load: tuple[float, float]) -> None:
@@ -1062,7 +1094,7 @@ def load_run(args, root: Path) -> tuple[list[dict], float, tuple[float, float]]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SystemExit(f"--report-only: {path} holds no run of this script ({exc})") from None
     for k in RUN_KEYS:
-        setattr(args, k, run[k])
+        setattr(args, k, run[k] if k in run or k not in RUN_DEFAULTS else RUN_DEFAULTS[k])
     return results, run["minutes"], tuple(run["load"])
 
 
