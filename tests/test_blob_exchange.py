@@ -172,3 +172,38 @@ def test_an_unanswered_fetch_is_asked_again_ever_more_rarely_and_a_stall_is_name
     finally:
         device.stop()
         listener.stop()
+
+
+def test_a_device_that_reconnects_while_waiting_asks_again_at_once(broker, tmp_path):
+    """A fetch whose wait has grown long (here: 600 s before it would ask again) and whose connection drops asks
+    again as soon as it is back: the chunks sent while it was away may be lost, and waiting out the backoff would
+    hold its round for minutes."""
+    import socket
+
+    from edge_runtime.wire.protocol import Fetch
+    server_store = BlobStore(tmp_path / "srv")
+    blob = os.urandom(300_000)
+    sha = server_store.put_bytes(blob)
+    listener = MqttLink("listener", broker.host, broker.port, [(TOPICS.all_devices("fetch"), 1)]).start()
+    device = _device_link(broker)
+    got: list = []
+    fetching = threading.Thread(target=lambda: got.append(fetch_blob(device, TOPICS, "pi-01",
+                                                                      BlobStore(tmp_path / "dev"), sha,
+                                                                      timeout_s=600, stall_s=600)), daemon=True)
+    server = None
+    try:
+        fetching.start()
+        first = listener.get(timeout_s=30)          # the first ask, which nobody serves
+        assert first is not None and Fetch.decode(first.payload).sha256 == sha
+        server = Server(broker, server_store)        # serves from now on
+        connects = device.connects
+        device._client.socket().shutdown(socket.SHUT_RDWR)     # the network drops; paho reconnects
+        fetching.join(timeout=60)
+        assert device.connects > connects, "the device did not reconnect"
+        assert got and got[0].read_bytes() == blob, "the device did not ask again after reconnecting"
+        assert server.requests and server.requests[0].sha256 == sha
+    finally:
+        if server is not None:
+            server.close()
+        device.stop()
+        listener.stop()

@@ -19,6 +19,7 @@ from edge_runtime.wire.transfer import BlobStore, ChunkHeader, chunk_bytes_for, 
 log = logging.getLogger(__name__)
 WINDOW_CHUNKS = 32
 STALL_MAX_S = 60.0      # the longest a device waits before asking again for a blob's missing chunks
+RECONNECT_CHECK_S = 2.0  # how often a waiting device checks for a new connection (it then asks at once)
 
 
 def send_blob(link: MqttLink, topic: str, store: BlobStore, sha: str, chunk_bytes: int | None = None,
@@ -65,8 +66,10 @@ def fetch_blob(link: MqttLink, topics: Topics, device_id: str, store: BlobStore,
     Gives up when no chunk has arrived for `timeout_s` (a slow but steady transfer goes on). A
     request unanswered for `stall_s` is sent again, then after twice as long, up to STALL_MAX_S:
     when a thousand devices ask at once, the coordinator answers them in turn, and re-asks at a
-    fixed beat would only lengthen its queue. Messages on other topics that arrive meanwhile are
-    appended to `deferred` for the caller. A corrupted chunk is dropped and asked for again.
+    fixed beat would only lengthen its queue; a device that reconnected meanwhile asks at once (what
+    the broker held for it may be gone, and its wait may have grown to a minute). Messages on other
+    topics that arrive meanwhile are appended to `deferred` for the caller. A corrupted chunk is
+    dropped and asked for again.
     """
     if store.has(sha):
         return store.path(sha)
@@ -78,10 +81,14 @@ def fetch_blob(link: MqttLink, topics: Topics, device_id: str, store: BlobStore,
 
     ask()
     last_progress = last_ask = time.monotonic()
-    wait_s = stall_s
+    wait_s, connects = stall_s, link.connects
     while (now := time.monotonic()) - last_progress < timeout_s:
-        msg = link.get(timeout_s=max(0.05, min(wait_s - (now - last_ask), timeout_s - (now - last_progress))))
+        msg = link.get(timeout_s=max(0.05, min(wait_s - (now - last_ask), timeout_s - (now - last_progress),
+                                               RECONNECT_CHECK_S)))
         if msg is None:
+            if link.connects != connects:     # chunks sent while it was away may be lost: ask now, not after a wait
+                connects, wait_s = link.connects, stall_s
+                last_ask = now - wait_s
             if time.monotonic() - last_ask >= wait_s:
                 ask()
                 last_ask = time.monotonic()
