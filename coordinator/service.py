@@ -579,7 +579,21 @@ class Coordinator:
                 self.offline_since.pop(device_id, None)
             else:
                 self.offline_since.setdefault(device_id, time.time())
+                self._forget_uploads(device_id)
             log.info("device %s is %s", device_id, status.state)
+
+    def _forget_uploads(self, device_id: str) -> None:
+        """A device that went offline gives up its upload slot and its place in line (an upload slot it held would
+        stay idle until the grant expired, 30 s, while the fleet waited behind it); the chunks it sent are kept,
+        and back online it sends its update again, and queues again for the rest."""
+        gone = [task_id for task_id, (sender, _) in self.pending.items() if sender == device_id]
+        for task_id in gone:
+            self.pending.pop(task_id)
+            self.grants.release(task_id)
+        if gone:
+            log.info("device %s went offline with %d update(s) waiting for their blobs: their upload slots go to "
+                     "the next", device_id, len(gone))
+            self._grant_uploads()
 
     def _on_fetch(self, device_id: str, msg: Received) -> None:
         fetch = Fetch.decode(msg.payload)

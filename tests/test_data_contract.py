@@ -326,6 +326,65 @@ def test_an_agent_with_bad_data_answers_failed_serves_on_and_reports_its_input_s
             coordinator.stop()
 
 
+class _AgentUnderTest:
+    """A real agent on a real broker, one task sent to it, and the coordinator's side played by hand: `until`
+    reads what the coordinator's topics got into `seen`, (kind, message) in order."""
+
+    def __init__(self, fmnist_model, real, tmp_path: Path, ack_timeout_s: float):
+        m, w = fmnist_model
+        x, y = real
+        data = _files(tmp_path / "data", x, y)
+        part = TrainablePart.block(m, 0)
+        self.topics = topics = Topics("contract")
+        self._broker = EmbeddedBroker(tmp_path / "broker").__enter__()
+        broker = self._broker
+        cfg = resolve({"id": "pi-01", "fleet": "contract", "broker": f"mqtt://127.0.0.1:{broker.port}",
+                       "data": str(data.root), "state": str(tmp_path / "state"), "budget_mb": 900.0,
+                       "ack_timeout_s": ack_timeout_s})
+        store = BlobStore(cfg.state / "blobs")
+        manifest_sha = store.put_file(m.root / "manifest.json")
+        step, _ = part_graph_paths(m, part)
+        blobs = task_blobs(m, part, publish_weights(m, w, store), store, {"step.onnx": store.put_file(step)})
+        self.task = Task("t1", 1, {"sha256": manifest_sha, "size": store.path(manifest_sha).stat().st_size}, blobs,
+                         part, TrainConfig(batch_size=32, epochs=1.0, threads=1), deadline_s=120.0)
+        self.coordinator = MqttLink("coordinator", broker.host, broker.port,
+                                    [(topics.device("pi-01", kind), 1) for kind in ("hello", "update", "upload")]
+                                    ).start()
+        self.stop = threading.Event()
+        self.link = connect(cfg, self.stop)
+        self.agent = Agent(cfg, self.link, budgeted_jobs(cfg, 500 * MIB), self.stop)
+        self.serving = threading.Thread(target=self.agent.serve, daemon=True)
+        self.serving.start()
+        self.seen: list = []
+
+    def until(self, predicate, timeout_s: float = 120.0):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not predicate():
+            msg = self.coordinator.get(timeout_s=0.2)
+            if msg is not None:
+                kind = msg.topic.rsplit("/", 1)[-1]
+                self.seen.append((kind, msg if kind == "upload" else decode_any(msg.payload, (Failed, Update))
+                                  if kind == "update" else msg))
+        assert predicate(), f"timed out; seen {[k for k, _ in self.seen]}"
+
+    def updates(self) -> list:
+        return [u for k, u in self.seen if k == "update"]
+
+    def send(self, kind: str, message) -> None:
+        self.coordinator.publish(self.topics.device("pi-01", kind), message.encode())
+
+    def start_task(self) -> None:
+        self.until(lambda: any(k == "hello" for k, _ in self.seen))
+        self.send("task", self.task)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.serving.join(10)
+        self.link.stop()
+        self.coordinator.stop()
+        self._broker.__exit__(None, None, None)
+
+
 def test_the_agent_sends_its_update_first_its_chunks_when_asked_and_waits_in_line_until_the_deadline(
         fmnist_model, real, tmp_path):
     """The upload is pulled: the update message goes alone, again and again while the coordinator keeps it waiting
@@ -334,61 +393,45 @@ def test_the_agent_sends_its_update_first_its_chunks_when_asked_and_waits_in_lin
     from edge_runtime.device.agent import SEND_ATTEMPTS
     from edge_runtime.wire.protocol import Resend
     from edge_runtime.wire.transfer import ChunkHeader
-    m, w = fmnist_model
-    x, y = real
-    data = _files(tmp_path / "data", x, y)
-    part = TrainablePart.block(m, 0)
-    topics = Topics("contract")
-    with EmbeddedBroker(tmp_path / "broker") as broker:
-        cfg = resolve({"id": "pi-01", "fleet": "contract", "broker": f"mqtt://127.0.0.1:{broker.port}",
-                       "data": str(data.root), "state": str(tmp_path / "state"), "budget_mb": 900.0,
-                       "ack_timeout_s": 0.3})
-        store = BlobStore(cfg.state / "blobs")
-        manifest_sha = store.put_file(m.root / "manifest.json")
-        step, _ = part_graph_paths(m, part)
-        blobs = task_blobs(m, part, publish_weights(m, w, store), store, {"step.onnx": store.put_file(step)})
-        task = Task("t1", 1, {"sha256": manifest_sha, "size": store.path(manifest_sha).stat().st_size}, blobs, part,
-                    TrainConfig(batch_size=32, epochs=1.0, threads=1), deadline_s=120.0)
-        coordinator = MqttLink("coordinator", broker.host, broker.port,
-                               [(topics.device("pi-01", kind), 1) for kind in ("hello", "update", "upload")]).start()
-        stop = threading.Event()
-        link = connect(cfg, stop)
-        agent = Agent(cfg, link, budgeted_jobs(cfg, 500 * MIB), stop)
-        serving = threading.Thread(target=agent.serve, daemon=True)
-        serving.start()
-        seen: list = []            # (kind, message) in the order the coordinator got them
+    t = _AgentUnderTest(fmnist_model, real, tmp_path, ack_timeout_s=0.3)
+    try:
+        t.start_task()
+        t.until(lambda: len(t.updates()) > SEND_ATTEMPTS)     # kept waiting: it asks again, past ten attempts
+        assert all(isinstance(u, Update) and u.task_id == "t1" for u in t.updates())
+        assert not [k for k, _ in t.seen if k == "upload"]  # and sends no chunk unasked
+        blob = t.updates()[0].blob_sha256
+        t.send("ack", Resend("t1", blob, None))
 
-        def until(predicate, timeout_s: float = 120.0):
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline and not predicate():
-                msg = coordinator.get(timeout_s=0.2)
-                if msg is not None:
-                    kind = msg.topic.rsplit("/", 1)[-1]
-                    seen.append((kind, msg if kind == "upload" else decode_any(msg.payload, (Failed, Update))
-                                 if kind == "update" else msg))
-            assert predicate(), f"timed out; seen {[k for k, _ in seen]}"
+        def chunks():
+            return [ChunkHeader.from_properties(msg.user_properties) for k, msg in t.seen if k == "upload"]
+        t.until(lambda: chunks() and len(chunks()) == chunks()[0].count)
+        assert sorted(h.index for h in chunks()) == list(range(chunks()[0].count))
+        assert {h.blob for h in chunks()} == {blob}
+        t.send("ack", Ack("t1", True))
+        t.until(lambda: "t1" in t.agent.done, 30)
+        assert t.agent.done["t1"]["accepted"] is True and t.serving.is_alive()
+    finally:
+        t.close()
 
-        def updates():
-            return [u for k, u in seen if k == "update"]
-        try:
-            until(lambda: any(k == "hello" for k, _ in seen))
-            coordinator.publish(topics.device("pi-01", "task"), task.encode())
-            until(lambda: len(updates()) > SEND_ATTEMPTS)     # kept waiting: it asks again, past ten attempts
-            assert all(isinstance(u, Update) and u.task_id == "t1" for u in updates())
-            assert not [k for k, _ in seen if k == "upload"]  # and sends no chunk unasked
-            blob = updates()[0].blob_sha256
-            coordinator.publish(topics.device("pi-01", "ack"), Resend("t1", blob, None).encode())
 
-            def chunks():
-                return [ChunkHeader.from_properties(msg.user_properties) for k, msg in seen if k == "upload"]
-            until(lambda: chunks() and len(chunks()) == chunks()[0].count)
-            assert sorted(h.index for h in chunks()) == list(range(chunks()[0].count))
-            assert {h.blob for h in chunks()} == {blob}
-            coordinator.publish(topics.device("pi-01", "ack"), Ack("t1", True).encode())
-            until(lambda: "t1" in agent.done, 30)
-            assert agent.done["t1"]["accepted"] is True and serving.is_alive()
-        finally:
-            stop.set()
-            serving.join(10)
-            link.stop()
-            coordinator.stop()
+def test_an_agent_that_reconnects_while_waiting_for_its_ack_sends_its_update_again_at_once(
+        fmnist_model, real, tmp_path):
+    """The connection drops while the agent waits for the coordinator's answer (here it would wait 600 s): what
+    was in flight may be lost, and the coordinator gives an offline device's upload slot to the next, so the
+    update goes again as soon as the link is back."""
+    import socket
+    t = _AgentUnderTest(fmnist_model, real, tmp_path, ack_timeout_s=600.0)
+    try:
+        t.start_task()
+        t.until(lambda: len(t.updates()) == 1)
+        connects = t.link.connects
+        t.link._client.socket().shutdown(socket.SHUT_RDWR)       # the network drops; paho reconnects
+        t.until(lambda: len(t.updates()) == 2, 60)
+        assert t.link.connects > connects
+        assert t.updates()[1].task_id == "t1" and t.updates()[1].blob_sha256 == t.updates()[0].blob_sha256
+        assert not [k for k, _ in t.seen if k == "upload"]        # still the update alone: no chunk unasked
+        t.send("ack", Ack("t1", True))
+        t.until(lambda: "t1" in t.agent.done, 30)
+        assert t.agent.done["t1"]["accepted"] is True
+    finally:
+        t.close()

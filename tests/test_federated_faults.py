@@ -208,6 +208,61 @@ def test_an_update_is_uploaded_when_granted_and_lost_chunks_are_asked_for_again(
         assert db.execute("SELECT COUNT(*) FROM rejections WHERE device_id = 'rogue-lossy'").fetchone() == (0,)
 
 
+def test_a_device_that_goes_offline_holding_the_upload_slot_gives_it_to_the_next(env, tmp_path):
+    """One upload slot, two devices waiting: the first is granted and goes offline before sending its blob. Its
+    slot goes to the second at once, not when the grant expires (30 s): a fleet would wait behind every board that
+    dropped off. Back online, the first sends its update again, queues again, and both are taken once."""
+    from edge_runtime.wire import weights as wcodec
+    from edge_runtime.wire.blob_exchange import send_blob
+    from edge_runtime.wire.protocol import Ack, Resend, Status, Update, decode_any
+    with EmbeddedBroker(tmp_path / "broker") as broker, LocalFleet(tmp_path, broker.url, "slots") as fleet:
+        work = tmp_path / "coordinator"
+        fleet.start_coordinator(_fedavg(work, env, rounds=1, min_devices=2, upload_slots=1, offline_grace_s=120.0))
+        watcher = MqttLink("watcher", broker.host, broker.port, [(Topics("slots").coordinator_status, 1)]).start()
+        wait_for(lambda: (msg := watcher.get(0.2)) is not None and Status.decode(msg.payload).state == "online", 120,
+                 "the coordinator online (it hears hellos from then on)", fleet)
+        watcher.stop()
+        first, second = (Rogue(broker, "slots", name, tmp_path / name) for name in ("first", "second"))
+        updates = {}
+        for step, rogue in enumerate((first, second), 1):
+            task = rogue.task()      # each a blob of its own (the same one would be uploaded once for both)
+            values = {k: v + np.float32(step * 1e-4) for k, v in rogue.trained_values(task).items()}
+            sha = rogue.store.put_bytes(wcodec.encode(values))
+            updates[rogue.id] = Update(task.task_id, task.round, rogue.id, sha, rogue.store.path(sha).stat().st_size,
+                                       num_examples=100, loss=0.1, steps=1, peak_rss_bytes=1 << 20, seconds=0.1)
+
+        def answer(rogue, wait_s):
+            msg = rogue.link.get(wait_s)
+            return None if msg is None else decode_any(msg.payload, (Ack, Resend))
+
+        def send_update(rogue):
+            rogue.link.publish(rogue.topics.device(rogue.id, "update"), updates[rogue.id].encode())
+
+        def upload(rogue, grant):
+            assert isinstance(grant, Resend) and grant.task_id == updates[rogue.id].task_id, grant
+            send_blob(rogue.link, rogue.topics.device(rogue.id, "upload"), rogue.store,
+                      updates[rogue.id].blob_sha256, indices=grant.chunks)
+            ack = answer(rogue, 30.0)
+            assert isinstance(ack, Ack) and ack.accepted, ack
+
+        send_update(first)
+        granted = answer(first, 30.0)
+        assert isinstance(granted, Resend)
+        send_update(second)
+        assert answer(second, 3.0) is None              # the one slot is the first's
+        first.link.publish(first.topics.device(first.id, "status"), Status("offline").encode(), retain=True)
+        upload(second, answer(second, 20.0))            # granted once the first is offline, long before 30 s
+        wait_for(_log_says(fleet, "coordinator", "device first went offline with 1 update(s) waiting"), 10,
+                 "the coordinator to say why", fleet)
+        first.link.publish(first.topics.device(first.id, "status"), Status("online").encode(), retain=True)
+        send_update(first)                              # back: its update again, and it queues again
+        upload(first, answer(first, 30.0))
+        assert fleet.wait("coordinator", 300) == 0, fleet.log_tail("coordinator")
+    (m,) = read_metrics(work)
+    assert {d: m["devices"][d]["status"] for d in ("first", "second")} == {"first": "accepted", "second": "accepted"}
+    assert sorted(u[1] for u in _updates(work)) == ["first", "second"]
+
+
 def test_one_poisoned_device_claiming_a_billion_samples_does_not_wreck_the_model(env, tmp_path):
     """A compromised board sends the global weights flipped and scaled 8x (a change of 9x their norm: inside the
     default 10x bound, so every check of one update passes) and claims 10^9 samples, every round. The default

@@ -404,8 +404,15 @@ class Agent:
                   "next start", task.task_id, attempt - 1, self.current_file)
 
     def _await_ack(self, task_id: str) -> Ack | Resend | None:
+        """The coordinator's answer to a task's update, or None after ack_timeout_s, or at once when the link has
+        reconnected meanwhile: what was in flight may be lost (and the coordinator gives a device that went
+        offline's upload slot to the next), so the update is sent again now rather than after the timeout."""
         deadline = time.monotonic() + self.cfg.ack_timeout_s
+        connects = self.link.connects
         while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            if self.link.connects != connects:
+                log.info("task %s: reconnected while waiting for the coordinator's answer: sending again", task_id)
+                return None
             msg = self.link.get(timeout_s=min(left, POLL_S))
             ack = self._route(msg) if msg is not None else None
             if ack and ack.task_id == task_id:
