@@ -386,6 +386,27 @@ def test_coordinate_wise_rules_equal_the_plain_reference_with_ties_and_weights(m
 
 
 @pytest.mark.parametrize("rule", ["trimmed_mean", "median"])
+def test_threads_sharing_a_chunk_give_exactly_the_one_thread_result(monkeypatch, rule):
+    """600 devices, three threads reading a chunk's rows and ordering its blocks of coordinates (chunks of 1,562,
+    blocks of 65, so that chunks, blocks and threads all cross): the same values as one thread, bit for bit,
+    and as the plain reference (integer values and weights: every sum is exact)."""
+    from coordinator.strategies import aggregation
+    rng = np.random.default_rng(5)
+    devices, coordinates = 600, 2500
+    values = rng.integers(-3, 4, size=(devices, coordinates)).astype(np.float32)
+    weights = rng.integers(1, 50, size=devices).astype(np.float64)
+    updates = [({"w": v}, float(n)) for v, n in zip(values, weights)]
+    settings = AggregationSettings(rule=rule, trim_fraction=0.1, **FLAT)
+    monkeypatch.setattr(aggregation, "ORDER_BUDGET_BYTES", 7_500_000)
+    results = {}
+    for threads in (3, 1):
+        monkeypatch.setattr(aggregation, "ORDER_THREADS", threads)
+        results[threads] = aggregate_updates(updates, {}, settings)["w"]
+    np.testing.assert_array_equal(results[3], results[1])
+    np.testing.assert_array_equal(results[3], _reference(rule, values, weights, 0.1))
+
+
+@pytest.mark.parametrize("rule", ["trimmed_mean", "median"])
 def test_coordinate_wise_rules_on_real_valued_updates_equal_the_reference_to_float32_rounding(rule):
     """Continuous values and weights capped to a share, as a round has them: equal to the reference but for the
     order of a float64 sum (at most one float32 step), per coordinate of a 4 x 50 tensor and a vector."""

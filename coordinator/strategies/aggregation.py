@@ -243,7 +243,7 @@ ORDER_BUDGET_BYTES = 64 << 20   # what a coordinate-wise rule holds at once besi
 READ_SHARE = 0.5                # of the budget: the chunk of coordinates read, float32, one row per device
 WORK_BYTES_PER_VALUE = 32       # the rest: per device and coordinate of the block being ordered, at most this (each
 #                                 rule's class says what it holds)
-ORDER_THREADS = max(1, min(4, os.cpu_count() or 1))    # threads ordering chunks, the budget shared among them
+ORDER_THREADS = max(1, min(4, os.cpu_count() or 1))    # threads reading and ordering a chunk, sharing the budget
 
 
 def _order_statistic(name: str, tensors, w: np.ndarray, settings: AggregationSettings) -> np.ndarray:
@@ -251,38 +251,50 @@ def _order_statistic(name: str, tensors, w: np.ndarray, settings: AggregationSet
     the chunk is read on its own (WeightFile.read_range_into), so the coordinator holds N slices, never N tensors,
     and its peak stays flat as the fleet grows (the chunk narrows as N grows). The chunk is then ordered a block
     of coordinates at a time, in buffers allocated once, each block laid out coordinates x devices so that every
-    sort runs along contiguous memory. Chunks go to ORDER_THREADS threads, each with its share of the budget:
-    the reads and numpy's sorts and sums run outside the GIL, and every coordinate is computed alone, so the
-    result does not depend on the threads."""
+    sort runs along contiguous memory.
+
+    ORDER_THREADS threads share each chunk, the reads split by device and the ordering by block of coordinates
+    (the reads and numpy's sorts and sums run outside the GIL). The chunk keeps its whole share of the budget:
+    splitting chunks among threads would narrow each, and at 1,000 devices the reads, N per chunk, are what
+    costs most. Every coordinate is computed alone, so the result does not depend on the threads."""
     n = len(tensors)
     shape = _shape(tensors[0], name)
     size = int(np.prod(shape, dtype=np.int64))
     trim = min(int(np.floor(settings.trim_fraction * n)), (n - 1) // 2)
     if settings.rule == "trimmed_mean" and trim == 0:     # nothing to drop: the weighted mean, without ordering
         return _mean(name, tensors, w)
-    budget = ORDER_BUDGET_BYTES // ORDER_THREADS
-    read_width = min(max(size, 1), max(256, int(budget * READ_SHARE) // (4 * n)))
-    work_width = min(read_width, max(64, int(budget * (1 - READ_SHARE)) // (WORK_BYTES_PER_VALUE * n)))
+    read_width = min(max(size, 1), max(256, int(ORDER_BUDGET_BYTES * READ_SHARE) // (4 * n)))
+    threads = ORDER_THREADS if n * read_width >= 1 << 16 else 1      # a chunk this small is done sooner alone
+    threads = min(threads, max(1, int(ORDER_BUDGET_BYTES * (1 - READ_SHARE)) // (64 * WORK_BYTES_PER_VALUE * n)))
+    work_width = min(read_width, max(64, int(ORDER_BUDGET_BYTES * (1 - READ_SHARE)) // (WORK_BYTES_PER_VALUE * n
+                                                                                         * threads)))
+    combiners = [_WeightedMedian(w, work_width) if settings.rule == "median" else _TrimmedMean(w, work_width, trim)
+                 for _ in range(threads)]
+    chunk = np.empty((n, read_width), np.float32)
     out = np.empty(size, np.float64)
-    starts = list(range(0, size, read_width))
 
-    def order(mine: list[int]) -> None:
-        combine = _WeightedMedian(w, work_width) if settings.rule == "median" else _TrimmedMean(w, work_width, trim)
-        chunk = np.empty((n, read_width), np.float32)
-        for start in mine:
+    def read(start: int, count: int, devices: range) -> None:
+        for d in devices:
+            _read_slice(tensors[d], name, start, chunk[d, :count])
+
+    def combine(start: int, count: int, k: int) -> None:
+        for a in range(k * work_width, count, threads * work_width):     # every threads-th block of the chunk
+            b = min(count, a + work_width)
+            out[start + a:start + b] = combiners[k](chunk[:, a:b])
+
+    if threads == 1:
+        for start in range(0, size, read_width):
             count = min(read_width, size - start)
-            for row, values in zip(chunk, tensors):
-                _read_slice(values, name, start, row[:count])
-            for a in range(0, count, work_width):
-                b = min(count, a + work_width)
-                out[start + a:start + b] = combine(chunk[:, a:b])
-
-    threads = min(ORDER_THREADS, len(starts))
-    if threads <= 1:          # one chunk, or none (an empty parameter)
-        order(starts)
-    else:
-        with ThreadPoolExecutor(threads, thread_name_prefix="aggregate") as pool:
-            for done in [pool.submit(order, starts[i::threads]) for i in range(threads)]:
+            read(start, count, range(n))
+            combine(start, count, 0)
+        return out.reshape(shape)
+    rows = [range(k * n // threads, (k + 1) * n // threads) for k in range(threads)]
+    with ThreadPoolExecutor(threads, thread_name_prefix="aggregate") as pool:
+        for start in range(0, size, read_width):
+            count = min(read_width, size - start)
+            for done in [pool.submit(read, start, count, r) for r in rows]:
+                done.result()
+            for done in [pool.submit(combine, start, count, k) for k in range(threads)]:
                 done.result()
     return out.reshape(shape)
 
