@@ -128,6 +128,9 @@ DEFAULTS = {
 }
 MQTT_KINDS = ("hello", "status", "fetch", "upload", "update")
 TICK_S = 0.2        # how often the loop checks whether to open or close a round
+# a round's model is tested beside the next round, with the cores but one: the coordinator keeps one for the fleet
+TEST_THREADS = max(1, (os.cpu_count() or 1) - 1)
+DISPATCH_WAIT_S = 30.0   # the longest the test waits for the next round's tasks to reach the broker
 
 
 class Coordinator:
@@ -194,6 +197,8 @@ class Coordinator:
         self._unpublished: dict[str, tuple[str, Task]] = {}   # task id -> (device, task) the link had no room for
         # the last closed round, the test of its model (None until started) and that test's arguments
         self._testing: tuple[RoundMetrics, Future | None, tuple] | None = None
+        # (when, the last task's MessageInfo) of the open round's dispatch, until the test may start
+        self._dispatch: tuple[float, object | None] | None = None
         self.incoming.expire_partials(guard.partial_upload_ttl_s)   # uploads a previous run left half-done
 
     # -- start-up -------------------------------------------------------------------------
@@ -263,6 +268,7 @@ class Coordinator:
         self.link = self._connect()
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="serve-fetch")
         self.tester = ThreadPoolExecutor(1, thread_name_prefix="test-model")
+        self.janitor = ThreadPoolExecutor(1, thread_name_prefix="remove-blobs")    # deletes what a close set aside
         log.info("coordinator %sfor fleet %r on %s://%s:%d, strategy %s, model %s (%s, state in %s)",
                  f"replica {self.replica} " if self.replicated else "", s["fleet"],
                  "mqtts" if self.security.tls else "mqtt", self.host, self.port, s["strategy"],
@@ -302,6 +308,7 @@ class Coordinator:
                 except (LeaseLost, StoreError) as exc:
                     log.warning("the test of round %d is left to the next start or leader: %s", round_no, exc)
             self.tester.shutdown(wait=True)
+            self.janitor.shutdown(wait=True)
             self.link.stop(final=(self.topics.coordinator_status, Status("offline", time.time()).encode())
                            if leading else None)
             if leading:
@@ -405,6 +412,7 @@ class Coordinator:
         self._finish_test(wait=False)
         row = self.state.current_round()
         if row is not None and row.state == "open":
+            self._start_test()
             self._maybe_close(row)
             return False
         s = self.settings["service"]
@@ -477,8 +485,9 @@ class Coordinator:
                               self.strategy.state(),
                               [(t.task_id, a.device_id, task_spec(a, payload, own)) for t, a, own, payload in tasks],
                               fence=self._fence())
-        for task, a, _, payload in tasks:
-            self._publish_task(a.device_id, task, payload)
+        published = [self._publish_task(a.device_id, task, payload) for task, a, _, payload in tasks]
+        # the last task through to the broker is the dispatch's end (paho sends in order): the test waits for it
+        self._dispatch = (time.monotonic(), next((i for i in reversed(published) if i is not None), None))
         log.info("round %d opened (%s): %s", round_no, stage_text(plan.stage),
                  _assignments_text(self.model.manifest, plan.assignments))
         systemd.status(f"round {round_no} open ({stage_text(plan.stage)}): {len(tasks)} task(s)")
@@ -486,12 +495,14 @@ class Coordinator:
             log.info("round %d: %s idle: %s", round_no, device_id, why)
             self.link.publish(self.topics.device(device_id, "task"), Idle(round_no, why[:2000]).encode(), qos=1)
 
-    def _publish_task(self, device_id: str, task: Task, payload: bytes | None = None) -> None:
+    def _publish_task(self, device_id: str, task: Task, payload: bytes | None = None):
         """Send a task (`payload`: its encoding, when made already), waiting briefly for room on the link; one that
-        finds none is sent from the next ticks."""
+        finds none is sent from the next ticks. paho's MessageInfo of the publication, or None."""
         try:
-            self.link.publish_when_room(self.topics.device(device_id, "task"), payload or task.encode(), timeout_s=2.0)
+            info = self.link.publish_when_room(self.topics.device(device_id, "task"), payload or task.encode(),
+                                               timeout_s=2.0)
             self._unpublished.pop(task.task_id, None)
+            return info
         except (BufferError, RuntimeError, ValueError) as exc:   # paho: queue full, not connected
             if task.task_id not in self._unpublished:
                 log.warning("task %s for %s waits for room on the link (%s)", task.task_id, device_id, exc)
@@ -846,7 +857,7 @@ class Coordinator:
         self.global_weights, self.weights_sha, self.next_round = after, weights_after, row.round + 1
         # the updates are folded into the global weights (or never will be), and a blob no update named never will
         # be: free the disk
-        self.incoming.remove_complete()
+        self.incoming.remove_complete(later=self.janitor.submit)
         self.uploads.forget_unclaimed()
         self.pending.clear()
         self.grants.clear()
@@ -856,17 +867,26 @@ class Coordinator:
         # the test is reporting, not the next round's input: it starts once the next round's tasks are out
         self._testing = (measured, None, (after, self.eval_layer, self.strategy.evaluations()))
 
-    def _start_test(self) -> None:
-        if self._testing is not None and self._testing[1] is None:
-            measured, _, args = self._testing
-            self._testing = (measured, self.tester.submit(self._test, *args), args)
+    def _start_test(self, now: bool = False) -> None:
+        """Start the last closed round's test once the open round's tasks have reached the broker (`now`: at once):
+        the test takes the cores that sending a fleet's tasks needs. DISPATCH_WAIT_S after the opening at the
+        latest."""
+        if self._testing is None or self._testing[1] is not None:
+            return
+        if not now and self._dispatch is not None:
+            since, last = self._dispatch
+            if last is not None and not last.is_published() and time.monotonic() - since < DISPATCH_WAIT_S:
+                return
+        self._dispatch = None
+        measured, _, args = self._testing
+        self._testing = (measured, self.tester.submit(self._test, *args), args)
 
     def _test(self, weights: Mapping[str, np.ndarray], eval_layer: int,
               members: Mapping[str, tuple[int, ...]]) -> tuple[dict, dict[str, dict]]:
         """A global model on the held-out test set: (headline result, {member: result} of a model family)."""
-        ev = self.model.evaluate(weights, self.test_x, self.test_y, upto_layer=eval_layer)
+        ev = self.model.evaluate(weights, self.test_x, self.test_y, upto_layer=eval_layer, threads=TEST_THREADS)
         # a model family's members, each tested as the devices run it (FedIN): the largest is the headline
-        models = {name: self.model.evaluate(weights, self.test_x, self.test_y, skip=skip)
+        models = {name: self.model.evaluate(weights, self.test_x, self.test_y, skip=skip, threads=TEST_THREADS)
                   for name, skip in members.items()}
         return (models[list(models)[-1]] if models else ev), models
 
@@ -892,7 +912,7 @@ class Coordinator:
         metrics.jsonl's line, the retained metrics message, the log."""
         if self._testing is None or (not wait and (self._testing[1] is None or not self._testing[1].done())):
             return
-        self._start_test()
+        self._start_test(now=True)
         measured, future, _ = self._testing
         self._testing = None
         self._record_test(self._tested(measured, future.result()))

@@ -145,3 +145,30 @@ def test_a_blob_assembled_here_is_known_hashed_until_its_file_changes(blob, tmp_
     assert not dst.hashed_unchanged(sha)
     dst.remove_complete()
     assert not dst.hashed_unchanged(sha)
+
+
+def test_complete_blobs_removed_later_are_gone_from_the_store_at_once(tmp_path):
+    """remove_complete(later=...) renames the complete blobs aside at once and leaves the deleting to `later`;
+    partial blobs stay, a blob that comes again meanwhile is a new one, and what a stopped process left aside is
+    deleted by the next store opened on the directory."""
+    from edge_runtime.wire.transfer import REMOVING
+    store = BlobStore(tmp_path / "in")
+    shas = [store.put_bytes(f"update {i}".encode() * 100) for i in range(5)]
+    data = os.urandom(10_000)
+    source = tmp_path / hashlib.sha256(data).hexdigest()      # a blob's file is named by its hash
+    source.write_bytes(data)
+    header, chunk = next(chunks_of(source, 4096))
+    store.receive(header, chunk)                              # one chunk of three: partial
+    deferred = []
+    assert store.remove_complete(later=lambda *call: deferred.append(call)) == 5
+    assert not any(store.has(s) for s in shas) and store.missing_chunks(header.blob) == [1, 2]
+    (fn, aside, _), = deferred
+    assert sorted(p.name for p in aside.iterdir()) == sorted(shas) and aside.name.startswith(REMOVING)
+    again = store.put_bytes(b"update 0" * 100)               # the same blob, uploaded again before the deleting
+    assert again == shas[0] and store.has(again)
+    fn(aside, True)
+    assert not aside.exists() and store.has(again)
+    store.remove_complete(later=lambda *call: None)          # set aside, never deleted: the process stopped
+    assert list(store.root.glob(REMOVING + "*"))
+    BlobStore(tmp_path / "in")
+    assert not list(store.root.glob(REMOVING + "*")) and store.missing_chunks(header.blob) == [1, 2]

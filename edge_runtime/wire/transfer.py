@@ -15,9 +15,11 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from edge_runtime.errors import IntegrityError
 from edge_runtime.store import sha256_file
@@ -96,6 +98,9 @@ def chunks_of(path: Path, chunk_bytes: int, indices=None) -> Iterator[tuple[Chun
             yield ChunkHeader(blob, i, count, i * chunk_bytes, size, hashlib.sha256(data).hexdigest()), data
 
 
+REMOVING = ".removing-"    # a directory of blobs set aside to be deleted (BlobStore.remove_complete)
+
+
 class BlobStore:
     """Blobs on disk named by their sha256; partial blobs assembled chunk by chunk, across restarts."""
 
@@ -113,6 +118,8 @@ class BlobStore:
         # blobs this process assembled and hashed, with the file's (size, mtime, inode) then: unchanged since,
         # they need no second hash (a restart, or another replica's blob, is hashed again)
         self._assembled: dict[str, tuple[int, int, int]] = {}
+        for aside in self.root.glob(REMOVING + "*"):     # blobs a stopped process had set aside to delete
+            shutil.rmtree(aside, ignore_errors=True)
 
     def path(self, sha: str) -> Path:
         return self.root / check_sha(sha, "blob")
@@ -241,15 +248,25 @@ class BlobStore:
         self.discard(sha)
         self.path(sha).unlink(missing_ok=True)
 
-    def remove_complete(self) -> int:
-        """Delete every complete blob (partial ones stay); how many."""
-        removed = 0
-        for path in self.root.iterdir():
-            if path.is_file() and len(path.name) == 64:
-                path.unlink(missing_ok=True)
-                removed += 1
+    def remove_complete(self, later: Callable | None = None) -> int:
+        """Delete every complete blob (partial ones stay); how many. With `later` (an executor's submit) the
+        deleting is done there: the blobs are renamed aside now, so that the store holds none of them from here
+        on and a blob that comes again meanwhile is a new file (unlinking 1,000 updates took a round's close
+        0.3 s)."""
+        doomed = [p for p in self.root.iterdir() if p.is_file() and len(p.name) == 64]
         self._assembled.clear()
-        return removed
+        if later is None or not doomed:
+            for path in doomed:
+                path.unlink(missing_ok=True)
+            return len(doomed)
+        aside = Path(tempfile.mkdtemp(prefix=REMOVING, dir=self.root))
+        for path in doomed:
+            try:
+                os.replace(path, aside / path.name)
+            except FileNotFoundError:          # another replica removed it first
+                pass
+        later(shutil.rmtree, aside, True)
+        return len(doomed)
 
     def expire_partials(self, older_than_s: float) -> int:
         """Delete partial blobs no chunk has reached for older_than_s (by the files' times); how many."""
