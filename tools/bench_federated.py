@@ -64,7 +64,7 @@ FINETUNE = ("finetune-fedavg", "finetune-selective")
 
 def _settings(args, work: Path, root: Path, run: str, n_devices: int) -> dict:
     finetune = run.startswith("finetune-")
-    strategy = run.removeprefix("finetune-").split("-")[0]      # "progressive-capped": progressive, adjusted
+    strategy = run.removeprefix("finetune-")
     service = {"workdir": str(work), "strategy": strategy, "profile": str(root / "profile.json"),
                "min_devices": n_devices, "round_deadline_s": 900.0, "offline_grace_s": 30.0,
                "eval_samples": 10000, "seed": args.seed}
@@ -114,9 +114,8 @@ def pretrain(args, root: Path, held_out, log) -> dict:
     return result
 
 
-def run_strategy(args, root: Path, broker_url: str, specs, run: str, adjust=None) -> list[RoundMetrics]:
-    """One schedule over the fleet until its coordinator finishes; resumes a run left in `root`. `adjust(settings)`
-    changes the run's settings (tools/bench_freezing.py: the same schedule with and without freezing)."""
+def run_strategy(args, root: Path, broker_url: str, specs, run: str) -> list[RoundMetrics]:
+    """One schedule over the fleet until its coordinator finishes; resumes a run left in `root`."""
     from coordinator.local.fleet import LocalFleet, read_metrics
     work = root / run
     t0 = time.monotonic()
@@ -125,11 +124,8 @@ def run_strategy(args, root: Path, broker_url: str, specs, run: str, adjust=None
         print(f"  {run} round {m.round:>2} {stage_text(m.stage):<22} accuracy {m.accuracy:.2%} "
               f"({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
 
-    settings = _settings(args, work / "coordinator", root, run, len(specs))
-    if adjust is not None:
-        adjust(settings)
     with LocalFleet(work, broker_url, fleet=f"bench-{run}") as fleet:
-        fleet.start_run(settings, specs)
+        fleet.start_run(_settings(args, work / "coordinator", root, run, len(specs)), specs)
         code = fleet.follow(work / "coordinator", closed, every_s=2.0)
         if code != 0:
             raise SystemExit(f"the {run} coordinator failed:\n{fleet.log_tail('coordinator')}")
@@ -303,9 +299,9 @@ def _section(args, summary, results, specs, pretrained, minutes) -> str:
         "",
         f"FedAvg: {args.fedavg_rounds} rounds with every device that can hold whole-model training. Progressive: "
         f"one shrinking round per block, then {args.min_rounds_per_block}-{args.max_rounds_per_block} rounds per "
-        f"block (freezing when the devices' loss stops improving). Selective: {args.selective_rounds} train "
-        f"rounds, a score round before every 3, up to 2 layers per device (4 if it holds the whole model). "
-        f"Layer-wise: {args.rounds_per_layer} rounds per layer, one layer and its boundary head per device.",
+        f"block (effective-movement freezing). Selective: {args.selective_rounds} train rounds, a score round before "
+        f"every 3, up to 2 layers per device (4 if it holds the whole model). Layer-wise: {args.rounds_per_layer} "
+        f"rounds per layer, one layer and its boundary head per device.",
         "",
         "| | " + " | ".join(SCRATCH) + " |",
         "|---|" + "---:|" * len(SCRATCH),
