@@ -31,9 +31,9 @@ TIERS_TEXT = f"{SMALL_TIER}: 1 (small-0); pi-zero-2w: 1 (big-0)"
 
 def _settings(work, profile, strategy):
     s = settings(work, profile, strategy, min_devices=2, eval_samples=2000)
-    # two rounds per block and a window of one: every block logs one loss gain (its second round's)
+    # two rounds per block and a window of two: every block logs one effective movement
     s["progressive"] = {"shrink_rounds": 0, "min_rounds_per_block": 2, "max_rounds_per_block": 2,
-                        "max_extra_blocks": 1, "freeze_window": 1, "freeze_threshold": 0.8, "freeze_patience": 1}
+                        "max_extra_blocks": 1, "freeze_window": 2, "freeze_threshold": 0.8, "freeze_patience": 1}
     s["fedavg"] = {"rounds": 2}
     return s
 
@@ -157,9 +157,9 @@ def test_report_numbers_match_the_metrics_file(runs):
 def test_the_freezing_metric_is_the_schedules_and_absent_for_fedavg(runs):
     from coordinator.observe.run_data import freezing_series, load_run
     metrics = read_metrics(runs["progressive"])
-    kind, series, threshold, metric = freezing_series(load_run(runs["progressive"]))
-    logged = {(m["stage"]["block"], m["round"], m["schedule"]["loss_gain"]) for m in metrics}
-    assert kind == "block" and threshold == 0.8 and metric == "loss_gain"
+    kind, series, threshold = freezing_series(load_run(runs["progressive"]))
+    logged = {(m["stage"]["block"], m["round"], m["schedule"]["effective_movement"]) for m in metrics}
+    assert kind == "block" and threshold == 0.8
     assert {(b, r, v) for b, pts in series.items() for r, v in pts} == logged
     assert sorted(series) == [0, 1, 2, 3] and all(v is not None for pts in series.values() for _, v in pts[1:])
     page = _Page(write_report(runs["fedavg"]).read_text())
@@ -265,15 +265,15 @@ def test_a_device_over_a_budget_is_drawn_above_it_and_named(runs, tmp_path):
 def test_a_plot_with_nothing_to_show_is_left_out_and_the_page_says_why(runs, tmp_path):
     """Nothing froze: the run's first round, before any block trained its window; no round at all: no plot."""
     metrics = read_metrics(runs["progressive"])
-    first = [m for m in metrics[:1] if m["schedule"].get("loss_gain") is None]
+    first = [m for m in metrics[:1] if m["schedule"].get("effective_movement") is None]
     assert first, "the run's first round already has a freezing value"
     page = _Page(write_report(_copy_run(runs["progressive"], tmp_path / "first", first), baseline=False).read_text())
     assert {i["id"].removeprefix("img-") for i in page.imgs} == PLOTS - {"freezing"}
     assert page.text["no-freezing"].startswith("No block froze yet: the freezing metric has a value only once a "
-                                               "block has trained 2 rounds (a gain compares two rounds")
+                                               "block has trained its full window of 2 rounds")
     assert not (tmp_path / "first" / "report" / "freezing.png").exists()
     # the whole run has values: the plot is there, with a note only when no value went under the threshold
-    series = [m["schedule"]["loss_gain"] for m in metrics]
+    series = [m["schedule"]["effective_movement"] for m in metrics]
     page = _Page(write_report(runs["progressive"], out_dir=tmp_path / "whole", baseline=False).read_text())
     assert "img-freezing" in {i["id"] for i in page.imgs} and "no-freezing" not in page.text
     froze = any(v is not None and v < 0.8 for v in series)

@@ -285,27 +285,21 @@ def round_bytes(m: RoundMetrics) -> tuple[int, int]:
 
 class FreezingSeries(NamedTuple):
     kind: str                                            # "block" or "layer"
-    series: dict[int, list[tuple[int, float | None]]]    # unit -> [(round, the metric or None)]
+    series: dict[int, list[tuple[int, float | None]]]    # unit -> [(round, effective movement or None)]
     threshold: float | None
-    metric: str = "loss_gain"                            # or "effective_movement": runs from before the loss rule
-
-
-FREEZING_METRICS = {"loss_gain": "loss gain per round (mean of the window)",
-                    "effective_movement": "effective movement"}
 
 
 def freezing_series(run: Run) -> FreezingSeries:
     """The freezing metric the schedule logged, per block (or layer), from the rounds' schedule reports."""
-    kind, series, threshold, metric = "block", {}, None, "loss_gain"
+    kind, series, threshold = "block", {}, None
     for m in run.rounds:
-        logged = next((k for k in FREEZING_METRICS if k in m.schedule), None)
-        if logged is None:
+        if "effective_movement" not in m.schedule:
             continue
-        kind, metric = ("block" if "block" in m.stage else "layer"), logged
+        kind = "block" if "block" in m.stage else "layer"
         unit = int(m.stage.get(kind, -1))
-        series.setdefault(unit, []).append((m.round, m.schedule[logged]))
+        series.setdefault(unit, []).append((m.round, m.schedule["effective_movement"]))
         threshold = m.schedule.get("freeze_threshold", threshold)
-    return FreezingSeries(kind, series, threshold, metric)
+    return FreezingSeries(kind, series, threshold)
 
 
 # -- what the page says, as text -----------------------------------------------------------------
@@ -360,20 +354,17 @@ def round_notes(run: Run) -> list[str]:
 
 def freezing_note(run: Run) -> str | None:
     """Why there is no freezing plot, or that no block froze on it; None when its plot says it all."""
-    kind, series, threshold, metric = freezing_series(run)
+    kind, series, threshold = freezing_series(run)
     values = [v for pts in series.values() for _, v in pts if v is not None]
     if values:
         if threshold is not None and min(values) >= threshold:
-            return f"No {kind} froze: its {FREEZING_METRICS[metric]} never went under the freeze threshold " \
-                   f"{threshold:g}."
+            return f"No {kind} froze: its effective movement never went under the freeze threshold {threshold:g}."
         return None
     if series:
         window = run.settings.get(run.strategy, {}).get("freeze_window")
-        full = (f"{window + 1} rounds (a gain compares two rounds; the metric is the mean of the last {window})"
-                if metric == "loss_gain" and window else f"its window of {window} rounds" if window else
-                "its full window")
         return (f"No {kind} froze{'' if run.finished else ' yet'}: the freezing metric has a value only once a "
-                f"{kind} has trained {full}, and no {kind} has, so there is nothing to plot.")
+                f"{kind} has trained its full window" + (f" of {window} rounds" if window else "")
+                + f", and no {kind} has, so there is nothing to plot.")
     if run.strategy in ("progressive", "layerwise"):
         return (f"The freezing metric is not recorded yet: the {run.strategy} schedule logs it once a "
                 f"{'block trains in its growing stage' if run.strategy == 'progressive' else 'layer trains'}.")

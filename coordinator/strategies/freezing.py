@@ -1,133 +1,114 @@
-"""When a block has converged: the fleet's training loss on it stops improving.
+"""When a block has converged: ProFL's effective-movement rule.
 
-ProFL freezes block t once it has converged, and reads convergence from the block's
-parameters (effective movement: their net movement over a window against the path they
-took). On this product's federated rounds (several local epochs of Adam on non-IID
-devices) that measure stayed at 0.6-0.95 in every stage, whether the block still improved
-or not, and never froze a block (docs/benchmarks.md): a block's weights keep drifting the
-same way long after the drift stops helping. The rule here reads convergence where it
-shows, in the loss the devices report for the part they trained:
+ProFL freezes block t once its parameters stop going anywhere. The paper does not publish
+the formula; ours is per-scalar net movement over a window divided by the path length,
 
-    gain_r   = median over devices d that trained the same part in rounds r-1 and r of
-               (L_d,r-1 - L_d,r) / L_d,r-1
-    signal_r = mean of gain over the last `window` rounds
+    EM = mean over scalars of |sum_r dW_r| / sum_r |dW_r|     (r over the last `window` rounds)
 
-L_d,r is the mean training loss device d reported for round r (over its local epochs,
-from the round's weights). Each device is compared with itself, which cancels the
-differences between devices' data (non-IID: one device's loss says nothing of another's);
-the median keeps one device (a straggler, a poisoner) from deciding; the window smooths the
-noise of sampling. A block freezes once the signal has stayed under `threshold` (a gain of
-1 % a round by default) for `patience` consecutive rounds. Calibrated and checked on
-recorded federated runs (tests/test_freezing.py, tools/record_freezing.py).
+which is near 1 while every round pushes a weight the same way (still learning) and small
+when rounds cancel out (oscillating around an optimum). Calibration: for changes that are
+independent noise, E|sum| / E sum|.| = 1/sqrt(window) (0.41 for a window of 6), and noise
+around an optimum is mean-reverting, so lower still; the threshold must lie between
+1/sqrt(window) and 1, and the default 0.5 does. A block freezes once EM has been below
+`threshold` for `patience` consecutive rounds. Window, threshold and patience are
+settings; EM is logged every round.
 """
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import numpy as np
 
 
 @dataclass(frozen=True)
 class FreezeRule:
-    window: int = 3          # rounds whose gains are averaged
-    threshold: float = 0.01  # a smoothed relative loss gain per round under this counts as converged
-    patience: int = 2        # consecutive rounds under the threshold before the block freezes
+    window: int = 6
+    threshold: float = 0.5
+    patience: int = 2
     min_rounds: int = 0      # never freeze a block that has trained fewer rounds than this
 
     def __post_init__(self):
-        if self.window < 1 or not 0 < self.threshold < 1 or self.patience < 1:
-            raise ValueError("freeze_window >= 1, 0 < freeze_threshold < 1 and freeze_patience >= 1 are required")
-
-    @property
-    def earliest(self) -> int:
-        """The fewest rounds of a stage after which the rule can freeze its block: a gain needs two rounds, the
-        signal `window` gains, the decision `patience` signals."""
-        return self.window + self.patience
+        if self.window < 2 or not 0 < self.threshold < 1 or self.patience < 1:
+            raise ValueError("window >= 2, 0 < threshold < 1 and patience >= 1 are required")
+        if self.threshold <= self.window ** -0.5:
+            raise ValueError(f"threshold {self.threshold} is at or below 1/sqrt(window) = {self.window ** -0.5:.2f}, "
+                             f"what pure noise scores: a converged block would never freeze")
 
 
 @dataclass(frozen=True)
 class FreezeSettings:
     """The rule's settings, as a schedule that freezes declares them in its table."""
-    freeze_window: int = 3
-    freeze_threshold: float = 0.01
+    freeze_window: int = 6
+    freeze_threshold: float = 0.5
     freeze_patience: int = 2
 
     def freeze_rule(self) -> FreezeRule:
         return FreezeRule(window=self.freeze_window, threshold=self.freeze_threshold, patience=self.freeze_patience)
 
 
-def part_key(device_id: str, first: int, last: int, head: int | None) -> str:
-    """What a device's loss is comparable across rounds for: the same device, span and head."""
-    return f"{device_id}:{first}-{last}:{head}"
-
-
-def round_gain(previous: Mapping[str, float], current: Mapping[str, float]) -> float:
-    """The median over the parts in both rounds of the relative loss improvement; NaN when none is in both."""
-    gains = [(previous[k] - current[k]) / previous[k] for k in current.keys() & previous.keys() if previous[k] > 0]
-    return float(np.median(gains)) if gains else float("nan")
-
-
-def losses_of(results: Iterable) -> dict[str, float]:
-    """{part_key: loss} of a round's results (coordinator.strategies.base.Result), finite positive losses only."""
-    out = {}
-    for r in results:
-        a = r.assignment
-        if r.loss is not None and math.isfinite(r.loss) and r.loss > 0:
-            out[part_key(a.device_id, a.first, a.last, a.head)] = float(r.loss)
-    return out
+def effective_movement(deltas: list[Mapping[str, np.ndarray]]) -> float:
+    """Mean over scalars of |net movement| / path length across the given rounds' changes."""
+    if not deltas:
+        return float("nan")
+    net_sum, count = 0.0, 0
+    for name in deltas[0]:
+        stack = np.stack([d[name].astype(np.float64).ravel() for d in deltas])
+        path = np.abs(stack).sum(axis=0)
+        moving = path > 0
+        net_sum += float((np.abs(stack.sum(axis=0))[moving] / path[moving]).sum())
+        count += int(moving.sum())
+    return net_sum / count if count else 0.0
 
 
 @dataclass
-class BlockProgress:
-    """One stage's record of the fleet's losses; says when its block (or layer) may freeze."""
+class BlockMovement:
+    """Per-block history of round-to-round changes; says when the block may freeze."""
     rule: FreezeRule
-    losses: dict[str, float] = field(default_factory=dict)   # the last round's, by part_key
-    gains: deque = field(default_factory=deque)              # the last `window` rounds' gains
+    deltas: deque = field(default_factory=deque)
     below: int = 0
     rounds: int = 0
+    history: list = field(default_factory=list)   # EM per round, for logs and plots
 
-    def observe(self, losses: Mapping[str, float]) -> float:
-        """Record one round's losses ({part_key: loss}); return the round's signal (NaN until `window` gains)."""
-        gain = round_gain(self.losses, losses)
-        self.losses = dict(losses)
+    def observe(self, before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray]) -> float:
+        """Record one round's change of the block; return the round's EM (nan until the window fills)."""
+        self.deltas.append({k: after[k] - before[k] for k in after})
+        while len(self.deltas) > self.rule.window:
+            self.deltas.popleft()
         self.rounds += 1
-        if math.isfinite(gain):
-            self.gains.append(gain)
-            while len(self.gains) > self.rule.window:
-                self.gains.popleft()
-        signal = float(np.mean(self.gains)) if len(self.gains) == self.rule.window else float("nan")
-        self.below = self.below + 1 if math.isfinite(signal) and signal < self.rule.threshold else 0
-        return signal
+        em = effective_movement(list(self.deltas)) if len(self.deltas) == self.rule.window else float("nan")
+        self.below = self.below + 1 if em == em and em < self.rule.threshold else 0
+        self.history.append(em)
+        return em
 
     @property
     def converged(self) -> bool:
         return self.rounds >= self.rule.min_rounds and self.below >= self.rule.patience
 
-    def state(self) -> dict:
-        return {"losses": self.losses, "gains": list(self.gains), "below": self.below, "rounds": self.rounds}
 
-    @classmethod
-    def from_state(cls, rule: FreezeRule, state: Mapping | None) -> "BlockProgress":
-        """As state() left it; a fresh record for a state without one (a run stored by an earlier version)."""
-        if not state:
-            return cls(rule)
-        return cls(rule, {str(k): float(v) for k, v in dict(state.get("losses", {})).items()},
-                   deque(float(g) for g in state.get("gains", [])[-rule.window:]), int(state.get("below", 0)),
-                   int(state.get("rounds", 0)))
+def restore_movement(rule: FreezeRule, names, changes, logged_ems, rounds: int) -> BlockMovement:
+    """A BlockMovement as it was after `rounds` rounds of one stage, for a restarted coordinator.
+
+    changes: the stage's (before, after) weight pairs, oldest first (only the last `window`
+    are read); logged_ems: the stage's logged movements (None before the window filled).
+    The per-round changes are as large as the block, so they are rebuilt from stored
+    weights rather than kept in the strategy's state.
+    """
+    movement = BlockMovement(rule)
+    for before, after in list(changes)[-rule.window:]:
+        movement.deltas.append({k: after[k] - before[k] for k in names})
+    ems = list(logged_ems)[-rounds:] if rounds else []
+    movement.rounds = rounds
+    movement.history = [float("nan") if em is None else em for em in ems]
+    for em in ems:
+        movement.below = movement.below + 1 if em is not None and em < rule.threshold else 0
+    return movement
 
 
-def freeze_entry(round_no: int, unit: str, index: int, signal: float) -> dict:
-    """A round's line of a schedule's freezing log: the signal (None until it has a value: NaN is not JSON)."""
-    return {"round": round_no, unit: index, "loss_gain": signal if math.isfinite(signal) else None}
-
-
-def round_report(freeze_log, round_no: int, rule: FreezeRule) -> dict:
-    """The signal a schedule logged for a round, beside the threshold it is held against."""
-    for entry in reversed(freeze_log):
-        if entry["round"] == round_no and "loss_gain" in entry:
-            return {"loss_gain": entry["loss_gain"], "freeze_threshold": rule.threshold,
-                    "freeze_window": rule.window}
+def round_report(em_log, round_no: int, rule: FreezeRule) -> dict:
+    """The movement a schedule logged for a round, beside the threshold it is held against."""
+    for entry in reversed(em_log):
+        if entry["round"] == round_no:
+            return {"effective_movement": entry["effective_movement"], "freeze_threshold": rule.threshold}
     return {}

@@ -11,9 +11,8 @@ of the frozen blocks before it, so a device needs the memory of that block, not 
   layer is: block 0 above means that layer's block, whose frozen layers stay in the cached
   prefix, and blocks wholly inside the prefix never get a stage.
 - Growing stage, front to back: block t trains with its head on top of the trained,
-  frozen prefix until the freezing rule (coordinator/strategies/freezing.py: the fleet's loss on
-  it stops improving) says it has converged (after `min_rounds_per_block`) or
-  `max_rounds_per_block` is reached; then it
+  frozen prefix until the effective-movement rule (coordinator/strategies/freezing.py) says it has
+  converged (after `min_rounds_per_block`) or `max_rounds_per_block` is reached; then it
   freezes and block t+1 starts. The last block's head is the real classifier.
 - A device takes part in a stage only if the stage's sub-model is predicted to fit its
   measured budget; a device with room trains blocks t .. t+k together (k up to
@@ -21,26 +20,19 @@ of the frozen blocks before it, so a device needs the memory of that block, not 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from coordinator.strategies.base import Assignment, RoundPlan, Strategy
-from coordinator.strategies.freezing import (
-    BlockProgress,
-    FreezeRule,
-    FreezeSettings,
-    freeze_entry,
-    losses_of,
-    round_report,
-)
+from coordinator.strategies.freezing import BlockMovement, FreezeRule, FreezeSettings, restore_movement, round_report
 
 
 @dataclass(frozen=True)
 class ProgressiveSettings(FreezeSettings):
-    """[progressive]: the stages' round bounds and the freezing rule (the cap leaves the rule room to decide:
-    it can freeze a block after freeze_window + freeze_patience rounds)."""
+    """[progressive]: the stages' round bounds and the effective-movement freezing rule."""
     shrink_rounds: int = 1
     min_rounds_per_block: int = 2
-    max_rounds_per_block: int = 12
+    max_rounds_per_block: int = 6
     max_extra_blocks: int = 1
 
 
@@ -72,14 +64,18 @@ class Progressive(Strategy):
         self.phase = "shrinking" if shrink_rounds > 0 and n - self.first_block > 1 else "growing"
         self.block = n - 1 if self.phase == "shrinking" else self.first_block
         self.rounds_in_stage = 0
-        self.progress = BlockProgress(self.rule)
-        self.freeze_log: list[dict] = []
+        self.movement = BlockMovement(self.rule)
+        self.em_log: list[dict] = []
 
     # -- stages -------------------------------------------------------------------------------
     def _span(self, first_block: int, last_block: int) -> tuple[int, int]:
         """The layers blocks first..last train: less the frozen prefix, which the device reads from its cache."""
         first = max(self.manifest.blocks[first_block].layers[0], self.first_trainable)
         return first, self.manifest.blocks[last_block].layers[-1]
+
+    def _block_params(self) -> list[str]:
+        """The current block's trainable parameters, whose movement decides when it freezes."""
+        return self.manifest.param_names(self.trainable(self.manifest.blocks[self.block].layers), kind="param")
 
     def plan_round(self, round_no, devices):
         if self.finished:
@@ -115,16 +111,19 @@ class Progressive(Strategy):
             if self.rounds_in_stage >= self.shrink_rounds:
                 self._next_stage()
             return
-        signal = self.progress.observe(losses_of(results))
-        self.freeze_log.append(freeze_entry(plan.round, "block", self.block, signal))
-        converged = self.rounds_in_stage >= self.min_rounds and self.progress.converged
+        names = self._block_params()
+        em = self.movement.observe({k: before[k] for k in names}, {k: after[k] for k in names})
+        # None until the window is full (the rule's own NaN is not valid JSON)
+        self.em_log.append({"round": plan.round, "block": self.block,
+                            "effective_movement": em if math.isfinite(em) else None})
+        converged = self.rounds_in_stage >= self.min_rounds and self.movement.converged
         if converged or self.rounds_in_stage >= self.max_rounds:
             self._next_stage()
 
     def _next_stage(self):
         n = len(self.manifest.blocks)
         self.rounds_in_stage = 0
-        self.progress = BlockProgress(self.rule)
+        self.movement = BlockMovement(self.rule)
         if self.phase == "shrinking":
             self.block -= 1
             if self.block <= self.first_block:
@@ -138,11 +137,6 @@ class Progressive(Strategy):
     def finished(self):
         return self.phase == "done"
 
-    def _fewest(self) -> int:
-        """The fewest rounds a stage can take: its minimum, or what the freezing rule needs to decide, within the
-        cap."""
-        return min(self.max_rounds, max(self.min_rounds, self.rule.earliest))
-
     def rounds_left(self) -> tuple[int, int]:
         if self.finished:
             return 0, 0
@@ -151,22 +145,36 @@ class Progressive(Strategy):
         if self.phase == "shrinking":   # this block's shrink rounds, the blocks down to first_block + 1, then growing
             shrink = (self.shrink_rounds - self.rounds_in_stage
                       + (self.block - self.first_block - 1) * self.shrink_rounds)
-            return shrink + grow * self._fewest(), shrink + grow * self.max_rounds
+            return shrink + grow * self.min_rounds, shrink + grow * self.max_rounds
         later = n - 1 - self.block
-        return (max(1, self._fewest() - self.rounds_in_stage) + later * self._fewest(),
+        return (max(1, self.min_rounds - self.rounds_in_stage) + later * self.min_rounds,
                 self.max_rounds - self.rounds_in_stage + later * self.max_rounds)
 
     def round_report(self, round_no: int) -> dict:
-        return round_report(self.freeze_log, round_no, self.rule)
+        return round_report(self.em_log, round_no, self.rule)
 
     # -- persistence ------------------------------------------------------------------------
     def state(self):
         return {"phase": self.phase, "block": self.block, "rounds_in_stage": self.rounds_in_stage,
-                "freeze_log": self.freeze_log, "progress": self.progress.state()}
+                "em_log": self.em_log}
 
     def load_state(self, state):
-        """Restore the stage and its freezing record (a state from before the loss rule: the record starts anew)."""
+        """Restore the stage; `replay` then refills the freezing window from the stored weights."""
         self.phase, self.block = state["phase"], int(state["block"])
         self.rounds_in_stage = int(state["rounds_in_stage"])
-        self.freeze_log = list(state.get("freeze_log", []))
-        self.progress = BlockProgress.from_state(self.rule, state.get("progress"))
+        self.em_log = list(state.get("em_log", []))
+        self.movement = BlockMovement(self.rule)
+
+    def history_rounds(self) -> int:
+        return self.rule.window
+
+    def replay(self, history, load):
+        """Refill the movement window with the current block's last changes, as if never restarted."""
+        if self.phase != "growing" or self.rounds_in_stage == 0:
+            return
+        names = self._block_params()
+        mine = [(b, a) for stage, b, a in history
+                if stage.get("phase") == "growing" and stage.get("block") == self.block][-self.rounds_in_stage:]
+        changes = ((load(b), load(a)) for b, a in mine[-self.rule.window:])
+        ems = [e["effective_movement"] for e in self.em_log if e["block"] == self.block]
+        self.movement = restore_movement(self.rule, names, changes, ems, self.rounds_in_stage)
