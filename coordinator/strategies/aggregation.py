@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
@@ -282,20 +283,20 @@ def _order_statistic(name: str, tensors, w: np.ndarray, settings: AggregationSet
             b = min(count, a + work_width)
             out[start + a:start + b] = combiners[k](chunk[:, a:b])
 
-    if threads == 1:
-        for start in range(0, size, read_width):
-            count = min(read_width, size - start)
-            read(start, count, range(n))
-            combine(start, count, 0)
-        return out.reshape(shape)
     rows = [range(k * n // threads, (k + 1) * n // threads) for k in range(threads)]
-    with ThreadPoolExecutor(threads, thread_name_prefix="aggregate") as pool:
+    with ThreadPoolExecutor(threads, thread_name_prefix="aggregate") if threads > 1 else nullcontext() as pool:
+        def each(fn, calls) -> None:
+            """fn(*call) for every call: in the threads, or here when there is one."""
+            if pool is None:
+                for call in calls:
+                    fn(*call)
+            else:
+                for done in [pool.submit(fn, *call) for call in calls]:
+                    done.result()
         for start in range(0, size, read_width):
             count = min(read_width, size - start)
-            for done in [pool.submit(read, start, count, r) for r in rows]:
-                done.result()
-            for done in [pool.submit(combine, start, count, k) for k in range(threads)]:
-                done.result()
+            each(read, [(start, count, r) for r in rows])
+            each(combine, [(start, count, k) for k in range(threads)])
     return out.reshape(shape)
 
 
