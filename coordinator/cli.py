@@ -88,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
                                             "instead of the export's initialisation")
     run.add_argument("--eval-data", help="evaluate each round on this dataset directory (inputs.npy, labels.npy) "
                                          "instead of the Fashion-MNIST test set")
+    run.add_argument("--validation-data", help="labeled data no device holds and the test set does not hold "
+                                               "either (a dataset directory like --eval-data): progressive and "
+                                               "layer-wise training freeze a stage once its accuracy on it stops "
+                                               "rising (without it every stage trains to its round cap)")
     run.add_argument("--profile", help="profile JSON from `edge-profile measure` (default: measure here once)")
     run.add_argument("--min-devices", type=int, help="online devices needed before a round opens")
     run.add_argument("--round-deadline-s", type=float, help="seconds a round waits for updates")
@@ -172,7 +176,7 @@ def _settings(args) -> dict:
                     "min_updates": args.min_updates,
                     "sample_fraction": args.sample_fraction, "max_rounds": args.max_rounds,
                     "update_fp16": args.update_fp16, "init_weights": args.init_weights,
-                    "eval_data": args.eval_data, "username": args.username,
+                    "eval_data": args.eval_data, "validation_data": args.validation_data, "username": args.username,
                     "password_file": args.password_file, "tls": args.tls, "tls_ca": args.tls_ca,
                     "tls_cert": args.tls_cert, "tls_key": args.tls_key},
         "train": {"local_epochs": args.local_epochs, "learning_rate": args.learning_rate},

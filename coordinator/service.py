@@ -62,6 +62,7 @@ from coordinator.state_sql import StoreError, without_password
 from coordinator.state_store import STATE_URL, TESTING, LeaseLost, StateStore, TaskRow, task_spec
 from coordinator.strategies.aggregation import AggregationSettings, UpdateCheck, aggregation_settings_table
 from coordinator.strategies.base import Device, Result, RoundPlan, stage_text
+from coordinator.strategies.freezing import FreezeRule, Validator
 from coordinator.strategies.shared_features import is_feature
 from edge_runtime import systemd
 from edge_runtime.errors import EdgeRuntimeError, IntegrityError
@@ -103,6 +104,9 @@ DEFAULTS = {
                 "min_updates": 1, "sample_fraction": 1.0, "max_rounds": 200, "eval_samples": 10000,
                 "max_update_relative_change": 10.0, "update_fp16": False, "init_weights": "",
                 "eval_data": "",
+                # labeled data no device holds and the test set does not hold either: what the freezing rule of
+                # progressive and layer-wise training decides on (coordinator/strategies/freezing.py); "" none
+                "validation_data": "", "validation_samples": 5000,
                 # the broker login and TLS (docs/broker.md, "Production broker"); mqtts:// turns TLS on
                 "username": "", "password_file": "", "tls": False, "tls_ca": "", "tls_cert": "", "tls_key": "",
                 # admission: the fleet's device list (one id a line, the file `edge-coordinator acl` reads);
@@ -173,6 +177,7 @@ class Coordinator:
         self._check_same_run()
         self.strategy = strategies.build(settings, m, _predictor(settings, self.work, self.model).predict)
         self.strategy.attach(self.model)          # a personalised schedule keeps its own weights in the blob store
+        self.strategy.attach_validation(self._validator(s, m))
         self.holdout = _holdout_fraction(settings["train"]["holdout_fraction"], self.strategy.personalized)
         self.check = UpdateCheck(max_relative_change=s["max_update_relative_change"])
         self.pending: dict[str, tuple[str, Update]] = {}   # task id -> (sender, update) whose blob is incomplete
@@ -227,9 +232,6 @@ class Coordinator:
             self.eval_layer = len(self.model.manifest.layers) - 1
         else:
             self.strategy.load_state(row.strategy_state)
-            history = [(r.plan.get("stage", {}), r.weights_before, r.weights_after)
-                       for r in self.state.closed_round_rows() if r.weights_after != r.weights_before]
-            self.strategy.replay(history, self.model.load)
             if self.is_leader:          # a replica tests when it leads (_lead restores again)
                 self._test_untested()
             self.weights_sha = row.weights_before if row.state == "open" else row.weights_after
@@ -945,11 +947,28 @@ class Coordinator:
         return [replace(r, weight=granted[r.assignment.device_id]) for r in results
                 if granted[r.assignment.device_id] > 0]
 
+    def _validator(self, s: Mapping, manifest) -> Validator | None:
+        """The freezing rule's measure, on [service] validation_data; None without it (every stage trains to its
+        cap, as the log says when the schedule freezes)."""
+        if not s["validation_data"]:
+            if isinstance(getattr(self.strategy, "rule", None), FreezeRule):
+                log.warning("no [service] validation_data: the %s schedule's freezing rule has no held-out accuracy "
+                            "to read, so every stage trains to its round cap", self.strategy.name)
+            return None
+        if s["eval_data"] and Path(s["validation_data"]).resolve() == Path(s["eval_data"]).resolve():
+            raise ConfigError("validation_data is eval_data: the rounds' reported test accuracy must come from data "
+                              "nothing decided on; give a held-out set of its own")
+        x, y = _labeled_set(s["validation_data"], manifest, s["validation_samples"], "validation_data")
+        log.info("validation set: %d labeled examples (%s), for the freezing rule", len(y), s["validation_data"])
+
+        def validate(weights: Mapping[str, np.ndarray], last_layer: int) -> float:
+            return self.model.evaluate(weights, x, y, upto_layer=last_layer)["accuracy"]
+        return validate
+
     def _collect_garbage(self) -> None:
-        """Keep the weights of the last rounds a restart may replay (and the current ones); delete older blobs."""
-        keep = 1 + self.strategy.history_rounds()
-        # replay reads the rounds that changed the weights (_restore's history): the last `keep` of those
-        changed = [r for r in self.state.closed_round_rows() if r.weights_after != r.weights_before][-keep:]
+        """Keep the current weights and those of the last round that changed them (a restart tests that round if it
+        closed untested); delete older blobs."""
+        changed = [r for r in self.state.closed_round_rows() if r.weights_after != r.weights_before][-1:]
         indexes = {self.weights_sha} | {i for r in changed for i in (r.weights_before, r.weights_after) if i}
         own_indexes, own_blobs = self.strategy.blobs_in_use()
         removed = self.model.collect_garbage(indexes | own_indexes, own_blobs)
@@ -1123,7 +1142,7 @@ def _test_set(eval_data: str, manifest, samples: int) -> tuple[np.ndarray, np.nd
     """The data every round's global model is evaluated on, checked against the model before any round:
     a LocalDataset directory (inputs.npy, labels.npy) of the fleet's kind, or the Fashion-MNIST test set
     when the model takes Fashion-MNIST's shape and none is given."""
-    from edge_runtime.train.datasets import FMNIST_MEAN, FMNIST_STD, LocalDataset, load_fashion_mnist
+    from edge_runtime.train.datasets import FMNIST_MEAN, FMNIST_STD, load_fashion_mnist
     shape, classes = tuple(manifest.input_shape), manifest.num_classes
     if not eval_data:
         if shape != (1, 28, 28) or classes != 10:
@@ -1136,13 +1155,19 @@ def _test_set(eval_data: str, manifest, samples: int) -> tuple[np.ndarray, np.nd
                  "data must be normalised alike (else give --eval-data)", FMNIST_MEAN, FMNIST_STD)
         x, y = load_fashion_mnist("test")
         return x[:samples], y[:samples]
-    data = LocalDataset(Path(eval_data))
+    return _labeled_set(eval_data, manifest, samples, "eval_data")
+
+
+def _labeled_set(folder: str, manifest, samples: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """The first `samples` rows of a LocalDataset directory (inputs.npy, labels.npy) that fits the model."""
+    from edge_runtime.train.datasets import LocalDataset
+    data = LocalDataset(Path(folder))
     if not data.labels_path.exists() or not data.inputs_path.exists():
-        raise ConfigError(f"eval_data {eval_data} is not a dataset directory (inputs.npy and labels.npy)")
+        raise ConfigError(f"{what} {folder} is not a dataset directory (inputs.npy and labels.npy)")
     try:
-        data.check(shape, classes)
+        data.check(tuple(manifest.input_shape), manifest.num_classes)
     except EdgeRuntimeError as exc:
-        raise ConfigError(f"eval_data: {exc}") from None
+        raise ConfigError(f"{what}: {exc}") from None
     return np.load(data.inputs_path, mmap_mode="r")[:samples], data.labels()[:samples]
 
 
@@ -1162,6 +1187,8 @@ def check_settings(settings: dict) -> None:
     if manifest is not None:
         try:
             _test_set(s["eval_data"], Manifest.load(manifest), 1)
+            if s["validation_data"]:
+                _labeled_set(s["validation_data"], Manifest.load(manifest), 1, "validation_data")
         except EdgeRuntimeError as exc:
             raise ConfigError(str(exc)) from None
 

@@ -11,7 +11,6 @@ from coordinator.strategies.aggregation import (
     aggregate_updates,
     validate_update,
 )
-from coordinator.strategies.freezing import BlockMovement, FreezeRule, effective_movement
 
 FEDAVG = AggregationSettings(rule="mean", max_share=1.0)    # the weighted mean, no share cap
 
@@ -49,46 +48,6 @@ def test_fedavg_weights_by_samples_and_averages_each_parameter_over_its_own_trai
     np.testing.assert_allclose(avg["a"], 1 * 0.25 + 4 * 0.75)
     np.testing.assert_allclose(avg["b"], 10)           # only the device that trained it
     assert avg["a"].dtype == np.float32
-
-
-def test_effective_movement_tells_drift_from_oscillation():
-    drift = [{"w": np.full(50, 0.1)} for _ in range(4)]
-    wobble = [{"w": np.full(50, 0.1 * (-1) ** r)} for r in range(4)]
-    assert effective_movement(drift) == pytest.approx(1.0)
-    assert effective_movement(wobble) == pytest.approx(0.0)
-
-
-def _train_rounds(block, target, rounds, lr, noise, rng):
-    """A toy block trained by noisy gradient steps toward `target`."""
-    w = {"w": np.zeros(200)}
-    for _ in range(rounds):
-        new = {"w": w["w"] + lr * (target - w["w"]) + noise * rng.standard_normal(200)}
-        block.observe(w, new)
-        w = new
-    return w
-
-
-def test_the_rule_freezes_a_converged_block_and_not_a_learning_one():
-    rule = FreezeRule()
-    rng = np.random.default_rng(1)
-    converged = BlockMovement(rule)
-    _train_rounds(converged, target=np.ones(200), rounds=60, lr=0.5, noise=0.05, rng=rng)
-    assert converged.converged, converged.history[-5:]
-    learning = BlockMovement(rule)
-    _train_rounds(learning, target=np.full(200, 100.0), rounds=12, lr=0.02, noise=0.05, rng=rng)
-    assert not learning.converged and learning.history[-1] > 0.9
-    # EM is logged from the round the window fills
-    w = rule.window
-    assert np.isnan(learning.history[w - 2]) and not np.isnan(learning.history[w - 1])
-
-
-def test_pure_noise_scores_one_over_sqrt_window_and_thresholds_below_it_are_refused():
-    rng = np.random.default_rng(2)
-    for window in (4, 6, 9):
-        noise = [{"w": rng.standard_normal(20000)} for _ in range(window)]
-        assert effective_movement(noise) == pytest.approx(window ** -0.5, rel=0.08)
-    with pytest.raises(ValueError, match="pure noise"):
-        FreezeRule(window=4, threshold=0.3)
 
 
 def test_a_round_reads_stored_updates_lazily_and_leaves_out_lost_or_altered_ones(tmp_path, caplog):

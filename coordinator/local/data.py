@@ -89,3 +89,14 @@ def write_fleet_data(root: Path, device_ids: list[str], samples: int, alpha: flo
         xs = x[pool[idx]]
         LocalDataset.write(dirs[device], shift(xs) if shift else xs, y[pool[idx]])
     return dirs
+
+
+def write_validation_data(folder: Path, samples: int, count: int, seed: int = 0) -> Path:
+    """A LocalDataset of `count` Fashion-MNIST training images the fleet's `samples` (write_fleet_data with the same
+    seed) do not include: the coordinator's validation set ([service] validation_data); kept if present."""
+    folder = Path(folder)
+    if not (folder / "labels.npy").exists():
+        x, y = load_fashion_mnist("train")
+        rows = np.sort(split_pool(samples, count, seed)[1])
+        LocalDataset.write(folder, x[rows], y[rows])
+    return folder

@@ -37,6 +37,7 @@ from typing import Callable, ClassVar, Mapping, Protocol, Sequence
 import numpy as np
 
 from coordinator.strategies.aggregation import AggregationSettings, aggregate_updates
+from coordinator.strategies.freezing import Validator
 from edge_runtime.wire.part import TrainablePart
 
 # peak bytes of training layers first..last (head after last) at a batch size; a family member's part (FedIN)
@@ -180,6 +181,7 @@ class Strategy(ABC):
         self.batch_sizes = sorted(set(batch_sizes), reverse=True)
         self.margin = margin
         self.aggregation = aggregation
+        self.validate: Validator | None = None
 
     @classmethod
     def from_settings(cls, manifest, predict: PeakPredictor, table: Mapping, batch_sizes: Sequence[int],
@@ -218,11 +220,6 @@ class Strategy(ABC):
     def finished(self) -> bool:
         """True once the schedule has nothing left to train."""
 
-    def history_rounds(self) -> int:
-        """How many of the last closed rounds' weights `replay` may read: the coordinator keeps those and
-        collects older weight blobs. The default schedule reads none."""
-        return 0
-
     def round_report(self, round_no: int) -> dict:
         """What the schedule measured in a round, for the round's metrics (e.g. the freezing metric)."""
         return {}
@@ -240,15 +237,12 @@ class Strategy(ABC):
     def load_state(self, state: Mapping) -> None:
         """Restore what state() returned (a restarted coordinator)."""
 
-    def replay(self, history: Sequence[tuple[Mapping, str, str]], load: Callable[[str], Mapping]) -> None:
-        """After load_state: rebuild what state() leaves out from the stored rounds.
-
-        history is every aggregated closed round as (its plan's stage, weights index before,
-        weights index after), oldest first; load(index) gives those weights. The default
-        schedule keeps nothing outside state().
-        """
-
     # -- personalised schedules ---------------------------------------------------------------
+    def attach_validation(self, validate: Validator | None) -> None:
+        """Give the schedule the coordinator's validation set, as a function (None: the coordinator has none): a
+        schedule that freezes reads its stages' progress from it (coordinator/strategies/freezing.py)."""
+        self.validate = validate
+
     def attach(self, vault: WeightVault) -> None:
         """Give the schedule the store it keeps its own weights in (the service does, before load_state)."""
         self.vault = vault

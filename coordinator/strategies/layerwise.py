@@ -7,7 +7,8 @@ the layer and its head, with the frozen layers before it read from its activatio
 cache, so its memory is one layer's. `frozen_after` keeps that many frozen layers after
 the trainable one in the graph (they run forward and pass gradients back; -1 keeps all of
 them, up to the final head). A layer advances after `rounds_per_layer` rounds, or earlier
-once the effective-movement rule (coordinator/strategies/freezing.py) says it has converged.
+once the freezing rule (coordinator/strategies/freezing.py: the accuracy through it on the
+coordinator's validation set has stopped rising) says it has converged.
 
 Depth dropout: each frozen skippable (residual) layer in a device's graph is skipped for
 that device in a round with probability `dropout`; the device neither computes it nor
@@ -21,14 +22,13 @@ frozen layers keep no optimizer state, and skipped layers cost nothing).
 """
 from __future__ import annotations
 
-import math
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from coordinator.strategies.base import Assignment, RoundPlan, Strategy
-from coordinator.strategies.freezing import BlockMovement, FreezeRule, FreezeSettings, restore_movement, round_report
+from coordinator.strategies.freezing import BlockProgress, FreezeRule, FreezeSettings, freeze_entry, round_report
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ class LayerWise(Strategy):
         self.layers = list(self.trainable(l.index for l in m.layers if l.params))   # the units that train, in order
         self.position = 0
         self.rounds_in_stage = 0
-        self.movement = BlockMovement(self.rule)
-        self.em_log: list[dict] = []
+        self.progress = BlockProgress(self.rule)
+        self.freeze_log: list[dict] = []
 
     @property
     def layer(self) -> int:
@@ -115,15 +115,15 @@ class LayerWise(Strategy):
         if self.finished or not plan.assignments:
             return
         self.rounds_in_stage += 1
-        names = self.manifest.param_names([self.layer], kind="param")
-        em = self.movement.observe({k: before[k] for k in names}, {k: after[k] for k in names})
-        self.em_log.append({"round": plan.round, "layer": self.layer,
-                            "effective_movement": em if math.isfinite(em) else None})
-        converged = self.rounds_in_stage >= self.min_rounds and self.movement.converged
+        # through the layer and the head the stage trains it with (its head after an untrained layer is chance)
+        accuracy = self.validate(after, self._end()) if self.validate else None
+        slope = self.progress.observe(accuracy)
+        self.freeze_log.append(freeze_entry(plan.round, "layer", self.layer, accuracy, slope))
+        converged = self.rounds_in_stage >= self.min_rounds and self.progress.converged
         if converged or self.rounds_in_stage >= self.rounds_per_layer:
             self.position += 1
             self.rounds_in_stage = 0
-            self.movement = BlockMovement(self.rule)
+            self.progress = BlockProgress(self.rule)
 
     @property
     def finished(self):
@@ -133,29 +133,24 @@ class LayerWise(Strategy):
         if self.finished:
             return 0, 0
         later = len(self.layers) - 1 - self.position
-        return (max(1, self.min_rounds - self.rounds_in_stage) + later * self.min_rounds,
+        return (max(1, self._fewest() - self.rounds_in_stage) + later * self._fewest(),
                 self.rounds_per_layer - self.rounds_in_stage + later * self.rounds_per_layer)
 
+    def _fewest(self) -> int:
+        """The fewest rounds a stage can take: its minimum, or what the rule needs to decide (with validation data
+        to decide on), within the cap."""
+        floor = max(self.min_rounds, self.rule.earliest) if self.validate else self.rounds_per_layer
+        return min(self.rounds_per_layer, floor)
+
     def round_report(self, round_no: int) -> dict:
-        return round_report(self.em_log, round_no, self.rule)
+        return round_report(self.freeze_log, round_no, self.rule)
 
     def state(self):
-        return {"position": self.position, "rounds_in_stage": self.rounds_in_stage, "em_log": self.em_log}
+        return {"position": self.position, "rounds_in_stage": self.rounds_in_stage, "freeze_log": self.freeze_log,
+                "progress": self.progress.state()}
 
     def load_state(self, state):
         self.position = int(state.get("position", 0))
         self.rounds_in_stage = int(state.get("rounds_in_stage", 0))
-        self.em_log = list(state.get("em_log", []))
-        self.movement = BlockMovement(self.rule)
-
-    def history_rounds(self) -> int:
-        return self.rule.window
-
-    def replay(self, history, load):
-        if self.finished or self.rounds_in_stage == 0:
-            return
-        mine = [(b, a) for stage, b, a in history if stage.get("layer") == self.layer][-self.rounds_in_stage:]
-        changes = ((load(b), load(a)) for b, a in mine[-self.rule.window:])
-        ems = [e["effective_movement"] for e in self.em_log if e["layer"] == self.layer]
-        self.movement = restore_movement(self.rule, self.manifest.param_names([self.layer], kind="param"), changes, ems,
-                                         self.rounds_in_stage)
+        self.freeze_log = list(state.get("freeze_log", []))
+        self.progress = BlockProgress.from_state(self.rule, state.get("progress"))

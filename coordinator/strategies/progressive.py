@@ -11,28 +11,29 @@ of the frozen blocks before it, so a device needs the memory of that block, not 
   layer is: block 0 above means that layer's block, whose frozen layers stay in the cached
   prefix, and blocks wholly inside the prefix never get a stage.
 - Growing stage, front to back: block t trains with its head on top of the trained,
-  frozen prefix until the effective-movement rule (coordinator/strategies/freezing.py) says it has
-  converged (after `min_rounds_per_block`) or `max_rounds_per_block` is reached; then it
-  freezes and block t+1 starts. The last block's head is the real classifier.
+  frozen prefix until the freezing rule (coordinator/strategies/freezing.py: the sub-model's
+  accuracy on the coordinator's validation set has stopped rising) says it has converged
+  (after `min_rounds_per_block`) or `max_rounds_per_block` is reached; then it freezes and
+  block t+1 starts. The last block's head is the real classifier.
 - A device takes part in a stage only if the stage's sub-model is predicted to fit its
   measured budget; a device with room trains blocks t .. t+k together (k up to
   `max_extra_blocks`) with block t+k's head, which pre-trains the blocks that follow.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from coordinator.strategies.base import Assignment, RoundPlan, Strategy
-from coordinator.strategies.freezing import BlockMovement, FreezeRule, FreezeSettings, restore_movement, round_report
+from coordinator.strategies.freezing import BlockProgress, FreezeRule, FreezeSettings, freeze_entry, round_report
 
 
 @dataclass(frozen=True)
 class ProgressiveSettings(FreezeSettings):
-    """[progressive]: the stages' round bounds and the effective-movement freezing rule."""
+    """[progressive]: the stages' round bounds and the freezing rule (the cap leaves the rule room: it can freeze a
+    block after freeze_window + freeze_patience - 1 rounds)."""
     shrink_rounds: int = 1
     min_rounds_per_block: int = 2
-    max_rounds_per_block: int = 6
+    max_rounds_per_block: int = 12
     max_extra_blocks: int = 1
 
 
@@ -64,18 +65,14 @@ class Progressive(Strategy):
         self.phase = "shrinking" if shrink_rounds > 0 and n - self.first_block > 1 else "growing"
         self.block = n - 1 if self.phase == "shrinking" else self.first_block
         self.rounds_in_stage = 0
-        self.movement = BlockMovement(self.rule)
-        self.em_log: list[dict] = []
+        self.progress = BlockProgress(self.rule)
+        self.freeze_log: list[dict] = []
 
     # -- stages -------------------------------------------------------------------------------
     def _span(self, first_block: int, last_block: int) -> tuple[int, int]:
         """The layers blocks first..last train: less the frozen prefix, which the device reads from its cache."""
         first = max(self.manifest.blocks[first_block].layers[0], self.first_trainable)
         return first, self.manifest.blocks[last_block].layers[-1]
-
-    def _block_params(self) -> list[str]:
-        """The current block's trainable parameters, whose movement decides when it freezes."""
-        return self.manifest.param_names(self.trainable(self.manifest.blocks[self.block].layers), kind="param")
 
     def plan_round(self, round_no, devices):
         if self.finished:
@@ -111,19 +108,20 @@ class Progressive(Strategy):
             if self.rounds_in_stage >= self.shrink_rounds:
                 self._next_stage()
             return
-        names = self._block_params()
-        em = self.movement.observe({k: before[k] for k in names}, {k: after[k] for k in names})
-        # None until the window is full (the rule's own NaN is not valid JSON)
-        self.em_log.append({"round": plan.round, "block": self.block,
-                            "effective_movement": em if math.isfinite(em) else None})
-        converged = self.rounds_in_stage >= self.min_rounds and self.movement.converged
+        # the stage's model as the rule judges it: as trained, through the deepest part of the round and its head
+        # (devices with room train the next block too, with its head: then this block's head may never train)
+        deepest = max(a.last for a in plan.assignments)
+        accuracy = self.validate(after, deepest) if self.validate else None
+        slope = self.progress.observe(accuracy)
+        self.freeze_log.append(freeze_entry(plan.round, "block", self.block, accuracy, slope))
+        converged = self.rounds_in_stage >= self.min_rounds and self.progress.converged
         if converged or self.rounds_in_stage >= self.max_rounds:
             self._next_stage()
 
     def _next_stage(self):
         n = len(self.manifest.blocks)
         self.rounds_in_stage = 0
-        self.movement = BlockMovement(self.rule)
+        self.progress = BlockProgress(self.rule)
         if self.phase == "shrinking":
             self.block -= 1
             if self.block <= self.first_block:
@@ -145,36 +143,27 @@ class Progressive(Strategy):
         if self.phase == "shrinking":   # this block's shrink rounds, the blocks down to first_block + 1, then growing
             shrink = (self.shrink_rounds - self.rounds_in_stage
                       + (self.block - self.first_block - 1) * self.shrink_rounds)
-            return shrink + grow * self.min_rounds, shrink + grow * self.max_rounds
+            return shrink + grow * self._fewest(), shrink + grow * self.max_rounds
         later = n - 1 - self.block
-        return (max(1, self.min_rounds - self.rounds_in_stage) + later * self.min_rounds,
+        return (max(1, self._fewest() - self.rounds_in_stage) + later * self._fewest(),
                 self.max_rounds - self.rounds_in_stage + later * self.max_rounds)
 
+    def _fewest(self) -> int:
+        """The fewest rounds a growing stage can take: its minimum, or what the rule needs to decide (with
+        validation data to decide on), within the cap."""
+        floor = max(self.min_rounds, self.rule.earliest) if self.validate else self.max_rounds
+        return min(self.max_rounds, floor)
+
     def round_report(self, round_no: int) -> dict:
-        return round_report(self.em_log, round_no, self.rule)
+        return round_report(self.freeze_log, round_no, self.rule)
 
     # -- persistence ------------------------------------------------------------------------
     def state(self):
         return {"phase": self.phase, "block": self.block, "rounds_in_stage": self.rounds_in_stage,
-                "em_log": self.em_log}
+                "freeze_log": self.freeze_log, "progress": self.progress.state()}
 
     def load_state(self, state):
-        """Restore the stage; `replay` then refills the freezing window from the stored weights."""
         self.phase, self.block = state["phase"], int(state["block"])
         self.rounds_in_stage = int(state["rounds_in_stage"])
-        self.em_log = list(state.get("em_log", []))
-        self.movement = BlockMovement(self.rule)
-
-    def history_rounds(self) -> int:
-        return self.rule.window
-
-    def replay(self, history, load):
-        """Refill the movement window with the current block's last changes, as if never restarted."""
-        if self.phase != "growing" or self.rounds_in_stage == 0:
-            return
-        names = self._block_params()
-        mine = [(b, a) for stage, b, a in history
-                if stage.get("phase") == "growing" and stage.get("block") == self.block][-self.rounds_in_stage:]
-        changes = ((load(b), load(a)) for b, a in mine[-self.rule.window:])
-        ems = [e["effective_movement"] for e in self.em_log if e["block"] == self.block]
-        self.movement = restore_movement(self.rule, names, changes, ems, self.rounds_in_stage)
+        self.freeze_log = list(state.get("freeze_log", []))
+        self.progress = BlockProgress.from_state(self.rule, state.get("progress"))
