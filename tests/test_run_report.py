@@ -1,7 +1,8 @@
 """The run report, built from a real federated run: a real Mosquitto, the coordinator service
 and two device agents as processes (a 256 MB board with its tier's budget, as a flashed one
 runs, too small for whole-model training; and a larger one given a budget of its own), a
-short progressive run with the freezing window shortened so the metric has values, and a
+short progressive run with the freezing window shortened so the metric has values (on a
+validation set of training images no device holds), and a
 full-model FedAvg baseline beside it. The page's numbers are checked against metrics.jsonl, the memory
 chart's data against the devices' budgets, and headless Chromium must render every image
 of it without fetching anything.
@@ -29,11 +30,12 @@ SMALL_TIER = "generic-256mb"
 TIERS_TEXT = f"{SMALL_TIER}: 1 (small-0); pi-zero-2w: 1 (big-0)"
 
 
-def _settings(work, profile, strategy):
-    s = settings(work, profile, strategy, min_devices=2, eval_samples=2000)
-    # two rounds per block and a window of two: every block logs one effective movement
-    s["progressive"] = {"shrink_rounds": 0, "min_rounds_per_block": 2, "max_rounds_per_block": 2,
-                        "max_extra_blocks": 1, "freeze_window": 2, "freeze_threshold": 0.8, "freeze_patience": 1}
+def _settings(work, profile, strategy, validation):
+    s = settings(work, profile, strategy, min_devices=2, eval_samples=2000, validation_data=str(validation),
+                 validation_samples=1000)
+    # three rounds per block and a window of three: every block logs one slope (its third round's)
+    s["progressive"] = {"shrink_rounds": 0, "min_rounds_per_block": 3, "max_rounds_per_block": 3,
+                        "max_extra_blocks": 1, "freeze_window": 3, "freeze_threshold": 0.8, "freeze_patience": 1}
     s["fedavg"] = {"rounds": 2}
     return s
 
@@ -42,7 +44,7 @@ def _run(root, broker, profile, specs, strategy, during=None):
     """One run to its end in root/<strategy>/coordinator; `during(workdir)` is called while it goes on."""
     work = root / strategy
     with LocalFleet(work, broker.url, fleet=f"report-{strategy}") as fleet:
-        fleet.start_run(_settings(work / "coordinator", profile, strategy), specs)
+        fleet.start_run(_settings(work / "coordinator", profile, strategy, root / "validation"), specs)
         proc, deadline = fleet.procs["coordinator"], time.monotonic() + 600
         while proc.poll() is None:
             assert time.monotonic() < deadline, fleet.log_tail("coordinator")
@@ -56,10 +58,12 @@ def _run(root, broker, profile, specs, strategy, during=None):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A finished progressive run, a FedAvg run beside it, and a report made while the progressive one ran."""
+    from coordinator.local.data import write_validation_data
     from coordinator.model.zoo_profile import measured_profile
     root = tmp_path_factory.mktemp("report")
     measured_profile(root / "measured", "fmnist_cnn", [32, 64])
     specs = fleet_specs(root / "data", samples=3000, alpha=0.5, small=1, big=1)
+    write_validation_data(root / "validation", samples=3000, count=1000)
     # the small device is a 256 MB board with its tier's budget (the coordinator can tell its whole budget: 96 MB for
     # jobs + 48 MB for the agent); the big one has a budget of its own (296 MB: the coordinator cannot tell it)
     specs = [replace(s, tier=SMALL_TIER, budget_mb=None) if s.device_id.startswith("small") else s for s in specs]
@@ -115,14 +119,14 @@ def _pct(x):
 def test_report_numbers_match_the_metrics_file(runs):
     work = runs["progressive"]
     metrics, baseline = read_metrics(work), read_metrics(runs["fedavg"])
-    assert metrics[-1]["finished"] and len(metrics) == 8
+    assert metrics[-1]["finished"] and len(metrics) == 12
     page_path = write_report(work)
     assert page_path == work / "report" / "report.html"
     page = _Page(page_path.read_text())
     last, best = metrics[-1], max(metrics, key=lambda m: m["accuracy"])
     assert page.text["final-accuracy"] == f"{_pct(last['accuracy'])} (round {last['round']})"
     assert page.text["best-accuracy"] == f"{_pct(best['accuracy'])} (round {best['round']})"
-    assert page.text["rounds"] == "8" and page.text["state"] == "finished"
+    assert page.text["rounds"] == "12" and page.text["state"] == "finished"
     assert page.text["model"] == "fmnist_cnn" and page.text["strategy"] == "progressive"
     # the FedAvg run next to it was found and is the baseline
     assert page.text["baseline-accuracy"].startswith(f"{_pct(baseline[-1]['accuracy'])} after 2 rounds of fedavg")
@@ -157,11 +161,13 @@ def test_report_numbers_match_the_metrics_file(runs):
 def test_the_freezing_metric_is_the_schedules_and_absent_for_fedavg(runs):
     from coordinator.observe.run_data import freezing_series, load_run
     metrics = read_metrics(runs["progressive"])
-    kind, series, threshold = freezing_series(load_run(runs["progressive"]))
-    logged = {(m["stage"]["block"], m["round"], m["schedule"]["effective_movement"]) for m in metrics}
-    assert kind == "block" and threshold == 0.8
+    kind, series, threshold, metric = freezing_series(load_run(runs["progressive"]))
+    logged = {(m["stage"]["block"], m["round"], m["schedule"]["accuracy_slope"]) for m in metrics}
+    assert kind == "block" and threshold == 0.8 and metric == "accuracy_slope"
     assert {(b, r, v) for b, pts in series.items() for r, v in pts} == logged
-    assert sorted(series) == [0, 1, 2, 3] and all(v is not None for pts in series.values() for _, v in pts[1:])
+    assert sorted(series) == [0, 1, 2, 3] and all(v is not None for pts in series.values() for _, v in pts[2:])
+    # what the slope is fitted to: the stage's accuracy on the validation set, measured every round
+    assert all(0.0 <= m["schedule"]["validation_accuracy"] <= 1.0 for m in metrics)
     page = _Page(write_report(runs["fedavg"]).read_text())
     assert "not recorded for this strategy (fedavg)" in page.text["no-freezing"]
     assert {i["id"] for i in page.imgs} == {"img-" + p for p in PLOTS - {"freezing"}}
@@ -265,15 +271,15 @@ def test_a_device_over_a_budget_is_drawn_above_it_and_named(runs, tmp_path):
 def test_a_plot_with_nothing_to_show_is_left_out_and_the_page_says_why(runs, tmp_path):
     """Nothing froze: the run's first round, before any block trained its window; no round at all: no plot."""
     metrics = read_metrics(runs["progressive"])
-    first = [m for m in metrics[:1] if m["schedule"].get("effective_movement") is None]
+    first = [m for m in metrics[:1] if m["schedule"].get("accuracy_slope") is None]
     assert first, "the run's first round already has a freezing value"
     page = _Page(write_report(_copy_run(runs["progressive"], tmp_path / "first", first), baseline=False).read_text())
     assert {i["id"].removeprefix("img-") for i in page.imgs} == PLOTS - {"freezing"}
     assert page.text["no-freezing"].startswith("No block froze yet: the freezing metric has a value only once a "
-                                               "block has trained its full window of 2 rounds")
+                                               "block has trained its window of 3 rounds")
     assert not (tmp_path / "first" / "report" / "freezing.png").exists()
     # the whole run has values: the plot is there, with a note only when no value went under the threshold
-    series = [m["schedule"]["effective_movement"] for m in metrics]
+    series = [m["schedule"]["accuracy_slope"] for m in metrics]
     page = _Page(write_report(runs["progressive"], out_dir=tmp_path / "whole", baseline=False).read_text())
     assert "img-freezing" in {i["id"] for i in page.imgs} and "no-freezing" not in page.text
     froze = any(v is not None and v < 0.8 for v in series)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from typing import NamedTuple
 
-from coordinator.observe.run_data import MB, DeviceRow, Run, freezing_series, ranges_text, round_bytes
+from coordinator.observe.run_data import FREEZING_METRICS, MB, DeviceRow, Run, freezing_series, ranges_text, round_bytes
 from coordinator.round_metrics import DeviceRound, device_accuracy
 from coordinator.strategies.base import stage_text
 
@@ -283,8 +283,8 @@ def _tier_separators(ax, devices: list[DeviceRow]) -> None:
 
 
 def plot_freezing(run: Run) -> bytes | None:
-    """Effective movement per block (or layer) over rounds, against the threshold under which it freezes."""
-    kind, series, threshold = freezing_series(run)
+    """The freezing signal per block (or layer) over rounds, against the threshold under which it freezes."""
+    kind, series, threshold, metric = freezing_series(run)
     if not any(v is not None for points in series.values() for _, v in points):
         return None         # no block has filled its window: ticks alone are an empty frame
     plt = _pyplot()
@@ -298,12 +298,14 @@ def plot_freezing(run: Run) -> bytes | None:
             ax.plot([r for r, _ in known], [v for _, v in known], marker="o", ms=4, color=cmap(unit),
                     label=f"{kind} {unit}")
     if pending:
-        ax.scatter(pending, [0.02] * len(pending), marker="|", s=80, color="grey",
+        ax.scatter(pending, [0.0] * len(pending), marker="|", s=80, color="grey",
                    label="no value yet (its window of rounds not full)")
     if threshold is not None:
         ax.axhline(threshold, color="red", linestyle="--", linewidth=1, label=f"freeze threshold {threshold:g}")
-    ax.set(xlabel="round", ylabel="effective movement", ylim=(0, 1.05),
+    ax.set(xlabel="round", ylabel=FREEZING_METRICS[metric],
            title=f"freezing metric per {kind}: a {kind} freezes once it stays under the threshold")
+    if metric == "effective_movement":
+        ax.set_ylim(0, 1.05)
     _integer_rounds(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))

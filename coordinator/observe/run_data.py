@@ -285,21 +285,27 @@ def round_bytes(m: RoundMetrics) -> tuple[int, int]:
 
 class FreezingSeries(NamedTuple):
     kind: str                                            # "block" or "layer"
-    series: dict[int, list[tuple[int, float | None]]]    # unit -> [(round, effective movement or None)]
+    series: dict[int, list[tuple[int, float | None]]]    # unit -> [(round, the metric or None)]
     threshold: float | None
+    metric: str = "accuracy_slope"                       # or "effective_movement": runs from before the validation rule
+
+
+FREEZING_METRICS = {"accuracy_slope": "validation accuracy slope (points a round)",
+                    "effective_movement": "effective movement"}
 
 
 def freezing_series(run: Run) -> FreezingSeries:
     """The freezing metric the schedule logged, per block (or layer), from the rounds' schedule reports."""
-    kind, series, threshold = "block", {}, None
+    kind, series, threshold, metric = "block", {}, None, "accuracy_slope"
     for m in run.rounds:
-        if "effective_movement" not in m.schedule:
+        logged = next((k for k in FREEZING_METRICS if k in m.schedule), None)
+        if logged is None:
             continue
-        kind = "block" if "block" in m.stage else "layer"
+        kind, metric = ("block" if "block" in m.stage else "layer"), logged
         unit = int(m.stage.get(kind, -1))
-        series.setdefault(unit, []).append((m.round, m.schedule["effective_movement"]))
+        series.setdefault(unit, []).append((m.round, m.schedule[logged]))
         threshold = m.schedule.get("freeze_threshold", threshold)
-    return FreezingSeries(kind, series, threshold)
+    return FreezingSeries(kind, series, threshold, metric)
 
 
 # -- what the page says, as text -----------------------------------------------------------------
@@ -354,17 +360,22 @@ def round_notes(run: Run) -> list[str]:
 
 def freezing_note(run: Run) -> str | None:
     """Why there is no freezing plot, or that no block froze on it; None when its plot says it all."""
-    kind, series, threshold = freezing_series(run)
+    kind, series, threshold, metric = freezing_series(run)
     values = [v for pts in series.values() for _, v in pts if v is not None]
     if values:
         if threshold is not None and min(values) >= threshold:
-            return f"No {kind} froze: its effective movement never went under the freeze threshold {threshold:g}."
+            return f"No {kind} froze: its {FREEZING_METRICS[metric]} never went under the freeze threshold " \
+                   f"{threshold:g}."
         return None
     if series:
+        if metric == "accuracy_slope" and all(not run.rounds or m.schedule.get("validation_accuracy") is None
+                                              for m in run.rounds if "accuracy_slope" in m.schedule):
+            return (f"No {kind} froze: the coordinator has no validation data ([service] validation_data), so the "
+                    f"freezing rule had nothing to read and every {kind} trained to its round cap.")
         window = run.settings.get(run.strategy, {}).get("freeze_window")
         return (f"No {kind} froze{'' if run.finished else ' yet'}: the freezing metric has a value only once a "
-                f"{kind} has trained its full window" + (f" of {window} rounds" if window else "")
-                + f", and no {kind} has, so there is nothing to plot.")
+                f"{kind} has trained {f'its window of {window} rounds' if window else 'its full window'}, and no "
+                f"{kind} has, so there is nothing to plot.")
     if run.strategy in ("progressive", "layerwise"):
         return (f"The freezing metric is not recorded yet: the {run.strategy} schedule logs it once a "
                 f"{'block trains in its growing stage' if run.strategy == 'progressive' else 'layer trains'}.")
