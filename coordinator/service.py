@@ -62,7 +62,7 @@ from coordinator.state_sql import StoreError, without_password
 from coordinator.state_store import STATE_URL, TESTING, LeaseLost, StateStore, TaskRow, task_spec
 from coordinator.strategies.aggregation import AggregationSettings, UpdateCheck, aggregation_settings_table
 from coordinator.strategies.base import Device, Result, RoundPlan, stage_text
-from coordinator.strategies.freezing import FreezeRule, Validator
+from coordinator.strategies.freezing import Validator
 from coordinator.strategies.shared_features import is_feature
 from edge_runtime import systemd
 from edge_runtime.errors import EdgeRuntimeError, IntegrityError
@@ -951,7 +951,7 @@ class Coordinator:
         """The freezing rule's measure, on [service] validation_data; None without it (every stage trains to its
         cap, as the log says when the schedule freezes)."""
         if not s["validation_data"]:
-            if isinstance(getattr(self.strategy, "rule", None), FreezeRule):
+            if self.strategy.reads_validation():
                 log.warning("no [service] validation_data: the %s schedule's freezing rule has no held-out accuracy "
                             "to read, so every stage trains to its round cap", self.strategy.name)
             return None

@@ -243,6 +243,10 @@ class Strategy(ABC):
         schedule that freezes reads its stages' progress from it (coordinator/strategies/freezing.py)."""
         self.validate = validate
 
+    def reads_validation(self) -> bool:
+        """True when the schedule's freezing rule could end a stage before its cap, given validation data."""
+        return False
+
     def attach(self, vault: WeightVault) -> None:
         """Give the schedule the store it keeps its own weights in (the service does, before load_state)."""
         self.vault = vault

@@ -136,6 +136,9 @@ class LayerWise(Strategy):
         return (max(1, self._fewest() - self.rounds_in_stage) + later * self._fewest(),
                 self.rounds_per_layer - self.rounds_in_stage + later * self.rounds_per_layer)
 
+    def reads_validation(self) -> bool:
+        return self.rule.earliest < self.rounds_per_layer
+
     def _fewest(self) -> int:
         """The fewest rounds a stage can take: its minimum, or what the rule needs to decide (with validation data
         to decide on), within the cap."""

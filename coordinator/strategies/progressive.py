@@ -148,6 +148,9 @@ class Progressive(Strategy):
         return (max(1, self._fewest() - self.rounds_in_stage) + later * self._fewest(),
                 self.max_rounds - self.rounds_in_stage + later * self.max_rounds)
 
+    def reads_validation(self) -> bool:
+        return self.rule.earliest < self.max_rounds
+
     def _fewest(self) -> int:
         """The fewest rounds a growing stage can take: its minimum, or what the rule needs to decide (with
         validation data to decide on), within the cap."""
