@@ -60,16 +60,19 @@ TIERS = {"tiny": 134, "small": 150, "big": 296}
 # every registered schedule with a global model, from scratch (personalised ones: tools/bench_personalized.py)
 SCRATCH = tuple(n for n, cls in strategies.registry().items() if not cls.personalized)
 FINETUNE = ("finetune-fedavg", "finetune-selective")
+VALIDATION = 5000   # the coordinator's validation images (from the training images the fleet does not hold)
 
 
 def _settings(args, work: Path, root: Path, run: str, n_devices: int) -> dict:
     finetune = run.startswith("finetune-")
-    strategy = run.removeprefix("finetune-")
+    strategy = run.removeprefix("finetune-").split("-")[0]      # "progressive-capped": progressive, adjusted
     service = {"workdir": str(work), "strategy": strategy, "profile": str(root / "profile.json"),
                "min_devices": n_devices, "round_deadline_s": 900.0, "offline_grace_s": 30.0,
                "eval_samples": 10000, "seed": args.seed}
     if finetune:
         service.update(init_weights=str(root / "pretrained.safetensors"), eval_data=str(root / "eval-shifted"))
+    else:   # training images no device holds: what progressive and layer-wise training freeze on
+        service.update(validation_data=str(root / "validation"), validation_samples=VALIDATION)
     rounds = args.finetune_rounds if finetune else None
     # the benchmark's own round budgets; a schedule not named here runs with its defaults
     tables = strategies.settings_tables()
@@ -114,8 +117,9 @@ def pretrain(args, root: Path, held_out, log) -> dict:
     return result
 
 
-def run_strategy(args, root: Path, broker_url: str, specs, run: str) -> list[RoundMetrics]:
-    """One schedule over the fleet until its coordinator finishes; resumes a run left in `root`."""
+def run_strategy(args, root: Path, broker_url: str, specs, run: str, adjust=None) -> list[RoundMetrics]:
+    """One schedule over the fleet until its coordinator finishes; resumes a run left in `root`. `adjust(settings)`
+    changes the run's settings (tools/bench_freezing.py: the same schedule with and without freezing)."""
     from coordinator.local.fleet import LocalFleet, read_metrics
     work = root / run
     t0 = time.monotonic()
@@ -124,8 +128,11 @@ def run_strategy(args, root: Path, broker_url: str, specs, run: str) -> list[Rou
         print(f"  {run} round {m.round:>2} {stage_text(m.stage):<22} accuracy {m.accuracy:.2%} "
               f"({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
 
+    settings = _settings(args, work / "coordinator", root, run, len(specs))
+    if adjust is not None:
+        adjust(settings)
     with LocalFleet(work, broker_url, fleet=f"bench-{run}") as fleet:
-        fleet.start_run(_settings(args, work / "coordinator", root, run, len(specs)), specs)
+        fleet.start_run(settings, specs)
         code = fleet.follow(work / "coordinator", closed, every_s=2.0)
         if code != 0:
             raise SystemExit(f"the {run} coordinator failed:\n{fleet.log_tail('coordinator')}")
@@ -230,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         args.samples, args.held_out, args.local_epochs, args.fedavg_rounds = 12000, 3000, 1.0, 4
         args.min_rounds_per_block, args.max_rounds_per_block, args.selective_rounds = 1, 2, 3
         args.rounds_per_layer, args.pretrain_epochs, args.finetune_rounds = 1, 1.0, 3
-    from coordinator.local.data import shift_exposure, split_pool, write_fleet_data
+    from coordinator.local.data import shift_exposure, split_pool, write_fleet_data, write_validation_data
     from coordinator.local.fleet import DeviceSpec
     from coordinator.model.zoo_profile import measured_profile
     from coordinator.ops.broker import EmbeddedBroker
@@ -245,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(r in SCRATCH for r in runs):
         dirs = write_fleet_data(root / "data", ids, args.samples, args.alpha, args.seed)
         specs["scratch"] = [DeviceSpec(d, d.rsplit("-", 1)[0], TIERS[d.rsplit("-", 1)[0]], dirs[d]) for d in ids]
+        write_validation_data(root / "validation", args.samples, VALIDATION, args.seed)
     if any(r in FINETUNE for r in runs):
         dirs = write_fleet_data(root / "data-shifted", ids, args.samples, args.alpha, args.seed, shift=shift_exposure)
         specs["finetune"] = [DeviceSpec(d, d.rsplit("-", 1)[0], TIERS[d.rsplit("-", 1)[0]], dirs[d]) for d in ids]
@@ -299,9 +307,9 @@ def _section(args, summary, results, specs, pretrained, minutes) -> str:
         "",
         f"FedAvg: {args.fedavg_rounds} rounds with every device that can hold whole-model training. Progressive: "
         f"one shrinking round per block, then {args.min_rounds_per_block}-{args.max_rounds_per_block} rounds per "
-        f"block (effective-movement freezing). Selective: {args.selective_rounds} train rounds, a score round before "
-        f"every 3, up to 2 layers per device (4 if it holds the whole model). Layer-wise: {args.rounds_per_layer} "
-        f"rounds per layer, one layer and its boundary head per device.",
+        f"block (freezing once the validation accuracy stops rising). Selective: {args.selective_rounds} train "
+        f"rounds, a score round before every 3, up to 2 layers per device (4 if it holds the whole model). "
+        f"Layer-wise: {args.rounds_per_layer} rounds per layer, one layer and its boundary head per device.",
         "",
         "| | " + " | ".join(SCRATCH) + " |",
         "|---|" + "---:|" * len(SCRATCH),
