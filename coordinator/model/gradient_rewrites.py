@@ -435,6 +435,51 @@ def _fused_matmul(rw: _Rewriter, n: onnx.NodeProto) -> None:
         rw.emit("Mul", [rw.emit("MatMul", [t(x, rx, ta), t(y, ry, tb)]), rw.const(alpha)], n.output[0])
 
 
+def _sum_to(rw: _Rewriter, grad: str, like: str, n: onnx.NodeProto, out: str) -> None:
+    """`grad` summed over the axes along which `like` was broadcast to it (numpy rules), as `out`.
+
+    From the static shapes: an axis `like` lacks (leading) or holds as 1 where the gradient's is
+    not 1 is summed; a batch axis unknown on both sides is taken as equal.
+    """
+    g_shape, l_shape = rw.shape(grad, n), rw.shape(like, n)
+    lead = len(g_shape) - len(l_shape)
+    if lead < 0:
+        raise UnsupportedOpError(n.op_type, n.name, f"{like!r} has a higher rank than its gradient")
+    kept = [lead + i for i, (gd, ld) in enumerate(zip(g_shape[lead:], l_shape)) if ld == 1 and gd != 1]
+    if any(ld is not None and ld != 1 and gd is not None and gd != ld
+           for gd, ld in zip(g_shape[lead:], l_shape)):
+        raise UnsupportedOpError(n.op_type, n.name, f"shapes {g_shape} and {l_shape} do not broadcast")
+    v = grad
+    if kept:
+        v = rw.emit("ReduceSum", [v, rw.ints(kept)], keepdims=1)
+    if lead:
+        v = rw.emit("ReduceSum", [v, rw.ints(range(lead))], keepdims=0)
+    rw.emit("Identity", [v], out)
+
+
+def _div_grad(rw: _Rewriter, n: onnx.NodeProto) -> None:
+    """DivGrad(dY, A, B) = (dY / B, -dY * A / B^2), each summed back to its operand's shape."""
+    dy, a, b = n.input[:3]
+    da, db = (list(n.output) + ["", ""])[:2]
+    if da:
+        _sum_to(rw, rw.emit("Div", [dy, b]), a, n, da)
+    if db:
+        quotient = rw.emit("Div", [rw.emit("Div", [a, b]), b])
+        _sum_to(rw, rw.emit("Neg", [rw.emit("Mul", [dy, quotient])]), b, n, db)
+
+
+def _concat_training(rw: _Rewriter, n: onnx.NodeProto) -> None:
+    """ConcatTraining = Concat; its second output (each input's length on the axis, for Concat's gradient) is
+    built only if something reads it."""
+    axis = int(_attrs(n).get("axis", 0))
+    rw.emit("Concat", list(n.input), n.output[0], axis=axis)
+    if len(n.output) > 1 and n.output[1] and any(n.output[1] in m.input for m in rw.nodes_in):
+        lengths = [rw.emit("Slice", [rw.emit("Shape", [x]), rw.ints([axis]), rw.ints([axis + 1 if axis != -1
+                                                                                       else 2 ** 62])])
+                   for x in n.input]
+        rw.emit("Concat", lengths, n.output[1], axis=0)
+
+
 def _softmax_ce_grad(rw: _Rewriter, n: onnx.NodeProto) -> None:
     """SoftmaxCrossEntropyLossGrad(dY, log_prob, label) = (exp(log_prob) - onehot(label)) * dY (/N for mean)."""
     a = _attrs(n)
@@ -823,6 +868,8 @@ _REWRITES: dict[tuple[str, str], Callable[[_Rewriter, onnx.NodeProto], None]] = 
     ("com.microsoft", "QuickGeluGrad"): _quick_gelu_grad,
     ("com.microsoft", "DropoutGrad"): _dropout_grad,
     ("com.microsoft", "Scale"): _scale,
+    ("com.microsoft", "DivGrad"): _div_grad,
+    ("com.microsoft", "ConcatTraining"): _concat_training,
     ("com.microsoft", "FusedMatMul"): _fused_matmul,
     ("com.microsoft", "SoftmaxCrossEntropyLossGrad"): _softmax_ce_grad,
     ("com.microsoft", "InPlaceAccumulatorV2"): _accumulator,
