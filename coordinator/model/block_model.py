@@ -34,6 +34,30 @@ class Residual(nn.Module):
         return torch.relu(y) if self.relu else y
 
 
+class ContrastiveHead(nn.Module):
+    """SimCLR's projection head with NT-Xent's logits: features -> (GAP) -> MLP -> unit vectors z, then the N x N
+    cosine similarities z z^T / temperature with each row's own entry pushed out of reach.
+
+    Given a batch of two views per image (rows i and its pair, edge_runtime/train/augment.py's positive_pairs),
+    cross-entropy of these logits against each row's pair is NT-Xent exactly, so a device trains it with the
+    step graph every head has (labels: the pairs); a board needs no loss of its own. The similarities have the
+    batch on both axes: the exported head works at any batch.
+    """
+
+    def __init__(self, in_shape: Sequence[int], hidden: int = 128, out: int = 64, temperature: float = 0.5):
+        super().__init__()
+        pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten()] if len(in_shape) == 3 else []
+        self.project = nn.Sequential(*pool, nn.Linear(int(in_shape[0]), hidden), nn.ReLU(), nn.Linear(hidden, out))
+        self.temperature = float(temperature)
+
+    def forward(self, x):
+        z = self.project(x)
+        z = z / torch.sqrt((z * z).sum(dim=1, keepdim=True) + 1e-12)
+        sim = z @ z.t() / self.temperature
+        # exp(-1e4) is 0 in float32: a row's own view never counts as a negative
+        return sim - 1e4 * torch.eye(sim.shape[0], dtype=sim.dtype)
+
+
 class BlockModel(nn.Module):
     """Blocks of layers with a head per block.
 
@@ -45,13 +69,20 @@ class BlockModel(nn.Module):
     first. The blocks before the first member's are the shared extractor, the last block's
     head is the shared classifier, and each member is its block of shape-keeping Residual
     layers; a member's model skips every other member's block (`forward(x, member=name)`).
+
+    objective "contrastive": the heads are ContrastiveHeads and the model learns without labels
+    (edge_runtime.wire.manifest.CONTRASTIVE); num_classes is then the classes of the labeled
+    data its representation is probed on.
     """
 
     def __init__(self, name: str, input_shape: Sequence[int], num_classes: int,
                  blocks: Sequence[Sequence[nn.Module]], heads: Sequence[nn.Module],
                  boundary_head: Callable[[tuple[int, ...]], nn.Module] | None = None,
-                 members: dict[str, int] | None = None):
+                 members: dict[str, int] | None = None, objective: str = "classify"):
         super().__init__()
+        if objective not in ("classify", "contrastive"):
+            raise ValueError(f"{name}: objective must be 'classify' or 'contrastive', not {objective!r}")
+        self.objective = objective
         _check_structure(name, blocks, heads)
         if len(blocks) != len(heads):
             raise ValueError(f"{name}: {len(blocks)} blocks but {len(heads)} heads; give one head per block")

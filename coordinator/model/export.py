@@ -37,7 +37,17 @@ from coordinator.model.graphs import LOGITS, act_name, head_scope, layer_scope, 
 from edge_runtime.errors import ManifestError, UnsupportedOpError
 from edge_runtime.store import atomic_write_bytes, sha256_bytes
 from edge_runtime.wire import weights as wcodec
-from edge_runtime.wire.manifest import BlockSpec, GraphRef, HeadSpec, LayerSpec, Manifest, MemberSpec, ParamSpec
+from edge_runtime.wire.manifest import (
+    CLASSIFY,
+    CONTRASTIVE,
+    BlockSpec,
+    GraphRef,
+    HeadSpec,
+    LayerSpec,
+    Manifest,
+    MemberSpec,
+    ParamSpec,
+)
 
 OPSET = 17
 log = logging.getLogger(__name__)
@@ -70,7 +80,8 @@ def _running_stat_names(module: nn.Module, scope: str) -> list[str]:
 
 
 def _export_module(module: nn.Module, in_shape, in_name: str, out_name: str, prefix: str,
-                   scope: str) -> tuple[onnx.ModelProto, list[ParamSpec], tuple[int, ...]]:
+                   scope: str, square: bool = False) -> tuple[onnx.ModelProto, list[ParamSpec], tuple[int, ...]]:
+    """One layer or head as its own graph; `square`: the output is N x N (a contrastive head's similarities)."""
     stat_names = _running_stat_names(module, scope)
     module = copy.deepcopy(module).train()
     dummy = torch.zeros(2, *in_shape)
@@ -83,7 +94,7 @@ def _export_module(module: nn.Module, in_shape, in_name: str, out_name: str, pre
                           training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False,
                           input_names=[in_name], output_names=[out_name], export_params=True,
                           keep_initializers_as_inputs=False,
-                          dynamic_axes={in_name: {0: "N"}, out_name: {0: "N"}})
+                          dynamic_axes={in_name: {0: "N"}, out_name: {0: "N", 1: "N"} if square else {0: "N"}})
     model = onnx.load_from_string(buf.getvalue())
     local_params = dict(module.named_parameters())
     buffers = dict(module.named_buffers(remove_duplicate=False))
@@ -172,11 +183,17 @@ def export(model: BlockModel, out_dir: Path, check_trainable: bool = True) -> Ma
                                 ops=ops, skippable=isinstance(module, Residual) and tuple(out_shape) == tuple(shape)))
         shape = out_shape
 
+    contrastive = getattr(model, "objective", CLASSIFY) == CONTRASTIVE
+
     def export_head(module: nn.Module, index: int, name: str, after_layer: int) -> HeadSpec:
         proto, params, out_shape = _export_module(module, layers[after_layer].output_shape,
-                                                  act_name(after_layer + 1), LOGITS, name, head_scope(index))
-        if out_shape != (model.num_classes,):
-            raise ExportError(f"head {name} outputs {out_shape}, expected ({model.num_classes},)")
+                                                  act_name(after_layer + 1), LOGITS, name, head_scope(index),
+                                                  square=contrastive)
+        expected = (2,) if contrastive else (model.num_classes,)   # the dummy batch is 2: N x N similarities
+        if out_shape != expected:
+            raise ExportError(f"head {name} outputs {out_shape} per example, expected {expected}"
+                              + (" (a contrastive head's similarities to every row of the batch)" if contrastive
+                                 else ""))
         return HeadSpec(index=index, name=name, attach_after_layer=after_layer,
                         graph=_write_graph(proto, [p.name for p in params], graphs_dir), params=tuple(params),
                         activation_bytes_per_sample=_activation_bytes_per_sample(proto),
@@ -201,7 +218,8 @@ def export(model: BlockModel, out_dir: Path, check_trainable: bool = True) -> Ma
     members = tuple(MemberSpec(name, blocks[b].layers) for name, b in getattr(model, "members", {}).items())
     manifest = Manifest(model=model.name, input_shape=model.input_shape, num_classes=model.num_classes,
                         opset=OPSET, layers=tuple(layers), heads=tuple(heads), blocks=tuple(blocks),
-                        weights=GraphRef(f"weights/{wsha}.safetensors", wsha), root=out_dir, members=members)
+                        weights=GraphRef(f"weights/{wsha}.safetensors", wsha), root=out_dir, members=members,
+                        objective=getattr(model, "objective", CLASSIFY))
     manifest.save(out_dir / "manifest.json")
     manifest = Manifest.load(out_dir / "manifest.json")
     if check_trainable:

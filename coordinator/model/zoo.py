@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from coordinator.model.block_model import BlockModel, Residual
+from coordinator.model.block_model import BlockModel, ContrastiveHead, Residual
 
 
 def _conv(cin: int, cout: int, pool: bool) -> nn.Module:
@@ -74,6 +74,21 @@ def resnet_small(num_classes: int = 10, seed: int = 0) -> BlockModel:
     heads = [_gap_head(32, num_classes), _gap_head(32, num_classes), _gap_head(64, num_classes),
              _gap_head(64, num_classes)]
     return BlockModel("resnet_small", (1, 28, 28), num_classes, blocks, heads, _any_boundary_head(num_classes))
+
+
+def fmnist_ssl(num_classes: int = 10, seed: int = 0) -> BlockModel:
+    """Self-supervised (SimCLR) residual CNN for 1x28x28: 6 layers in 3 blocks, a contrastive projection head
+    after every layer; four of its layers are residual, which depth dropout may skip. Learns without labels;
+    num_classes is what its representation is probed on (coordinator/model/probe.py)."""
+    torch.manual_seed(seed)
+    blocks = [
+        [_conv(1, 32, pool=True), _res(32)],                                                  # 32x14x14
+        [_res(32), nn.Sequential(nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU())],     # 64x7x7
+        [_res(64), _res(64)],
+    ]
+    heads = [ContrastiveHead((32, 14, 14)), ContrastiveHead((64, 7, 7)), ContrastiveHead((64, 7, 7))]
+    return BlockModel("fmnist_ssl", (1, 28, 28), num_classes, blocks, heads, ContrastiveHead,
+                      objective="contrastive")
 
 
 def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, relu6: bool = True) -> list:
@@ -209,6 +224,7 @@ ZOO: dict[str, Callable[..., BlockModel]] = {
     "fmnist_cnn": fmnist_cnn,
     "vgg_cifar": vgg_cifar,
     "resnet_small": resnet_small,
+    "fmnist_ssl": fmnist_ssl,
     "mobilenet_v2": mobilenet_v2,
     "resnet18_cifar": resnet18_cifar,
     "resnet34_cifar": resnet34_cifar,

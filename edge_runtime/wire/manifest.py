@@ -28,6 +28,8 @@ from edge_runtime.errors import ManifestError
 from edge_runtime.logs import printable
 
 FORMAT = "edgeblock-manifest/1"
+CLASSIFY, CONTRASTIVE = "classify", "contrastive"
+OBJECTIVES = (CLASSIFY, CONTRASTIVE)
 DTYPE_BYTES = {"float32": 4, "float16": 2, "int64": 8}
 MAX_INT = 2 ** 63 - 1   # indices, byte counts and dimensions: what an int64 (numpy, onnxruntime) holds
 
@@ -124,6 +126,14 @@ class Manifest:
     # the shared classifier, and each member is a run of intermediate layers, smallest member first. Empty for
     # one architecture; written only when not empty, so other manifests load unchanged.
     members: tuple[MemberSpec, ...] = ()
+    # What the heads compute: CLASSIFY (class logits, trained on the devices' labels) or CONTRASTIVE (a projection
+    # head's N x N similarity logits of a batch of two views per image, trained by NT-Xent without labels; the
+    # coordinator judges the layers by a linear probe). Written only when not CLASSIFY.
+    objective: str = CLASSIFY
+
+    @property
+    def contrastive(self) -> bool:
+        return self.objective == CONTRASTIVE
 
     # -- queries -----------------------------------------------------------------
     @property
@@ -236,6 +246,8 @@ class Manifest:
             d.pop("frozen_reason")
         if not self.members:
             d.pop("members")
+        if self.objective == CLASSIFY:
+            d.pop("objective")
         return json.dumps(d, indent=1)
 
     def save(self, path: Path) -> None:
@@ -382,13 +394,16 @@ def _parse(raw: dict, root: Path | None) -> Manifest:
                  heads=heads, blocks=blocks, weights=None if weights is None else _graph(weights, "weights"),
                  root=root, frozen_prefix=_count(_get(raw, "frozen_prefix", "", int, 0), "frozen_prefix"),
                  frozen_reason=_get(raw, "frozen_reason", "", str, ""),
-                 members=tuple(_member(x, f"members[{i}]") for i, x in enumerate(_get(raw, "members", "", list, []))))
+                 members=tuple(_member(x, f"members[{i}]") for i, x in enumerate(_get(raw, "members", "", list, []))),
+                 objective=_get(raw, "objective", "", str, CLASSIFY))
     validate(m)
     return m
 
 
 def validate(m: Manifest) -> None:
     """Check internal consistency: indices, contiguity, shapes chaining, unique names."""
+    if m.objective not in OBJECTIVES:
+        raise ManifestError(f"objective is {printable(repr(m.objective), 40)}; known: {', '.join(OBJECTIVES)}")
     if not m.layers or not m.blocks:
         raise ManifestError("a manifest needs at least one layer and one block")
     for i, layer in enumerate(m.layers):
