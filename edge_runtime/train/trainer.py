@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -28,6 +28,7 @@ from edge_runtime.errors import EdgeRuntimeError, ManifestError
 from edge_runtime.memory import peak_rss_bytes, release_free_heap
 from edge_runtime.store import atomic_write_text, digest_of, sha256_file
 from edge_runtime.train.activation_cache import ActivationCache
+from edge_runtime.train.augment import positive_pairs, two_views, view_rng
 from edge_runtime.train.datasets import (
     DATA_CHECK_FILE,
     ArrayReader,
@@ -194,6 +195,12 @@ class PartTensors:
             chunk = idx[start:start + micro]
             loss += self.forward_backward(reader.take(chunk), labels[chunk], 1.0 / len(idx), accumulate=k > 0)
         return loss
+
+    def contrastive_batch(self, reader: ArrayReader, idx: np.ndarray, rng: np.random.Generator) -> float:
+        """NT-Xent of one batch, two fresh views of each of its images in one pass (every other view in the batch is
+        a negative, so the batch is never split into micro-batches); its mean over the 2 x len(idx) views."""
+        pairs = positive_pairs(len(idx))
+        return self.forward_backward(two_views(reader.take(idx), rng), pairs, 1.0 / len(pairs), accumulate=False)
 
 
 class SharedFeatures:
@@ -474,6 +481,8 @@ def train(manifest: Manifest, weights: Mapping[str, np.ndarray], dataset: LocalD
         raise EdgeRuntimeError(f"IN training (in_weight {config.in_weight}) needs a family member's part; layers "
                                f"{part.span[0]}-{part.span[-1]} skipping {list(part.skip)} train no member of "
                                f"{manifest.model}")
+    if manifest.contrastive:
+        _check_contrastive(config, in_training)
     fingerprint = digest_of(wcodec.weights_hash(weights, needed), dataset.fingerprint(),
                             json.dumps(asdict(config), sort_keys=True), repr(part),
                             sha256_file(Path(features)) if in_training else "")
@@ -492,6 +501,8 @@ def train(manifest: Manifest, weights: Mapping[str, np.ndarray], dataset: LocalD
     micro = config.micro()
     train_rows, held_rows = holdout_split(len(labels), config.holdout)
     n = len(train_rows)
+    # a contrastive step reads half a batch of images and makes the batch of their two views
+    rows_per_step = config.batch_size // 2 if manifest.contrastive else config.batch_size
 
     from edge_runtime.train.ort_backend import ForwardSession, StepSession
     session = StepSession(step_graph, threads=config.threads)
@@ -515,14 +526,15 @@ def train(manifest: Manifest, weights: Mapping[str, np.ndarray], dataset: LocalD
     resumed_from = state.step
     kept = list(trainable) + [s for _, s in session.interface.stat_updates]   # what a checkpoint holds
 
-    steps_per_epoch = math.ceil(n / config.batch_size)
-    total = _total_steps(n, config)
+    steps_per_epoch = math.ceil(n / rows_per_step)
+    total = _total_steps(n, replace(config, batch_size=rows_per_step))
     step_times = []
-    for step, positions in _batches(n, config.batch_size, total, config.seed, start=state.step):
+    for step, positions in _batches(n, rows_per_step, total, config.seed, start=state.step):
         idx = train_rows[positions]       # rows of the files (every row when nothing is held out)
         t_step = time.monotonic()
         try:
-            loss = tensors.batch(inputs, labels, idx, micro)
+            loss = tensors.contrastive_batch(inputs, idx, view_rng(config.seed, step)) if manifest.contrastive \
+                else tensors.batch(inputs, labels, idx, micro)
         except (EdgeRuntimeError, MemoryError):
             raise
         except Exception as exc:  # onnxruntime's own error (an index out of range, a shape): the batch's data first
@@ -559,7 +571,7 @@ def train(manifest: Manifest, weights: Mapping[str, np.ndarray], dataset: LocalD
     if shared is not None:
         shared.close()
 
-    samples = sum(min(config.batch_size, n - (s % steps_per_epoch) * config.batch_size) for s in range(total))
+    samples = sum(min(rows_per_step, n - (s % steps_per_epoch) * rows_per_step) for s in range(total))
     # Written straight from the trainer's arrays, one tensor at a time: no second copy.
     wcodec.save_streaming(run_dir / "update.safetensors", part.update_names(manifest) + list(sharing),
                           lambda name: sharing[name] if name in sharing else tensors.tensors[name])
@@ -579,6 +591,19 @@ def train(manifest: Manifest, weights: Mapping[str, np.ndarray], dataset: LocalD
     for ckpt in run_dir.glob("ckpt-*"):
         ckpt.unlink(missing_ok=True)
     return trained, result
+
+
+def _check_contrastive(config: TrainConfig, in_training: bool) -> None:
+    """What a contrastive task cannot do: hold rows out or measure accuracy (it has no labels), share features, or
+    make a batch of fewer than two images. (The schedules start its part at layer 0, so that the views are of the
+    images; a part that starts later, as the profiler measures one, views its cached activations: the same shapes
+    and cost.)"""
+    if config.holdout > 0 or config.share_rows > 0 or in_training:
+        raise EdgeRuntimeError("a contrastive task learns without labels: it holds no rows out (holdout 0), shares "
+                               "no features and does no IN training")
+    if config.batch_size < 4:
+        raise EdgeRuntimeError(f"a contrastive batch holds two views of each image and needs at least 2 images: "
+                               f"batch_size must be at least 4, not {config.batch_size}")
 
 
 def _load_update(path: Path) -> dict[str, np.ndarray]:
