@@ -101,6 +101,16 @@ class GlobalModel:
         return sum(specs[n].nbytes for n in names)
 
     def evaluate(self, weights: Mapping[str, np.ndarray], inputs: np.ndarray, labels: np.ndarray,
-                 upto_layer: int | None = None, skip: tuple[int, ...] = (), threads: int = 0) -> dict:
-        """Accuracy and mean loss (graphs.evaluate); `threads` 0: onnxruntime's default, every core."""
+                 upto_layer: int | None = None, skip: tuple[int, ...] = (), threads: int = 0,
+                 fit_on: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+        """Accuracy and mean loss (graphs.evaluate); `threads` 0: onnxruntime's default, every core. A model trained
+        without labels (Manifest.contrastive) has no classifier: a linear probe of its representation after
+        `upto_layer` is fitted on `fit_on` (labeled inputs no device holds) and scored on inputs, labels."""
+        if self.manifest.contrastive:
+            from coordinator.model.probe import probe
+            if fit_on is None:
+                raise ValueError(f"{self.manifest.model} learns without labels: its linear probe needs labeled data "
+                                 f"to fit on")
+            last = len(self.manifest.layers) - 1 if upto_layer is None else upto_layer
+            return probe(self.manifest, weights, fit_on, (inputs, labels), last, skip=skip, threads=threads)
         return evaluate(self.manifest, weights, inputs, labels, upto_layer=upto_layer, skip=skip, threads=threads)

@@ -176,8 +176,13 @@ class Coordinator:
                                   shared=self.replicated)
         self._check_same_run()
         self.strategy = strategies.build(settings, m, _predictor(settings, self.work, self.model).predict)
+        if m.contrastive and not self.strategy.trains_without_labels:
+            raise ConfigError(f"{m.model} learns without labels (two fresh views of every image each step, so no "
+                              f"cached prefix), and the {self.strategy.name} schedule trains parts from one; use "
+                              f"{' or '.join(n for n, c in strategies.registry().items() if c.trains_without_labels)}")
         self.strategy.attach(self.model)          # a personalised schedule keeps its own weights in the blob store
-        self.strategy.attach_validation(self._validator(s, m))
+        self.validation = self._validation_set(s, m)
+        self.strategy.attach_validation(self._validator())
         self.holdout = _holdout_fraction(settings["train"]["holdout_fraction"], self.strategy.personalized)
         self.check = UpdateCheck(max_relative_change=s["max_update_relative_change"])
         self.pending: dict[str, tuple[str, Update]] = {}   # task id -> (sender, update) whose blob is incomplete
@@ -886,7 +891,8 @@ class Coordinator:
     def _test(self, weights: Mapping[str, np.ndarray], eval_layer: int,
               members: Mapping[str, tuple[int, ...]]) -> tuple[dict, dict[str, dict]]:
         """A global model on the held-out test set: (headline result, {member: result} of a model family)."""
-        ev = self.model.evaluate(weights, self.test_x, self.test_y, upto_layer=eval_layer, threads=TEST_THREADS)
+        ev = self.model.evaluate(weights, self.test_x, self.test_y, upto_layer=eval_layer, threads=TEST_THREADS,
+                                 fit_on=self.validation)
         # a model family's members, each tested as the devices run it (FedIN): the largest is the headline
         models = {name: self.model.evaluate(weights, self.test_x, self.test_y, skip=skip, threads=TEST_THREADS)
                   for name, skip in members.items()}
@@ -947,10 +953,14 @@ class Coordinator:
         return [replace(r, weight=granted[r.assignment.device_id]) for r in results
                 if granted[r.assignment.device_id] > 0]
 
-    def _validator(self, s: Mapping, manifest) -> Validator | None:
-        """The freezing rule's measure, on [service] validation_data; None without it (every stage trains to its
-        cap, as the log says when the schedule freezes)."""
+    def _validation_set(self, s: Mapping, manifest) -> tuple[np.ndarray, np.ndarray] | None:
+        """[service] validation_data: labeled data no device holds and the test set does not hold either, what
+        freezing decides on and a self-supervised model's linear probe is fitted on; None without it."""
         if not s["validation_data"]:
+            if manifest.contrastive:
+                raise ConfigError(f"{manifest.model} learns without labels, and the linear probe that measures it "
+                                  f"is fitted on labeled data no device holds: give it with --validation-data DIR "
+                                  f"([service] validation_data)")
             if self.strategy.reads_validation():
                 log.warning("no [service] validation_data: the %s schedule's freezing rule has no held-out accuracy "
                             "to read, so every stage trains to its round cap", self.strategy.name)
@@ -959,9 +969,22 @@ class Coordinator:
             raise ConfigError("validation_data is eval_data: the rounds' reported test accuracy must come from data "
                               "nothing decided on; give a held-out set of its own")
         x, y = _labeled_set(s["validation_data"], manifest, s["validation_samples"], "validation_data")
-        log.info("validation set: %d labeled examples (%s), for the freezing rule", len(y), s["validation_data"])
+        log.info("validation set: %d labeled examples (%s)%s", len(y), s["validation_data"],
+                 ", which the linear probe is fitted on" if manifest.contrastive else "")
+        return x, y
+
+    def _validator(self) -> Validator | None:
+        """The freezing rule's measure: the stage's accuracy on the validation set (a self-supervised model's: of a
+        probe fitted on its first half, on its second)."""
+        if self.validation is None:
+            return None
+        x, y = self.validation
+        half = len(y) // 2
 
         def validate(weights: Mapping[str, np.ndarray], last_layer: int) -> float:
+            if self.model.manifest.contrastive:
+                return self.model.evaluate(weights, x[half:], y[half:], upto_layer=last_layer,
+                                           fit_on=(x[:half], y[:half]))["accuracy"]
             return self.model.evaluate(weights, x, y, upto_layer=last_layer)["accuracy"]
         return validate
 

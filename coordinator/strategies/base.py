@@ -173,6 +173,9 @@ class Strategy(ABC):
     # each device trains a model of its own: its accuracy is measured on the rows it holds out
     # (TrainConfig.holdout), and the global test set sees only the fleet's reference model
     personalized: ClassVar[bool] = False
+    # may train a model that learns without labels (Manifest.contrastive): its parts start at the model's input,
+    # since two fresh views of every image each step leave no cached prefix to start from
+    trains_without_labels: ClassVar[bool] = False
 
     def __init__(self, manifest, predict: PeakPredictor, batch_sizes: Sequence[int], margin: float = 0.10,
                  aggregation: AggregationSettings = AggregationSettings()):

@@ -17,6 +17,7 @@ class FedAvgSettings:
 class FedAvg(FixedRounds):
     name = "fedavg"
     Settings = FedAvgSettings
+    trains_without_labels = True    # the whole model, from its input: end-to-end SimCLR
 
     def __init__(self, *args, rounds: int = FedAvgSettings.rounds, **kwargs):
         super().__init__(*args, rounds=rounds, **kwargs)

@@ -44,6 +44,7 @@ class LayerWiseSettings(FreezeSettings):
 class LayerWise(Strategy):
     name = "layerwise"
     Settings = LayerWiseSettings
+    trains_without_labels = True    # FLL's setting: self-supervised, a layer at a time, depth dropout on the prefix
 
     @classmethod
     def constructor_args(cls, settings: LayerWiseSettings, seed: int) -> dict:
@@ -99,7 +100,9 @@ class LayerWise(Strategy):
         head = self.manifest.head_for_boundary(end)
         assignments, idle = [], {}
         for d in devices:
-            cached = d.disk_free_bytes == 0 or d.disk_free_bytes >= self.min_cache_disk_bytes
+            # a contrastive model's views are fresh every step: nothing to cache, the frozen layers run each batch
+            cached = not self.manifest.contrastive and \
+                (d.disk_free_bytes == 0 or d.disk_free_bytes >= self.min_cache_disk_bytes)
             first = self.layer if cached else 0
             fit = self.fit(d, first, end)
             if fit is None:
