@@ -117,9 +117,11 @@ def pretrain(args, root: Path, held_out, log) -> dict:
     return result
 
 
-def run_strategy(args, root: Path, broker_url: str, specs, run: str, adjust=None) -> list[RoundMetrics]:
+def run_strategy(args, root: Path, broker_url: str, specs, run: str, adjust=None,
+                 settings: dict | None = None) -> list[RoundMetrics]:
     """One schedule over the fleet until its coordinator finishes; resumes a run left in `root`. `adjust(settings)`
-    changes the run's settings (tools/bench_freezing.py: the same schedule with and without freezing)."""
+    changes the run's settings (tools/bench_freezing.py: the same schedule with and without freezing); `settings`
+    replaces them (tools/bench_ssl.py: another model)."""
     from coordinator.local.fleet import LocalFleet, read_metrics
     work = root / run
     t0 = time.monotonic()
@@ -128,7 +130,7 @@ def run_strategy(args, root: Path, broker_url: str, specs, run: str, adjust=None
         print(f"  {run} round {m.round:>2} {stage_text(m.stage):<22} accuracy {m.accuracy:.2%} "
               f"({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
 
-    settings = _settings(args, work / "coordinator", root, run, len(specs))
+    settings = settings or _settings(args, work / "coordinator", root, run, len(specs))
     if adjust is not None:
         adjust(settings)
     with LocalFleet(work, broker_url, fleet=f"bench-{run}") as fleet:
