@@ -97,8 +97,9 @@ def test_on_the_recorded_run_most_blocks_freeze_before_their_cap_at_their_final_
         at = _first_freeze([r["validation_accuracy"] for r in rounds])
         if at is not None and at < history["cap"]:
             early[block] = at
-            # frozen where the capped run ended up: its test accuracy then is within half a point of the end's
-            assert 100 * rounds[at - 1]["accuracy"] >= _level(rounds, "accuracy") - 0.5, (block, at)
+            # frozen where the capped run ended up: its test accuracy then is within a point of the end's (one
+            # round's accuracy swings by about that much around the block's level)
+            assert 100 * rounds[at - 1]["accuracy"] >= _level(rounds, "accuracy") - 1.0, (block, at)
     assert 2 * len(early) >= len(blocks), early
 
 

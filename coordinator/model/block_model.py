@@ -35,7 +35,8 @@ class Residual(nn.Module):
 
 
 class ContrastiveHead(nn.Module):
-    """SimCLR's projection head with NT-Xent's logits: features -> (GAP) -> MLP -> unit vectors z, then the N x N
+    """SimCLR's projection head with NT-Xent's logits: features -> (GAP) -> MLP (with BatchNorm, as SimCLR's: without
+    it the representation learned here fell below the untrained one's) -> unit vectors z, then the N x N
     cosine similarities z z^T / temperature with each row's own entry pushed out of reach.
 
     Given a batch of two views per image (rows i and its pair, edge_runtime/train/augment.py's positive_pairs),
@@ -47,7 +48,8 @@ class ContrastiveHead(nn.Module):
     def __init__(self, in_shape: Sequence[int], hidden: int = 128, out: int = 64, temperature: float = 0.5):
         super().__init__()
         pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten()] if len(in_shape) == 3 else []
-        self.project = nn.Sequential(*pool, nn.Linear(int(in_shape[0]), hidden), nn.ReLU(), nn.Linear(hidden, out))
+        self.project = nn.Sequential(*pool, nn.Linear(int(in_shape[0]), hidden, bias=False), nn.BatchNorm1d(hidden),
+                                     nn.ReLU(), nn.Linear(hidden, out))
         self.temperature = float(temperature)
 
     def forward(self, x):

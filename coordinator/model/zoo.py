@@ -76,15 +76,27 @@ def resnet_small(num_classes: int = 10, seed: int = 0) -> BlockModel:
     return BlockModel("resnet_small", (1, 28, 28), num_classes, blocks, heads, _any_boundary_head(num_classes))
 
 
+def _bn_res(channels: int) -> nn.Module:
+    return Residual(nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+                                  nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(channels)))
+
+
+def _bn_conv(cin: int, cout: int, stride: int = 1, pool: bool = False) -> nn.Module:
+    layers = [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+    return nn.Sequential(*layers, *([nn.MaxPool2d(2)] if pool else []))
+
+
 def fmnist_ssl(num_classes: int = 10, seed: int = 0) -> BlockModel:
-    """Self-supervised (SimCLR) residual CNN for 1x28x28: 6 layers in 3 blocks, a contrastive projection head
-    after every layer; four of its layers are residual, which depth dropout may skip. Learns without labels;
-    num_classes is what its representation is probed on (coordinator/model/probe.py)."""
+    """Self-supervised (SimCLR) residual CNN for 1x28x28 with BatchNorm: 6 layers in 3 blocks, a contrastive
+    projection head after every layer; four of its layers are residual, which depth dropout may skip. Learns
+    without labels; num_classes is what its representation is probed on (coordinator/model/probe.py). (Without
+    BatchNorm, three epochs of SimCLR left its probe below the untrained model's: 73 % against 77 %.)"""
     torch.manual_seed(seed)
     blocks = [
-        [_conv(1, 32, pool=True), _res(32)],                                                  # 32x14x14
-        [_res(32), nn.Sequential(nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU())],     # 64x7x7
-        [_res(64), _res(64)],
+        [_bn_conv(1, 32, pool=True), _bn_res(32)],               # 32x14x14
+        [_bn_res(32), _bn_conv(32, 64, stride=2)],                # 64x7x7
+        [_bn_res(64), _bn_res(64)],
     ]
     heads = [ContrastiveHead((32, 14, 14)), ContrastiveHead((64, 7, 7)), ContrastiveHead((64, 7, 7))]
     return BlockModel("fmnist_ssl", (1, 28, 28), num_classes, blocks, heads, ContrastiveHead,
