@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 from bench_federated import TIERS, VALIDATION, run_strategy
-from benchdocs import machine, write_section
+from benchdocs import command_line, machine, write_section
 
 from coordinator.round_metrics import RoundMetrics
 from coordinator.strategies.freezing import FreezeRule
@@ -165,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     # what bench_federated's settings read besides the progressive bounds
     args.fedavg_rounds, args.selective_rounds, args.rounds_per_layer = 1, 1, 1
     args.finetune_rounds, args.finetune_epochs, args.finetune_learning_rate = 1, 1.0, 1e-3
-    command = " ".join([".venv/bin/python tools/bench_freezing.py"] + [a for a in (argv or sys.argv[1:])
-                                                                       if not a.startswith("--workdir")])
+    command = command_line("bench_freezing.py", argv if argv is not None else sys.argv[1:])
     from coordinator.local.data import write_fleet_data, write_validation_data
     from coordinator.local.fleet import DeviceSpec
     from coordinator.model.zoo_profile import measured_profile

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_federated import run_strategy
-from benchdocs import machine, write_section
+from benchdocs import command_line, machine, write_section
 
 from coordinator import strategies
 from coordinator.round_metrics import RoundMetrics
@@ -165,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.write_docs:
             p.error("--quick checks the script: its runs are no benchmark")
         args.samples, args.rounds_per_layer = 2000, 1
-    command = " ".join([".venv/bin/python tools/bench_ssl.py"] + [a for a in (argv or sys.argv[1:])
-                                                                  if not a.startswith("--workdir")])
+    command = command_line("bench_ssl.py", argv if argv is not None else sys.argv[1:])
     from coordinator.local.data import write_fleet_data, write_validation_data
     from coordinator.local.fleet import DeviceSpec
     from coordinator.model.zoo_profile import measured_profile

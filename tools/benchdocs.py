@@ -27,3 +27,17 @@ def write_section(name: str, section: str) -> None:
         text = text.rstrip() + "\n\n" + block + "\n"
     DOCS.parent.mkdir(parents=True, exist_ok=True)
     DOCS.write_text(text)
+
+
+def command_line(script: str, argv: list[str]) -> str:
+    """How to run a benchmark again, as its docs section shows it: its arguments less --workdir (and its value),
+    which names a scratch directory of the run that made the section."""
+    shown, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--workdir":
+            skip = True
+        elif not a.startswith("--workdir="):
+            shown.append(a)
+    return " ".join([f".venv/bin/python tools/{script}", *shown])
