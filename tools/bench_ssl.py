@@ -7,10 +7,12 @@ after every layer) and measures its memory profile here, splits Fashion-MNIST ov
 agents by Dirichlet(alpha) and takes their labels away (every labels.npy is zeros: a
 contrastive task never reads it), then runs the real coordinator twice over the same devices:
 
-  layerwise   one layer and its projection head at a time, `--rounds-per-layer` rounds each;
-              the frozen layers before it run on every batch of views (nothing can be cached),
-              each frozen residual layer skipped with probability `--dropout` (depth dropout)
-  fedavg      the whole model with its last projection head: end-to-end federated SimCLR
+  layerwise           one layer and its projection head at a time, `--rounds-per-layer` rounds
+                      each; the frozen layers before it run on every batch of views (nothing can
+                      be cached)
+  layerwise-dropout   the same, each frozen residual layer skipped with probability `--dropout`
+                      on every device and round (depth dropout)
+  fedavg              the whole model with its last projection head: end-to-end federated SimCLR
 
 Both train with NT-Xent on two numpy-augmented views of each image (crop, flip, contrast,
 brightness, noise: edge_runtime/train/augment.py), the same local epochs and optimizer, and
@@ -18,10 +20,11 @@ the same number of device-rounds (rounds x devices: every device holds the whole
 so FedAvg excludes none). Every round is judged by a linear probe on the representation the
 round trained (the output of its deepest layer, averaged over space), fitted on 5,000 labeled
 training images no device holds and scored on the 10,000 test images. Checked: layer-wise's
-final probe accuracy is within 3 points of end-to-end's. Reported: each device's peak memory
-(its training job's VmHWM and its agent's) in both runs.
+final probe accuracy is within 3 points of end-to-end's. Reported: the same with depth dropout,
+the untrained model's probe, and each device's peak memory (its training job's VmHWM and its
+agent's) in every run.
 
-    python tools/bench_ssl.py --write-docs        # about 25 min on 2 cores
+    python tools/bench_ssl.py --write-docs        # about 15 min on 2 cores
     python tools/bench_ssl.py --quick             # a few minutes: checks the script, not the claim
 """
 from __future__ import annotations
@@ -40,7 +43,7 @@ from coordinator import strategies
 from coordinator.round_metrics import RoundMetrics
 
 MODEL = "fmnist_ssl"
-RUNS = ("layerwise", "fedavg")
+RUNS = ("layerwise", "layerwise-dropout", "fedavg")
 WITHIN_POINTS = 3.0
 VALIDATION = 5000     # the probe's fitting set: training images no device holds
 BUDGET_MB = 600       # every device holds whole-model training at the largest batch
@@ -50,10 +53,10 @@ def settings(args, root: Path, run: str, n_devices: int, layers: int) -> dict:
     """The coordinator's settings of one run; the two differ only in the schedule."""
     tables = strategies.settings_tables()
     tables["layerwise"].update(rounds_per_layer=args.rounds_per_layer, min_rounds_per_layer=args.rounds_per_layer,
-                               dropout=args.dropout, frozen_after=0)
+                               dropout=args.dropout if run.endswith("-dropout") else 0.0, frozen_after=0)
     tables["fedavg"].update(rounds=args.rounds_per_layer * layers)       # the same device-rounds
     return {
-        "service": {"workdir": str(root / run / "coordinator"), "model": MODEL, "strategy": run,
+        "service": {"workdir": str(root / run / "coordinator"), "model": MODEL, "strategy": run.split("-")[0],
                     "profile": str(root / "profile.json"), "min_devices": n_devices, "round_deadline_s": 1800.0,
                     "offline_grace_s": 30.0, "eval_samples": 10000, "seed": args.seed,
                     "validation_data": str(root / "validation"), "validation_samples": VALIDATION},
@@ -101,45 +104,53 @@ def initial_probe(root: Path) -> float:
 
 
 def section(args, command: str, s: dict, n_devices: int, layers: int) -> str:
-    lw, fa = s["layerwise"], s["fedavg"]
+    lw, dd, fa = s["layerwise"], s["layerwise-dropout"], s["fedavg"]
     gap = 100 * (fa["final_accuracy"] - lw["final_accuracy"])
     ok = gap <= WITHIN_POINTS and lw["device_rounds"] == fa["device_rounds"]
+    runs = (lw, dd, fa)
+    minutes = sum(r["minutes"] for r in runs)
+
+    def row(what: str, cell) -> str:
+        return f"| {what} | " + " | ".join(cell(r) for r in runs) + " |"
     lines = [
         "## Federated self-supervised learning, a layer at a time, against end-to-end federated SimCLR (bench_ssl)",
         "",
-        f"Command: `{command}` ({lw['minutes'] + fa['minutes']:.0f} min of rounds on {machine()}).",
+        f"Command: `{command}` ({minutes:.0f} min of rounds on {machine()}).",
         "",
         f"{n_devices} device agents, {args.samples} Fashion-MNIST training images split by Dirichlet({args.alpha}) "
-        f"with their labels taken away, {MODEL} ({layers} layers, a SimCLR projection head after each), NT-Xent on "
-        f"two augmented views per image (numpy on the device), batch {args.batch_size} views, "
-        f"{args.local_epochs:g} local epoch(s) of AdamW (lr {args.learning_rate:g}) per round. *layerwise*: "
-        f"{args.rounds_per_layer} rounds per layer, the frozen layers run on every batch with depth dropout "
-        f"{args.dropout:g} on the residual ones. *fedavg*: the whole model, {args.rounds_per_layer * layers} rounds. "
-        f"Each round is judged by a linear probe (multinomial logistic regression on the representation after the "
-        f"deepest layer trained, averaged over space), fitted on {VALIDATION} labeled training images no device "
-        f"holds, scored on the 10,000 test images.",
+        f"with their labels taken away, {MODEL} ({layers} layers with BatchNorm, a SimCLR projection head after "
+        f"each), NT-Xent on two augmented views per image (numpy on the device), batch {args.batch_size} views, "
+        f"{args.local_epochs:g} local epoch(s) of AdamW (lr {args.learning_rate:g}) per round. *layer-wise*: "
+        f"{args.rounds_per_layer} rounds per layer, the frozen layers before it run on every batch; *with depth "
+        f"dropout*: the same, each frozen residual layer skipped with probability {args.dropout:g}; *end-to-end*: "
+        f"FedAvg of the whole model, {args.rounds_per_layer * layers} rounds. Each round is judged by a linear probe "
+        f"(multinomial logistic regression on the representation after the deepest layer trained, averaged over "
+        f"space), fitted on {VALIDATION} labeled training images no device holds, scored on the 10,000 test images; "
+        f"the untrained model's probe scores {s['initial']:.2%}.",
         "",
-        "| | layer-wise SSL | end-to-end SimCLR (FedAvg) |",
-        "|---|---:|---:|",
-        f"| final probe accuracy (untrained model: {s['initial']:.2%}) | {lw['final_accuracy']:.2%} | "
-        f"{fa['final_accuracy']:.2%} |",
-        f"| best probe accuracy | {lw['best_accuracy']:.2%} | {fa['best_accuracy']:.2%} |",
-        f"| rounds / device-rounds | {lw['rounds']} / {lw['device_rounds']} | {fa['rounds']} / {fa['device_rounds']} |",
-        f"| largest training job peak (VmHWM) | {lw['job_peak_mb']:.0f} MB | {fa['job_peak_mb']:.0f} MB |",
-        f"| largest device peak (job + agent) | {lw['device_peak_mb']:.0f} MB | {fa['device_peak_mb']:.0f} MB |",
-        f"| minutes of rounds | {lw['minutes']:.1f} | {fa['minutes']:.1f} |",
+        "| | layer-wise SSL | with depth dropout | end-to-end SimCLR (FedAvg) |",
+        "|---|---:|---:|---:|",
+        row("final probe accuracy", lambda r: f"{r['final_accuracy']:.2%}"),
+        row("best probe accuracy", lambda r: f"{r['best_accuracy']:.2%}"),
+        row("rounds / device-rounds", lambda r: f"{r['rounds']} / {r['device_rounds']}"),
+        row("largest training job peak (VmHWM)", lambda r: f"{r['job_peak_mb']:.0f} MB"),
+        row("largest device peak (job + agent)", lambda r: f"{r['device_peak_mb']:.0f} MB"),
+        row("minutes of rounds", lambda r: f"{r['minutes']:.1f}"),
         "",
         f"- **{'PASS' if ok else 'FAIL'}**: layer-wise SSL's final probe accuracy is within {WITHIN_POINTS:g} points "
         f"of end-to-end SimCLR's with the same device-rounds: {lw['final_accuracy']:.2%} against "
         f"{fa['final_accuracy']:.2%} ({-gap:+.2f} points).",
+        f"- With depth dropout {args.dropout:g}: {dd['final_accuracy']:.2%} "
+        f"({100 * (dd['final_accuracy'] - lw['final_accuracy']):+.2f} points against layer-wise without it).",
         "",
         "Probe accuracy per round:",
         "",
-        "| round | layer-wise (layer) | end-to-end |",
-        "|---:|---:|---:|",
+        "| round | layer-wise (layer) | with depth dropout | end-to-end |",
+        "|---:|---:|---:|---:|",
     ]
-    for i in range(max(lw["rounds"], fa["rounds"])):
+    for i in range(max(r["rounds"] for r in runs)):
         cells = [f"{lw['accuracy'][i]:.2%} ({lw['stages'][i].get('layer', '')})" if i < lw["rounds"] else "",
+                 f"{dd['accuracy'][i]:.2%}" if i < dd["rounds"] else "",
                  f"{fa['accuracy'][i]:.2%}" if i < fa["rounds"] else ""]
         lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -148,9 +159,9 @@ def section(args, command: str, s: dict, n_devices: int, layers: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", type=int, default=4)
-    p.add_argument("--samples", type=int, default=12000, help="Fashion-MNIST training images split over the fleet")
+    p.add_argument("--samples", type=int, default=8000, help="Fashion-MNIST training images split over the fleet")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the non-IID split")
-    p.add_argument("--rounds-per-layer", type=int, default=3)
+    p.add_argument("--rounds-per-layer", type=int, default=2)
     p.add_argument("--dropout", type=float, default=0.5, help="depth dropout of the frozen residual layers")
     p.add_argument("--local-epochs", type=float, default=1.0)
     p.add_argument("--learning-rate", type=float, default=2e-3)
