@@ -1,4 +1,4 @@
-"""Update validation, FedAvg per parameter, and the effective-movement freezing rule."""
+"""Update validation and FedAvg per parameter (the freezing rule: test_freezing.py)."""
 from dataclasses import asdict
 
 import numpy as np

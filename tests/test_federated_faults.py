@@ -66,7 +66,7 @@ def test_a_device_killed_mid_round_does_not_stall_it_and_rejoins(env, tmp_path):
 def test_a_coordinator_killed_mid_round_continues_it_without_losing_or_repeating_updates(env, tmp_path):
     with EmbeddedBroker(tmp_path / "broker") as broker, LocalFleet(tmp_path, broker.url, "kill-coord") as fleet:
         work = tmp_path / "coordinator"
-        # progressive, killed in its second round of block 0: the restart must rebuild the freezing window
+        # progressive, killed in its second round of block 0: the restart must restore the freezing record
         config = settings(work, env["profile"], "progressive", min_devices=3, max_rounds=3)
         config["progressive"].update(shrink_rounds=0)
         fleet.start_run(config, env["specs"])
