@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from edge_runtime.wire.manifest import CLASSIFY, OBJECTIVES
+
 
 class Residual(nn.Module):
     """y = relu(x + body(x)), or x + body(x) with relu=False (MobileNetV2's linear bottleneck).
@@ -80,10 +82,10 @@ class BlockModel(nn.Module):
     def __init__(self, name: str, input_shape: Sequence[int], num_classes: int,
                  blocks: Sequence[Sequence[nn.Module]], heads: Sequence[nn.Module],
                  boundary_head: Callable[[tuple[int, ...]], nn.Module] | None = None,
-                 members: dict[str, int] | None = None, objective: str = "classify"):
+                 members: dict[str, int] | None = None, objective: str = CLASSIFY):
         super().__init__()
-        if objective not in ("classify", "contrastive"):
-            raise ValueError(f"{name}: objective must be 'classify' or 'contrastive', not {objective!r}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"{name}: objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
         self.objective = objective
         _check_structure(name, blocks, heads)
         if len(blocks) != len(heads):

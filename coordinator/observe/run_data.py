@@ -368,7 +368,7 @@ def freezing_note(run: Run) -> str | None:
                    f"{threshold:g}."
         return None
     if series:
-        if metric == "accuracy_slope" and all(not run.rounds or m.schedule.get("validation_accuracy") is None
+        if metric == "accuracy_slope" and all(m.schedule.get("validation_accuracy") is None
                                               for m in run.rounds if "accuracy_slope" in m.schedule):
             return (f"No {kind} froze: the coordinator has no validation data ([service] validation_data), so the "
                     f"freezing rule had nothing to read and every {kind} trained to its round cap.")

@@ -240,7 +240,7 @@ class Strategy(ABC):
     def load_state(self, state: Mapping) -> None:
         """Restore what state() returned (a restarted coordinator)."""
 
-    # -- personalised schedules ---------------------------------------------------------------
+    # -- freezing --------------------------------------------------------------------------------
     def attach_validation(self, validate: Validator | None) -> None:
         """Give the schedule the coordinator's validation set, as a function (None: the coordinator has none): a
         schedule that freezes reads its stages' progress from it (coordinator/strategies/freezing.py)."""
@@ -250,6 +250,7 @@ class Strategy(ABC):
         """True when the schedule's freezing rule could end a stage before its cap, given validation data."""
         return False
 
+    # -- personalised schedules ---------------------------------------------------------------
     def attach(self, vault: WeightVault) -> None:
         """Give the schedule the store it keeps its own weights in (the service does, before load_state)."""
         self.vault = vault

@@ -53,6 +53,15 @@ class FreezeRule:
         """The fewest rounds of a stage after which the rule can freeze its block."""
         return self.window + self.patience - 1
 
+    def can_decide(self, cap: int) -> bool:
+        """Whether the rule could end a stage capped at `cap` rounds before its cap."""
+        return self.earliest < cap
+
+    def fewest_rounds(self, min_rounds: int, cap: int, measured: bool) -> int:
+        """The fewest rounds a stage can take: its minimum, or what the rule needs to decide when it has a
+        validation measure to read (`measured`), within the cap; the cap itself without one."""
+        return min(cap, max(min_rounds, self.earliest)) if measured else cap
+
 
 @dataclass(frozen=True)
 class FreezeSettings:

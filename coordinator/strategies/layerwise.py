@@ -140,13 +140,11 @@ class LayerWise(Strategy):
                 self.rounds_per_layer - self.rounds_in_stage + later * self.rounds_per_layer)
 
     def reads_validation(self) -> bool:
-        return self.rule.earliest < self.rounds_per_layer
+        return self.rule.can_decide(self.rounds_per_layer)
 
     def _fewest(self) -> int:
-        """The fewest rounds a stage can take: its minimum, or what the rule needs to decide (with validation data
-        to decide on), within the cap."""
-        floor = max(self.min_rounds, self.rule.earliest) if self.validate else self.rounds_per_layer
-        return min(self.rounds_per_layer, floor)
+        """The fewest rounds a stage can take (FreezeRule.fewest_rounds)."""
+        return self.rule.fewest_rounds(self.min_rounds, self.rounds_per_layer, self.validate is not None)
 
     def round_report(self, round_no: int) -> dict:
         return round_report(self.freeze_log, round_no, self.rule)

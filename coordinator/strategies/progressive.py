@@ -149,13 +149,11 @@ class Progressive(Strategy):
                 self.max_rounds - self.rounds_in_stage + later * self.max_rounds)
 
     def reads_validation(self) -> bool:
-        return self.rule.earliest < self.max_rounds
+        return self.rule.can_decide(self.max_rounds)
 
     def _fewest(self) -> int:
-        """The fewest rounds a growing stage can take: its minimum, or what the rule needs to decide (with
-        validation data to decide on), within the cap."""
-        floor = max(self.min_rounds, self.rule.earliest) if self.validate else self.max_rounds
-        return min(self.max_rounds, floor)
+        """The fewest rounds a growing stage can take (FreezeRule.fewest_rounds)."""
+        return self.rule.fewest_rounds(self.min_rounds, self.max_rounds, self.validate is not None)
 
     def round_report(self, round_no: int) -> dict:
         return round_report(self.freeze_log, round_no, self.rule)
@@ -166,6 +164,7 @@ class Progressive(Strategy):
                 "freeze_log": self.freeze_log, "progress": self.progress.state()}
 
     def load_state(self, state):
+        """Restore the stage and its freezing record (a state from an earlier rule: the record starts anew)."""
         self.phase, self.block = state["phase"], int(state["block"])
         self.rounds_in_stage = int(state["rounds_in_stage"])
         self.freeze_log = list(state.get("freeze_log", []))
