@@ -57,8 +57,9 @@ REPO = Path(__file__).resolve().parent.parent
 IMAGE = REPO / "docs" / "img" / "bench_federated.png"
 IMAGE_FINETUNE = REPO / "docs" / "img" / "bench_federated_finetune.png"
 TIERS = {"tiny": 134, "small": 150, "big": 296}
-# every registered schedule with a global model, from scratch (personalised ones: tools/bench_personalized.py)
-SCRATCH = tuple(n for n, cls in strategies.registry().items() if not cls.personalized)
+# every registered schedule of one architecture with a global model, from scratch (personalised ones:
+# tools/bench_personalized.py; a model family's, FedIN: tools/bench_fedin.py)
+SCRATCH = tuple(n for n, cls in strategies.registry().items() if not cls.personalized and not cls.trains_family)
 FINETUNE = ("finetune-fedavg", "finetune-selective")
 VALIDATION = 5000   # the coordinator's validation images (from the training images the fleet does not hold)
 

@@ -176,6 +176,8 @@ class Strategy(ABC):
     # may train a model that learns without labels (Manifest.contrastive): its parts start at the model's input,
     # since two fresh views of every image each step leave no cached prefix to start from
     trains_without_labels: ClassVar[bool] = False
+    # trains a model family's members (Manifest.members), not one architecture: FedIN
+    trains_family: ClassVar[bool] = False
 
     def __init__(self, manifest, predict: PeakPredictor, batch_sizes: Sequence[int], margin: float = 0.10,
                  aggregation: AggregationSettings = AggregationSettings()):

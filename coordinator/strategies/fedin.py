@@ -57,6 +57,7 @@ class FedINSettings:
 class FedIN(FixedRounds):
     name = "fedin"
     Settings = FedINSettings
+    trains_family = True
 
     def __init__(self, *args, rounds: int = 10, in_weight: float = 1.0, in_batch_size: int = 32,
                  share_features: bool = True, share_rows: int = 32, share_noise: float = 0.0,
