@@ -97,15 +97,31 @@ def save_streaming(path: Path, names, get_tensor) -> None:
 def weights_hash(weights: Mapping[str, np.ndarray], names=None) -> str:
     """Hash of names, shapes and fp32 values: equal weights give equal hashes, whatever the container.
 
-    Reads one tensor at a time, so a lazy WeightFile is hashed without loading it whole.
+    A lazy weight file (WeightFile, WeightFiles) is read through one 1 MiB buffer: a job hashes its
+    weights before it trains, and a tensor-sized read there (9.4 MB for a 512x512 3x3 kernel) stayed
+    in the heap, resident, for the whole job (measured: tools/bench_block_memory.py, docs/benchmarks.md).
     """
     h = hashlib.sha256()
+    ranged = getattr(weights, "read_range_into", None)
+    chunk = np.empty(_HASH_CHUNK, np.float32) if ranged is not None else None
     for name in sorted(weights if names is None else names):
-        arr = np.ascontiguousarray(weights[name], dtype=np.float32)
         h.update(name.encode())
-        h.update(str(arr.shape).encode())
-        h.update(memoryview(arr).cast("B"))  # no copy: the tensor may be a whole layer
+        if chunk is None:
+            arr = np.ascontiguousarray(weights[name], dtype=np.float32)
+            h.update(str(arr.shape).encode())
+            h.update(arr.reshape(-1).view(np.uint8))  # no copy: the tensor may be a whole layer (or empty)
+            continue
+        shape = weights.shape_of(name)
+        h.update(str(shape).encode())
+        total = math.prod(shape)
+        for start in range(0, total, len(chunk)):
+            part = chunk[:min(len(chunk), total - start)]
+            ranged(name, start, part)
+            h.update(part.view(np.uint8))
     return h.hexdigest()
+
+
+_HASH_CHUNK = 1 << 18   # float32 elements (1 MiB) weights_hash reads a lazy file by
 
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64}   # what a WeightFile reads
@@ -302,6 +318,9 @@ class WeightFiles(Mapping):
 
     def read_range_into(self, name: str, start: int, out: np.ndarray) -> None:
         self._where[name].read_range_into(name, start, out)
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return self._where[name].shape_of(name)
 
     def __iter__(self):
         return iter(self._where)
