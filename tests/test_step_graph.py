@@ -17,6 +17,7 @@ float64 value by the same amount.
 from __future__ import annotations
 
 import copy
+import math
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -291,6 +292,8 @@ CONV_CASES = [
     ConvCase(6, 6, (3, 3), (7, 7), pads=(1, 1, 1, 1), group=6),            # depthwise
     ConvCase(4, 8, (3, 3), (8, 8), stride=2, pads=(1, 1, 1, 1), group=4),  # depthwise, multiplier 2
     ConvCase(3, 4, (3,), (10,), pads=(1, 1)),                              # Conv1d
+    ConvCase(4, 64, (3, 3), (2, 2), pads=(1, 1, 1, 1)),                    # weight > 128 samples' input: auto flips
+    ConvCase(2, 3, (3, 2), (5, 4), pads=(2, 0, 1, 1)),                     # pads up to k-1, asymmetric, flippable
 ]
 
 
@@ -453,10 +456,35 @@ def test_layernorm_grad(kernels, key):
     check_op(kernels, f"LayerNormalizationGrad-{key}")
 
 
-@pytest.mark.parametrize("form", ["taps", "conv"])
+@pytest.mark.parametrize("form", ["taps", "conv", "flipped"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
 def test_conv_grad(kernels, case, form):
     check_op(kernels, f"ConvGrad-{case}", conv_weight_grad=form)
+
+
+def _dw_producer(model, case: ConvCase) -> str:
+    """The operator that writes dW in a rewritten ConvGrad case."""
+    return next(n.op_type for n in model.graph.node if "dw" in n.output)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_conv_grad_form_choice(kernels, case):
+    """"flipped" writes dW with the one Conv wherever the form applies (stride and dilation 1, one group), so no
+    weight-sized buffer precedes the output; "auto" does so only where the weight outweighs 128 samples' input,
+    and is the default."""
+    model = kernels.cases[f"ConvGrad-{case}"].model
+    flippable = case.stride == 1 and case.dilation == 1 and case.group == 1
+    heavy = case.cout * math.prod(case.kernel) >= sg.AUTO_FLIP_SAMPLES * math.prod(case.spatial)
+    assert _dw_producer(sg.rewrite_to_standard(model, "flipped"), case) == ("Conv" if flippable else "Reshape")
+    auto = _dw_producer(sg.rewrite_to_standard(model, "auto"), case)
+    assert auto == ("Conv" if flippable and heavy else "Reshape")
+    assert _dw_producer(sg.rewrite_to_standard(model), case) == auto
+
+
+def test_conv_grad_form_refused(kernels):
+    model = kernels.cases[f"ConvGrad-{CONV_CASES[0]}"].model
+    with pytest.raises(sg.StepGraphError, match="conv_weight_grad must be one of auto, taps, conv, flipped"):
+        sg.rewrite_to_standard(model, "im2col")
 
 
 @pytest.mark.parametrize("kernel,stride,pads", MAXPOOL)

@@ -23,7 +23,14 @@ from edge_runtime.wire.step_interface import GRAD_SUFFIX
 OPSET = 17
 IR_VERSION = 8          # the IR version that goes with opset 17; onnxruntime 1.19.2 reads up to 10
 
-ConvWeightGrad = Literal["taps", "conv"]
+ConvWeightGrad = Literal["auto", "taps", "conv", "flipped"]
+CONV_WEIGHT_GRADS = ("auto", "taps", "conv", "flipped")
+# "auto" writes a stride-1 convolution's weight gradient in the flipped form when the gradient is larger
+# than the layer's input at this many samples (ResNet-34's 512-channel layers on 4x4, not its 256-channel
+# ones on 8x8). There the taps form's two weight-sized buffers (the taps and their Concat) are most of a
+# step's working memory, and the flipped form saves them at a slower step (measured on ResNet-34's
+# largest layer at batch 32: 15 MB less, 35 % more CPU a step; docs/benchmarks.md, bench_block_memory).
+AUTO_FLIP_SAMPLES = 128
 
 
 # --------------------------------------------------------------------------- errors
@@ -278,7 +285,7 @@ def unsupported_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
             if not _is_standard(n) and (n.domain or "", n.op_type) not in _REWRITES]
 
 
-def rewrite_to_standard(model: onnx.ModelProto, conv_weight_grad: ConvWeightGrad = "taps") -> onnx.ModelProto:
+def rewrite_to_standard(model: onnx.ModelProto, conv_weight_grad: ConvWeightGrad = "auto") -> onnx.ModelProto:
     """The same computation with every training-only op replaced by default-domain ONNX (opset 17).
 
     InPlaceAccumulatorV2 nodes are removed: the gradient each accumulated becomes the graph
@@ -288,8 +295,9 @@ def rewrite_to_standard(model: onnx.ModelProto, conv_weight_grad: ConvWeightGrad
     bad = unsupported_nodes(model)
     if bad:
         raise UnsupportedOpError(bad[0].op_type, bad[0].name, "no exact standard-ONNX rewrite is known for it")
-    if conv_weight_grad not in ("taps", "conv"):
-        raise StepGraphError(f"conv_weight_grad must be 'taps' or 'conv', not {conv_weight_grad!r}")
+    if conv_weight_grad not in CONV_WEIGHT_GRADS:
+        raise StepGraphError(f"conv_weight_grad must be one of {', '.join(CONV_WEIGHT_GRADS)}, "
+                             f"not {conv_weight_grad!r}")
     rw = _Rewriter(model, conv_weight_grad)
     rw.run()
     return rw.to_model()
@@ -747,8 +755,49 @@ def _conv_dw_conv(rw: _Rewriter, dy: str, x: str, geo: _ConvGeometry, out: str) 
     rw.emit("Transpose", [c], out, perm=swap)
 
 
+def _conv_dw_flipped(rw: _Rewriter, dy: str, x: str, geo: _ConvGeometry, out: str) -> None:
+    """dW straight out of one Conv, no weight-sized intermediate: dY and X channel-swapped and spatially flipped.
+
+    For stride 1, dilation 1, one group: dW[co, ci, a] = sum_{n, i} dY[n, co, i] X[n, ci, i + a - pad_begin].
+    A Conv whose input is flip(dY)^T (Co, N, *s) padded by (k-1-pad_end, k-1-pad_begin) and whose kernel
+    is flip(X)^T (Ci, N, *S) computes exactly that, already in (C_out, Ci, *k) order, so the graph
+    output (the bound gradient buffer) is the Conv's own output. The two flips and transposes copy
+    activations, which is cheap where the weight is large and the activations small.
+    """
+    r = geo.rank
+    swap = [1, 0, *range(2, 2 + r)]
+    axes = rw.ints(range(2, 2 + r))
+    first, last, back = rw.ints([-1] * r), rw.ints([np.iinfo(np.int64).min] * r), rw.ints([-1] * r)
+
+    def flipped(v: str) -> str:
+        return rw.emit("Slice", [rw.emit("Transpose", [v], perm=swap), first, last, axes, back])
+
+    pads = [k - 1 - geo.pads[i + r] for i, k in enumerate(geo.kernel)] + \
+           [k - 1 - geo.pads[i] for i, k in enumerate(geo.kernel)]
+    rw.emit("Conv", [flipped(dy), flipped(x)], out, pads=pads, kernel_shape=list(geo.spatial))
+
+
+def _flippable(geo: _ConvGeometry) -> bool:
+    """The flipped form's conditions: one group, stride and dilation 1, no pad wider than the kernel minus one."""
+    r = geo.rank
+    return (geo.groups == 1 and all(s == 1 for s in geo.strides) and all(d == 1 for d in geo.dilations)
+            and all(geo.pads[i] <= k - 1 and geo.pads[i + r] <= k - 1 for i, k in enumerate(geo.kernel)))
+
+
+def _conv_dw_form(rw: _Rewriter, geo: _ConvGeometry):
+    """The rewrite of dW this convolution gets (see ConvWeightGrad): "flipped" and "auto" fall back to taps
+    where the flipped form does not apply; "auto" takes it only where the weight gradient is the larger
+    buffer (C_out x prod(k) >= AUTO_FLIP_SAMPLES x prod(S): per input channel, the gradient against the
+    input of that many samples)."""
+    form = rw.conv_weight_grad
+    if form in ("taps", "conv"):
+        return _conv_dw_taps if form == "taps" else _conv_dw_conv
+    heavy = geo.out_per_group * math.prod(geo.kernel) >= AUTO_FLIP_SAMPLES * math.prod(geo.spatial)
+    return _conv_dw_flipped if _flippable(geo) and (form == "flipped" or heavy) else _conv_dw_taps
+
+
 def _conv_grad(rw: _Rewriter, n: onnx.NodeProto) -> None:
-    """ConvGrad(dY, X, W) -> dX (ConvTranspose), dW (taps or conv form), dB (ReduceSum)."""
+    """ConvGrad(dY, X, W) -> dX (ConvTranspose), dW (taps, conv or flipped form), dB (ReduceSum)."""
     dy, x, w = n.input[:3]
     outs = list(n.output) + [""] * (3 - len(n.output))
     geo = _conv_geometry(rw, n, x, w)
@@ -758,7 +807,7 @@ def _conv_grad(rw: _Rewriter, n: onnx.NodeProto) -> None:
                 dilations=list(geo.dilations), group=geo.groups, kernel_shape=list(geo.kernel),
                 output_padding=geo.output_padding())
     if outs[1]:
-        (_conv_dw_taps if rw.conv_weight_grad == "taps" else _conv_dw_conv)(rw, dy, x, geo, outs[1])
+        _conv_dw_form(rw, geo)(rw, dy, x, geo, outs[1])
     if outs[2]:
         rw.emit("ReduceSum", [dy, rw.ints([0, *range(2, 2 + r)])], outs[2], keepdims=0)
 

@@ -23,6 +23,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from coordinator.model.gradient_rewrites import (  # noqa: F401  (the builder's callers import them from here)
+    AUTO_FLIP_SAMPLES,
     IR_VERSION,
     OPSET,
     SUPPORTED_TRAINING_OPS,
@@ -274,13 +275,15 @@ def gradient_graph(forward: onnx.ModelProto, trainable: Sequence[str], frozen: S
 # --------------------------------------------------------------------------- the step graph
 
 def build_step_graph(forward: onnx.ModelProto, trainable: Sequence[str], frozen: Sequence[str],
-                     conv_weight_grad: ConvWeightGrad = "taps", loss: str = CROSS_ENTROPY) -> onnx.ModelProto:
+                     conv_weight_grad: ConvWeightGrad = "auto", loss: str = CROSS_ENTROPY) -> onnx.ModelProto:
     """A forward+backward graph of `forward` in standard ONNX (opset 17, default domain only).
 
     forward: exported by the training recipe (one float input with a dynamic batch, one
     logits output, parameters as initializers). Its other initializers stay constants.
-    conv_weight_grad: "taps" (one MatMul per kernel tap; measured faster, see NOTES.md) or
-    "conv" (a Conv of the transposed input with the transposed output gradient).
+    conv_weight_grad: how a convolution's weight gradient is written (gradient_rewrites.ConvWeightGrad):
+    "taps" (one MatMul per kernel tap, the fastest), "conv" (a Conv of the transposed input with the
+    transposed output gradient), "flipped" (a Conv of both flipped, writing the gradient with no
+    intermediate; stride 1 only) or "auto" (flipped where the weight outweighs the input, taps elsewhere).
     loss: CROSS_ENTROPY (int64 labels) or MSE (a float target shaped like the output: FedIN's IN step graph,
     whose forward ends at an intermediate activation).
     The interface is described in step_interface.py and recorded in the metadata
