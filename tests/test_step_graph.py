@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -870,6 +871,43 @@ def test_repeated_runs_give_identical_outputs(builds):
     again = H.run_standard(session, feeds[0])
     for name in iface.output_names:
         np.testing.assert_array_equal(again[name], first[name], err_msg=name)
+
+
+def test_backward_work_waits_for_the_loss_gradient(builds, tmp_path):
+    """No gradient rewrite can make an activation-sized tensor during the forward pass.
+
+    onnxruntime runs a node as soon as its inputs exist: a rewrite that read only forward tensors (a ReLU's
+    mask, BatchNorm's centred input, a weight gradient's transposed input) ran during the forward pass and
+    its output was held through the whole backward pass (Rewriter.after). So every rewrite node whose output
+    is activation-sized (measured: onnxruntime's profile of a run) must depend on the loss scale, where
+    the backward pass begins.
+    """
+    import json
+
+    import onnxruntime as ort
+    step = builds.results.model("interface")
+    iface = sg.step_graph_interface(step)
+    rs = np.random.RandomState(7)
+    batch = 16
+    feeds = H.step_feeds(iface, H.state_arrays(builds.exports["mobilenet"].module),
+                         rs.randn(batch, 4, 6, 6).astype(np.float32), rs.randint(0, 3, batch), 1 / batch)
+    options = ort.SessionOptions()
+    options.enable_profiling, options.profile_file_prefix = True, str(tmp_path / "profile")
+    session = ort.InferenceSession(step.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session.run(None, feeds)
+    sizes = {e["name"].removesuffix("_kernel_time"): int(e["args"]["output_size"])
+             for e in json.loads(Path(session.end_profiling()).read_text())
+             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")}
+    backward = {iface.loss_scale_input}
+    for n in step.graph.node:        # topological: a node's inputs come first
+        if backward & set(n.input):
+            backward |= set(n.output)
+    smallest = batch * 4 * 3 * 3 * 4      # bytes of the model's smallest activation (4 channels at 3x3)
+    rewrites = [n for n in step.graph.node if "_Grad/" in n.name and "/sg/" in n.name
+                and sizes.get(n.name, 0) >= smallest]
+    early = [(n.op_type, n.name) for n in rewrites if not backward & set(n.output)]
+    assert len(rewrites) > 20
+    assert not early, f"gradient work that can run before the backward pass: {early}"
 
 
 def test_device_reads_the_interface_without_onnx(builds, tmp_path):

@@ -154,6 +154,18 @@ class _Rewriter:
         self.nodes_out.append(helper.make_node(op, list(inputs), [out], name=self.fresh(op), **attrs))
         return out
 
+    def after(self, v: str, anchor: str) -> str:
+        """`v`, readable only once `anchor` exists: a Reshape to its own shape whose shape input reads anchor's
+        first (batch) dimension, a view with no copy.
+
+        onnxruntime runs a node as soon as its inputs exist. A backward computation that reads only forward
+        tensors (a ReLU's mask, BatchNorm's centred input, the padded input of a convolution's weight
+        gradient) would otherwise run during the forward pass and its activation-sized result be held through
+        the whole backward pass: on ResNet-34's first layers that was several activations more at the peak.
+        """
+        batch = self.emit("Shape", [anchor], start=0, end=1)
+        return self.emit("Reshape", [v, self.emit("Concat", [batch, self.emit("Shape", [v], start=1)], axis=0)])
+
     def emit_many(self, op: str, inputs: Sequence[str], outputs: Sequence[str | None], **attrs: Any) -> list[str]:
         """Append one standard node with several outputs (None: a fresh name)."""
         names = [o or self.fresh(f"{op.lower()}_out{i}") for i, o in enumerate(outputs)]
@@ -305,36 +317,38 @@ def rewrite_to_standard(model: onnx.ModelProto, conv_weight_grad: ConvWeightGrad
 
 # --------------------------------------------------------------------------- elementwise rewrites
 
-def _positive_mask(rw: _Rewriter, x: str) -> str:
-    """Cast(X > 0) as float. onnxruntime's Where with a broadcast scalar is 5x slower than
-    Greater + Cast + Mul (26 vs 5 ms on 32x64x14x14); the float mask costs 3 bytes per element
+def _positive_mask(rw: _Rewriter, x: str, dy: str) -> str:
+    """Cast(X > 0) as float, made once dY exists (rw.after). onnxruntime's Where with a broadcast scalar is 5x
+    slower than Greater + Cast + Mul (26 vs 5 ms on 32x64x14x14); the float mask costs 3 bytes per element
     more than a bool one, for the moment it lives."""
-    return rw.emit("Cast", [rw.emit("Greater", [x, rw.const(0.0)])], to=TensorProto.FLOAT)
+    return rw.emit("Cast", [rw.emit("Greater", [rw.after(x, dy), rw.const(0.0)])], to=TensorProto.FLOAT)
 
 
 def _relu_grad(rw: _Rewriter, n: onnx.NodeProto) -> None:
     """ReluGrad(dY, X) = dY * (X > 0)."""
     dy, x = n.input[:2]
-    rw.emit("Mul", [dy, _positive_mask(rw, x)], n.output[0])
+    rw.emit("Mul", [dy, _positive_mask(rw, x, dy)], n.output[0])
 
 
 def _leaky_relu_grad(rw: _Rewriter, n: onnx.NodeProto) -> None:
     """LeakyReluGrad(dY, Y; alpha) = dY * (alpha + (1 - alpha) (Y > 0))."""
     dy, y = n.input[:2]
     alpha = float(_attrs(n).get("alpha", 0.01))
-    slope = rw.emit("Add", [rw.emit("Mul", [_positive_mask(rw, y), rw.const(1.0 - alpha)]), rw.const(alpha)])
+    slope = rw.emit("Add", [rw.emit("Mul", [_positive_mask(rw, y, dy), rw.const(1.0 - alpha)]), rw.const(alpha)])
     rw.emit("Mul", [dy, slope], n.output[0])
 
 
 def _sigmoid_grad(rw: _Rewriter, n: onnx.NodeProto) -> None:
     """SigmoidGrad(dY, Y) = dY * Y * (1 - Y)."""
     dy, y = n.input[:2]
+    y = rw.after(y, dy)
     rw.emit("Mul", [dy, rw.emit("Mul", [y, rw.emit("Sub", [rw.const(1.0), y])])], n.output[0])
 
 
 def _tanh_grad(rw: _Rewriter, n: onnx.NodeProto) -> None:
     """TanhGrad(dY, Y) = dY * (1 - Y^2)."""
     dy, y = n.input[:2]
+    y = rw.after(y, dy)
     rw.emit("Mul", [dy, rw.emit("Sub", [rw.const(1.0), rw.emit("Mul", [y, y])])], n.output[0])
 
 
@@ -349,6 +363,7 @@ def _softmax_grad(rw: _Rewriter, n: onnx.NodeProto) -> None:
 def _log_softmax_grad(rw: _Rewriter, n: onnx.NodeProto) -> None:
     """LogSoftmaxGrad_13(dY, Y; axis) = dY - exp(Y) * sum(dY, axis)."""
     dy, y = n.input[:2]
+    y = rw.after(y, dy)
     axis = _attrs(n).get("axis", -1)
     s = rw.emit("ReduceSum", [dy, rw.ints([axis])], keepdims=1)
     rw.emit("Sub", [dy, rw.emit("Mul", [rw.emit("Exp", [y]), s])], n.output[0])
@@ -368,6 +383,7 @@ def _gelu(rw: _Rewriter, n: onnx.NodeProto) -> None:
 def _gelu_grad(rw: _Rewriter, n: onnx.NodeProto) -> None:
     """GeluGrad(dY, X) = dY * (Phi(X) + X * phi(X)), Phi = 0.5 (1 + erf(X / sqrt 2))."""
     dy, x = n.input[:2]
+    x = rw.after(x, dy)
     cdf = rw.emit("Mul", [rw.const(0.5), rw.emit("Add", [rw.const(1.0),
                                                            rw.emit("Erf", [rw.emit("Mul", [x, rw.const(_INV_SQRT2)])])])])
     pdf = rw.emit("Mul", [rw.const(_INV_SQRT_2PI), rw.emit("Exp", [rw.emit("Mul", [rw.emit("Mul", [x, x]), rw.const(-0.5)])])])
@@ -387,6 +403,7 @@ def _quick_gelu(rw: _Rewriter, n: onnx.NodeProto) -> None:
 def _quick_gelu_grad(rw: _Rewriter, n: onnx.NodeProto) -> None:
     """QuickGeluGrad(dY, X; alpha) = dY * s * (1 + alpha X (1 - s)), s = sigmoid(alpha X)."""
     dy, x = n.input[:2]
+    x = rw.after(x, dy)
     alpha = _attrs(n).get("alpha", 1.702)
     s = _quick_gelu_sigmoid(rw, x, alpha)
     ax = x if alpha == 1.0 else rw.emit("Mul", [x, rw.const(alpha)])
@@ -566,7 +583,7 @@ def _batchnorm_grad(rw: _Rewriter, n: onnx.NodeProto) -> None:
     outs = list(n.output) + [""] * (3 - len(n.output))
     rank = len(rw.shape(x, n))
     axes = rw.ints([0] + list(range(2, rank)))
-    centred = rw.emit("Sub", [x, rw.emit("Unsqueeze", [mean, axes])])
+    centred = rw.emit("Sub", [rw.after(x, dy), rw.emit("Unsqueeze", [mean, axes])])
     dbias = rw.emit("ReduceSum", [dy, axes], outs[2] or None, keepdims=0)
     dscale = rw.emit("Mul", [rw.emit("ReduceSum", [rw.emit("Mul", [dy, centred]), axes], keepdims=0), inv_std],
                      outs[1] or None)
@@ -594,7 +611,7 @@ def _layernorm_grad(rw: _Rewriter, n: onnx.NodeProto) -> None:
     rank = len(rw.shape(x, n))
     axis = _attrs(n).get("axis", -1) % rank
     lead, norm = list(range(axis)), list(range(axis, rank))
-    xhat = rw.emit("Mul", [rw.emit("Sub", [x, mean]), inv_std])
+    xhat = rw.emit("Mul", [rw.emit("Sub", [rw.after(x, dy), mean]), inv_std])
 
     def lead_sum(v: str, out: str) -> None:
         if lead:
@@ -797,17 +814,21 @@ def _conv_dw_form(rw: _Rewriter, geo: _ConvGeometry):
 
 
 def _conv_grad(rw: _Rewriter, n: onnx.NodeProto) -> None:
-    """ConvGrad(dY, X, W) -> dX (ConvTranspose), dW (taps, conv or flipped form), dB (ReduceSum)."""
+    """ConvGrad(dY, X, W) -> dW (taps, conv or flipped form), dX (ConvTranspose), dB (ReduceSum).
+
+    dW first: its activation-sized copies (of X and dY) are made and freed before dX exists, so the two
+    are never held together (onnxruntime runs the nodes in this order).
+    """
     dy, x, w = n.input[:3]
     outs = list(n.output) + [""] * (3 - len(n.output))
     geo = _conv_geometry(rw, n, x, w)
     r = geo.rank
+    if outs[1]:
+        _conv_dw_form(rw, geo)(rw, dy, rw.after(x, dy), geo, outs[1])
     if outs[0]:
         rw.emit("ConvTranspose", [dy, w], outs[0], strides=list(geo.strides), pads=list(geo.pads),
                 dilations=list(geo.dilations), group=geo.groups, kernel_shape=list(geo.kernel),
                 output_padding=geo.output_padding())
-    if outs[1]:
-        _conv_dw_form(rw, geo)(rw, dy, x, geo, outs[1])
     if outs[2]:
         rw.emit("ReduceSum", [dy, rw.ints([0, *range(2, 2 + r)])], outs[2], keepdims=0)
 
