@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
