@@ -63,7 +63,7 @@ def test_not_json_is_rejected(tmp_path):
 
 @pytest.mark.parametrize("name, blocks, params_m", [("vgg_cifar", 5, (9.0, 10.0)), ("resnet_small", 4, (0.2, 0.4)),
                                                     ("resnet18_cifar", 4, (11.0, 11.4)),
-                                                    ("resnet34_cifar", 4, (21.1, 21.5))])
+                                                    ("resnet34_cifar", 4, (21.1, 21.5)), ("vit_cifar", 4, (21.3, 21.5))])
 def test_zoo_models_export_with_their_structure(tmp_path, name, blocks, params_m):
     from coordinator.model import export, zoo
     m = export.export(zoo.build(name), tmp_path)
@@ -80,6 +80,10 @@ def test_zoo_models_export_with_their_structure(tmp_path, name, blocks, params_m
     if name == "resnet34_cifar":  # stages of 3, 4, 6 and 3 basic blocks, each but the first opening with a projection
         assert [len(b.layers) for b in m.blocks] == [4, 4, 6, 3]
         assert [l.index for l in m.layers if not l.skippable] == [0, 4, 8, 14]
+    if name == "vit_cifar":  # the patch embedding, then 12 encoder layers on 64 tokens of 384
+        assert [len(b.layers) for b in m.blocks] == [4, 3, 3, 3]
+        assert all(l.output_shape == (64, 384) for l in m.layers)
+        assert len({l.param_bytes for l in m.layers[1:]}) == 1     # its layers are alike
 
 
 def test_resnet18s_exported_graph_computes_what_torch_does(tmp_path):
@@ -105,6 +109,31 @@ def test_resnet18s_exported_graph_computes_what_torch_does(tmp_path):
     np.testing.assert_allclose(ours, whole, rtol=1e-4, atol=1e-4)
     head = m.head_for_boundary(3)
     ours = ForwardSession(forward_graph(lib, range(4), head).SerializeToString()).run(x, w)
+    np.testing.assert_allclose(ours, part, rtol=1e-4, atol=1e-4)
+
+
+def test_the_vits_exported_graph_computes_what_torch_does(tmp_path):
+    """Multi-head attention, LayerNorm, GELU and the learned positions, exported: the whole model and a part ending
+    inside a block (its token-mean boundary head) give torch's logits."""
+    import numpy as np
+    import torch
+
+    from coordinator.model import export, zoo
+    from coordinator.model.graphs import GraphLibrary, forward_graph
+    from edge_runtime.train.ort_backend import ForwardSession
+    model = zoo.vit_cifar().eval()
+    m = export.export(model, tmp_path)
+    w, lib = export.load_weights(m), GraphLibrary(m)
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        whole = model(torch.from_numpy(x)).numpy()
+        features = torch.from_numpy(x)
+        for layer in [l for b in model.blocks for l in b][:3]:        # the patch embedding and two encoder layers
+            features = layer(features)
+        part = model.boundary_heads["2"](features).numpy()
+    ours = ForwardSession(forward_graph(lib, range(len(m.layers)), m.final_head.index).SerializeToString()).run(x, w)
+    np.testing.assert_allclose(ours, whole, rtol=1e-4, atol=1e-4)
+    ours = ForwardSession(forward_graph(lib, range(3), m.head_for_boundary(2)).SerializeToString()).run(x, w)
     np.testing.assert_allclose(ours, part, rtol=1e-4, atol=1e-4)
 
 

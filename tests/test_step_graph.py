@@ -33,6 +33,7 @@ from step_graph_harness import assert_close
 from torch import nn
 
 from coordinator.model import step_graph as sg
+from coordinator.model import zoo
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -611,10 +612,10 @@ PARTS = {
     "fmnist_layer4": PartCase(lambda: Part(nn.Sequential(nn.Flatten(), nn.Linear(128 * 3 * 3, 256), nn.ReLU(),
                                                          nn.Linear(256, 10)), (128, 3, 3), classes=10)),
     "residual": PartCase(lambda: Part(nn.Sequential(Residual(residual_body(16)), gap_head(16, 5)), (16, 8, 8)),
-                         ("taps", "conv")),
+                         ("taps", "conv", "flipped")),
     "residual_stride2": PartCase(lambda: Part(nn.Sequential(conv_relu(8, 16, False, stride=2),
                                                             Residual(residual_body(16)), gap_head(16, 5)), (8, 9, 9)),
-                                 ("taps", "conv")),
+                                 ("taps", "conv", "flipped")),
     "mobilenetv2_block": PartCase(lambda: Part(nn.Sequential(InvertedResidual(8, 8, 4, 1), gap_head(8, 5)), (8, 8, 8)),
                                   ("taps", "conv")),
     "mobilenetv2_stride2": PartCase(lambda: Part(nn.Sequential(InvertedResidual(8, 12, 3, 2),
@@ -624,6 +625,10 @@ PARTS = {
     "gelu_layernorm_tokens": PartCase(lambda: Part(nn.Sequential(MlpBlock(8, 16), nn.Flatten(), nn.Linear(4 * 8, 5)),
                                                    (4, 8))),
     "attention": PartCase(lambda: Part(nn.Sequential(TinyAttention(8), nn.Linear(8, 5)), (4, 8))),
+    # the zoo's vit_cifar, narrower: an encoder layer (multi-head attention, GELU MLP, pre-norm) and its token head
+    "vit_layer": PartCase(lambda: Part(nn.Sequential(zoo._TransformerLayer(16, 2, 32), zoo._TokenHead(16, 5)), (8, 16))),
+    "vit_patches": PartCase(lambda: Part(nn.Sequential(zoo._PatchEmbedding(3, 8, 4, 16), zoo._TokenHead(16, 5)),
+                                         (3, 8, 8)), ("taps", "flipped")),
     "sigmoid_tanh_avgpool": PartCase(lambda: Part(nn.Sequential(
         nn.Conv2d(3, 6, 3), nn.Sigmoid(), nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False),
         nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(6 * 2 * 2, 5), nn.Softmax(dim=-1)),

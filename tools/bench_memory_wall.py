@@ -4,7 +4,8 @@
 Why this exists: federated layer-wise learning's claim is that training one layer at a time needs
 several times less memory than training the whole model, so a board too small for the model can
 still train it. This measures that claim on the device runtime itself, on the zoo's ResNet-34
-(`coordinator.model.zoo.resnet34_cifar`, 21.3 M parameters, 17 layers, 3x32x32; --model another):
+(`coordinator.model.zoo.resnet34_cifar`, 21.3 M parameters, 17 layers, 3x32x32; --model another, such as
+vit_cifar, a small vision transformer of the same size whose layers are alike):
 the device job (edge_runtime.jobs.worker.run_job, the code a device runs) training the whole model,
 and training every layer alone with the small head right after it (what
 coordinator/strategies/layerwise.py asks of a device), from the cached activations of the frozen
@@ -156,13 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.write_docs:
         versions = ", ".join(f"{k} {v}" for k, v in sorted(wall.versions.items()))
         section = "\n".join([
-            "## The memory wall: whole-model against layer-wise training of ResNet-34 (bench_memory_wall)", "",
+            f"## The memory wall: whole-model against layer-wise training of {wall.model} (bench_memory_wall)", "",
             f"Run {datetime.date.today().isoformat()} on {machine()}; {versions}. Whole run: {minutes:.1f} min.", "",
             f"Reproduce: `{command_line('bench_memory_wall.py', argv)}`", "",
             intro, "", wall.table(), "",
             *(f"- {line}" for line in wall.breakdown()), "",
             *(f"- **{v.split(':', 1)[0]}**:{v.split(':', 1)[1]}" for v in verdicts), ""])
-        write_section("bench_memory_wall", section)
+        write_section(f"bench_memory_wall-{wall.model}", section)   # a section per model
         log("wrote docs/benchmarks.md")
     return 0 if all(ok for ok, _ in checks) else 1
 

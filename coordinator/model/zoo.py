@@ -182,6 +182,60 @@ def resnet34_cifar(num_classes: int = 10, seed: int = 0) -> BlockModel:
     return _resnet_cifar("resnet34_cifar", (3, 4, 6, 3), num_classes, seed)
 
 
+class _PatchEmbedding(nn.Module):
+    """An image to tokens: non-overlapping patches, each projected to `dim`, plus a learned position per token."""
+
+    def __init__(self, channels: int, size: int, patch: int, dim: int):
+        super().__init__()
+        self.project = nn.Conv2d(channels, dim, patch, stride=patch)
+        self.position = nn.Parameter(torch.randn(1, (size // patch) ** 2, dim) * 0.02)
+
+    def forward(self, x):
+        return self.project(x).flatten(2).transpose(1, 2) + self.position       # (N, tokens, dim)
+
+
+class _TransformerLayer(nn.Module):
+    """A pre-norm transformer encoder layer: x + attention(norm(x)), then + MLP(norm(.)); shape-keeping."""
+
+    def __init__(self, dim: int, heads: int, mlp: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
+
+    def forward(self, x):
+        n, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attention = torch.softmax(q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5, dim=-1)
+        x = x + self.out((attention @ v).transpose(1, 2).reshape(n, t, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class _TokenHead(nn.Module):
+    """Mean over the tokens, then a linear classifier: a head for any layer of a transformer."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.norm, self.classify = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        return self.classify(self.norm(x.mean(1)))
+
+
+def vit_cifar(num_classes: int = 10, seed: int = 0) -> BlockModel:
+    """A small vision transformer for 3x32x32 (ViT-S widths: 384, 6 heads, MLP 1536; 4x4 patches, 64 tokens):
+    about 21.3 M parameters, 13 layers (the patch embedding and 12 encoder layers) in 4 blocks, a token-mean
+    head after every layer. Its layers are alike, as federated layer-wise learning's models are: a layer's
+    activations are a twelfth of the model's, where ResNet's first stage holds half of them."""
+    torch.manual_seed(seed)
+    dim = 384
+    layers = [_PatchEmbedding(3, 32, 4, dim)] + [_TransformerLayer(dim, 6, 4 * dim) for _ in range(12)]
+    blocks = [layers[:4], layers[4:7], layers[7:10], layers[10:]]
+    heads = [_TokenHead(dim, num_classes) for _ in blocks]
+    return BlockModel("vit_cifar", (3, 32, 32), num_classes, blocks, heads, lambda shape: _TokenHead(shape[-1], num_classes))
+
+
 def _bottleneck(channels: int, width: int) -> nn.Module:
     """A FedIN intermediate layer: x -> relu(x + conv(relu(conv(x)))), `width` channels inside; it keeps its
     input's shape, so a family member may leave it out."""
@@ -240,6 +294,7 @@ ZOO: dict[str, Callable[..., BlockModel]] = {
     "mobilenet_v2": mobilenet_v2,
     "resnet18_cifar": resnet18_cifar,
     "resnet34_cifar": resnet34_cifar,
+    "vit_cifar": vit_cifar,
     "fmnist_fedin": fmnist_fedin,
     "cifar_fedin": cifar_fedin,
 }
