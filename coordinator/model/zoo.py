@@ -176,9 +176,9 @@ def resnet18_cifar(num_classes: int = 10, seed: int = 0) -> BlockModel:
 def resnet34_cifar(num_classes: int = 10, seed: int = 0) -> BlockModel:
     """ResNet-34 for 3x32x32: about 21.3 M parameters, 17 layers (the stem and 16 basic blocks) in 4 blocks.
 
-    The zoo's model where the memory wall is real: training it whole at batch 64 needs over a gigabyte in the
-    device runtime (tools/bench_block_memory.py --model resnet34_cifar), more than any board in profiles/ below
-    2 GB gives a job, while one of its layers trains in a fraction of that."""
+    A model where the memory wall is real: training it whole at batch 64 needs over a gigabyte in the device
+    runtime, more than any board in profiles/ below 2 GB gives a job, while one of its layers trains in a
+    quarter of that (its first stage's layers hold the largest activations; tools/bench_memory_wall.py)."""
     return _resnet_cifar("resnet34_cifar", (3, 4, 6, 3), num_classes, seed)
 
 
