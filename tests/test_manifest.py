@@ -86,54 +86,31 @@ def test_zoo_models_export_with_their_structure(tmp_path, name, blocks, params_m
         assert len({l.param_bytes for l in m.layers[1:]}) == 1     # its layers are alike
 
 
-def test_resnet18s_exported_graph_computes_what_torch_does(tmp_path):
-    """Projection shortcuts and BatchNorm, exported: the whole model and a part ending inside a block (its
-    boundary head) give torch's logits (eval mode: running statistics)."""
+@pytest.mark.parametrize("name, prefix, batch", [("resnet18_cifar", 4, 3), ("vit_cifar", 3, 2)])
+def test_an_exported_zoo_graph_computes_what_torch_does(tmp_path, name, prefix, batch):
+    """Exported, the whole model and a part ending inside a block (its boundary head) give torch's logits (eval
+    mode). resnet18_cifar: projection shortcuts and BatchNorm's running statistics (its first `prefix` layers:
+    the stem, two blocks, the first projection). vit_cifar: multi-head attention, LayerNorm, GELU, the learned
+    positions and the token-mean head (the patch embedding and two encoder layers)."""
     import numpy as np
     import torch
 
     from coordinator.model import export, zoo
     from coordinator.model.graphs import GraphLibrary, forward_graph
     from edge_runtime.train.ort_backend import ForwardSession
-    model = zoo.resnet18_cifar().eval()
+    model = zoo.build(name).eval()
     m = export.export(model, tmp_path)
     w, lib = export.load_weights(m), GraphLibrary(m)
-    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
         whole = model(torch.from_numpy(x)).numpy()
         features = torch.from_numpy(x)
-        for layer in [l for b in model.blocks for l in b][:4]:        # stem, two blocks, the first projection
+        for layer in [l for b in model.blocks for l in b][:prefix]:
             features = layer(features)
-        part = model.boundary_heads["3"](features).numpy()
+        part = model.boundary_heads[str(prefix - 1)](features).numpy()
     ours = ForwardSession(forward_graph(lib, range(len(m.layers)), m.final_head.index).SerializeToString()).run(x, w)
     np.testing.assert_allclose(ours, whole, rtol=1e-4, atol=1e-4)
-    head = m.head_for_boundary(3)
-    ours = ForwardSession(forward_graph(lib, range(4), head).SerializeToString()).run(x, w)
-    np.testing.assert_allclose(ours, part, rtol=1e-4, atol=1e-4)
-
-
-def test_the_vits_exported_graph_computes_what_torch_does(tmp_path):
-    """Multi-head attention, LayerNorm, GELU and the learned positions, exported: the whole model and a part ending
-    inside a block (its token-mean boundary head) give torch's logits."""
-    import numpy as np
-    import torch
-
-    from coordinator.model import export, zoo
-    from coordinator.model.graphs import GraphLibrary, forward_graph
-    from edge_runtime.train.ort_backend import ForwardSession
-    model = zoo.vit_cifar().eval()
-    m = export.export(model, tmp_path)
-    w, lib = export.load_weights(m), GraphLibrary(m)
-    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
-    with torch.no_grad():
-        whole = model(torch.from_numpy(x)).numpy()
-        features = torch.from_numpy(x)
-        for layer in [l for b in model.blocks for l in b][:3]:        # the patch embedding and two encoder layers
-            features = layer(features)
-        part = model.boundary_heads["2"](features).numpy()
-    ours = ForwardSession(forward_graph(lib, range(len(m.layers)), m.final_head.index).SerializeToString()).run(x, w)
-    np.testing.assert_allclose(ours, whole, rtol=1e-4, atol=1e-4)
-    ours = ForwardSession(forward_graph(lib, range(3), m.head_for_boundary(2)).SerializeToString()).run(x, w)
+    ours = ForwardSession(forward_graph(lib, range(prefix), m.head_for_boundary(prefix - 1)).SerializeToString()).run(x, w)
     np.testing.assert_allclose(ours, part, rtol=1e-4, atol=1e-4)
 
 

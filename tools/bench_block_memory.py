@@ -357,6 +357,8 @@ def step_times(clocks: list[list[float]], skip_step: int | None = None) -> tuple
 # ---------------------------------------------------------------------------------------
 
 class Bench:
+    runtimes = (OURS, ORT, TORCH)      # what a subclass measures (tools/bench_memory_wall.py: ours only)
+
     def __init__(self, workdir: Path, batches: list[int], steps: int, layerwise: bool = False, repeats: int = 1,
                  model: str = DOCS_MODEL):
         self.model = model
@@ -436,7 +438,8 @@ class Bench:
         self._timed("step graphs", lambda: ensure_part_graphs(self.manifest, [p for _, p in parts]))
         self._timed("prefix caches", lambda: [self._prepare_cache(name, part) for name, part in parts])
         self.inputs = {name: self._cache_path(part) for name, part in parts}
-        self._timed("onnxruntime-training artifacts", self._build_ort_artifacts)
+        if ORT in self.runtimes:
+            self._timed("onnxruntime-training artifacts", self._build_ort_artifacts)
 
     def _prepare_cache(self, name: str, part) -> None:
         """A one-step job: builds the part's prefix activation cache, and shows the job runs at all."""

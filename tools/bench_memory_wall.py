@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_block_memory import Bench, log
+from bench_block_memory import OURS, Bench, log
 from benchdocs import command_line, machine, write_section
 
 from edge_runtime.memory import MIB
@@ -40,17 +40,10 @@ TARGET = 0.2
 
 class Wall(Bench):
     """Bench without the other runtimes: the whole model and every layer, on the device runtime only."""
+    runtimes = (OURS,)
 
     def parts(self):
         return [p for p in super().parts() if not p[0].startswith("block")]
-
-    def prepare_parts(self) -> None:
-        from coordinator.model.part_graphs import ensure_part_graphs
-        parts = self.parts()
-        log(f"building the step graphs of {len(parts)} parts (coordinator, not measured)")
-        self._timed("step graphs", lambda: ensure_part_graphs(self.manifest, [p for _, p in parts]))
-        self._timed("prefix caches", lambda: [self._prepare_cache(name, part) for name, part in parts])
-        self.inputs = {name: self._cache_path(part) for name, part in parts}
 
     def run(self) -> None:
         self.prepare()
@@ -67,7 +60,7 @@ class Wall(Bench):
     def _measure(self, name: str, part, batch: int, tag: str) -> None:
         t0 = time.monotonic()
         r = self.measure_ours(name, part, batch)
-        self.runs.setdefault((name, batch, "ours"), []).append(r)
+        self.runs.setdefault((name, batch, OURS), []).append(r)
         log(f"{tag} batch {batch}: {name}: peak {r['peak'] / MIB:.0f} MB (before step 1 {r['before_step'] / MIB:.0f}), "
             f"step {r['cpu_ms']:.0f} ms CPU ({time.monotonic() - t0:.0f} s)")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence, get_args
 
 import numpy as np
 import onnx
@@ -24,12 +24,13 @@ OPSET = 17
 IR_VERSION = 8          # the IR version that goes with opset 17; onnxruntime 1.19.2 reads up to 10
 
 ConvWeightGrad = Literal["auto", "taps", "conv", "flipped"]
-CONV_WEIGHT_GRADS = ("auto", "taps", "conv", "flipped")
+CONV_WEIGHT_GRADS: tuple[str, ...] = get_args(ConvWeightGrad)
 # "auto" writes a stride-1 convolution's weight gradient in the flipped form when the gradient is larger
 # than the layer's input at this many samples (ResNet-34's 512-channel layers on 4x4, not its 256-channel
 # ones on 8x8). There the taps form's two weight-sized buffers (the taps and their Concat) are most of a
 # step's working memory, and the flipped form saves them at a slower step (measured on ResNet-34's
-# largest layer at batch 32: 15 MB less, 35 % more CPU a step; docs/benchmarks.md, bench_block_memory).
+# largest layer at batch 32 with bench_block_memory's device job: 15 MB less, 35 % more CPU a step;
+# docs/benchmarks.md, the ResNet-34 memory wall notes).
 AUTO_FLIP_SAMPLES = 128
 
 
@@ -816,8 +817,7 @@ def _conv_dw_form(rw: _Rewriter, geo: _ConvGeometry):
 def _conv_grad(rw: _Rewriter, n: onnx.NodeProto) -> None:
     """ConvGrad(dY, X, W) -> dW (taps, conv or flipped form), dX (ConvTranspose), dB (ReduceSum).
 
-    dW first: its activation-sized copies (of X and dY) are made and freed before dX exists, so the two
-    are never held together (onnxruntime runs the nodes in this order).
+    dW reads X through rw.after, so its copies of X are made once dY exists, not in the forward pass.
     """
     dy, x, w = n.input[:3]
     outs = list(n.output) + [""] * (3 - len(n.output))

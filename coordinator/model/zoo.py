@@ -225,7 +225,7 @@ class _TokenHead(nn.Module):
 
 def vit_cifar(num_classes: int = 10, seed: int = 0) -> BlockModel:
     """A small vision transformer for 3x32x32 (ViT-S widths: 384, 6 heads, MLP 1536; 4x4 patches, 64 tokens):
-    about 21.3 M parameters, 13 layers (the patch embedding and 12 encoder layers) in 4 blocks, a token-mean
+    about 21.4 M parameters, 13 layers (the patch embedding and 12 encoder layers) in 4 blocks, a token-mean
     head after every layer. Its layers are alike, as federated layer-wise learning's models are: a layer's
     activations are a twelfth of the model's, where ResNet's first stage holds half of them."""
     torch.manual_seed(seed)
